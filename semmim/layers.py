@@ -1,0 +1,316 @@
+"""Transformer building blocks: ViT (pre-LN), BERT (post-LN), fusion and MIM-predictor layers.
+
+Cross-attention goes through ``semmim.kernels.cross_attention`` so faster backends drop in;
+self-attention uses PyTorch's SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semmim import kernels
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    x (B, L, D), key_mask (B, L) bool, True = real token (None = all real) → (B, L, D).
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).unbind(2)  # (B,L,H,Dh)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B,H,L,Dh)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B,1,1,L)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries (B, Lq, Dq) attend to context (B, Lk, Dk).
+
+    key_mask (B, Lk) bool, True = real key; a query row with no real key gets zeros.
+    Returns (B, Lq, Dq).
+    """
+
+    def __init__(self, dim: int, ctx_dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(ctx_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, Lq, D = x.shape
+        Lk, H = ctx.shape[1], self.heads
+        q = self.q(x).view(B, Lq, H, D // H)
+        k, v = self.kv(ctx).view(B, Lk, 2, H, D // H).unbind(2)  # strided views (B,Lk,H,Dh)
+        y = kernels.cross_attention(q, k, v, key_mask)  # (B,Lq,H,Dh)
+        return self.proj(y.reshape(B, Lq, D))
+
+
+class MLP(nn.Sequential):
+    """Linear → GELU (exact, as BERT) → Linear."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN transformer block: x + SA(LN x), then + MLP(LN x). (B, L, D) → (B, L, D)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PredictorBlock(nn.Module):
+    """MIM predictor φ layer (pre-LN): patch self-attention, cross-attention to text, MLP.
+
+    x (B, P+1, Dv), text (B, T, Dt), text_mask (B, T) bool → (B, P+1, Dv).
+    """
+
+    def __init__(self, dim: int, text_dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SelfAttention(dim, heads)
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+        self.cross = CrossAttention(dim, text_dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def cross_step(self, x: torch.Tensor, text: torch.Tensor,
+                   text_mask: torch.Tensor | None) -> torch.Tensor:
+        """x + CA(LN x, text): the step ψ reuses (with EMA weights) to put text into targets."""
+        return x + self.cross(self.norm_cross(x), text, text_mask)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = self.cross_step(x, text, text_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class BertLayer(nn.Module):
+    """Post-LN BERT layer: LN(x + SA x), then LN(x + MLP x). (B, T, D) → (B, T, D)."""
+
+    def __init__(self, dim: int, heads: int, intermediate: int, eps: float) -> None:
+        super().__init__()
+        self.attn = SelfAttention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, intermediate)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, key_mask))
+        return self.norm2(x + self.mlp(x))
+
+
+class FusionLayer(nn.Module):
+    """Post-LN fusion layer (ALBEF): text self-attention, cross-attention to image, MLP.
+
+    x (B, T, Dt), text_mask (B, T), image (B, Li, Dv), image_mask (B, Li) or None → (B, T, Dt).
+    """
+
+    def __init__(self, dim: int, image_dim: int, heads: int, intermediate: int,
+                 eps: float) -> None:
+        super().__init__()
+        self.attn = SelfAttention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.cross = CrossAttention(dim, image_dim, heads)
+        self.norm_cross = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, intermediate)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, text_mask: torch.Tensor | None, image: torch.Tensor,
+                image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, text_mask))
+        x = self.norm_cross(x + self.cross(x, image, image_mask))
+        return self.norm2(x + self.mlp(x))
+
+
+class PrototypeHead(nn.Module):
+    """h: MLP dim→hidden→hidden→bottleneck, L2-normalise, weight-normalised linear →K, no bias.
+
+    The last layer's weight rows are normalised (weight norm with g fixed to 1, as DINO's
+    default), so logits are cosines. x (..., dim) → (..., K).
+    """
+
+    def __init__(self, dim: int, hidden: int, bottleneck: int, num_prototypes: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(),
+            nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(hidden, bottleneck),
+        )
+        self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(z, F.normalize(self.prototypes, dim=-1))
+
+
+class MLMHead(nn.Module):
+    """BERT prediction head: dense → GELU → LN → decoder tied to the word embeddings (+bias).
+
+    x (B, T, D) → logits (B, T, V).
+    """
+
+    def __init__(self, dim: int, word_embeddings: nn.Embedding, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.word_embeddings = word_embeddings
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(F.gelu(self.dense(x)))
+        return F.linear(x, self.word_embeddings.weight, self.bias)
+
+
+class VisionEncoder(nn.Module):
+    """ViT: 16-px patches, CLS token, learned absolute positions, pre-LN blocks, final LN.
+
+    Three entry points, all returning normalised tokens:
+    ``forward(images)`` (B,3,S,S) → (B, P+1, D) on the full image;
+    ``forward_masked(images, mask)`` replaces masked patches by a learned [MASK] embedding;
+    ``forward_kept(images, keep_idx)`` runs only CLS + the R kept patches → (B, R+1, D).
+    """
+
+    def __init__(self, image_size: int, patch_size: int, dim: int, depth: int, heads: int,
+                 mlp_ratio: float, mask_token: bool) -> None:
+        super().__init__()
+        self.num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
+        # Only the mask-token path owns a [MASK] embedding, so every parameter gets a gradient.
+        self.mask_token = nn.Parameter(torch.zeros(dim)) if mask_token else None
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        for p in (self.cls_token, self.pos_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → patch embeddings without positions (B, P, D)."""
+        return self.patch_embed(images).flatten(2).transpose(1, 2)
+
+    def _run(self, patches: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)
+        x = torch.cat([cls, patches], dim=1)  # (B, 1+L, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(self.patchify(images) + self.pos_embed[:, 1:])
+
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """mask (B, P) bool, True = masked → (B, P+1, D)."""
+        x = self.patchify(images)
+        x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
+        return self._run(x + self.pos_embed[:, 1:])
+
+    def forward_kept(self, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """keep_idx (B, R) sorted → (B, R+1, D); positions are added inside the gather."""
+        x = kernels.masked_gather(self.patchify(images), keep_idx, self.pos_embed[0, 1:])
+        return self._run(x)
+
+
+class TextEncoder(nn.Module):
+    """BERT-style encoder (word + position + token-type embeddings, LN, post-LN layers).
+
+    input_ids (B, T) int64, attention_mask (B, T) → (B, T, D). Parameter layout maps 1:1 onto
+    Hugging Face BertModel (see :mod:`semmim.pretrained`).
+    """
+
+    def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, intermediate: int,
+                 max_len: int, type_vocab_size: int, eps: float) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, dim)
+        self.position_embeddings = nn.Embedding(max_len, dim)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.layers = nn.ModuleList(
+            BertLayer(dim, heads, intermediate, eps) for _ in range(depth)
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(pos)
+             + self.token_type_embeddings.weight[0])
+        x = self.norm(x)
+        key_mask = attention_mask.bool()
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return x
+
+
+class FusionEncoder(nn.Module):
+    """Text tokens (queries) fused with image tokens (keys/values).
+
+    text (B, T, Dt), text_mask (B, T), image (B, Li, Dv), image_mask (B, Li) or None →
+    (B, T, Dt); its CLS (position 0) feeds ITM.
+    """
+
+    def __init__(self, dim: int, image_dim: int, depth: int, heads: int, intermediate: int,
+                 eps: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            FusionLayer(dim, image_dim, heads, intermediate, eps) for _ in range(depth)
+        )
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor,
+                image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        key_mask = text_mask.bool()
+        for layer in self.layers:
+            text = layer(text, key_mask, image, image_mask)
+        return text
+
+
+class Predictor(nn.Module):
+    """MIM predictor φ: patch queries with self-attention and cross-attention to the text.
+
+    x (B, P+1, Dv) full-length image tokens, text (B, T, Dt), text_mask (B, T) → (B, P+1, Dv).
+    ``cross_step`` (the first layer's cross-attention residual step) is ψ's building block.
+    """
+
+    def __init__(self, dim: int, text_dim: int, depth: int, heads: int,
+                 mlp_ratio: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            PredictorBlock(dim, text_dim, heads, mlp_ratio) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
+        key_mask = text_mask.bool()
+        for block in self.blocks:
+            x = block(x, text, key_mask)
+        return self.norm(x)
+
+    def cross_step(self, x: torch.Tensor, text: torch.Tensor,
+                   text_mask: torch.Tensor) -> torch.Tensor:
+        """One cross-attention residual step (first layer): x (B, L, Dv) → (B, L, Dv)."""
+        return self.blocks[0].cross_step(x, text, text_mask.bool())

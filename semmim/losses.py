@@ -1,0 +1,93 @@
+"""The objectives as plain functions of tensors (the model wires them up).
+
+None of these synchronise with the host: no ``.item()``, no data-dependent Python branches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "soft_cross_entropy",
+    "itc_loss",
+    "sample_hard_negatives",
+    "mlm_loss",
+    "agreement_loss",
+    "pixel_targets",
+]
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """−Σ_k target_k · log_softmax(logits)_k over the last dim → shape logits.shape[:-1]."""
+    return -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+
+
+def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, sim_i2t_m: torch.Tensor,
+             sim_t2i_m: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ALBEF contrastive loss with momentum distillation.
+
+    sim_* (B, B+Q): similarities / temperature against [batch keys | queue]; the positive of
+    row b is column b. *_m are the momentum model's similarities. Targets mix the momentum
+    softmax (weight alpha) with the one-hot positives. Returns a scalar.
+    """
+    B = sim_i2t.shape[0]
+    onehot = torch.zeros_like(sim_i2t)
+    onehot[:, :B].fill_diagonal_(1.0)
+    t_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * onehot
+    t_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * onehot
+    return (soft_cross_entropy(sim_i2t, t_i2t).mean()
+            + soft_cross_entropy(sim_t2i, t_t2i).mean()) / 2
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim: torch.Tensor,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """One negative per row, drawn from softmax(sim) with the positive (diagonal) excluded.
+
+    sim (B, B) in-batch similarities / temperature, B ≥ 2 → (B,) int64 column indices ≠ row.
+    Vectorised: one ``torch.multinomial`` call over the batch.
+    """
+    B = sim.shape[0]
+    eye = torch.eye(B, dtype=torch.bool, device=sim.device)
+    weights = F.softmax(sim.float().masked_fill(eye, float("-inf")), dim=1)
+    # A row whose softmax underflowed to all zeros (huge logits) falls back to uniform.
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, (~eye).float())
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, logits_m: torch.Tensor,
+             alpha: float) -> torch.Tensor:
+    """(1−α)·CE(labels) + α·CE(softmax(momentum logits)), averaged over predicted tokens.
+
+    logits, logits_m (B, T, V); labels (B, T) with −100 = ignore. A batch without any
+    predicted token gives 0 (no host sync to check).
+    """
+    valid = labels >= 0  # (B, T)
+    hard = F.cross_entropy(logits.flatten(0, 1), labels.flatten().clamp_min(0), reduction="none")
+    soft = soft_cross_entropy(logits, F.softmax(logits_m, dim=-1)).flatten()
+    per_token = (1 - alpha) * hard + alpha * soft  # (B*T,)
+    count = valid.sum().clamp_min(1)
+    return (per_token * valid.flatten()).sum() / count
+
+
+def agreement_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                   student_temp: float, teacher_temp: float) -> torch.Tensor:
+    """DINO/iBOT cross-entropy between a centred, sharpened teacher and the student.
+
+    student, teacher (..., K) logits; center (K,) or broadcastable. Returns the per-row
+    loss, shape student.shape[:-1]; the caller decides how to average.
+    """
+    q = F.softmax((teacher - center) / teacher_temp, dim=-1)
+    return soft_cross_entropy(student / student_temp, q)
+
+
+def pixel_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Per-patch normalised pixels (MAE ``norm_pix_loss``): (B, 3, S, S) → (B, P, 3·p·p)."""
+    B, C, S, _ = images.shape
+    g, p = S // patch_size, patch_size
+    x = images.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1)  # (B, g, g, p, p, C)
+    x = x.reshape(B, g * g, p * p * C)  # (B, P, p·p·C), row-major patch order as Conv2d
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, keepdim=True)
+    return (x - mean) / (var + 1e-6).sqrt()

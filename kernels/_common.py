@@ -1,0 +1,112 @@
+"""Helpers shared by the op modules: backend reasons, the compiled extension, input checks."""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+from typing import Any
+
+import torch
+
+# dtype codes understood by semmim._C (csrc/common.h keeps the same numbering)
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 3, torch.int64: 4}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def extension() -> ModuleType | None:
+    """The compiled module ``semmim._C``, or None when it is not built."""
+    try:
+        from semmim import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C
+
+
+@functools.lru_cache(maxsize=None)
+def extension_import_error() -> str:
+    try:
+        from semmim import _C  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError as e:
+        return f"semmim._C is not importable ({e})"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # triton may fail with other errors than ImportError on odd setups
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return ""
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tensors_of(*args: Any) -> list[torch.Tensor]:
+    return [a for a in args if isinstance(a, torch.Tensor)]
+
+
+def triton_reasons(*args: Any) -> list[str]:
+    """Reasons the Triton backend cannot run on these tensors (device and import checks)."""
+    err = triton_import_error()
+    if err:
+        return [err]
+    devs = {t.device.type for t in tensors_of(*args)}
+    if interpret_mode():
+        if devs - {"cpu"}:
+            return [f"TRITON_INTERPRET=1 needs CPU tensors, got {sorted(devs)}"]
+        return []
+    if devs != {"cuda"}:
+        return [f"needs CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors), got {sorted(devs)}"]
+    return []
+
+
+def cuda_ext_reasons(*args: Any) -> list[str]:
+    """Reasons the CUDA extension backend cannot run on these tensors."""
+    ext = extension()
+    if ext is None:
+        return [extension_import_error()]
+    reasons = []
+    if not ext.build_info()["cuda"]:
+        reasons.append("semmim._C built without CUDA")
+    devs = {t.device.type for t in tensors_of(*args)}
+    if devs != {"cuda"}:
+        reasons.append(f"needs CUDA tensors, got {sorted(devs)}")
+    return reasons
+
+
+def cpu_ext_reasons(*args: Any) -> list[str]:
+    """Reasons the C++ CPU backend cannot run on these tensors."""
+    ext = extension()
+    if ext is None:
+        return [extension_import_error()]
+    devs = {t.device.type for t in tensors_of(*args)}
+    if devs != {"cpu"}:
+        return [f"needs CPU tensors, got {sorted(devs)}"]
+    return []
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """Raw handle of the current CUDA stream on ``t``'s device (0 for CPU tensors)."""
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    items = {k: v for k, v in tensors.items() if v is not None}
+    devs = {v.device for v in items.values()}
+    if len(devs) > 1:
+        desc = ", ".join(f"{k} on {v.device}" for k, v in items.items())
+        raise ValueError(f"all tensors must be on one device, got {desc}")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")

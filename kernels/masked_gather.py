@@ -1,0 +1,768 @@
+"""Masked-patch gather and scatter-with-fill (kernel 1 of the SemMIM spec).
+
+Math
+    masked_gather:       out[b, r, :] = x[b, index[b, r], :] (+ pos[index[b, r], :])
+    masked_scatter_fill: out[b, p, :] = y[b, r, :] if index[b, r] == p for some r, else fill;
+                         then out[b, p, :] += pos[p, :] when pos is given
+    The fast path of SemMIM runs the ViT on the kept patches only: ``masked_gather`` picks them
+    (adding position embeddings in the same pass) and ``masked_scatter_fill`` rebuilds the full
+    sequence with [MASK] + position embedding at the dropped slots.
+
+Shapes
+    x (B, P, D) with a contiguous last dim (any other strides), index (B, R) int32/int64 whose rows
+    hold unique entries in [0, P), pos (P, D) or None, y (B, R, D), fill (D,), out as above.
+
+Backward
+    gather:  grad_x = scatter of grad_out with zeros elsewhere (exact data movement);
+             grad_pos[p] = sum over b of grad_x[b, p] (fp32 accumulation in batch order).
+    scatter: grad_y = gather of grad_out (exact); grad_pos = sum over b of grad_out[b, p];
+             grad_fill = sum of grad_out over the dropped slots (fp32 accumulation).
+    Indices get no gradient.
+
+Limits
+    The compiled/Triton backends need the last dim of x / y contiguous (the reference takes any
+    layout). Index rows must be unique: checked where it matters (scatter forward, gather
+    backward) from the inverse map, raising ValueError. Every call checks the index range on the
+    host (one device sync).
+
+Differences vs reference
+    Forward outputs and grad_x / grad_y are bit-identical to the reference in every dtype (the
+    fused ``+ pos`` is one float add rounded once, as torch rounds float16/bfloat16 adds).
+    grad_pos and grad_fill are sums whose order differs from the reference's index_put/sum
+    order: the difference is bounded by B * eps(dtype) * sum|grad| per element (fp32
+    accumulation, one final rounding; the reference accumulates float16/bfloat16 grad_pos in its
+    own order) and tested against that bound.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import (
+    DTYPE_CODE,
+    check_float,
+    check_same_device,
+    cpu_ext_reasons,
+    cuda_ext_reasons,
+    extension,
+    stream_of,
+    triton_import_error,
+    triton_reasons,
+)
+from .registry import get_op, register, set_example
+
+__all__ = [
+    "masked_gather",
+    "masked_scatter_fill",
+    "masked_gather_reference",
+    "masked_scatter_fill_reference",
+    "masked_gather_triton",
+    "masked_scatter_fill_triton",
+    "masked_gather_cuda",
+    "masked_scatter_fill_cuda",
+    "masked_gather_cpu",
+    "masked_scatter_fill_cpu",
+]
+
+# --------------------------------------------------------------------------------------------
+# input checks (shared by every backend; the reference is the specification and checks too)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_index(index: torch.Tensor, batch: int, num_patches: int, rows_name: str) -> None:
+    if not isinstance(index, torch.Tensor):
+        raise ValueError(f"index must be a tensor, got {type(index).__name__}")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"index must be int32 or int64, got {index.dtype}")
+    if index.dim() != 2:
+        raise ValueError(f"index must be (B, R), got shape {tuple(index.shape)}")
+    if index.shape[0] != batch:
+        raise ValueError(
+            f"index batch {index.shape[0]} != {rows_name} batch {batch} "
+            f"(index {tuple(index.shape)})"
+        )
+    if index.shape[1] > num_patches:
+        raise ValueError(f"index has R={index.shape[1]} entries per row but P={num_patches}")
+    if index.numel():
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(index)).tolist())
+        if lo < 0 or hi >= num_patches:
+            raise ValueError(
+                f"index entries must lie in [0, {num_patches}), got min {lo}, max {hi} "
+                f"(index {tuple(index.shape)})"
+            )
+
+
+def _check_pos(pos: torch.Tensor | None, num_patches: int, dim: int, ref: torch.Tensor) -> None:
+    if pos is None:
+        return
+    if pos.dim() != 2 or tuple(pos.shape) != (num_patches, dim):
+        raise ValueError(f"pos must be (P, D) = ({num_patches}, {dim}), got {tuple(pos.shape)}")
+    if pos.dtype != ref.dtype:
+        raise ValueError(f"pos dtype {pos.dtype} != input dtype {ref.dtype}")
+
+
+def _check_gather(x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be (B, P, D), got {shape}")
+    check_float("x", x)
+    check_same_device(x=x, index=index, pos=pos)
+    _check_index(index, x.shape[0], x.shape[1], "x")
+    _check_pos(pos, x.shape[1], x.shape[2], x)
+
+
+def _check_scatter(
+    y: torch.Tensor,
+    index: torch.Tensor,
+    fill: torch.Tensor,
+    num_patches: int,
+    pos: torch.Tensor | None,
+) -> None:
+    if not isinstance(y, torch.Tensor) or y.dim() != 3:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y must be (B, R, D), got {shape}")
+    check_float("y", y)
+    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
+        raise ValueError(f"num_patches must be a positive int, got {num_patches!r}")
+    if not isinstance(fill, torch.Tensor) or tuple(fill.shape) != (y.shape[2],):
+        shape = tuple(fill.shape) if isinstance(fill, torch.Tensor) else type(fill).__name__
+        raise ValueError(f"fill must be (D,) = ({y.shape[2]},), got {shape}")
+    if fill.dtype != y.dtype:
+        raise ValueError(f"fill dtype {fill.dtype} != y dtype {y.dtype}")
+    check_same_device(y=y, index=index, fill=fill, pos=pos)
+    _check_index(index, y.shape[0], num_patches, "y")
+    if index.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"index (B, R) = {tuple(index.shape)} does not match y (B, R, D) = {tuple(y.shape)}"
+        )
+    _check_pos(pos, num_patches, y.shape[2], y)
+
+
+def _check_unique(inv: torch.Tensor, index: torch.Tensor) -> None:
+    """inv is the (B, P) inverse map built from index: duplicates leave fewer filled slots."""
+    filled = int((inv >= 0).sum())
+    if filled != index.numel():
+        raise ValueError(
+            f"index rows must hold unique entries: {index.numel() - filled} duplicate(s) "
+            f"in index {tuple(index.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# reference (plain PyTorch: the specification; differentiable through autograd)
+# --------------------------------------------------------------------------------------------
+
+
+def masked_gather_reference(
+    x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out[b, r] = x[b, index[b, r]] (+ pos[index[b, r]]).  x (B,P,D), index (B,R) -> (B,R,D)."""
+    _check_gather(x, index, pos)
+    idx = index.long()
+    out = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2]))  # (B, R, D)
+    if pos is not None:
+        out = out + pos[idx]  # pos[idx]: (B, R, D)
+    return out
+
+
+def masked_scatter_fill_reference(
+    y: torch.Tensor,
+    index: torch.Tensor,
+    fill: torch.Tensor,
+    num_patches: int,
+    pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Full (B, P, D) sequence: y's rows at ``index``, ``fill`` elsewhere, then + pos[p]."""
+    _check_scatter(y, index, fill, num_patches, pos)
+    B, R, D = y.shape
+    base = fill.expand(B, num_patches, D)  # (B, P, D) view, no copy
+    idx = index.long()[:, :, None].expand(B, R, D)
+    inv_count = torch.zeros(B, num_patches, dtype=torch.int32, device=y.device)
+    inv_count.scatter_add_(1, index.long(), torch.ones_like(index, dtype=torch.int32))
+    if bool((inv_count > 1).any()):
+        raise ValueError(f"index rows must hold unique entries (index {tuple(index.shape)})")
+    out = base.scatter(1, idx, y)
+    if pos is not None:
+        out = out + pos
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------------
+
+if not triton_import_error():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _masked_gather_fwd_kernel(
+        x_ptr, idx_ptr, pos_ptr, out_ptr,
+        n_rows, R, D, stride_xb, stride_xp,
+        HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # rows are flattened (b, r) pairs; each program moves BLOCK_R rows x BLOCK_D columns
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_ok = rows < n_rows
+        p = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        b = rows.to(tl.int64) // R
+        m = row_ok[:, None] & (cols[None, :] < D)
+        v = tl.load(x_ptr + b[:, None] * stride_xb + p[:, None] * stride_xp + cols[None, :], mask=m)
+        if HAS_POS:
+            w = tl.load(pos_ptr + p[:, None] * D + cols[None, :], mask=m)
+            v = (v.to(tl.float32) + w.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v, mask=m)
+
+    @triton.jit
+    def _masked_scatter_fill_fwd_kernel(
+        y_ptr, inv_ptr, fill_ptr, pos_ptr, out_ptr,
+        n_rows, P, D, stride_yb, stride_yr,
+        HAS_FILL: tl.constexpr, HAS_POS: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # rows are flattened (b, p) pairs of the output; inv[b, p] = r or -1
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_ok = rows < n_rows
+        col_ok = cols < D
+        r = tl.load(inv_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        rows64 = rows.to(tl.int64)
+        b = rows64 // P
+        p = rows64 - b * P
+        hit = r >= 0
+        m = row_ok[:, None] & col_ok[None, :]
+        v = tl.load(
+            y_ptr + b[:, None] * stride_yb + r[:, None] * stride_yr + cols[None, :],
+            mask=m & hit[:, None],
+            other=0.0,
+        )
+        if HAS_FILL:
+            f = tl.load(fill_ptr + cols, mask=col_ok, other=0.0)
+            v = tl.where(hit[:, None], v, f[None, :])
+        if HAS_POS:
+            w = tl.load(pos_ptr + p[:, None] * D + cols[None, :], mask=m)
+            v = (v.to(tl.float32) + w.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows64[:, None] * D + cols[None, :], v, mask=m)
+
+    @triton.jit
+    def _masked_gather_bwd_kernel(
+        g_ptr, inv_ptr, gx_ptr, part_pos_ptr, part_fill_ptr,
+        B, P, R, D, per,
+        COMPACT: tl.constexpr, WANT_X: tl.constexpr, WANT_POS: tl.constexpr,
+        WANT_FILL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # Column pass over the batch for one (p block, d block, batch chunk):
+        #   COMPACT (gather backward): v = g[b, inv[b,p]] or 0; grad_x[b,p] = v; sum_pos += v
+        #   else   (scatter backward): v = g[b, p]; sum_pos += v; sum_fill += v where inv < 0
+        ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        c = tl.program_id(2)
+        p_ok = ps < P
+        m = p_ok[:, None] & (cols[None, :] < D)
+        ps64 = ps.to(tl.int64)
+        acc_pos = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        acc_fill = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        b0 = c * per
+        b1 = tl.minimum(B, b0 + per)
+        for b in range(b0, b1):
+            r = tl.load(inv_ptr + b * P + ps, mask=p_ok, other=-1).to(tl.int64)
+            if COMPACT:
+                v = tl.load(
+                    g_ptr + (b * R + r)[:, None] * D + cols[None, :],
+                    mask=m & (r >= 0)[:, None],
+                    other=0.0,
+                )
+                if WANT_X:
+                    tl.store(gx_ptr + (b * P + ps64)[:, None] * D + cols[None, :], v, mask=m)
+            else:
+                v = tl.load(g_ptr + (b * P + ps64)[:, None] * D + cols[None, :], mask=m, other=0.0)
+                if WANT_FILL:
+                    acc_fill += tl.where((r < 0)[:, None], v.to(tl.float32), 0.0)
+            acc_pos += v.to(tl.float32)
+        o = (c * P + ps64)[:, None] * D + cols[None, :]
+        if WANT_POS:
+            tl.store(part_pos_ptr + o, acc_pos, mask=m)
+        if WANT_FILL:
+            tl.store(part_fill_ptr + o, acc_fill, mask=m)
+
+
+def _row_blocks(D: int) -> tuple[int, int]:
+    import triton
+
+    block_d = min(triton.next_power_of_2(max(D, 1)), 256)
+    return max(1, 4096 // block_d), block_d
+
+
+def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None):
+    """Output allocation; tests replace it to poison outputs so unwritten elements show."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def _num_chunks(B: int, P: int, D: int, device: torch.device) -> int:
+    """Batch chunks of the backward column pass: enough parallel work, few fp32 partials."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want_threads = sms * 2048
+    per_chunk = max(1, P * max(1, D // 8))
+    return int(max(1, min(B, 64, -(-want_threads // per_chunk))))
+
+
+class _Impl:
+    """The four primitives a compiled backend provides; the op logic on top is shared."""
+
+    name = ""
+
+    def gather_rows(self, x, index, pos):  # -> (B, R, D)
+        raise NotImplementedError
+
+    def inverse(self, index, P):  # -> (B, P) int32, r or -1
+        raise NotImplementedError
+
+    def scatter_rows(self, y, inv, fill, pos):  # -> (B, P, D)
+        raise NotImplementedError
+
+    def column_pass(self, g, inv, compact, gx, pp, pf, nchunk):
+        """Fill grad_x ``gx`` (B,P,D) and fp32 partial sums ``pp``/``pf`` (C,P,D); None = skip."""
+        raise NotImplementedError
+
+    def partials(self, g, inv, compact, want_x, want_pos, want_fill):
+        B, P = inv.shape
+        D = g.shape[2]
+        nchunk = _num_chunks(B, P, D, g.device)
+        gx = _new_output((B, P, D), g) if want_x else None
+        pp = _new_output((nchunk, P, D), g, torch.float32) if want_pos else None
+        pf = _new_output((nchunk, P, D), g, torch.float32) if want_fill else None
+        self.column_pass(g, inv, compact, gx, pp, pf, nchunk)
+        return gx, pp, pf
+
+
+class _TritonImpl(_Impl):
+    name = "triton"
+
+    def gather_rows(self, x, index, pos):
+        B, P, D = x.shape
+        R = index.shape[1]
+        out = _new_output((B, R, D), x)
+        if out.numel() == 0:
+            return out
+        br, bd = _row_blocks(D)
+        grid = (triton.cdiv(B * R, br), triton.cdiv(D, bd))
+        _masked_gather_fwd_kernel[grid](
+            x, index, pos if pos is not None else x, out,
+            B * R, R, D, x.stride(0), x.stride(1),
+            HAS_POS=pos is not None, BLOCK_R=br, BLOCK_D=bd,
+        )  # fmt: skip
+        return out
+
+    def inverse(self, index, P):
+        B, R = index.shape
+        inv = torch.full((B, P), -1, dtype=torch.int32, device=index.device)
+        ar = torch.arange(R, dtype=torch.int32, device=index.device).expand(B, R)
+        return inv.scatter_(1, index.long(), ar)
+
+    def scatter_rows(self, y, inv, fill, pos):
+        B, R, D = y.shape
+        P = inv.shape[1]
+        out = _new_output((B, P, D), y)
+        if out.numel() == 0:
+            return out
+        br, bd = _row_blocks(D)
+        grid = (triton.cdiv(B * P, br), triton.cdiv(D, bd))
+        _masked_scatter_fill_fwd_kernel[grid](
+            y, inv, fill if fill is not None else y, pos if pos is not None else y, out,
+            B * P, P, D, y.stride(0), y.stride(1),
+            HAS_FILL=fill is not None, HAS_POS=pos is not None, BLOCK_R=br, BLOCK_D=bd,
+        )  # fmt: skip
+        return out
+
+    def column_pass(self, g, inv, compact, gx, pp, pf, nchunk):
+        B, P = inv.shape
+        R, D = g.shape[1], g.shape[2]
+        if B * P * D == 0:
+            return
+        block_d = min(triton.next_power_of_2(D), 128)
+        block_p = max(1, min(16, 2048 // block_d))
+        per = -(-B // nchunk)
+        grid = (triton.cdiv(P, block_p), triton.cdiv(D, block_d), nchunk)
+        dummy = g
+        _masked_gather_bwd_kernel[grid](
+            g, inv, gx if gx is not None else dummy,
+            pp if pp is not None else dummy, pf if pf is not None else dummy,
+            B, P, R, D, per,
+            COMPACT=bool(compact), WANT_X=gx is not None, WANT_POS=pp is not None,
+            WANT_FILL=pf is not None, BLOCK_P=block_p, BLOCK_D=block_d,
+        )  # fmt: skip
+
+
+def _vec_width(*tensors: torch.Tensor | None, D: int, strides: tuple[int, ...] = ()) -> int:
+    """Widest vector (elements, at most 16 bytes) dividing D, every stride and every address."""
+    ts = [t for t in tensors if t is not None]
+    esize = ts[0].element_size()
+    vec = 16 // esize
+    while vec > 1:
+        ok = D % vec == 0 and all(s % vec == 0 for s in strides)
+        ok = ok and all(t.data_ptr() % (vec * esize) == 0 for t in ts)
+        if ok:
+            return vec
+        vec //= 2
+    return 1
+
+
+class _CompiledImpl(_Impl):
+    """Shared by the C++ CPU and CUDA backends of semmim._C (same entry points, suffixed)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _fn(self, what: str):
+        return getattr(extension(), f"mg_{what}_{self.name}")
+
+    def _tail(self, ref: torch.Tensor, vec: int) -> tuple:
+        return (vec, stream_of(ref)) if self.name == "cuda" else ()
+
+    def gather_rows(self, x, index, pos):
+        B, P, D = x.shape
+        R = index.shape[1]
+        out = _new_output((B, R, D), x)
+        vec = _vec_width(x, pos, out, D=D, strides=(x.stride(0), x.stride(1)))
+        self._fn("gather_rows")(
+            x.data_ptr(), x.stride(0), x.stride(1), index.data_ptr(), DTYPE_CODE[index.dtype],
+            pos.data_ptr() if pos is not None else 0, out.data_ptr(),
+            B, P, R, D, DTYPE_CODE[x.dtype], *self._tail(x, vec),
+        )  # fmt: skip
+        return out
+
+    def inverse(self, index, P):
+        B, R = index.shape
+        inv = torch.empty((B, P), dtype=torch.int32, device=index.device)
+        args = (index.data_ptr(), DTYPE_CODE[index.dtype], inv.data_ptr(), B, P, R)
+        self._fn("build_inverse")(*args, *((stream_of(index),) if self.name == "cuda" else ()))
+        return inv
+
+    def scatter_rows(self, y, inv, fill, pos):
+        B, R, D = y.shape
+        P = inv.shape[1]
+        out = _new_output((B, P, D), y)
+        vec = _vec_width(y, fill, pos, out, D=D, strides=(y.stride(0), y.stride(1)))
+        self._fn("scatter_rows")(
+            y.data_ptr(), y.stride(0), y.stride(1), inv.data_ptr(),
+            fill.data_ptr() if fill is not None else 0, pos.data_ptr() if pos is not None else 0,
+            out.data_ptr(), B, P, R, D, DTYPE_CODE[y.dtype], *self._tail(y, vec),
+        )  # fmt: skip
+        return out
+
+    def column_pass(self, g, inv, compact, gx, pp, pf, nchunk):
+        B, P = inv.shape
+        R, D = g.shape[1], g.shape[2]
+        vec = _vec_width(g, gx, D=D)
+        self._fn("column_pass")(
+            g.data_ptr(), int(compact), inv.data_ptr(),
+            gx.data_ptr() if gx is not None else 0, pp.data_ptr() if pp is not None else 0,
+            pf.data_ptr() if pf is not None else 0, nchunk, B, P, R, D, DTYPE_CODE[g.dtype],
+            *self._tail(g, vec),
+        )  # fmt: skip
+
+
+_IMPLS: dict[str, _Impl] = {"triton": _TritonImpl(), "cuda": _CompiledImpl("cuda"),
+                            "cpu": _CompiledImpl("cpu")}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# op logic shared by the fast backends + torch.library custom ops with fake and autograd
+# --------------------------------------------------------------------------------------------
+
+
+def _empty_like_none(ref: torch.Tensor) -> torch.Tensor:
+    """Custom ops cannot return None: a 0-element tensor stands for "no gradient"."""
+    return ref.new_empty((0,))
+
+
+def _gather_bwd(impl: _Impl, g, index, P: int, need_x: bool, need_pos: bool):
+    g = g.contiguous()
+    inv = impl.inverse(index, P)
+    _check_unique(inv, index)
+    grad_x = grad_pos = None
+    if need_pos:
+        grad_x, part_pos, _ = impl.partials(g, inv, True, need_x, True, False)
+        grad_pos = part_pos.sum(0).to(g.dtype)
+    elif need_x:
+        grad_x = impl.scatter_rows(g, inv, None, None)
+    return grad_x, grad_pos
+
+
+def _scatter_bwd(impl: _Impl, g, index, need_y: bool, need_fill: bool, need_pos: bool):
+    g = g.contiguous()
+    grad_y = impl.gather_rows(g, index, None) if need_y else None
+    grad_fill = grad_pos = None
+    if need_fill or need_pos:
+        inv = impl.inverse(index, g.shape[1])
+        _, part_pos, part_fill = impl.partials(g, inv, False, False, need_pos, need_fill)
+        if need_pos:
+            grad_pos = part_pos.sum(0).to(g.dtype)
+        if need_fill:
+            grad_fill = part_fill.sum((0, 1)).to(g.dtype)
+    return grad_y, grad_fill, grad_pos
+
+
+def _make_custom_ops(impl: _Impl):
+    """Register semmim::masked_gather_<backend> and semmim::masked_scatter_fill_<backend>."""
+    b = impl.name
+    none = _empty_like_none
+
+    @torch.library.custom_op(f"semmim::masked_gather_{b}", mutates_args=())
+    def gather_op(x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        return impl.gather_rows(x, index, pos)
+
+    @gather_op.register_fake
+    def _(x, index, pos):
+        return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
+
+    @torch.library.custom_op(f"semmim::masked_gather_bwd_{b}", mutates_args=())
+    def gather_bwd_op(
+        g: torch.Tensor, index: torch.Tensor, num_patches: int, need_x: bool, need_pos: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        gx, gp = _gather_bwd(impl, g, index, num_patches, need_x, need_pos)
+        return (gx if gx is not None else none(g), gp if gp is not None else none(g))
+
+    @gather_bwd_op.register_fake
+    def _(g, index, num_patches, need_x, need_pos):
+        B, _, D = g.shape
+        gx = g.new_empty((B, num_patches, D)) if need_x else none(g)
+        return gx, (g.new_empty((num_patches, D)) if need_pos else none(g))
+
+    def gather_setup(ctx, inputs, output):
+        x, index, pos = inputs
+        ctx.save_for_backward(index)
+        ctx.num_patches = x.shape[1]
+        ctx.has_pos = pos is not None
+
+    def gather_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        need_pos = ctx.has_pos and ctx.needs_input_grad[2]
+        gx, gp = gather_bwd_op(grad, index, ctx.num_patches, need_x, need_pos)
+        return (gx if need_x else None, None, gp if need_pos else None)
+
+    gather_op.register_autograd(gather_backward, setup_context=gather_setup)
+
+    @torch.library.custom_op(f"semmim::masked_scatter_fill_{b}", mutates_args=())
+    def scatter_op(
+        y: torch.Tensor,
+        index: torch.Tensor,
+        fill: torch.Tensor,
+        num_patches: int,
+        pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        inv = impl.inverse(index, num_patches)
+        _check_unique(inv, index)
+        return impl.scatter_rows(y, inv, fill, pos)
+
+    @scatter_op.register_fake
+    def _(y, index, fill, num_patches, pos):
+        return y.new_empty((y.shape[0], num_patches, y.shape[2]))
+
+    @torch.library.custom_op(f"semmim::masked_scatter_fill_bwd_{b}", mutates_args=())
+    def scatter_bwd_op(
+        g: torch.Tensor, index: torch.Tensor, need_y: bool, need_fill: bool, need_pos: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gy, gf, gp = _scatter_bwd(impl, g, index, need_y, need_fill, need_pos)
+        return tuple(t if t is not None else none(g) for t in (gy, gf, gp))
+
+    @scatter_bwd_op.register_fake
+    def _(g, index, need_y, need_fill, need_pos):
+        B, P, D = g.shape
+        gy = g.new_empty((B, index.shape[1], D)) if need_y else none(g)
+        gf = g.new_empty((D,)) if need_fill else none(g)
+        return gy, gf, (g.new_empty((P, D)) if need_pos else none(g))
+
+    def scatter_setup(ctx, inputs, output):
+        _, index, _, _, pos = inputs
+        ctx.save_for_backward(index)
+        ctx.has_pos = pos is not None
+
+    def scatter_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        need_y, need_fill = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need_pos = ctx.has_pos and ctx.needs_input_grad[4]
+        gy, gf, gp = scatter_bwd_op(grad, index, need_y, need_fill, need_pos)
+        return (
+            gy if need_y else None,
+            None,
+            gf if need_fill else None,
+            None,
+            gp if need_pos else None,
+        )
+
+    scatter_op.register_autograd(scatter_backward, setup_context=scatter_setup)
+    return gather_op, scatter_op
+
+
+_CUSTOM_OPS = {name: _make_custom_ops(impl) for name, impl in _IMPLS.items()}
+
+
+def _gather_via(name: str, x, index, pos):
+    _check_gather(x, index, pos)
+    return _CUSTOM_OPS[name][0](x, index, pos)
+
+
+def _scatter_via(name: str, y, index, fill, num_patches, pos):
+    _check_scatter(y, index, fill, num_patches, pos)
+    return _CUSTOM_OPS[name][1](y, index, fill, num_patches, pos)
+
+
+def masked_gather_triton(x, index, pos=None):
+    """Triton backend of :func:`masked_gather` (same contract)."""
+    return _gather_via("triton", x, index, pos)
+
+
+def masked_scatter_fill_triton(y, index, fill, num_patches, pos=None):
+    """Triton backend of :func:`masked_scatter_fill` (same contract)."""
+    return _scatter_via("triton", y, index, fill, num_patches, pos)
+
+
+# --------------------------------------------------------------------------------------------
+# compiled backends over semmim._C
+# --------------------------------------------------------------------------------------------
+
+
+def masked_gather_cuda(x, index, pos=None):
+    """CUDA backend (semmim._C) of :func:`masked_gather`."""
+    return _gather_via("cuda", x, index, pos)
+
+
+def masked_scatter_fill_cuda(y, index, fill, num_patches, pos=None):
+    """CUDA backend (semmim._C) of :func:`masked_scatter_fill`."""
+    return _scatter_via("cuda", y, index, fill, num_patches, pos)
+
+
+def masked_gather_cpu(x, index, pos=None):
+    """C++ CPU (OpenMP) backend (semmim._C) of :func:`masked_gather`."""
+    return _gather_via("cpu", x, index, pos)
+
+
+def masked_scatter_fill_cpu(y, index, fill, num_patches, pos=None):
+    """C++ CPU (OpenMP) backend (semmim._C) of :func:`masked_scatter_fill`."""
+    return _scatter_via("cpu", y, index, fill, num_patches, pos)
+
+
+# --------------------------------------------------------------------------------------------
+# supports_*: cheap reasons a backend cannot run (empty list = can run)
+# --------------------------------------------------------------------------------------------
+
+
+def _layout_reasons(name: str, t) -> list[str]:
+    if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return [f"{name} needs a contiguous last dim, got strides {tuple(t.stride())}"]
+    return []
+
+
+def _dtype_reasons(t) -> list[str]:
+    if isinstance(t, torch.Tensor) and t.dtype not in DTYPE_CODE:
+        return [f"unsupported dtype {t.dtype}"]
+    return []
+
+
+def _supports_gather(device_reasons):
+    def supports(x, index, pos=None) -> list[str]:
+        return device_reasons(x, index, pos) + _layout_reasons("x", x) + _dtype_reasons(x)
+
+    return supports
+
+
+def _supports_scatter(device_reasons):
+    def supports(y, index, fill, num_patches, pos=None) -> list[str]:
+        return device_reasons(y, index, fill, pos) + _layout_reasons("y", y) + _dtype_reasons(y)
+
+    return supports
+
+
+supports_triton_gather = _supports_gather(triton_reasons)
+supports_cuda_gather = _supports_gather(cuda_ext_reasons)
+supports_cpu_gather = _supports_gather(cpu_ext_reasons)
+supports_triton_scatter = _supports_scatter(triton_reasons)
+supports_cuda_scatter = _supports_scatter(cuda_ext_reasons)
+supports_cpu_scatter = _supports_scatter(cpu_ext_reasons)
+
+
+def supports_reference(*args, **kwargs) -> list[str]:
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# registration and public ops
+# --------------------------------------------------------------------------------------------
+
+register("masked_gather", "cuda", masked_gather_cuda, supports_cuda_gather, 40)
+register("masked_gather", "triton", masked_gather_triton, supports_triton_gather, 30)
+register("masked_gather", "cpu", masked_gather_cpu, supports_cpu_gather, 20)
+register("masked_gather", "reference", masked_gather_reference, supports_reference, 0)
+register("masked_scatter_fill", "cuda", masked_scatter_fill_cuda, supports_cuda_scatter, 40)
+register("masked_scatter_fill", "triton", masked_scatter_fill_triton, supports_triton_scatter, 30)
+register("masked_scatter_fill", "cpu", masked_scatter_fill_cpu, supports_cpu_scatter, 20)
+register("masked_scatter_fill", "reference", masked_scatter_fill_reference, supports_reference, 0)
+
+
+def _example_gather(device: torch.device):
+    x = torch.randn(2, 8, 16, device=device)
+    index = torch.tensor([[0, 3, 5], [1, 2, 7]], device=device)
+    return (x, index, torch.randn(8, 16, device=device)), {}
+
+
+def _example_scatter(device: torch.device):
+    y = torch.randn(2, 3, 16, device=device)
+    index = torch.tensor([[0, 3, 5], [1, 2, 7]], device=device)
+    return (y, index, torch.randn(16, device=device), 8, torch.randn(8, 16, device=device)), {}
+
+
+set_example("masked_gather", _example_gather)
+set_example("masked_scatter_fill", _example_scatter)
+
+
+def masked_gather(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    pos: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Gather kept patches, adding their position embeddings in the same pass.
+
+    Args:
+        x: (B, P, D) float32/float16/bfloat16 patch tokens (any strides; the fast backends need
+            the last dim contiguous).
+        index: (B, R) int32/int64, each row's entries unique and in [0, P).
+        pos: optional (P, D) position embeddings, same dtype as x.
+        backend: "reference" | "triton" | "cuda" | "cpu"; default: ``SEMMIM_BACKEND`` or the
+            fastest that can run.
+
+    Returns:
+        (B, R, D): ``out[b, r] = x[b, index[b, r]] + pos[index[b, r]]``. Differentiable in x, pos.
+    """
+    return get_op("masked_gather")(x, index, pos, backend=backend)
+
+
+def masked_scatter_fill(
+    y: torch.Tensor,
+    index: torch.Tensor,
+    fill: torch.Tensor,
+    num_patches: int,
+    pos: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Rebuild the full (B, P, D) sequence from kept rows ``y`` placed at ``index``.
+
+    Args:
+        y: (B, R, D) kept-token features.
+        index: (B, R) int32/int64 slots of y's rows, unique per row, in [0, num_patches).
+        fill: (D,) value of every other slot (e.g. the [MASK] embedding).
+        num_patches: P, the length of the output sequence.
+        pos: optional (P, D) added to every output row.
+        backend: as for :func:`masked_gather`.
+
+    Returns:
+        (B, P, D). Differentiable in y, fill and pos.
+    """
+    return get_op("masked_scatter_fill")(y, index, fill, num_patches, pos, backend=backend)

@@ -66,6 +66,19 @@ MAX_D_CUDA = 8192  # cuda backend keeps one text row (fp32) in shared memory
 
 TopkMaskOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
+__all__ = [
+    "EPS",
+    "gumbel_noise",
+    "topk_mask",
+    "topk_mask_cpu",
+    "topk_mask_cuda",
+    "topk_mask_reference",
+    "topk_mask_scores",
+    "topk_mask_triton",
+]
+
+_OP = get_op("topk_mask")
+
 
 # ---------------------------------------------------------------------------------------------
 # input validation (shared by every backend entry point and the public op)
@@ -197,8 +210,257 @@ def topk_mask_reference(
 
 
 # ---------------------------------------------------------------------------------------------
-# noise
+# Triton
 # ---------------------------------------------------------------------------------------------
+if not triton_import_error():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _topk_mask_fwd_kernel(
+        patch_ptr, text_ptr, noise_ptr, keep_ptr, mask_idx_ptr, mask_ptr,
+        P, D, M, stride_pb, stride_pp, stride_tb, stride_nb, stride_np, tau, eps,
+        HAS_NOISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """One program per row b: scores of all P patches in registers, then top-M selection."""
+        b = tl.program_id(0).to(tl.int64)
+        offs_p = tl.arange(0, BLOCK_P)
+        valid = offs_p < P
+        row_off = offs_p.to(tl.int64) * stride_pp  # (BLOCK_P,)
+        dot = tl.zeros([BLOCK_P], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_P], dtype=tl.float32)
+        tss = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            t = tl.load(text_ptr + b * stride_tb + offs_d, mask=d_ok, other=0.0)  # fp32
+            x = tl.load(
+                patch_ptr + b * stride_pb + row_off[:, None] + offs_d[None, :],
+                mask=valid[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)  # (BLOCK_P, BLOCK_D)
+            dot += tl.sum(x * t[None, :], axis=1)
+            ss += tl.sum(x * x, axis=1)
+            tss += t * t
+        t_norm = tl.maximum(tl.sqrt_rn(tl.sum(tss, axis=0)), eps)
+        # IEEE sqrt / division (Triton's default fp32 `/` and tl.sqrt are approximate on GPU)
+        s = tl.math.div_rn(dot, tl.maximum(tl.sqrt_rn(ss), eps) * t_norm)
+        if HAS_NOISE:
+            nz = tl.load(noise_ptr + b * stride_nb + offs_p.to(tl.int64) * stride_np,
+                         mask=valid, other=0.0)  # fmt: skip
+            s = tl.math.div_rn(s, tl.zeros_like(s) + tau) + nz
+
+        # order-preserving float -> int64 key in [0, 2^32); -0.0 == +0.0; padding -> -1
+        bits = s.to(tl.int32, bitcast=True)
+        bits = tl.where((bits & 0x7FFFFFFF) == 0, 0, bits)
+        skey = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = tl.where(valid, skey.to(tl.int64) + 2147483648, -1)
+
+        # thr = M-th largest key: the largest value with #{key >= thr} >= M, built bit by bit
+        thr = tl.zeros([], dtype=tl.int64)
+        one = tl.full([], 1, dtype=tl.int64)
+        for i in range(32):
+            cand = thr + (one << (31 - i))
+            cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+            thr = tl.where(cnt >= M, cand, thr)
+        gt = key > thr
+        eq = key == thr
+        need = M - tl.sum(gt.to(tl.int32), axis=0)  # ties at thr: lowest indices first
+        eq_i = eq.to(tl.int32)
+        eq_rank = tl.cumsum(eq_i, axis=0) - eq_i
+        masked = gt | (eq & (eq_rank < need))
+        m_i = masked.to(tl.int32)
+        m_rank = tl.cumsum(m_i, axis=0) - m_i  # slot in mask_idx; p - m_rank is the keep slot
+        idx = offs_p.to(tl.int64)
+        tl.store(mask_ptr + b * P + offs_p, m_i.to(tl.uint8), mask=valid)
+        tl.store(mask_idx_ptr + b * M + m_rank, idx, mask=valid & masked)
+        tl.store(keep_ptr + b * (P - M) + (offs_p - m_rank), idx, mask=valid & (m_i == 0))
+
+
+def _triton_tiles(P: int, d: int) -> tuple[int, int, int]:
+    block_p = max(16, 1 << (P - 1).bit_length())
+    block_d = min(max(16, 1 << (d - 1).bit_length()), max(16, 8192 // block_p))
+    num_warps = 8 if block_p >= 256 else 4
+    return block_p, block_d, num_warps
+
+
+def _run_triton(patch, text, num_masked, noise, tau) -> TopkMaskOut:
+    B, P, d = patch.shape
+    keep_idx, mask_idx, mask = _alloc_outputs(patch, num_masked)
+    if B == 0:
+        return keep_idx, mask_idx, mask
+    t32 = text.float().contiguous()
+    n32 = noise.float() if noise is not None else None
+    block_p, block_d, num_warps = _triton_tiles(P, d)
+    _topk_mask_fwd_kernel[(B,)](
+        patch, t32, n32 if n32 is not None else t32, keep_idx, mask_idx, mask.view(torch.uint8),
+        P, d, num_masked, patch.stride(0), patch.stride(1), t32.stride(0),
+        n32.stride(0) if n32 is not None else 0, n32.stride(1) if n32 is not None else 0,
+        float(tau), EPS,
+        HAS_NOISE=n32 is not None, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return keep_idx, mask_idx, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled backends over semmim._C
+# ---------------------------------------------------------------------------------------------
+def _vec_width(patch: torch.Tensor) -> int:
+    """16-byte vectors when d, the strides and the address allow it (cuda), else 1."""
+    vec = 16 // patch.element_size()
+    d = patch.shape[2]
+    ok = d % vec == 0 and patch.stride(0) % vec == 0 and patch.stride(1) % vec == 0
+    ok = ok and patch.data_ptr() % 16 == 0
+    return vec if ok else 1
+
+
+def _run_compiled(name: str, patch, text, num_masked, noise, tau) -> TopkMaskOut:
+    B, P, d = patch.shape
+    keep_idx, mask_idx, mask = _alloc_outputs(patch, num_masked)
+    if B == 0:
+        return keep_idx, mask_idx, mask
+    t32 = text.float().contiguous()  # (B, d): tiny; kernels read the text row as fp32
+    n32 = noise.float() if noise is not None else None  # no copy for fp32 noise
+    args = (
+        patch.data_ptr(), patch.stride(0), patch.stride(1), DTYPE_CODE[patch.dtype],
+        t32.data_ptr(), t32.stride(0),
+        n32.data_ptr() if n32 is not None else 0,
+        n32.stride(0) if n32 is not None else 0, n32.stride(1) if n32 is not None else 0,
+        float(tau), EPS, keep_idx.data_ptr(), mask_idx.data_ptr(), mask.data_ptr(),
+        B, P, d, num_masked,
+    )  # fmt: skip
+    ext = extension()
+    if name == "cuda":
+        ext.tm_topk_mask_cuda(*args, _vec_width(patch), stream_of(patch))
+    else:
+        ext.tm_topk_mask_cpu(*args)
+    return keep_idx, mask_idx, mask
+
+
+_RUNNERS = {
+    "triton": _run_triton,
+    "cuda": lambda *a: _run_compiled("cuda", *a),
+    "cpu": lambda *a: _run_compiled("cpu", *a),
+}
+
+
+def _make_custom_op(name: str):
+    """semmim::topk_mask_<name>: a torch.library op (fake impl -> composes with torch.compile)."""
+    run = _RUNNERS[name]
+
+    @torch.library.custom_op(f"semmim::topk_mask_{name}", mutates_args=())
+    def op(
+        patch: torch.Tensor, text: torch.Tensor, num_masked: int, noise: torch.Tensor | None,
+        tau: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        return run(patch, text, num_masked, noise, tau)
+
+    @op.register_fake
+    def _(patch, text, num_masked, noise, tau):
+        B, P, _ = patch.shape
+        return (
+            patch.new_empty((B, P - num_masked), dtype=torch.int64),
+            patch.new_empty((B, num_masked), dtype=torch.int64),
+            patch.new_empty((B, P), dtype=torch.bool),
+        )
+
+    # No register_autograd: the outputs are integer/bool (never differentiable) and the inputs
+    # are detached before the call.
+    return op
+
+
+_CUSTOM_OPS = {name: _make_custom_op(name) for name in _RUNNERS}
+
+
+def _via(name: str):
+    """Registry entry: inputs already validated by the public op."""
+    op = _CUSTOM_OPS[name]
+
+    def fn(patch, text, num_masked, *, noise=None, tau=1.0) -> TopkMaskOut:
+        noise = noise.detach() if noise is not None else None
+        return op(patch.detach(), text.detach(), int(num_masked), noise, float(tau))
+
+    return fn
+
+
+def topk_mask_triton(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True):
+    """Triton backend of :func:`topk_mask` (same contract)."""
+    _validate(patch, text, num_masked, noise, tau, check_finite)
+    return _via("triton")(patch, text, num_masked, noise=noise, tau=tau)
+
+
+def topk_mask_cuda(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True):
+    """CUDA backend (semmim._C) of :func:`topk_mask` (same contract)."""
+    _validate(patch, text, num_masked, noise, tau, check_finite)
+    return _via("cuda")(patch, text, num_masked, noise=noise, tau=tau)
+
+
+def topk_mask_cpu(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True):
+    """C++ CPU (OpenMP) backend (semmim._C) of :func:`topk_mask` (same contract)."""
+    _validate(patch, text, num_masked, noise, tau, check_finite)
+    return _via("cpu")(patch, text, num_masked, noise=noise, tau=tau)
+
+
+# ---------------------------------------------------------------------------------------------
+# supports_*: cheap reasons a backend cannot run (empty list = can run)
+# ---------------------------------------------------------------------------------------------
+def _fused_reasons(patch, text, num_masked, noise, max_d: int | None = None) -> list[str]:
+    reasons = []
+    if not isinstance(patch, torch.Tensor) or patch.dim() != 3:
+        return ["patch must be a (B, P, d) tensor"]
+    B, P, d = patch.shape
+    if P > MAX_P_FUSED:
+        reasons.append(f"P={P} > {MAX_P_FUSED} (fused kernels keep a row's scores on chip)")
+    if max_d is not None and d > max_d:
+        reasons.append(f"d={d} > {max_d} (text row kept in shared memory)")
+    if d > 1 and patch.stride(2) != 1:
+        reasons.append(f"patch needs a contiguous last dim, got strides {tuple(patch.stride())}")
+    if patch.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"unsupported dtype {patch.dtype}")
+    return reasons
+
+
+def supports_reference(patch, text, num_masked, *, noise=None, tau=1.0) -> list[str]:
+    return []
+
+
+def supports_triton(patch, text, num_masked, *, noise=None, tau=1.0) -> list[str]:
+    return triton_reasons(patch, text, noise) + _fused_reasons(patch, text, num_masked, noise)
+
+
+def supports_cuda(patch, text, num_masked, *, noise=None, tau=1.0) -> list[str]:
+    return cuda_ext_reasons(patch, text, noise) + _fused_reasons(
+        patch, text, num_masked, noise, max_d=MAX_D_CUDA
+    )
+
+
+def supports_cpu(patch, text, num_masked, *, noise=None, tau=1.0) -> list[str]:
+    return cpu_ext_reasons(patch, text, noise) + _fused_reasons(patch, text, num_masked, noise)
+
+
+# ---------------------------------------------------------------------------------------------
+# registration, noise and the public op
+# ---------------------------------------------------------------------------------------------
+def _reference_backend(patch, text, num_masked, *, noise=None, tau=1.0) -> TopkMaskOut:
+    return _topk_mask_reference_impl(patch, text, num_masked, noise, tau)
+
+
+register("topk_mask", "cuda", _via("cuda"), supports_cuda, 40)
+register("topk_mask", "triton", _via("triton"), supports_triton, 30)
+register("topk_mask", "cpu", _via("cpu"), supports_cpu, 20)
+register("topk_mask", "reference", _reference_backend, supports_reference, 0)
+
+
+def _example(device: torch.device) -> tuple[tuple, dict]:
+    gen = torch.Generator().manual_seed(0)
+    patch = torch.randn(2, 49, 72, generator=gen).to(device)
+    text = torch.randn(2, 72, generator=gen).to(device)
+    return (patch, text, 24), {"noise": gumbel_noise((2, 49), seed=0, device=device)}
+
+
+set_example("topk_mask", _example)
+
+
 def gumbel_noise(
     shape: Sequence[int] | torch.Size, *, seed: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -216,12 +478,6 @@ def gumbel_noise(
     return -torch.log(-torch.log(u))
 
 
-# ---------------------------------------------------------------------------------------------
-# public op
-# ---------------------------------------------------------------------------------------------
-_OP = get_op("topk_mask")
-
-
 def topk_mask(
     patch: torch.Tensor,
     text: torch.Tensor,
@@ -234,32 +490,22 @@ def topk_mask(
 ) -> TopkMaskOut:
     """Mask the ``num_masked`` patches per image most similar to the text (no gradient).
 
-    patch (B, P, d), text (B, d), noise (B, P) or None (e.g. ``gumbel_noise((B, P), ...)``)
-    -> keep_idx (B, P-M) int64 ascending, mask_idx (B, M) int64 ascending, mask (B, P) bool.
-    Scores s = cos(patch, text) [/ tau + noise]; ties mask the lower patch index first.
-    Raises ValueError on bad shapes, M out of range, or (``check_finite``, a host sync) NaN/inf.
+    Args:
+        patch: (B, P, d) float32/float16/bfloat16 patch features (fast backends: last dim
+            contiguous, P <= 1024).
+        text: (B, d) text features (any float dtype).
+        num_masked: M, 1 <= M <= P-1.
+        noise: optional (B, P) float noise, e.g. ``gumbel_noise((B, P), seed=..., device=...)``.
+        tau: temperature > 0; scores become s / tau + noise (ignored without noise).
+        backend: "reference" | "triton" | "cuda" | "cpu"; default: ``SEMMIM_BACKEND`` or the
+            fastest that can run.
+        check_finite: raise ValueError on NaN/inf inputs (one host sync).
+
+    Returns:
+        keep_idx (B, P-M) int64 ascending, mask_idx (B, M) int64 ascending, mask (B, P) bool
+        (True = masked). Scores s = cos(patch, text) [/ tau + noise]; ties mask the lower patch
+        index first. Not differentiable (inputs that require grad are detached).
     """
     _validate(patch, text, num_masked, noise, tau, check_finite)
     chosen = _OP.select(backend, patch, text, num_masked, noise=noise, tau=tau)
     return chosen.fn(patch, text, num_masked, noise=noise, tau=tau)
-
-
-def _reference_backend(patch, text, num_masked, *, noise=None, tau=1.0) -> TopkMaskOut:
-    return _topk_mask_reference_impl(patch, text, num_masked, noise, tau)
-
-
-def supports_reference(patch, text, num_masked, *, noise=None, tau=1.0) -> list[str]:
-    return []
-
-
-register("topk_mask", "reference", _reference_backend, supports_reference, priority=0)
-
-
-def _example(device: torch.device) -> tuple[tuple, dict]:
-    gen = torch.Generator().manual_seed(0)
-    patch = torch.randn(2, 49, 72, generator=gen).to(device)
-    text = torch.randn(2, 72, generator=gen).to(device)
-    return (patch, text, 24), {"noise": gumbel_noise((2, 49), seed=0, device=device)}
-
-
-set_example("topk_mask", _example)

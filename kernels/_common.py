@@ -14,7 +14,7 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension() -> ModuleType | None:
     """The compiled module ``semmim._C``, or None when it is not built."""
     try:
@@ -24,7 +24,7 @@ def extension() -> ModuleType | None:
     return _C
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension_import_error() -> str:
     try:
         from semmim import _C  # type: ignore[attr-defined]  # noqa: F401
@@ -33,7 +33,7 @@ def extension_import_error() -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> str:
     try:
         import triton  # noqa: F401
@@ -107,6 +107,9 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {desc}")
 
 
-def check_float(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+def check_float(name: str, t: torch.Tensor, allow_double: bool = False) -> None:
+    """float32/float16/bfloat16 (plus float64 where the reference path accepts it)."""
+    if t.dtype in FLOAT_DTYPES or (allow_double and t.dtype == torch.float64):
+        return
+    extra = " (or float64)" if allow_double else ""
+    raise ValueError(f"{name} must be float32, float16 or bfloat16{extra}, got {t.dtype}")

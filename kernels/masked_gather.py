@@ -49,7 +49,7 @@ from ._common import (
     triton_import_error,
     triton_reasons,
 )
-from .registry import get_op, register, set_example
+from .registry import get_op, register, set_check, set_example
 
 __all__ = [
     "masked_gather",
@@ -101,11 +101,11 @@ def _check_pos(pos: torch.Tensor | None, num_patches: int, dim: int, ref: torch.
         raise ValueError(f"pos dtype {pos.dtype} != input dtype {ref.dtype}")
 
 
-def _check_gather(x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None) -> None:
+def _check_gather(x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None = None) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be (B, P, D), got {shape}")
-    check_float("x", x)
+    check_float("x", x, allow_double=True)
     check_same_device(x=x, index=index, pos=pos)
     _check_index(index, x.shape[0], x.shape[1], "x")
     _check_pos(pos, x.shape[1], x.shape[2], x)
@@ -116,12 +116,12 @@ def _check_scatter(
     index: torch.Tensor,
     fill: torch.Tensor,
     num_patches: int,
-    pos: torch.Tensor | None,
+    pos: torch.Tensor | None = None,
 ) -> None:
     if not isinstance(y, torch.Tensor) or y.dim() != 3:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(f"y must be (B, R, D), got {shape}")
-    check_float("y", y)
+    check_float("y", y, allow_double=True)
     if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"num_patches must be a positive int, got {num_patches!r}")
     if not isinstance(fill, torch.Tensor) or tuple(fill.shape) != (y.shape[2],):
@@ -602,14 +602,21 @@ def _make_custom_ops(impl: _Impl):
 _CUSTOM_OPS = {name: _make_custom_ops(impl) for name, impl in _IMPLS.items()}
 
 
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.contiguous() if t is not None else None
+
+
 def _gather_via(name: str, x, index, pos):
+    # x keeps its strides; the small operands (index, pos) are made dense for the kernels
     _check_gather(x, index, pos)
-    return _CUSTOM_OPS[name][0](x, index, pos)
+    return _CUSTOM_OPS[name][0](x, index.contiguous(), _contiguous(pos))
 
 
 def _scatter_via(name: str, y, index, fill, num_patches, pos):
     _check_scatter(y, index, fill, num_patches, pos)
-    return _CUSTOM_OPS[name][1](y, index, fill, num_patches, pos)
+    return _CUSTOM_OPS[name][1](
+        y, index.contiguous(), fill.contiguous(), num_patches, _contiguous(pos)
+    )
 
 
 def masked_gather_triton(x, index, pos=None):
@@ -716,6 +723,8 @@ def _example_scatter(device: torch.device):
     return (y, index, torch.randn(16, device=device), 8, torch.randn(8, 16, device=device)), {}
 
 
+set_check("masked_gather", _check_gather)
+set_check("masked_scatter_fill", _check_scatter)
 set_example("masked_gather", _example_gather)
 set_example("masked_scatter_fill", _example_scatter)
 

@@ -57,6 +57,9 @@ class Op:
     backends: dict[str, Backend] = field(default_factory=dict)
     # device -> (args, kwargs): small valid inputs, used by `python -m semmim.kernels.info`
     example: Callable[[torch.device], tuple[tuple, dict]] | None = None
+    # input validation raising ValueError; run before reporting that no backend can run, so bad
+    # inputs get a ValueError naming the argument rather than a list of backend reasons
+    check: Callable[..., None] | None = None
 
     def register(
         self, name: str, fn: Callable[..., Any], supports: Callable[..., list[str]], priority: int
@@ -86,6 +89,8 @@ class Op:
             chosen = self.backends[requested]
             why = chosen.supports(*args, **kwargs)
             if why:
+                if self.check is not None:
+                    self.check(*args, **kwargs)
                 raise NotImplementedError(
                     f"{self.name}: backend {requested!r} cannot run on ({describe(*args, **kwargs)}): "
                     + "; ".join(why)
@@ -97,8 +102,11 @@ class Op:
             if not why:
                 return b
             tried.append(f"{b.name}: {'; '.join(why)}")
+        if self.check is not None:
+            self.check(*args, **kwargs)
         raise NotImplementedError(
-            f"{self.name}: no backend can run on ({describe(*args, **kwargs)}): " + " | ".join(tried)
+            f"{self.name}: no backend can run on ({describe(*args, **kwargs)}): "
+            + " | ".join(tried)
         )
 
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
@@ -125,3 +133,8 @@ def register(
 def set_example(op: str, fn: Callable[[torch.device], tuple[tuple, dict]]) -> None:
     """Register ``fn(device) -> (args, kwargs)``, small valid inputs of ``op`` for the info table."""
     get_op(op).example = fn
+
+
+def set_check(op: str, fn: Callable[..., None]) -> None:
+    """Register ``fn(*args, **kwargs)``, raising ValueError on invalid inputs of ``op``."""
+    get_op(op).check = fn

@@ -1,0 +1,349 @@
+"""masked_gather / masked_scatter_fill: reference vs naive loops, every backend vs reference
+(bit-exact forward and grad_x/grad_y; grad_pos/grad_fill within the summation-order bound),
+input errors, registry dispatch, custom-op checks."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import semmim.kernels as K
+
+mg = importlib.import_module("semmim.kernels.masked_gather")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IDX_DTYPES = [torch.int32, torch.int64]
+# (P, D, R): awkward sizes from CONVENTIONS (P=1, 49, 196, 197, 576; D=1, 72, 80, 768; R=1, R=P)
+SHAPES = [
+    (1, 1, 1),
+    (1, 72, 1),
+    (49, 72, 1),
+    (49, 80, 24),
+    (49, 1, 49),
+    (196, 768, 98),
+    (197, 80, 197),
+    (576, 72, 288),
+    (576, 768, 1),
+    (196, 1, 100),
+]
+
+
+def make_index(B: int, P: int, R: int, dtype=torch.int64, device="cpu", sort=False):
+    rows = [torch.randperm(P)[:R] for _ in range(B)]
+    idx = torch.stack(rows)
+    if sort:
+        idx = idx.sort(dim=1).values
+    return idx.to(dtype=dtype, device=device)
+
+
+def naive_gather(x, index, pos):
+    B, R = index.shape
+    out = torch.empty(B, R, x.shape[2], dtype=x.dtype)
+    for b in range(B):
+        for r in range(R):
+            p = int(index[b, r])
+            out[b, r] = x[b, p] + pos[p] if pos is not None else x[b, p]
+    return out
+
+
+def naive_scatter(y, index, fill, P, pos):
+    B, R, D = y.shape
+    out = torch.empty(B, P, D, dtype=y.dtype)
+    for b in range(B):
+        for p in range(P):
+            out[b, p] = fill
+        for r in range(R):
+            out[b, int(index[b, r])] = y[b, r]
+        if pos is not None:
+            out[b] = out[b] + pos
+    return out
+
+
+def sum_bound(dtype: torch.dtype, count: int, grads: torch.Tensor) -> torch.Tensor:
+    """|fast - ref| bound for a sum of `count` terms in different order, each rounded to dtype."""
+    eps = torch.finfo(dtype).eps
+    return (count + 2) * eps * grads + torch.finfo(dtype).tiny
+
+
+# ------------------------------------------------------------------ reference is the spec
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_reference_matches_naive_loop(dtype, with_pos):
+    B, P, D, R = 3, 10, 5, 4
+    x = torch.randn(B, P, D, dtype=dtype)
+    pos = torch.randn(P, D, dtype=dtype) if with_pos else None
+    idx = make_index(B, P, R)
+    assert torch.equal(mg.masked_gather_reference(x, idx, pos), naive_gather(x, idx, pos))
+    y, fill = torch.randn(B, R, D, dtype=dtype), torch.randn(D, dtype=dtype)
+    got = mg.masked_scatter_fill_reference(y, idx, fill, P, pos)
+    assert torch.equal(got, naive_scatter(y, idx, fill, P, pos))
+
+
+def test_reference_gradcheck():
+    B, P, D, R = 2, 6, 3, 4
+    idx = make_index(B, P, R)
+    x = torch.randn(B, P, D, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(P, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: mg.masked_gather_reference(a, idx, b), (x, pos))
+    y = torch.randn(B, R, D, dtype=torch.float64, requires_grad=True)
+    fill = torch.randn(D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, f, p: mg.masked_scatter_fill_reference(a, idx, f, P, p), (y, fill, pos)
+    )
+
+
+# ------------------------------------------------------------------ backends vs reference
+
+
+def check_backend(backend, dtype, idx_dtype, B, P, D, R, device="cpu", strided=False):
+    """Forward bit-exact; grad_x / grad_y bit-exact; grad_pos / grad_fill within sum_bound."""
+    if strided:  # last dim contiguous, other strides not: a slice of a wider, longer tensor
+        x0 = torch.randn(B, P + 3, D + 5, dtype=dtype, device=device)[:, 2 : 2 + P, 1 : 1 + D]
+        y0 = torch.randn(B, R + 2, D + 7, dtype=dtype, device=device)[:, 1 : 1 + R, :D]
+    else:
+        x0 = torch.randn(B, P, D, dtype=dtype, device=device)
+        y0 = torch.randn(B, R, D, dtype=dtype, device=device)
+    pos0 = torch.randn(P, D, dtype=dtype, device=device)
+    fill0 = torch.randn(D, dtype=dtype, device=device)
+    idx = make_index(B, P, R, idx_dtype, device)
+    g_gather = torch.randn(B, R, D, dtype=dtype, device=device)
+    g_scatter = torch.randn(B, P, D, dtype=dtype, device=device)
+
+    results = {}
+    for be in ("reference", backend):
+        x = x0.detach().clone().requires_grad_() if not strided else x0.detach().requires_grad_()
+        pos = pos0.detach().clone().requires_grad_()
+        out = K.masked_gather(x, idx, pos, backend=be)
+        out.backward(g_gather)
+        y = y0.detach().clone().requires_grad_() if not strided else y0.detach().requires_grad_()
+        fill = fill0.detach().clone().requires_grad_()
+        pos2 = pos0.detach().clone().requires_grad_()
+        out2 = K.masked_scatter_fill(y, idx, fill, P, pos2, backend=be)
+        out2.backward(g_scatter)
+        results[be] = (out, x.grad, pos.grad, out2, y.grad, fill.grad, pos2.grad)
+        if strided:
+            x0.grad = None
+            y0.grad = None
+
+    ref, got = results["reference"], results[backend]
+    names = ("gather out", "grad_x", "grad_pos", "scatter out", "grad_y", "grad_fill", "grad_pos2")
+    for name, r, g in zip(names, ref, got):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        assert not torch.isnan(g).any(), f"{name}: NaN (unwritten output?)"
+        if name in ("grad_pos", "grad_fill", "grad_pos2"):
+            count = B if name != "grad_fill" else B * P
+            src = g_gather if name == "grad_pos" else g_scatter
+            scale = src.float().abs().sum() if name == "grad_fill" else src.float().abs().amax()
+            bound = sum_bound(dtype, count, scale * count)
+            err = (g.float() - r.float()).abs().max()
+            assert err <= bound, f"{name}: max err {err} > bound {bound}"
+        else:
+            if not torch.equal(g, r):
+                bad = (g != r).nonzero()[:5].tolist()
+                raise AssertionError(f"{name} not bit-exact at {bad}")
+
+
+@pytest.mark.parametrize("P,D,R", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES)
+def test_cpu_backend_matches_reference(P, D, R, dtype, idx_dtype, poison):
+    check_backend("cpu", dtype, idx_dtype, 2, P, D, R)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_backend_strided_inputs(dtype, poison):
+    check_backend("cpu", dtype, torch.int64, 3, 49, 72, 20, strided=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 4),
+    P=st.integers(1, 40),
+    D=st.integers(1, 40),
+    frac=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    idx_dtype=st.sampled_from(IDX_DTYPES),
+    strided=st.booleans(),
+)
+def test_cpu_backend_fuzz(B, P, D, frac, dtype, idx_dtype, strided):
+    R = max(1, round(frac * P))
+    check_backend("cpu", dtype, idx_dtype, B, P, D, R, strided=strided)
+
+
+def test_backward_chunked_column_pass_cpu(monkeypatch, poison):
+    """The batch-chunked partial sums (used on GPUs) give the same result as one chunk."""
+    monkeypatch.setattr(mg, "_num_chunks", lambda B, P, D, device: 3)
+    check_backend("cpu", torch.float32, torch.int64, 7, 49, 72, 20)
+
+
+def test_only_needed_gradients(poison):
+    x = torch.randn(2, 9, 4, requires_grad=True)
+    pos = torch.randn(9, 4)  # no grad wanted
+    idx = make_index(2, 9, 5)
+    K.masked_gather(x, idx, pos, backend="cpu").sum().backward()
+    assert x.grad is not None and pos.grad is None
+    y = torch.randn(2, 5, 4)
+    fill = torch.randn(4, requires_grad=True)
+    K.masked_scatter_fill(y, idx, fill, 9, backend="cpu").sum().backward()
+    assert torch.allclose(fill.grad, torch.full((4,), 2.0 * 4))  # 2 rows x 4 dropped slots
+
+
+def test_empty_and_full_keep():
+    x = torch.randn(2, 5, 3)
+    idx = torch.arange(5).expand(2, 5)
+    for be in ("reference", "cpu"):
+        assert torch.equal(K.masked_gather(x, idx, backend=be), x)
+        y = K.masked_scatter_fill(x, idx, torch.zeros(3), 5, backend=be)
+        assert torch.equal(y, x)
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_inputs_raise_value_error(backend):
+    x = torch.randn(2, 8, 4)
+    idx = make_index(2, 8, 3)
+    pos = torch.randn(8, 4)
+    cases = [
+        ((torch.randn(8, 4), idx), "x must be"),
+        ((x, idx[0]), "index must be"),
+        ((x, idx[:1]), "batch"),
+        ((x, idx.float()), "int32 or int64"),
+        ((x, idx + 8), r"\[0, 8\)"),
+        ((x, idx - 9), r"\[0, 8\)"),
+        ((x, idx, torch.randn(7, 4)), "pos must be"),
+        ((x, idx, pos.half()), "dtype"),
+        ((x.int(), idx), "float32, float16 or bfloat16"),
+        ((x, idx.to("meta")), "one device"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            K.masked_gather(*args, backend=backend)
+    y, fill = torch.randn(2, 3, 4), torch.randn(4)
+    scases = [
+        ((y[0], idx, fill, 8), "y must be"),
+        ((y, idx, torch.randn(5), 8), "fill must be"),
+        ((y, idx, fill.half(), 8), "fill dtype"),
+        ((y, idx, fill, 0), "num_patches"),
+        ((y, idx, fill, 2), "R=3"),
+        ((y, idx[:, :2], fill, 8), "does not match"),
+        ((y, idx, fill, 8, torch.randn(8, 5)), "pos must be"),
+        ((y, torch.tensor([[1, 1, 2], [0, 1, 2]]), fill, 8), "unique"),
+    ]
+    for args, msg in scases:
+        with pytest.raises(ValueError, match=msg):
+            K.masked_scatter_fill(*args, backend=backend)
+
+
+def test_duplicate_index_detected_in_gather_backward():
+    x = torch.randn(2, 8, 4, requires_grad=True)
+    idx = torch.tensor([[1, 1, 2], [0, 1, 2]])
+    out = K.masked_gather(x, idx, backend="cpu")  # forward is well defined
+    with pytest.raises(ValueError, match="unique"):
+        out.sum().backward()
+
+
+# ------------------------------------------------------------------ registry and custom ops
+
+
+def test_registry_dispatch_and_reasons(monkeypatch):
+    x, idx = torch.randn(2, 8, 4), make_index(2, 8, 3)
+    op = K.get_op("masked_gather")
+    monkeypatch.delenv("SEMMIM_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert op.select(None, x, idx).name == "cpu"
+    reasons = op.reasons(x, idx)
+    assert reasons["cpu"] == [] and reasons["reference"] == []
+    assert any("CUDA" in r for r in reasons["cuda"])
+    with pytest.raises(NotImplementedError, match=r"cuda.*float32\[2, 8, 4\].*needs CUDA"):
+        K.masked_gather(x, idx, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        K.masked_gather(x, idx, backend="nope")
+    monkeypatch.setenv("SEMMIM_BACKEND", "reference")
+    assert op.select(None, x, idx).name == "reference"
+    monkeypatch.setenv("SEMMIM_BACKEND", "cuda")
+    with pytest.raises(NotImplementedError):
+        K.masked_gather(x, idx)
+    monkeypatch.setenv("SEMMIM_BACKEND", "sdpa")  # not a backend of this op: auto-dispatch
+    assert op.select(None, x, idx).name == "cpu"
+
+
+def test_non_contiguous_last_dim_is_a_reason():
+    x = torch.randn(2, 4, 8).transpose(1, 2)  # (2, 8, 4) with last-dim stride 8
+    idx = make_index(2, 8, 3)
+    assert any("contiguous last dim" in r for r in K.get_op("masked_gather").reasons(x, idx)["cpu"])
+    assert torch.equal(K.masked_gather(x, idx), mg.masked_gather_reference(x, idx))
+
+
+def test_opcheck_cpu_custom_ops():
+    x = torch.randn(2, 8, 4, requires_grad=True)
+    pos = torch.randn(8, 4, requires_grad=True)
+    idx = make_index(2, 8, 3)
+    gather_op, scatter_op = mg._CUSTOM_OPS["cpu"]
+    torch.library.opcheck(gather_op, (x, idx, pos))
+    torch.library.opcheck(gather_op, (x, idx, None))
+    y = torch.randn(2, 3, 4, requires_grad=True)
+    fill = torch.randn(4, requires_grad=True)
+    torch.library.opcheck(scatter_op, (y, idx, fill, 8, pos))
+
+
+def test_info_lists_every_op_and_backend(capsys):
+    from semmim.kernels import info
+
+    assert info.main([]) == 0
+    out = capsys.readouterr().out
+    assert "semmim._C: cuda=" in out
+    for name in ("masked_gather", "masked_scatter_fill"):
+        assert name in out
+    assert "needs CUDA tensors" in out
+
+
+# ------------------------------------------------------------------ interpret tier (Triton)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("P,D,R", [(1, 1, 1), (49, 72, 24), (197, 80, 197), (13, 300, 5)])
+def test_triton_matches_reference_interpreted(P, D, R, dtype, poison):
+    check_backend("triton", dtype, torch.int32, 2, P, D, R)
+
+
+@pytest.mark.interpret
+def test_triton_strided_and_chunked_interpreted(monkeypatch, poison):
+    monkeypatch.setattr(mg, "_num_chunks", lambda B, P, D, device: 2)
+    check_backend("triton", torch.float32, torch.int64, 3, 49, 72, 20, strided=True)
+
+
+# ------------------------------------------------------------------ cuda tier
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES)
+@pytest.mark.parametrize("P,D,R", SHAPES + [(576, 768, 288)])
+def test_gpu_backends_match_reference(backend, dtype, idx_dtype, P, D, R, poison):
+    check_backend(backend, dtype, idx_dtype, 4, P, D, R, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_backends_strided(backend, dtype, poison):
+    check_backend(backend, dtype, torch.int64, 8, 196, 768, 98, device="cuda", strided=True)
+
+
+@pytest.mark.cuda
+def test_gpu_opcheck():
+    x = torch.randn(2, 8, 16, device="cuda", requires_grad=True)
+    pos = torch.randn(8, 16, device="cuda", requires_grad=True)
+    idx = make_index(2, 8, 3, device="cuda")
+    for name in ("cuda", "triton"):
+        torch.library.opcheck(mg._CUSTOM_OPS[name][0], (x, idx, pos))

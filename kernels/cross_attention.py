@@ -69,7 +69,7 @@ def _check_inputs(
     key_mask: torch.Tensor | None,
     scale: float | None,
 ) -> float:
-    """Validate the arguments; returns the effective scale. Raises ValueError naming the argument."""
+    """Validate the arguments and return the effective scale; ValueError names the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -78,7 +78,9 @@ def _check_inputs(
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} v {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got k {tuple(k.shape)} v {tuple(v.shape)}"
+        )
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"batch mismatch: q has B={q.shape[0]}, k has B={k.shape[0]}")
     if q.shape[2] != k.shape[2]:
@@ -90,7 +92,9 @@ def _check_inputs(
     devs = {q.device, k.device, v.device}
     if key_mask is not None:
         if not isinstance(key_mask, torch.Tensor):
-            raise ValueError(f"key_mask must be a bool tensor or None, got {type(key_mask).__name__}")
+            raise ValueError(
+                f"key_mask must be a bool tensor or None, got {type(key_mask).__name__}"
+            )
         if key_mask.dtype != torch.bool:
             raise ValueError(f"key_mask must be bool (True = real token), got {key_mask.dtype}")
         if tuple(key_mask.shape) != (k.shape[0], k.shape[1]):
@@ -195,16 +199,35 @@ if not triton_import_error():
 
     @triton.jit
     def _cross_attention_fwd_kernel(
-        Q, K, V, MASK, O, LSE,
-        stride_qb, stride_qm, stride_qh,
-        stride_kb, stride_kn, stride_kh,
-        stride_vb, stride_vn, stride_vh,
-        stride_ob, stride_om, stride_oh,
+        Q,
+        K,
+        V,
+        MASK,
+        O,
+        LSE,
+        stride_qb,
+        stride_qm,
+        stride_qh,
+        stride_kb,
+        stride_kn,
+        stride_kh,
+        stride_vb,
+        stride_vn,
+        stride_vh,
+        stride_ob,
+        stride_om,
+        stride_oh,
         stride_mb,
-        stride_lb, stride_lh,
-        Lq, Lk, Dh, qk_scale,  # qk_scale = scale · log2(e): the softmax runs in base 2
+        stride_lb,
+        stride_lh,
+        Lq,
+        Lk,
+        Dh,
+        qk_scale,  # qk_scale = scale · log2(e): the softmax runs in base 2
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -241,26 +264,35 @@ if not triton_import_error():
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(
-                p.to(v.dtype), v, input_precision=DOT_PRECISION
-            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
         empty = l_i == 0.0  # the batch row has no real key: output zeros, LSE = +inf (so P = 0)
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+        lse = tl.where(
+            empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634
+        )
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=in_m)
 
     @triton.jit
     def _cross_attention_bwd_preprocess_kernel(
-        O, DO, DELTA,
-        stride_ob, stride_om, stride_oh,
-        stride_dob, stride_dom, stride_doh,
-        stride_lb, stride_lh,
-        Lq, Dh,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        O,
+        DO,
+        DELTA,
+        stride_ob,
+        stride_om,
+        stride_oh,
+        stride_dob,
+        stride_dom,
+        stride_doh,
+        stride_lb,
+        stride_lh,
+        Lq,
+        Dh,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
@@ -270,28 +302,59 @@ if not triton_import_error():
         msk = (offs_m < Lq)[:, None] & (offs_d < Dh)[None, :]
         o = tl.load(
             O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-            mask=msk, other=0.0,
+            mask=msk,
+            other=0.0,
         ).to(tl.float32)
         do = tl.load(
             DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-            mask=msk, other=0.0,
+            mask=msk,
+            other=0.0,
         ).to(tl.float32)
-        tl.store(DELTA + b * stride_lb + h * stride_lh + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+        tl.store(
+            DELTA + b * stride_lb + h * stride_lh + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq
+        )
 
     @triton.jit
     def _cross_attention_bwd_dkdv_kernel(
-        Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
-        stride_qb, stride_qm, stride_qh,
-        stride_kb, stride_kn, stride_kh,
-        stride_vb, stride_vn, stride_vh,
-        stride_dob, stride_dom, stride_doh,
-        stride_dkb, stride_dkn, stride_dkh,
-        stride_dvb, stride_dvn, stride_dvh,
+        Q,
+        K,
+        V,
+        MASK,
+        DO,
+        LSE,
+        DELTA,
+        DK,
+        DV,
+        stride_qb,
+        stride_qm,
+        stride_qh,
+        stride_kb,
+        stride_kn,
+        stride_kh,
+        stride_vb,
+        stride_vn,
+        stride_vh,
+        stride_dob,
+        stride_dom,
+        stride_doh,
+        stride_dkb,
+        stride_dkn,
+        stride_dkh,
+        stride_dvb,
+        stride_dvn,
+        stride_dvh,
         stride_mb,
-        stride_lb, stride_lh,
-        Lq, Lk, Dh, scale, qk_scale,
+        stride_lb,
+        stride_lh,
+        Lq,
+        Lk,
+        Dh,
+        scale,
+        qk_scale,
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
         # one program per (key block, head, batch); loops over all query blocks
@@ -306,11 +369,13 @@ if not triton_import_error():
         kv_mask = valid_n[:, None] & in_d[None, :]
         k = tl.load(
             K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-            mask=kv_mask, other=0.0,
+            mask=kv_mask,
+            other=0.0,
         )  # (BLOCK_N, BLOCK_D)
         v = tl.load(
             V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-            mask=kv_mask, other=0.0,
+            mask=kv_mask,
+            other=0.0,
         )
         if HAS_MASK:
             real = tl.load(MASK + b * stride_mb + offs_n, mask=valid_n, other=0)
@@ -341,26 +406,52 @@ if not triton_import_error():
         st_mask = (offs_n < Lk)[:, None] & in_d[None, :]
         tl.store(
             DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-            dk.to(DK.dtype.element_ty), mask=st_mask,
+            dk.to(DK.dtype.element_ty),
+            mask=st_mask,
         )
         tl.store(
             DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-            dv.to(DV.dtype.element_ty), mask=st_mask,
+            dv.to(DV.dtype.element_ty),
+            mask=st_mask,
         )
 
     @triton.jit
     def _cross_attention_bwd_dq_kernel(
-        Q, K, V, MASK, DO, LSE, DELTA, DQ,
-        stride_qb, stride_qm, stride_qh,
-        stride_kb, stride_kn, stride_kh,
-        stride_vb, stride_vn, stride_vh,
-        stride_dob, stride_dom, stride_doh,
-        stride_dqb, stride_dqm, stride_dqh,
+        Q,
+        K,
+        V,
+        MASK,
+        DO,
+        LSE,
+        DELTA,
+        DQ,
+        stride_qb,
+        stride_qm,
+        stride_qh,
+        stride_kb,
+        stride_kn,
+        stride_kh,
+        stride_vb,
+        stride_vn,
+        stride_vh,
+        stride_dob,
+        stride_dom,
+        stride_doh,
+        stride_dqb,
+        stride_dqm,
+        stride_dqh,
         stride_mb,
-        stride_lb, stride_lh,
-        Lq, Lk, Dh, scale, qk_scale,
+        stride_lb,
+        stride_lh,
+        Lq,
+        Lk,
+        Dh,
+        scale,
+        qk_scale,
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
         # one program per (query block, head, batch); loops over all key blocks
@@ -375,11 +466,13 @@ if not triton_import_error():
         qm = in_m[:, None] & in_d[None, :]
         q = tl.load(
             Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-            mask=qm, other=0.0,
+            mask=qm,
+            other=0.0,
         )
         do = tl.load(
             DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-            mask=qm, other=0.0,
+            mask=qm,
+            other=0.0,
         )
         l_base = b * stride_lb + h * stride_lh
         lse2 = tl.load(LSE + l_base + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
@@ -405,7 +498,8 @@ if not triton_import_error():
         dq = dq * scale
         tl.store(
             DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty), mask=qm,
+            dq.to(DQ.dtype.element_ty),
+            mask=qm,
         )
 
 
@@ -450,11 +544,15 @@ def _mask_arg(q: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Ten
     return m, m.stride(0), True
 
 
-def _fwd_impl(q, k, v, key_mask, scale):
+def _fwd_impl(q, k, v, key_mask, scale, out=None, lse=None):
+    """Launch the forward; ``out`` (B, Lq, H, Dh) and ``lse`` (B, H, Lq) fp32 may be given
+    (contiguous) so tests can poison them."""
     B, Lq, H, Dh = q.shape
     Lk = k.shape[1]
-    out = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     if Lk == 0:
@@ -467,28 +565,52 @@ def _fwd_impl(q, k, v, key_mask, scale):
     mask, stride_mb, has_mask = _mask_arg(q, key_mask)
     grid = (triton.cdiv(Lq, block_m), H, B)
     _cross_attention_fwd_kernel[grid](
-        q, k, v, mask, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        q,
+        k,
+        v,
+        mask,
+        out,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         stride_mb,
-        lse.stride(0), lse.stride(1),
-        Lq, Lk, Dh, scale * _LOG2E,
+        lse.stride(0),
+        lse.stride(1),
+        Lq,
+        Lk,
+        Dh,
+        scale * _LOG2E,
         HAS_MASK=has_mask,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps,
+        num_stages=2,
     )
     return out, lse
 
 
-def _bwd_impl(do, q, k, v, key_mask, out, lse, scale):
+def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None):
+    """Launch the backward; ``dq``, ``dk``, ``dv`` may be given (contiguous) to poison in tests."""
     B, Lq, H, Dh = q.shape
     Lk = k.shape[1]
-    dq = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Lk, H, Dh), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, Lk, H, Dh), dtype=v.dtype, device=v.device)
+    if dq is None:
+        dq = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
+    if dk is None:
+        dk = torch.empty((B, Lk, H, Dh), dtype=k.dtype, device=k.device)
+    if dv is None:
+        dv = torch.empty((B, Lk, H, Dh), dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     # autograd may hand over an expanded (stride 0) or differently-typed gradient
@@ -501,12 +623,21 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale):
     delta = torch.empty_like(lse)  # (B, H, Lq) fp32: rowsum(dO ∘ O)
     pre_m = 64
     _cross_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), H, B)](
-        out, do, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        lse.stride(0), lse.stride(1),
-        Lq, Dh,
-        BLOCK_M=pre_m, BLOCK_D=block_d,
+        out,
+        do,
+        delta,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        Lq,
+        Dh,
+        BLOCK_M=pre_m,
+        BLOCK_D=block_d,
     )
     # the backward tiles hold more live blocks than the forward: cap both sides at 64
     block_m, block_n, num_warps = _block_sizes(Lq, Lk, block_d, q.dtype)
@@ -514,33 +645,84 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale):
     if q.dtype == torch.float32 and block_d >= 128:
         block_m, block_n = min(block_m, 32), min(block_n, 32)
     common = dict(
-        HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=precision, num_warps=num_warps if block_m * block_n >= 4096 else 4,
+        HAS_MASK=has_mask,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        DOT_PRECISION=precision,
+        num_warps=num_warps if block_m * block_n >= 4096 else 4,
         num_stages=2,
     )
     _cross_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), H, B)](
-        q, k, v, mask, do, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
+        q,
+        k,
+        v,
+        mask,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
+        dv.stride(0),
+        dv.stride(1),
+        dv.stride(2),
         stride_mb,
-        lse.stride(0), lse.stride(1),
-        Lq, Lk, Dh, scale, scale * _LOG2E,
+        lse.stride(0),
+        lse.stride(1),
+        Lq,
+        Lk,
+        Dh,
+        scale,
+        scale * _LOG2E,
         **common,
     )
     _cross_attention_bwd_dq_kernel[(triton.cdiv(Lq, block_m), H, B)](
-        q, k, v, mask, do, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        q,
+        k,
+        v,
+        mask,
+        do,
+        lse,
+        delta,
+        dq,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
         stride_mb,
-        lse.stride(0), lse.stride(1),
-        Lq, Lk, Dh, scale, scale * _LOG2E,
+        lse.stride(0),
+        lse.stride(1),
+        Lq,
+        Lk,
+        Dh,
+        scale,
+        scale * _LOG2E,
         **common,
     )
     return dq, dk, dv
@@ -554,7 +736,7 @@ def _cross_attention_fwd_op(
     key_mask: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: (out (B, Lq, H, Dh), lse (B, H, Lq) fp32, natural log, +inf for empty rows)."""
+    """Triton forward: out (B, Lq, H, Dh), lse (B, H, Lq) fp32 natural log (+inf: no real key)."""
     return _fwd_impl(q, k, v, key_mask, scale)
 
 
@@ -657,9 +839,9 @@ def cross_attention(
     """Multi-head cross-attention with a key padding mask.
 
     q (B, Lq, H, Dh), k and v (B, Lk, H, Dh), key_mask (B, Lk) bool (True = real token) or None;
-    scale defaults to Dh ** -0.5. Returns (B, Lq, H, Dh) in q's dtype; a query whose batch row has no
-    real key gets zeros. ``backend`` picks "reference", "sdpa" or "triton" (default: the registry's
-    choice, see :mod:`semmim.kernels.registry`).
+    scale defaults to Dh ** -0.5. Returns (B, Lq, H, Dh) in q's dtype; a query whose batch row has
+    no real key gets zeros. ``backend`` picks "reference", "sdpa" or "triton" (default: the
+    registry's choice, see :mod:`semmim.kernels.registry`).
     """
     _check_inputs(q, k, v, key_mask, scale)
     return _OP(q, k, v, key_mask, scale=scale, backend=backend)

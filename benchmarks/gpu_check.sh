@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (a few minutes on one H100/H200): build semmim._C with CUDA, run the
+# cuda test tier of every op in fp32/fp16/bf16, then the GPU benchmark table.
+#   usage (on the GPU machine, repo root):  bash benchmarks/gpu_check.sh
+# Logs go to $OUT (or /tmp/semmim-gpu); the speed-up table is printed last.
+set -uo pipefail
+OUT=${OUT:-/tmp/semmim-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+status=0
+
+echo "== device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+(git rev-parse HEAD 2>/dev/null || echo "no git") | tee "$OUT/commit.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+echo "== build (SEMMIM_CUDA=1, sm_90)"
+t0=$(date +%s)
+SEMMIM_CUDA=1 SEMMIM_CUDA_ARCHS=${SEMMIM_CUDA_ARCHS:-90} timeout 300 \
+  $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1 \
+  || { tail -30 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+echo "built in $(( $(date +%s) - t0 )) s"
+$PY -P -m semmim.kernels.info | tee "$OUT/info.txt"
+
+echo "== cuda tier (all ops, all dtypes)"
+timeout ${SEMMIM_TEST_TIMEOUT:-240} $PY -P -m pytest tests -m cuda -q -x -p no:cacheprovider \
+  -o addopts="" -rfE 2>&1 | tee "$OUT/tests.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== benchmarks (cuda rows)"
+timeout ${SEMMIM_BENCH_TIMEOUT:-300} $PY -P -m pytest benchmarks --benchmark-only -q \
+  -p no:cacheprovider -k "cuda or copy" --benchmark-columns=median \
+  --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
+[ $? -eq 0 ] || status=1
+sed -n '/semmim speed-up table/,/^$/p' "$OUT/bench.log" | grep -v "^-" | head -150
+grep -E "^(FAILED|ERROR)" "$OUT/bench.log" | head
+exit $status

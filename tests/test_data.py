@@ -1,0 +1,342 @@
+"""Data specs, loaders, skips, split, sampler and transforms (CPU, no model)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semmim import synthetic
+from semmim.data import (
+    Collator,
+    PairDataset,
+    Record,
+    ResumableBatchSampler,
+    SkipLog,
+    expand_braces,
+    load_image,
+    make_loader,
+    open_data,
+    split_records,
+)
+from semmim.tokenizer import load_tokenizer
+from semmim.transforms import (
+    EvalTransform,
+    TrainTransform,
+    sample_rng,
+    swap_left_right,
+    to_rgb,
+)
+
+
+def _png(path, colour=(200, 30, 30), size=(40, 30), mode="RGB") -> None:
+    Image.new(mode, size, colour if mode == "RGB" else colour + (255,)).save(path)
+
+
+def _png_bytes(colour=(10, 200, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------ transforms
+def test_swap_left_right_whole_words_and_case():
+    assert swap_left_right("a cat on the left, Right of a leftover") == (
+        "a cat on the right, Left of a leftover"
+    )
+    assert swap_left_right("upright") == "upright"
+
+
+def test_to_rgb_composites_transparency_on_background():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    rgb = to_rgb(rgba, background=(255, 255, 255))
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((1, 1)) == (255, 255, 255)
+    assert rgb.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_train_transform_deterministic_and_flip_swaps_caption():
+    image = Image.fromarray(np.arange(64 * 48 * 3, dtype=np.uint8).reshape(48, 64, 3))
+    t = TrainTransform(32, scale=(0.5, 1.0), flip="swap")
+    a = t(image, "a dog on the left", sample_rng(0, 1, 7))
+    b = t(image, "a dog on the left", sample_rng(0, 1, 7))
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert a[0].shape == (3, 32, 32)
+    captions = {t(image, "a dog on the left", sample_rng(0, 0, i))[1] for i in range(40)}
+    assert captions == {"a dog on the left", "a dog on the right"}
+    never = {TrainTransform(32, flip="none")(image, "left", sample_rng(0, 0, i))[1] for i in range(20)}
+    assert never == {"left"}
+
+
+def test_flip_really_mirrors_the_image():
+    array = np.zeros((16, 16, 3), dtype=np.uint8)
+    array[:, :8] = 255  # white left half
+    image = Image.fromarray(array)
+    t = TrainTransform(16, scale=(1.0, 1.0), flip="swap")
+    for i in range(20):
+        x, cap = t(image, "white on the left", sample_rng(0, 0, i))
+        left_brighter = x[:, :, :8].mean() > x[:, :, 8:].mean()
+        assert left_brighter == (cap == "white on the left")
+
+
+def test_transform_validation():
+    with pytest.raises(ValueError, match="flip"):
+        TrainTransform(32, flip="maybe")
+    with pytest.raises(ValueError, match="scale"):
+        TrainTransform(32, scale=(0.0, 1.0))
+
+
+# ------------------------------------------------------------------------------- synthetic
+def test_synthetic_is_deterministic_and_captions_describe_scene():
+    a = np.asarray(synthetic.render(0, "train", 5, 64))
+    b = np.asarray(synthetic.render(0, "train", 5, 64))
+    assert np.array_equal(a, b)
+    objects = synthetic.scene(0, "train", 5)
+    cap = synthetic.caption(objects)
+    for o in objects:
+        assert f"{o.size} {o.colour} {o.shape} {synthetic.POSITIONS[o.cell]}" in cap
+    # The object's colour is really at its position.
+    o = objects[0]
+    image = np.asarray(synthetic.render(0, "train", 5, 128)).astype(int)
+    x, y = int(o.centre[0] * 128), int(o.centre[1] * 128)
+    assert np.abs(image[y, x] - np.array(synthetic.COLOURS[o.colour])).max() < 40
+    source = open_data(None)
+    assert source.class_names == list(synthetic.SHAPES)
+    assert len(source.val) == 500 and source.val[0].key.startswith("val/")
+    assert {r.caption for r in source.val[:50]} != {r.caption for r in source.train[:50]}
+
+
+def test_synthetic_spec_size_and_errors():
+    assert len(open_data("synthetic:100").train) == 100
+    assert len(open_data("synthetic:100:7").val) == 7
+    with pytest.raises(ValueError, match="integers"):
+        open_data("synthetic:lots")
+
+
+# ----------------------------------------------------------------------------- folder spec
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "stamps"
+    for cls, colour in (("animals", (200, 0, 0)), ("food", (0, 200, 0))):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            _png(root / cls / f"{cls}{i}.png", colour, mode="RGBA" if i % 2 else "RGB")
+            (root / cls / f"{cls}{i}.txt").write_text(f"A {cls} number {i}.\nfr.utf8=Un {cls}\n")
+    (root / "food" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    (root / "food" / "corrupt.txt").write_text("a broken picture\n")
+    _png(root / "food" / "empty.png")
+    (root / "food" / "empty.txt").write_text("\n")
+    (root / "food" / "orphan.txt").write_text("a caption without image\n")
+    _png(root / "food" / "nocaption.png")  # not a sample: no .txt
+    return root
+
+
+def test_folder_listing_classes_and_listing_skips(folder):
+    source = open_data(f"folder:{folder}", val_size=2, seed=0)
+    assert source.class_names == ["animals", "food"]
+    assert len(source.train) + len(source.val) == 9  # 8 good + corrupt (found at load time)
+    assert len(source.val) == 2
+    assert source.skips.counts == {"empty caption": 1, "missing image": 1}
+    assert source.prompt_template.format(name="food") == "a picture of food"
+    caps = {r.caption for r in source.train + source.val}
+    assert "A animals number 0." in caps
+    labels = {r.key.split("/")[0]: r.label for r in source.train + source.val}
+    assert labels == {"animals": 0, "food": 1}
+
+
+def test_corrupt_image_skipped_and_counted_through_loader(folder):
+    source = open_data(f"folder:{folder}", val_size=0, seed=0)
+    records = source.train
+    dataset = PairDataset(records, TrainTransform(32), seed=0)
+    collate = Collator(load_tokenizer(), max_len=16)
+    sampler = ResumableBatchSampler(len(dataset), batch_size=3, seed=0)
+    skips = SkipLog()
+    n_good = 0
+    for batch in make_loader(dataset, sampler, collate, num_workers=0):
+        for key, reason in batch["bad"]:
+            skips.add(reason, key)
+        if "images" in batch:
+            n_good += len(batch["images"])
+            assert batch["images"].shape[1:] == (3, 32, 32)
+            assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert skips.total == 1 and next(iter(skips.keys))[1] == "food/corrupt.png"
+    assert n_good == 8
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(OSError):
+        load_image(str(tmp_path / "missing.png"))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises((OSError, SyntaxError)):
+        load_image(str(bad))
+
+
+def test_bad_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="KIND:PATH"):
+        open_data("nonsense")
+    with pytest.raises(ValueError, match="unknown data kind 'zip'"):
+        open_data("zip:/x")
+    with pytest.raises(ValueError, match="not a directory"):
+        open_data(f"folder:{tmp_path / 'nope'}")
+
+
+# ------------------------------------------------------------------------------ json / csv
+def test_json_albef_list_and_coco(tmp_path):
+    for i in range(3):
+        _png(tmp_path / f"{i}.png")
+    albef = [
+        {"image": "0.png", "caption": ["first caption", "second caption"]},
+        {"image": "1.png", "caption": "one caption"},
+        {"image": "2.png", "captions": [""]},
+        {"image": "missing.png", "caption": "gone"},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps(albef))
+    source = open_data(f"json:{tmp_path / 'a.json'}", val_size=0)
+    assert [r.caption for r in source.train] == ["first caption", "second caption", "one caption"]
+    assert source.train[0].key == source.train[1].key == "0.png"
+    assert source.skips.counts == {"empty caption": 1, "missing image": 1}
+
+    coco = {
+        "images": [{"id": 7, "file_name": "0.png"}, {"id": 8, "file_name": "1.png"}],
+        "annotations": [
+            {"image_id": 7, "caption": "a"},
+            {"image_id": 7, "caption": "b"},
+            {"image_id": 8, "caption": "c"},
+        ],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    source = open_data(f"json:{tmp_path / 'c.json'}", val_size=1)
+    assert len(source.train) + len(source.val) == 3
+    # all captions of one image land on the same side of the split
+    assert {r.key for r in source.train}.isdisjoint({r.key for r in source.val})
+
+
+@pytest.mark.parametrize("kind,sep", [("csv", ","), ("tsv", "\t")])
+def test_csv_tsv(tmp_path, kind, sep):
+    for i in range(3):
+        _png(tmp_path / f"im{i}.png")
+    lines = [
+        sep.join(["filepath", "title", "label"]),
+        sep.join(["im0.png", "a red thing", "red"]),
+        sep.join(["im1.png", "a blue thing", "blue"]),
+        sep.join(["im2.png", "", "red"]),
+        sep.join(["gone.png", "x", "red"]),
+    ]
+    f = tmp_path / f"d.{kind}"
+    f.write_text("\n".join(lines) + "\n")
+    source = open_data(f"{kind}:{f}", val_size=0)
+    assert [r.caption for r in source.train] == ["a red thing", "a blue thing"]
+    assert source.class_names == ["blue", "red"]
+    assert [r.label for r in source.train] == [1, 0]
+    assert source.skips.total == 2
+    bad = tmp_path / f"bad.{kind}"
+    bad.write_text(sep.join(["picture", "caption"]) + "\n")
+    with pytest.raises(ValueError, match="no image column"):
+        open_data(f"{kind}:{bad}")
+
+
+# ------------------------------------------------------------------------------------- wds
+def _shard(path, samples, mode="w"):
+    with tarfile.open(path, mode) as tar:
+        for key, files in samples.items():
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_expand_braces():
+    assert expand_braces("s-{00..02}.tar") == ["s-00.tar", "s-01.tar", "s-02.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+
+
+def test_wds_shards_braces_glob_and_skips(tmp_path):
+    _shard(
+        tmp_path / "shard-000.tar",
+        {
+            "s0": {"png": _png_bytes(), "txt": b"a green square\n"},
+            "s1": {"jpg": b"not a jpeg at all", "txt": b"a corrupt one"},
+            "s2": {"txt": b"caption only"},
+        },
+    )
+    _shard(
+        tmp_path / "shard-001.tar.gz",
+        {"d/s3": {"png": _png_bytes((1, 2, 3)), "txt": b"  \n"}, "d/s4": {"png": _png_bytes(), "txt": b"ok"}},
+        mode="w:gz",
+    )
+    source = open_data(f"wds:{tmp_path}/shard-{{000..001}}.tar*", val_size=0)
+    assert sorted(r.caption for r in source.train) == ["a corrupt one", "a green square", "ok"]
+    assert source.skips.counts == {"missing image": 1, "empty caption": 1}
+    loaded = {}
+    for r in source.train:
+        try:
+            loaded[r.caption] = load_image(r.image).convert("RGB").getpixel((0, 0))
+        except (OSError, SyntaxError):
+            loaded[r.caption] = None
+    assert loaded == {"a green square": (10, 200, 10), "ok": (10, 200, 10), "a corrupt one": None}
+    assert len(open_data(f"wds:{tmp_path}/shard-*.tar", val_size=0).train) == 2
+    with pytest.raises(ValueError, match="matches no files"):
+        open_data(f"wds:{tmp_path}/none-*.tar")
+
+
+# ---------------------------------------------------------------------------- split, sampler
+def test_split_is_deterministic_disjoint_and_grouped():
+    records = [Record(f"{i}.png", f"c{i}{j}", f"k{i}") for i in range(50) for j in range(2)]
+    train, val = split_records(records, 0.2, seed=3)
+    again = split_records(list(reversed(records)), 0.2, seed=3)
+    assert {r.key for r in val} == {r.key for r in again[1]}
+    assert len({r.key for r in val}) == 10
+    assert {r.key for r in train}.isdisjoint({r.key for r in val})
+    with pytest.raises(ValueError, match="no training images"):
+        split_records(records, 50, seed=0)
+
+
+def test_sampler_resume_and_sharding():
+    full = ResumableBatchSampler(23, 4, seed=1)
+    full.set_epoch(2)
+    batches = list(full)
+    assert len(batches) == 5 and all(len(b) == 4 for b in batches)
+    assert all(e == 2 for b in batches for e, _ in b)
+    part = ResumableBatchSampler(23, 4, seed=1)
+    part.set_epoch(2, start_batch=3)
+    assert list(part) == batches[3:]
+    r0, r1 = (ResumableBatchSampler(23, 4, seed=1, rank=r, world_size=2) for r in (0, 1))
+    i0 = {i for b in r0 for _, i in b}
+    i1 = {i for b in r1 for _, i in b}
+    assert len(r0) == len(r1) == 2 and i0.isdisjoint(i1)
+    with pytest.raises(ValueError, match="batch_size"):
+        ResumableBatchSampler(3, 4)
+
+
+def test_loader_same_batches_with_and_without_workers_and_no_global_rng_use():
+    source = open_data("synthetic:40")
+    dataset = PairDataset(source.train, TrainTransform(32, scale=(0.8, 1.0)), seed=0)
+    collate = Collator(load_tokenizer(), max_len=24)
+
+    def run(workers):
+        sampler = ResumableBatchSampler(len(dataset), 8, seed=0)
+        sampler.set_epoch(1, 2)
+        return list(make_loader(dataset, sampler, collate, num_workers=workers))
+
+    torch.manual_seed(0)
+    random.seed(0)
+    before = torch.get_rng_state()
+    a = run(0)
+    assert torch.equal(before, torch.get_rng_state())
+    b = run(2)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert torch.equal(x["images"], y["images"]) and torch.equal(x["input_ids"], y["input_ids"])
+
+
+def test_eval_transform_shape():
+    x, cap = EvalTransform(48)(Image.new("RGBA", (30, 60)), "c")
+    assert x.shape == (3, 48, 48) and cap == "c"

@@ -1,0 +1,123 @@
+"""Training loop: exact resume, schedule, weight-decay groups, logs/plot/eval outputs (tiny, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+
+from semmim import SemMIM, from_preset
+from semmim.checkpoint import load_checkpoint
+from semmim.train import TrainConfig, enable_gradient_checkpointing, lr_lambda, param_groups, train
+
+LOSS_KEYS = ("loss", "itc", "itm", "mlm", "glob", "mim")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One intra-op thread: deterministic timing-independent runs, and much faster on a busy CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tcfg(out, **kw) -> TrainConfig:
+    base = dict(
+        data="synthetic:64:24",
+        out=str(out),
+        steps=10,
+        batch_size=4,
+        log_every=1,
+        ckpt_every=100,
+        num_workers=0,
+        eval_at_end=False,
+        lr=1e-3,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(history):
+    return [tuple(row[k] for k in LOSS_KEYS) for row in history]
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = from_preset("tiny")
+    straight = train(cfg, _tcfg(tmp_path / "a"))
+    first = train(cfg, _tcfg(tmp_path / "b", stop_at=5))
+    assert first["step"] == 5
+    state = load_checkpoint(str(tmp_path / "b"))
+    assert state["step"] == 5 and state["batch_in_epoch"] == 5
+    for key in ("image_queue", "queue_ptr", "glob_center", "mim_center"):
+        assert key in state["model"]
+    assert any(k.startswith("ema.") for k in state["model"])
+    second = train(cfg, _tcfg(tmp_path / "b"), resume=True)
+    assert second["step"] == 10
+    assert _losses(first["history"]) + _losses(second["history"]) == _losses(straight["history"])
+    a = load_checkpoint(str(tmp_path / "a"))["model"]
+    b = load_checkpoint(str(tmp_path / "b"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with open(tmp_path / "b" / "log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 11))
+
+
+def test_outputs_eval_and_accumulation(tmp_path):
+    summary = train(
+        from_preset("tiny"),
+        _tcfg(tmp_path, steps=3, accum_steps=2, eval_at_end=True, eval_rerank_k=4, val_size=0.1),
+    )
+    for name in ("log.csv", "loss.png", "eval.json", "eval.txt", "summary.json", "config.json"):
+        assert os.path.exists(tmp_path / name), name
+    assert summary["eval"]["n_images"] == 24 and "itm" in summary["eval"]
+    assert summary["eval"]["zero_shot"]["n_classes"] == 5
+    assert 0.0 <= summary["data_wait_share"] <= 1.0
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_lambda(total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(100) == pytest.approx(0.1)
+
+
+def test_param_groups_skip_norms_biases_embeddings_and_ema():
+    model = SemMIM(from_preset("tiny"))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert not any(n.startswith("ema.") for n in decay_names | no_decay_names)
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any("word_embeddings" in n for n in no_decay_names)
+    assert any(n.endswith(".bias") for n in no_decay_names)
+    assert "temp" in no_decay_names
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert total == sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    cfg = from_preset("tiny")
+    a, b = SemMIM(cfg), SemMIM(cfg)
+    b.load_state_dict(a.state_dict())
+    assert enable_gradient_checkpointing(b) > 0
+    images = torch.randn(3, 3, 64, 64)
+    tok = a.tokenizer(["a red circle", "a blue star on the left", "x"], padding=True, return_tensors="pt")
+    for m in (a, b):
+        m(images, tok["input_ids"], tok["attention_mask"], seed=1).loss.backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_train_config_errors():
+    with pytest.raises(ValueError, match="train.batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="train.nope"):
+        TrainConfig().override({"nope": 1})
+    with pytest.raises(ValueError, match="train.flip"):
+        TrainConfig(flip="sideways")

@@ -502,6 +502,241 @@ if not triton_import_error():
             mask=qm,
         )
 
+    @triton.jit
+    def _cross_attention_bwd_short_k_kernel(
+        Q,
+        K,
+        V,
+        MASK,
+        O,
+        DO,
+        LSE,
+        DQ,
+        DK,
+        DV,
+        stride_qb,
+        stride_qm,
+        stride_qh,
+        stride_kb,
+        stride_kn,
+        stride_kh,
+        stride_vb,
+        stride_vn,
+        stride_vh,
+        stride_ob,
+        stride_om,
+        stride_oh,
+        stride_dob,
+        stride_dom,
+        stride_doh,
+        stride_dqb,
+        stride_dqm,
+        stride_dqh,
+        stride_dkb,
+        stride_dkn,
+        stride_dkh,
+        stride_dvb,
+        stride_dvn,
+        stride_dvh,
+        stride_mb,
+        stride_lb,
+        stride_lh,
+        Lq,
+        Lk,
+        Dh,
+        scale,
+        qk_scale,
+        HAS_MASK: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        # The whole backward in one pass when every key fits in one BLOCK_N tile (image→text,
+        # Lk ≈ 40): one program per (head, batch) keeps K, V, dK, dV on chip, walks the query
+        # blocks once, computes D = rowsum(dO ∘ O) on the fly and writes each dQ block directly.
+        # q, out, dO, k, v are read once; dq, dk, dv written once.
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_d = offs_d < Dh
+        valid_n = offs_n < Lk
+        kv_mask = valid_n[:, None] & in_d[None, :]
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        if HAS_MASK:
+            real = tl.load(MASK + b * stride_mb + offs_n, mask=valid_n, other=0)
+            valid_n = valid_n & (real != 0)
+
+        q_base = Q + b * stride_qb + h * stride_qh
+        o_base = O + b * stride_ob + h * stride_oh
+        do_base = DO + b * stride_dob + h * stride_doh
+        dq_base = DQ + b * stride_dqb + h * stride_dqh
+        l_base = b * stride_lb + h * stride_lh
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for start_m in range(0, Lq, BLOCK_M):
+            m = start_m + offs_m
+            in_m = m < Lq
+            qm = in_m[:, None] & in_d[None, :]
+            q = tl.load(q_base + m[:, None] * stride_qm + offs_d[None, :], mask=qm, other=0.0)
+            do = tl.load(do_base + m[:, None] * stride_dom + offs_d[None, :], mask=qm, other=0.0)
+            o = tl.load(o_base + m[:, None] * stride_om + offs_d[None, :], mask=qm, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+            lse2 = tl.load(LSE + l_base + m, mask=in_m, other=float("inf")) * 1.4426950408889634
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BN, BM)
+            p_t = tl.exp2(s_t - lse2[None, :])
+            p_t = tl.where(valid_n[:, None] & in_m[None, :], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BN, BM)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
+            tl.store(
+                dq_base + m[:, None] * stride_dqm + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty),
+                mask=qm,
+            )
+        st_mask = (offs_n < Lk)[:, None] & in_d[None, :]
+        tl.store(
+            DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+            (dk * scale).to(DK.dtype.element_ty),
+            mask=st_mask,
+        )
+        tl.store(
+            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=st_mask,
+        )
+
+    @triton.jit
+    def _cross_attention_bwd_short_q_kernel(
+        Q,
+        K,
+        V,
+        MASK,
+        O,
+        DO,
+        LSE,
+        DQ,
+        DK,
+        DV,
+        stride_qb,
+        stride_qm,
+        stride_qh,
+        stride_kb,
+        stride_kn,
+        stride_kh,
+        stride_vb,
+        stride_vn,
+        stride_vh,
+        stride_ob,
+        stride_om,
+        stride_oh,
+        stride_dob,
+        stride_dom,
+        stride_doh,
+        stride_dqb,
+        stride_dqm,
+        stride_dqh,
+        stride_dkb,
+        stride_dkn,
+        stride_dkh,
+        stride_dvb,
+        stride_dvn,
+        stride_dvh,
+        stride_mb,
+        stride_lb,
+        stride_lh,
+        Lq,
+        Lk,
+        Dh,
+        scale,
+        qk_scale,
+        HAS_MASK: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        # The mirror of the short-K kernel when every query fits in one BLOCK_M tile (text→image,
+        # Lq ≈ 40): one program per (head, batch) keeps Q, dO, dQ on chip, walks the key blocks
+        # once and writes each dK, dV block directly (all queries are in this program).
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_m = offs_m < Lq
+        in_d = offs_d < Dh
+        qm = in_m[:, None] & in_d[None, :]
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+            mask=qm,
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+            mask=qm,
+            other=0.0,
+        )
+        o = tl.load(
+            O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+            mask=qm,
+            other=0.0,
+        )
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        l_base = b * stride_lb + h * stride_lh
+        lse2 = tl.load(LSE + l_base + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        dk_base = DK + b * stride_dkb + h * stride_dkh
+        dv_base = DV + b * stride_dvb + h * stride_dvh
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start_n in range(0, Lk, BLOCK_N):
+            n = start_n + offs_n
+            in_n = n < Lk
+            kv_mask = in_n[:, None] & in_d[None, :]
+            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            valid_n = in_n
+            if HAS_MASK:
+                real = tl.load(MASK + b * stride_mb + n, mask=in_n, other=0)
+                valid_n = valid_n & (real != 0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BM, BN)
+            p = tl.exp2(s - lse2[:, None])
+            p = tl.where(valid_n[None, :] & in_m[:, None], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * scale
+            tl.store(
+                dk_base + n[:, None] * stride_dkn + offs_d[None, :],
+                dk.to(DK.dtype.element_ty),
+                mask=kv_mask,
+            )
+            tl.store(
+                dv_base + n[:, None] * stride_dvn + offs_d[None, :],
+                dv.to(DV.dtype.element_ty),
+                mask=kv_mask,
+            )
+        tl.store(
+            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+            (dq * scale).to(DQ.dtype.element_ty),
+            mask=qm,
+        )
+
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
@@ -601,8 +836,28 @@ def _fwd_impl(q, k, v, key_mask, scale, out=None, lse=None):
     return out, lse
 
 
-def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None):
-    """Launch the backward; ``dq``, ``dk``, ``dv`` may be given (contiguous) to poison in tests."""
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _bwd_plan(B: int, Lq: int, Lk: int, H: int, block_d: int, dtype: torch.dtype, device) -> str:
+    """Which backward to run: "short_k" / "short_q" (one fused kernel, when all keys resp. all
+    queries fit one tile and (head, batch) pairs alone fill the GPU) or "general" (D
+    preprocessing + dK/dV kernel + dQ kernel)."""
+    small_tile = 32 if (dtype == torch.float32 and block_d >= 128) else 64
+    if B * H >= _num_sms(device):
+        if Lk <= (128 if dtype != torch.float32 and block_d <= 64 else small_tile):
+            return "short_k"
+        if Lq <= small_tile:
+            return "short_q"
+    return "general"
+
+
+def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None, plan=None):
+    """Launch the backward. ``dq``, ``dk``, ``dv`` may be given (contiguous) to poison them in
+    tests; ``plan`` forces "short_k", "short_q" or "general" (default: :func:`_bwd_plan`)."""
     B, Lq, H, Dh = q.shape
     Lk = k.shape[1]
     if dq is None:
@@ -619,112 +874,82 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None)
     block_d = _block_d(Dh)
     mask, stride_mb, has_mask = _mask_arg(q, key_mask)
     precision = _dot_precision(q.dtype)
+    plan = plan or _bwd_plan(B, Lq, Lk, H, block_d, q.dtype, q.device)
+    big = q.dtype == torch.float32 and block_d >= 128
+    strides = (
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+    )  # fmt: skip
+
+    if (plan == "short_k" and Lk > 128) or (plan == "short_q" and Lq > 128):
+        raise ValueError(f"plan {plan!r} needs all keys (short_k) or queries (short_q) in one tile")
+    if plan in ("short_k", "short_q"):
+        if plan == "short_k":
+            kernel = _cross_attention_bwd_short_k_kernel
+            block_n = max(16, _next_pow2(Lk))
+            block_m = 32 if big or block_n > 64 else 64
+        else:
+            kernel = _cross_attention_bwd_short_q_kernel
+            block_m = max(16, _next_pow2(Lq))
+            block_n = 32 if big or block_m > 64 else 64
+        kernel[(1, H, B)](
+            q, k, v, mask, out, do, lse, dq, dk, dv,
+            *strides,
+            *out.stride()[:3], *do.stride()[:3],
+            *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+            stride_mb,
+            lse.stride(0), lse.stride(1),
+            Lq, Lk, Dh, scale, scale * _LOG2E,
+            HAS_MASK=has_mask,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            DOT_PRECISION=precision,
+            num_warps=8 if block_m * block_n >= 64 * 128 else 4,
+            num_stages=2,
+        )  # fmt: skip
+        return dq, dk, dv
+    if plan != "general":
+        raise ValueError(f"plan must be 'short_k', 'short_q' or 'general', got {plan!r}")
 
     delta = torch.empty_like(lse)  # (B, H, Lq) fp32: rowsum(dO ∘ O)
     pre_m = 64
     _cross_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), H, B)](
-        out,
-        do,
-        delta,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        Lq,
-        Dh,
-        BLOCK_M=pre_m,
-        BLOCK_D=block_d,
-    )
-    # the backward tiles hold more live blocks than the forward: cap both sides at 64
-    block_m, block_n, num_warps = _block_sizes(Lq, Lk, block_d, q.dtype)
-    block_m, block_n = min(block_m, 64), min(block_n, 64)
-    if q.dtype == torch.float32 and block_d >= 128:
-        block_m, block_n = min(block_m, 32), min(block_n, 32)
+        out, do, delta,
+        *out.stride()[:3], *do.stride()[:3],
+        lse.stride(0), lse.stride(1),
+        Lq, Dh,
+        BLOCK_M=pre_m, BLOCK_D=block_d,
+    )  # fmt: skip
+    # the backward tiles hold more live blocks than the forward: cap both sides at 64 (32 for
+    # fp32 with a 128-wide head)
+    block_m, block_n, _ = _block_sizes(Lq, Lk, block_d, q.dtype)
+    cap = 32 if big else 64
+    block_m, block_n = min(block_m, cap), min(block_n, cap)
     common = dict(
         HAS_MASK=has_mask,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         DOT_PRECISION=precision,
-        num_warps=num_warps if block_m * block_n >= 4096 else 4,
+        num_warps=4,
         num_stages=2,
     )
     _cross_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), H, B)](
-        q,
-        k,
-        v,
-        mask,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        dk.stride(0),
-        dk.stride(1),
-        dk.stride(2),
-        dv.stride(0),
-        dv.stride(1),
-        dv.stride(2),
+        q, k, v, mask, do, lse, delta, dk, dv,
+        *strides,
+        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         stride_mb,
-        lse.stride(0),
-        lse.stride(1),
-        Lq,
-        Lk,
-        Dh,
-        scale,
-        scale * _LOG2E,
+        lse.stride(0), lse.stride(1),
+        Lq, Lk, Dh, scale, scale * _LOG2E,
         **common,
-    )
+    )  # fmt: skip
     _cross_attention_bwd_dq_kernel[(triton.cdiv(Lq, block_m), H, B)](
-        q,
-        k,
-        v,
-        mask,
-        do,
-        lse,
-        delta,
-        dq,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        dq.stride(0),
-        dq.stride(1),
-        dq.stride(2),
+        q, k, v, mask, do, lse, delta, dq,
+        *strides,
+        *do.stride()[:3], *dq.stride()[:3],
         stride_mb,
-        lse.stride(0),
-        lse.stride(1),
-        Lq,
-        Lk,
-        Dh,
-        scale,
-        scale * _LOG2E,
+        lse.stride(0), lse.stride(1),
+        Lq, Lk, Dh, scale, scale * _LOG2E,
         **common,
-    )
+    )  # fmt: skip
     return dq, dk, dv
 
 

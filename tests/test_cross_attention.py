@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from semmim.kernels import cross_attention
 from semmim.kernels._common import interpret_mode
 from semmim.kernels.registry import get_op
@@ -304,6 +305,7 @@ INTERPRET_SHAPES = [
     (40, 24, 128, True, True),
     (70, 20, 64, False, False),  # two query blocks in the fp32 backward
     (12, 150, 32, True, False),  # several key blocks: online softmax rescaling
+    (70, 80, 32, True, False),  # both sides longer than a tile: the general backward
 ]
 
 
@@ -350,27 +352,33 @@ def test_triton_interpret_strided_views(dtype):
 
 @pytest.mark.interpret
 @needs_interpret
+@pytest.mark.parametrize("plan", ["short_k", "short_q", "general"])
 @pytest.mark.parametrize(
-    "Lq,Lk,Dh,masked,empty_row", [(5, 7, 32, True, True), (17, 40, 80, True, False)]
+    "Lq,Lk,Dh,dtype",
+    [(5, 7, 32, torch.float32), (17, 40, 80, torch.float16), (33, 20, 128, torch.float32)],
 )
-def test_triton_interpret_writes_every_element(Lq, Lk, Dh, masked, empty_row):
-    """NaN-poisoned output buffers: every element of out, lse, dq, dk, dv must be written."""
-    q, k, v, mask = make_inputs(2, Lq, Lk, 2, Dh, torch.float32, masked=masked, empty_row=empty_row)
+def test_triton_interpret_backward_plans_write_every_element(Lq, Lk, Dh, dtype, plan):
+    """Each backward plan vs the reference, into NaN-poisoned buffers: every element of out, lse,
+    dq, dk, dv must be written; padded keys and rows without a real key get zero gradients."""
+    q, k, v, mask = make_inputs(2, Lq, Lk, 2, Dh, dtype, masked=True, empty_row=True)
+    mask[0, 1] = False  # a padded key between real ones
     B, H = q.shape[0], q.shape[2]
     scale = Dh**-0.5
     out = torch.full_like(q, float("nan"))
     lse = torch.full((B, H, Lq), float("nan"))
     ca._fwd_impl(q, k, v, mask, scale, out=out, lse=lse)
     assert not out.isnan().any() and not lse.isnan().any()
-    if empty_row:
-        assert torch.isinf(lse[-1]).all() and (out[-1] == 0).all()
-    do = torch.randn_like(q)
+    assert torch.isinf(lse[-1]).all() and (out[-1] == 0).all()
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    ca._bwd_impl(do, q, k, v, mask, out, lse, scale, dq=dq, dk=dk, dv=dv)
-    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
-        assert not t.isnan().any(), f"{name} has unwritten (NaN) elements"
-    if mask is not None:
-        assert (dk[~mask] == 0).all() and (dv[~mask] == 0).all(), "padded keys get zero grads"
+    ca._bwd_impl(do, q, k, v, mask, out, lse, scale, dq=dq, dk=dk, dv=dv, plan=plan)
+    hi = ref_and_grads(q, k, v, mask, scale, do, torch.float64)
+    lo = ref_and_grads(q, k, v, mask, scale, do, dtype)
+    assert_attention_close("out", out, hi[0], lo[0], dtype, 2)
+    for name, got, h, lw in zip(("dq", "dk", "dv"), (dq, dk, dv), hi[1:], lo[1:]):
+        assert_attention_close(f"{plan} {name}", got, h, lw, dtype, 3)
+    assert (dk[~mask] == 0).all() and (dv[~mask] == 0).all(), "padded keys get zero grads"
+    assert (dq[-1] == 0).all(), "queries without a real key get zero grads"
 
 
 @pytest.mark.interpret

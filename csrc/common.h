@@ -35,17 +35,20 @@ struct bf16_t { std::uint16_t bits; };
 
 inline float to_float(float v) { return v; }
 
-inline float to_float(half_t h) {
-  const std::uint32_t sign = (h.bits & 0x8000u) << 16;
-  std::uint32_t exp = (h.bits >> 10) & 0x1Fu;
-  std::uint32_t man = h.bits & 0x3FFu;
+inline float half_bits_to_float(std::uint16_t bits) {
+  const std::uint32_t sign = (bits & 0x8000u) << 16;
+  std::uint32_t exp = (bits >> 10) & 0x1Fu;
+  std::uint32_t man = bits & 0x3FFu;
   std::uint32_t out;
   if (exp == 0) {
     if (man == 0) {
       out = sign;
     } else {  // subnormal: normalise
       exp = 127 - 15 + 1;
-      while ((man & 0x400u) == 0) { man <<= 1; --exp; }
+      while ((man & 0x400u) == 0) {
+        man <<= 1;
+        --exp;
+      }
       man &= 0x3FFu;
       out = sign | (exp << 23) | (man << 13);
     }
@@ -58,6 +61,18 @@ inline float to_float(half_t h) {
   std::memcpy(&f, &out, 4);
   return f;
 }
+
+// All 65536 half values as floats (256 KiB, built once): a load instead of branches per element.
+inline const float* half_table() {
+  static const float* table = [] {
+    static float t[65536];
+    for (std::uint32_t i = 0; i < 65536; ++i) t[i] = half_bits_to_float(static_cast<std::uint16_t>(i));
+    return t;
+  }();
+  return table;
+}
+
+inline float to_float(half_t h) { return half_table()[h.bits]; }
 
 inline float to_float(bf16_t b) {
   const std::uint32_t u = static_cast<std::uint32_t>(b.bits) << 16;

@@ -27,7 +27,8 @@ Limits
 
 Differences vs reference
     Forward outputs and grad_x / grad_y are bit-identical to the reference in every dtype (the
-    fused ``+ pos`` is one float add rounded once, as torch rounds float16/bfloat16 adds).
+    fused ``+ pos`` is one float add rounded once, as torch rounds float16/bfloat16 adds); NaN
+    stays NaN but its payload bits may differ (torch's own vectorised and scalar paths differ).
     grad_pos and grad_fill are sums whose order differs from the reference's index_put/sum
     order: the difference is bounded by B * eps(dtype) * sum|grad| per element (fp32
     accumulation, one final rounding; the reference accumulates float16/bfloat16 grad_pos in its

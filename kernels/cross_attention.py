@@ -37,13 +37,14 @@ Differences vs reference
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ._common import interpret_mode, triton_import_error, triton_reasons
-from .registry import get_op, register, set_example
+from .registry import get_op, register, set_check, set_example
 
 __all__ = [
     "cross_attention",
@@ -775,6 +776,8 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def _mask_arg(q: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, int, bool]:
     if key_mask is None:
         return q, 0, False  # dummy pointer; HAS_MASK=False never reads it
+    if key_mask.stride(1) != 1:  # e.g. a (B, 1) mask expanded over the keys
+        key_mask = key_mask.contiguous()
     m = key_mask.view(torch.uint8)  # same storage, bool -> 0/1 bytes
     return m, m.stride(0), True
 
@@ -836,6 +839,7 @@ def _fwd_impl(q, k, v, key_mask, scale, out=None, lse=None):
     return out, lse
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -1061,15 +1065,29 @@ def cross_attention(
     scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Multi-head cross-attention with a key padding mask.
+    """Multi-head cross-attention with a key padding mask (no Lq × Lk matrix on the fast path).
 
-    q (B, Lq, H, Dh), k and v (B, Lk, H, Dh), key_mask (B, Lk) bool (True = real token) or None;
-    scale defaults to Dh ** -0.5. Returns (B, Lq, H, Dh) in q's dtype; a query whose batch row has
-    no real key gets zeros. ``backend`` picks "reference", "sdpa" or "triton" (default: the
-    registry's choice, see :mod:`semmim.kernels.registry`).
+    Args:
+        q: (B, Lq, H, Dh) queries, float32/float16/bfloat16 (float64 on reference and sdpa). Any
+            strides; the triton backend reads (B, L, H·Dh) projections viewed as (B, L, H, Dh)
+            without copies.
+        k, v: (B, Lk, H, Dh), same dtype and device as q.
+        key_mask: optional (B, Lk) bool, True = real token (Hugging Face ``attention_mask``).
+        scale: softmax scale, default Dh ** -0.5.
+        backend: "reference" | "sdpa" | "triton"; default: ``SEMMIM_BACKEND`` or the fastest
+            that can run (triton on CUDA, sdpa on CPU).
+
+    Returns:
+        (B, Lq, H, Dh) in q's dtype: ``softmax(scale · q kᵀ + mask bias) v`` per head; a query
+        whose batch row has no real key gets zeros (and zero gradients), never NaN.
+        Differentiable in q, k, v.
     """
     _check_inputs(q, k, v, key_mask, scale)
     return _OP(q, k, v, key_mask, scale=scale, backend=backend)
+
+
+def _check_for_registry(q, k, v, key_mask=None, *, scale=None) -> None:
+    _check_inputs(q, k, v, key_mask, scale)
 
 
 def _example(device: torch.device) -> tuple[tuple, dict]:
@@ -1085,4 +1103,5 @@ register("cross_attention", "reference", cross_attention_reference, supports_ref
 register("cross_attention", "sdpa", cross_attention_sdpa, supports_sdpa, 10)
 register("cross_attention", "triton", cross_attention_triton, supports_triton, 20)
 set_example("cross_attention", _example)
+set_check("cross_attention", _check_for_registry)
 _OP = get_op("cross_attention")

@@ -348,6 +348,8 @@ def test_triton_interpret_strided_views(dtype):
     # a head-major layout (B, H, L, Dh) transposed to (B, L, H, Dh)
     qt = torch.randn(B, H, Lq, Dh, generator=g).to(dtype).transpose(1, 2)
     check_backend("triton", qt, k, v, mask)
+    # a mask that is not contiguous along the keys: (B, 1) expanded
+    check_backend("triton", q, k, v, torch.tensor([[True], [False]]).expand(B, Lk))
 
 
 @pytest.mark.interpret

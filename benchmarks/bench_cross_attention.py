@@ -160,6 +160,43 @@ def _xformers_peer(q, k, v, mask):
     ), (qp, kp, vp)
 
 
+@pytest.mark.parametrize("plan", ["general", "fused"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", GPU_SHAPES[:3], ids=lambda s: s[0].replace(" ", "_"))
+def test_cross_attention_triton_bwd_plans(bench, shape, dtype, plan):
+    """The triton forward+backward with the backward plan forced: the fused one-kernel backward
+    ("short_k" / "short_q") against the general three-kernel one, to tune ``_bwd_plan``."""
+    if not GPU:
+        pytest.skip("no CUDA GPU on this machine")
+    name, B, Lq, Lk, H, Dh, _ = shape
+    fused = "short_k" if Lk <= 128 else "short_q" if Lq <= 64 else None
+    if plan == "fused":
+        if fused is None:
+            pytest.skip("neither all keys nor all queries fit one tile")
+        plan = fused
+    q, k, v, mask = _inputs("cuda", shape, dtype, False)
+    reasons = ca.supports_triton(q, k, v, mask)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    scale = Dh**-0.5
+    dout = torch.randn_like(q)
+
+    def fn():
+        out, lse = ca._fwd_impl(q, k, v, mask, scale)
+        ca._bwd_impl(dout, q, k, v, mask, out, lse, scale, plan=plan)
+
+    moved, flops = _floors(shape, q.element_size(), "fwd+bwd")
+    long = name.startswith("long")
+    bench(
+        fn,
+        group=f"cross_attention fwd+bwd {name} {str(dtype)[6:]} cuda",
+        backend=f"triton[{plan}]",
+        device="cuda",
+        bytes=None if long else moved,
+        flops=flops if long else None,
+    )
+
+
 def _make_fn(backend, q, k, v, mask):
     """(callable returning the output, leaf tensors to differentiate, is_peer) or pytest.skip."""
     if backend in OURS:

@@ -33,8 +33,9 @@ import os
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -209,7 +210,9 @@ def _open_synthetic(spec: str, seed: int) -> DataSource:
             f"synthetic data sizes must be integers (synthetic[:N[:V]]), got {spec!r}"
         ) from None
     if n_train < 1 or n_val < 0 or len(parts) > 2:
-        raise ValueError(f"synthetic spec must be synthetic[:N[:V]] with N >= 1, V >= 0, got {spec!r}")
+        raise ValueError(
+            f"synthetic spec must be synthetic[:N[:V]] with N >= 1, V >= 0, got {spec!r}"
+        )
 
     def records(split: str, n: int) -> list[Record]:
         out = []

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from semmim.data import Collator, PairDataset, Record, SkipLog
+from semmim.data import PairDataset, Record, SkipLog
 from semmim.transforms import EvalTransform
 
 KS = (1, 5, 10)

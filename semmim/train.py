@@ -342,7 +342,11 @@ def build_transform(tcfg: TrainConfig, source: DataSource, image_size: int) -> T
 
 
 def train(
-    model_cfg, tcfg: TrainConfig, resume: bool = False, source: DataSource | None = None
+    model_cfg,
+    tcfg: TrainConfig,
+    resume: bool = False,
+    source: DataSource | None = None,
+    return_model: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) a SemMIM model; returns a summary dict (also written to ``OUT/summary.json``).
 
@@ -351,6 +355,7 @@ def train(
         tcfg: run settings. On resume, pass the checkpoint's ``train_config`` with any changes.
         resume: continue from ``OUT/checkpoints/latest``.
         source: the opened ``tcfg.data`` (opened here when None).
+        return_model: also return the trained model (unwrapped from DDP) as ``summary["model"]``.
     """
     from semmim import SemMIM, SemMIMConfig
 
@@ -614,6 +619,8 @@ def train(
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)
     dist.barrier()
+    if return_model:
+        summary["model"] = model
     return summary
 
 

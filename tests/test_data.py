@@ -71,7 +71,9 @@ def test_train_transform_deterministic_and_flip_swaps_caption():
     assert a[0].shape == (3, 32, 32)
     captions = {t(image, "a dog on the left", sample_rng(0, 0, i))[1] for i in range(40)}
     assert captions == {"a dog on the left", "a dog on the right"}
-    never = {TrainTransform(32, flip="none")(image, "left", sample_rng(0, 0, i))[1] for i in range(20)}
+    never = {
+        TrainTransform(32, flip="none")(image, "left", sample_rng(0, 0, i))[1] for i in range(20)
+    }
     assert never == {"left"}
 
 
@@ -269,7 +271,10 @@ def test_wds_shards_braces_glob_and_skips(tmp_path):
     )
     _shard(
         tmp_path / "shard-001.tar.gz",
-        {"d/s3": {"png": _png_bytes((1, 2, 3)), "txt": b"  \n"}, "d/s4": {"png": _png_bytes(), "txt": b"ok"}},
+        {
+            "d/s3": {"png": _png_bytes((1, 2, 3)), "txt": b"  \n"},
+            "d/s4": {"png": _png_bytes(), "txt": b"ok"},
+        },
         mode="w:gz",
     )
     source = open_data(f"wds:{tmp_path}/shard-{{000..001}}.tar*", val_size=0)

@@ -106,7 +106,9 @@ def test_gradient_checkpointing_same_gradients():
     b.load_state_dict(a.state_dict())
     assert enable_gradient_checkpointing(b) > 0
     images = torch.randn(3, 3, 64, 64)
-    tok = a.tokenizer(["a red circle", "a blue star on the left", "x"], padding=True, return_tensors="pt")
+    tok = a.tokenizer(
+        ["a red circle", "a blue star on the left", "x"], padding=True, return_tensors="pt"
+    )
     for m in (a, b):
         m(images, tok["input_ids"], tok["attention_mask"], seed=1).loss.backward()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):

@@ -16,8 +16,13 @@ Backward
     FlashAttention-2: the forward saves the per-row log-sum-exp LSE (B, H, Lq) in fp32; the backward
     computes D = rowsum(dO ∘ O), recomputes P = exp(scale · Q Kᵀ − LSE) block by block, and
     dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − D), dQ = scale · dS K, dK = scale · dSᵀ Q.
-    Two deterministic kernels: dK/dV per key block (looping over query blocks) and dQ per query
-    block (looping over key blocks); no atomics.
+    Deterministic, no atomics. Three plans (``_bwd_plan``):
+      short_k  all keys fit one tile (image→text, Lk ≈ 40) and B·H fills the GPU: one kernel per
+               (head, batch) keeps K, V, dK, dV on chip, walks the query blocks, computes D on the
+               fly and writes dQ per block — q, out, dO, k, v read once (the bandwidth floor);
+      short_q  the mirror when all queries fit one tile (text→image, Lq ≈ 40);
+      general  D preprocessing kernel, dK/dV per key block (looping over query blocks), dQ per
+               query block (looping over key blocks).
 
 Limits
     triton: Dh ∈ {32, 64, 80, 128} (80 runs in a 128-wide padded tile with a mask on d), fp32 /
@@ -25,7 +30,9 @@ Limits
     (B, L, H·Dh) projections viewed as (B, L, H, Dh) run without copies; a non-unit last-dim stride
     is copied once). Accumulation in fp32; fp32 inputs use IEEE fp32 dot products (no TF32).
     sdpa: torch.nn.functional.scaled_dot_product_attention; with a key mask torch cannot use its
-    flash backend. No varlen (cu_seqlens) form yet.
+    flash backend. No varlen (cu_seqlens) form: in the padded case (image→text) all keys already
+    fit one tile and k, v are a small part of the traffic, so packing would save little.
+    Block sizes come from a small heuristic (``_block_sizes``), not autotuning.
 
 Differences vs reference
     The reference materialises the (B, H, Lq, Lk) score matrix in fp32 (fp64 for fp64 inputs) and
@@ -906,7 +913,8 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None,
             HAS_MASK=has_mask,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             DOT_PRECISION=precision,
-            num_warps=8 if block_m * block_n >= 64 * 128 else 4,
+            # the resident side (K, V, dK, dV or Q, dO, dQ) lives in registers all along
+            num_warps=8 if max(block_m, block_n) * block_d >= 128 * 64 else 4,
             num_stages=2,
         )  # fmt: skip
         return dq, dk, dv

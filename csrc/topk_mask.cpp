@@ -17,11 +17,20 @@
 
 namespace py = pybind11;
 
-// x86-64: one clone for AVX2/FMA/F16C machines, one baseline; the loader picks at import time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SEMMIM_TM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+// x86-64: the row kernels are compiled twice, for baseline x86-64 and for x86-64-v3 (AVX2, FMA,
+// F16C), and picked at run time. GCC/Clang vector extensions keep one source for both.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SEMMIM_TM_X86 1
+#include <immintrin.h>
+#define SEMMIM_TM_V3 __attribute__((target("arch=x86-64-v3")))
+// 32-byte vector types inside always-inlined baseline helpers (same ABI either way)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define SEMMIM_TM_INLINE inline __attribute__((always_inline))
 #else
-#define SEMMIM_TM_CLONES
+#define SEMMIM_TM_INLINE inline
 #endif
 
 namespace semmim {
@@ -59,22 +68,68 @@ inline float load_f(half_t v) {
 
 constexpr int kLanes = 16;
 
+// GCC/Clang vector extensions: 8 fp32 lanes (one AVX register in the x86-64-v3 build, two SSE
+// registers in the baseline one). Loads go through memcpy: rows need no alignment.
+typedef float v8f __attribute__((vector_size(32)));
+typedef std::uint32_t v8u __attribute__((vector_size(32)));
+typedef std::int32_t v8i __attribute__((vector_size(32)));
+typedef std::uint16_t v8h __attribute__((vector_size(16)));
+
+SEMMIM_TM_INLINE v8f load8(const float* a) {
+  v8f v;
+  std::memcpy(&v, a, sizeof(v));
+  return v;
+}
+SEMMIM_TM_INLINE v8f load8(const bf16_t* a) {
+  v8h h;
+  std::memcpy(&h, a, sizeof(h));
+  const v8u u = __builtin_convertvector(h, v8u) << 16;
+  v8f f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Row loaders: Row::load8(a) = 8 consecutive elements as fp32, Row::load1(a) = one.
+template <typename T>
+struct PlainLoad {
+  static SEMMIM_TM_INLINE v8f load8(const T* a) { return tm::load8(a); }
+  static SEMMIM_TM_INLINE float load1(const T* a) { return load_f(*a); }
+};
+
+// float16 without F16C: expand each row to fp32 with the scalar bit trick (load_f) first.
+struct HalfLoad {
+  static SEMMIM_TM_INLINE v8f load8(const half_t* a) {
+    float f[8];
+    for (int j = 0; j < 8; ++j) f[j] = load_f(a[j]);
+    v8f v;
+    std::memcpy(&v, f, sizeof(v));
+    return v;
+  }
+  static SEMMIM_TM_INLINE float load1(const half_t* a) { return load_f(*a); }
+};
+
+
 // dot(a, t) and |a|^2 in fp32 with kLanes partial sums (lane j takes elements j, j+16, ...),
 // combined pairwise: a fixed order, so equal rows give bit-equal results.
-template <typename T>
-inline void dot_and_sumsq(const T* __restrict a, const float* __restrict t, i64 d, float& dot,
-                          float& ss) {
-  float acc[kLanes] = {}, sq[kLanes] = {};
+template <typename Load, typename T>
+SEMMIM_TM_INLINE void dot_and_sumsq(const T* __restrict a, const float* __restrict t, i64 d,
+                                    float& dot, float& ss) {
+  v8f acc0 = {}, acc1 = {}, sq0 = {}, sq1 = {};
   i64 k = 0;
   for (; k + kLanes <= d; k += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const float x = load_f(a[k + j]);
-      acc[j] += x * t[k + j];
-      sq[j] += x * x;
-    }
+    const v8f x0 = Load::load8(a + k), x1 = Load::load8(a + k + 8);
+    acc0 += x0 * load8(t + k);
+    acc1 += x1 * load8(t + k + 8);
+    sq0 += x0 * x0;
+    sq1 += x1 * x1;
   }
+  float acc[kLanes], sq[kLanes];
+  std::memcpy(acc, &acc0, sizeof(acc0));
+  std::memcpy(acc + 8, &acc1, sizeof(acc1));
+  std::memcpy(sq, &sq0, sizeof(sq0));
+  std::memcpy(sq + 8, &sq1, sizeof(sq1));
   for (int j = 0; k + j < d; ++j) {
-    const float x = load_f(a[k + j]);
+    const float x = Load::load1(a + k + j);
     acc[j] += x * t[k + j];
     sq[j] += x * x;
   }
@@ -89,23 +144,65 @@ inline void dot_and_sumsq(const T* __restrict a, const float* __restrict t, i64 
 }
 
 // raw[p] = dot(patch row p, t), norm2[p] = |patch row p|^2 for p < P.
-template <typename T>
-inline void row_dots(const T* __restrict row, i64 sp, const float* __restrict t, i64 P, i64 d,
-                     float* __restrict raw, float* __restrict norm2) {
-  for (i64 p = 0; p < P; ++p) dot_and_sumsq(row + p * sp, t, d, raw[p], norm2[p]);
+template <typename Load, typename T>
+SEMMIM_TM_INLINE void row_dots(const T* __restrict row, i64 sp, const float* __restrict t, i64 P,
+                               i64 d, float* __restrict raw, float* __restrict norm2) {
+  for (i64 p = 0; p < P; ++p) dot_and_sumsq<Load>(row + p * sp, t, d, raw[p], norm2[p]);
 }
 
-SEMMIM_TM_CLONES void row_dots_f32(const float* row, i64 sp, const float* t, i64 P, i64 d,
-                                   float* raw, float* norm2) {
-  row_dots(row, sp, t, P, d, raw, norm2);
+using RowDotsFn = void (*)(const void*, i64, const float*, i64, i64, float*, float*);
+
+template <typename Load, typename T>
+void row_dots_base(const void* row, i64 sp, const float* t, i64 P, i64 d, float* raw,
+                   float* norm2) {
+  row_dots<Load>(static_cast<const T*>(row), sp, t, P, d, raw, norm2);
 }
-SEMMIM_TM_CLONES void row_dots_f16(const half_t* row, i64 sp, const float* t, i64 P, i64 d,
-                                   float* raw, float* norm2) {
-  row_dots(row, sp, t, P, d, raw, norm2);
+
+#ifdef SEMMIM_TM_X86
+template <typename Load, typename T>
+SEMMIM_TM_V3 void row_dots_v3(const void* row, i64 sp, const float* t, i64 P, i64 d, float* raw,
+                              float* norm2) {
+  row_dots<Load>(static_cast<const T*>(row), sp, t, P, d, raw, norm2);
 }
-SEMMIM_TM_CLONES void row_dots_bf16(const bf16_t* row, i64 sp, const float* t, i64 P, i64 d,
-                                    float* raw, float* norm2) {
-  row_dots(row, sp, t, P, d, raw, norm2);
+
+// float16 with F16C: expand each patch row to fp32 in an L1-resident buffer, then the fp32 kernel.
+SEMMIM_TM_V3 void row_dots_f16_v3(const void* row, i64 sp, const float* t, i64 P, i64 d,
+                                  float* raw, float* norm2) {
+  thread_local std::vector<float> buf;
+  buf.resize(static_cast<size_t>(d));
+  float* f = buf.data();
+  for (i64 p = 0; p < P; ++p) {
+    const half_t* a = static_cast<const half_t*>(row) + p * sp;
+    i64 k = 0;
+    for (; k + 8 <= d; k += 8)
+      _mm256_storeu_ps(f + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + k))));
+    for (; k < d; ++k) f[k] = load_f(a[k]);
+    dot_and_sumsq<PlainLoad<float>>(f, t, d, raw[p], norm2[p]);
+  }
+}
+
+bool cpu_has_v3() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+RowDotsFn row_dots_for(int dtype) {
+#ifdef SEMMIM_TM_X86
+  if (cpu_has_v3()) {
+    switch (dtype) {
+      case kFloat32: return &row_dots_v3<PlainLoad<float>, float>;
+      case kFloat16: return &row_dots_f16_v3;
+      default: return &row_dots_v3<PlainLoad<bf16_t>, bf16_t>;
+    }
+  }
+#endif
+  switch (dtype) {
+    case kFloat32: return &row_dots_base<PlainLoad<float>, float>;
+    case kFloat16: return &row_dots_base<HalfLoad, half_t>;
+    default: return &row_dots_base<PlainLoad<bf16_t>, bf16_t>;
+  }
 }
 
 // Order-preserving map float -> uint32 (larger float -> larger key); -0.0 maps like +0.0.
@@ -120,7 +217,11 @@ void topk_mask_rows(ptr_t patch, i64 sb, i64 sp, int dtype, const float* text, i
                     std::int64_t* keep_idx, std::int64_t* mask_idx, std::uint8_t* mask, i64 B,
                     i64 P, i64 d, i64 M) {
   const i64 R = P - M;
-#pragma omp parallel
+  const RowDotsFn row_dots = row_dots_for(dtype);
+  const i64 esize = dtype == kFloat32 ? 4 : 2;
+  // small problems: waking a thread team costs more than the work (and hurts on busy machines)
+  const bool parallel = B > 1 && B * P * d >= (i64{1} << 18);
+#pragma omp parallel if (parallel)
   {
     std::vector<float> raw(P), norm2(P);
     std::vector<std::uint64_t> keys(P), scratch(P);
@@ -137,18 +238,8 @@ void topk_mask_rows(ptr_t patch, i64 sb, i64 sp, int dtype, const float* text, i
           for (int j = 0; j < w; ++j) tacc[j] += tacc[j + w];
       }
       const float t_norm = std::max(std::sqrt(tacc[0]), eps);
-      switch (dtype) {
-        case kFloat32:
-          row_dots_f32(ptr<const float>(patch) + b * sb, sp, t, P, d, raw.data(), norm2.data());
-          break;
-        case kFloat16:
-          row_dots_f16(ptr<const half_t>(patch) + b * sb, sp, t, P, d, raw.data(), norm2.data());
-          break;
-        default:
-          row_dots_bf16(ptr<const bf16_t>(patch) + b * sb, sp, t, P, d, raw.data(),
-                        norm2.data());
-          break;
-      }
+      row_dots(reinterpret_cast<const char*>(patch) + b * sb * esize, sp, t, P, d, raw.data(),
+               norm2.data());
       for (i64 p = 0; p < P; ++p) {
         float s = raw[p] / (std::max(std::sqrt(norm2[p]), eps) * t_norm);
         if (noise != nullptr) s = s / tau + noise[b * nsb + p * nsp];

@@ -175,7 +175,8 @@ SEMMIM_TM_V3 void row_dots_f16_v3(const void* row, i64 sp, const float* t, i64 P
     const half_t* a = static_cast<const half_t*>(row) + p * sp;
     i64 k = 0;
     for (; k + 8 <= d; k += 8)
-      _mm256_storeu_ps(f + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + k))));
+      _mm256_storeu_ps(
+          f + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + k))));
     for (; k < d; ++k) f[k] = load_f(a[k]);
     dot_and_sumsq<PlainLoad<float>>(f, t, d, raw[p], norm2[p]);
   }
@@ -214,8 +215,8 @@ inline std::uint32_t score_key(float s) {
 
 void topk_mask_rows(ptr_t patch, i64 sb, i64 sp, int dtype, const float* text, i64 text_sb,
                     const float* noise, i64 nsb, i64 nsp, float tau, float eps,
-                    std::int64_t* keep_idx, std::int64_t* mask_idx, std::uint8_t* mask, i64 B,
-                    i64 P, i64 d, i64 M) {
+                    std::int64_t* keep_idx, std::int64_t* mask_idx, std::uint8_t* mask,
+                    std::int32_t* nonfinite, i64 B, i64 P, i64 d, i64 M) {
   const i64 R = P - M;
   const RowDotsFn row_dots = row_dots_for(dtype);
   const i64 esize = dtype == kFloat32 ? 4 : 2;
@@ -240,13 +241,16 @@ void topk_mask_rows(ptr_t patch, i64 sb, i64 sp, int dtype, const float* text, i
       const float t_norm = std::max(std::sqrt(tacc[0]), eps);
       row_dots(reinterpret_cast<const char*>(patch) + b * sb * esize, sp, t, P, d, raw.data(),
                norm2.data());
+      std::int32_t bad = 0;
       for (i64 p = 0; p < P; ++p) {
         float s = raw[p] / (std::max(std::sqrt(norm2[p]), eps) * t_norm);
         if (noise != nullptr) s = s / tau + noise[b * nsb + p * nsp];
+        bad += std::isfinite(s) ? 0 : 1;
         // unique keys: score in the high half, complemented index in the low half (lower wins)
         keys[p] = (static_cast<std::uint64_t>(score_key(s)) << 32) |
                   static_cast<std::uint64_t>(0xFFFFFFFFu - static_cast<std::uint32_t>(p));
       }
+      nonfinite[b] = bad;
       scratch = keys;
       std::nth_element(scratch.begin(), scratch.begin() + (M - 1), scratch.end(),
                        std::greater<std::uint64_t>());
@@ -274,7 +278,7 @@ void topk_mask_rows(ptr_t patch, i64 sb, i64 sp, int dtype, const float* text, i
 
 void topk_mask_cpu(ptr_t patch, i64 sb, i64 sp, int dtype, ptr_t text, i64 text_sb, ptr_t noise,
                    i64 nsb, i64 nsp, float tau, float eps, ptr_t keep_idx, ptr_t mask_idx,
-                   ptr_t mask, i64 B, i64 P, i64 d, i64 M) {
+                   ptr_t mask, ptr_t nonfinite, i64 B, i64 P, i64 d, i64 M) {
   if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
     fail(std::string("topk_mask_cpu: unsupported dtype ") + dtype_name(dtype));
   if (B < 0 || P < 2 || P > kTopkMaskMaxP || d < 1 || M < 1 || M > P - 1)
@@ -284,19 +288,19 @@ void topk_mask_cpu(ptr_t patch, i64 sb, i64 sp, int dtype, ptr_t text, i64 text_
   if (!(tau > 0.0f)) fail("topk_mask_cpu: tau must be > 0");
   topk_mask_rows(patch, sb, sp, dtype, ptr<const float>(text), text_sb, ptr<const float>(noise),
                  nsb, nsp, tau, eps, ptr<std::int64_t>(keep_idx), ptr<std::int64_t>(mask_idx),
-                 ptr<std::uint8_t>(mask), B, P, d, M);
+                 ptr<std::uint8_t>(mask), ptr<std::int32_t>(nonfinite), B, P, d, M);
 }
 
 namespace {
 
 void topk_mask_cuda_entry(ptr_t patch, i64 sb, i64 sp, int dtype, ptr_t text, i64 text_sb,
                           ptr_t noise, i64 nsb, i64 nsp, float tau, float eps, ptr_t keep_idx,
-                          ptr_t mask_idx, ptr_t mask, i64 B, i64 P, i64 d, i64 M, int vec,
-                          ptr_t stream) {
+                          ptr_t mask_idx, ptr_t mask, ptr_t nonfinite, i64 B, i64 P, i64 d,
+                          i64 M, int vec, ptr_t stream) {
 #ifndef SEMMIM_WITH_CUDA
   (void)patch, (void)sb, (void)sp, (void)dtype, (void)text, (void)text_sb, (void)noise;
   (void)nsb, (void)nsp, (void)tau, (void)eps, (void)keep_idx, (void)mask_idx, (void)mask;
-  (void)B, (void)P, (void)d, (void)M, (void)vec, (void)stream;
+  (void)nonfinite, (void)B, (void)P, (void)d, (void)M, (void)vec, (void)stream;
   throw std::runtime_error("semmim._C built without CUDA");
 #else
   if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
@@ -309,7 +313,7 @@ void topk_mask_cuda_entry(ptr_t patch, i64 sb, i64 sp, int dtype, ptr_t text, i6
          " M=" + std::to_string(M));
   if (!(tau > 0.0f)) fail("topk_mask_cuda: tau must be > 0");
   topk_mask_cuda_launch(patch, sb, sp, dtype, text, text_sb, noise, nsb, nsp, tau, eps, keep_idx,
-                        mask_idx, mask, B, P, d, M, vec, stream);
+                        mask_idx, mask, nonfinite, B, P, d, M, vec, stream);
 #endif
 }
 

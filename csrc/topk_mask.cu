@@ -76,17 +76,20 @@ __global__ void __launch_bounds__(kThreads)
     topk_mask_kernel(const T* __restrict__ patch, i64 sb, i64 sp, const float* __restrict__ text,
                      i64 text_sb, const float* __restrict__ noise, i64 nsb, i64 nsp, float tau,
                      float eps, std::int64_t* __restrict__ keep_idx,
-                     std::int64_t* __restrict__ mask_idx, std::uint8_t* __restrict__ mask, int P,
+                     std::int64_t* __restrict__ mask_idx, std::uint8_t* __restrict__ mask,
+                     std::int32_t* __restrict__ nonfinite, int P,
                      int d, int M) {
   extern __shared__ float t_sh[];  // (d,) fp32 text row
   __shared__ unsigned keys[kThreads];
   __shared__ int warp_buf[kWarps];
   __shared__ float t_norm_sh;
+  __shared__ int bad_sh;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const i64 b = blockIdx.x;
 
   // 1. text row and its norm
   const float* t = text + b * text_sb;
+  if (tid == 0) bad_sh = 0;
   for (int k = tid; k < d; k += kThreads) t_sh[k] = t[k];
   __syncthreads();
   if (warp == 0) {
@@ -131,6 +134,7 @@ __global__ void __launch_bounds__(kThreads)
       float s = dot / (fmaxf(sqrtf(ss), eps) * t_norm);
       if (noise != nullptr) s = s / tau + noise[b * nsb + static_cast<i64>(p) * nsp];
       keys[p] = score_key(s);
+      if (!isfinite(s)) atomicAdd(&bad_sh, 1);
     }
   }
   __syncthreads();
@@ -151,6 +155,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // 4. slots in index order
   const int m_rank = block_exclusive_count(masked, warp_buf);
+  if (tid == 0) nonfinite[b] = bad_sh;  // complete: the scans above passed __syncthreads
   if (valid) {
     const i64 R = P - M;
     mask[b * P + tid] = masked ? 1 : 0;
@@ -164,30 +169,31 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int VEC>
 void launch(ptr_t patch, i64 sb, i64 sp, ptr_t text, i64 text_sb, ptr_t noise, i64 nsb, i64 nsp,
-            float tau, float eps, ptr_t keep_idx, ptr_t mask_idx, ptr_t mask, i64 B, i64 P,
-            i64 d, i64 M, ptr_t stream) {
+            float tau, float eps, ptr_t keep_idx, ptr_t mask_idx, ptr_t mask, ptr_t nonfinite,
+            i64 B, i64 P, i64 d, i64 M, ptr_t stream) {
   const size_t smem = sizeof(float) * static_cast<size_t>(d);
   topk_mask_kernel<T, VEC><<<static_cast<unsigned>(B), kThreads, smem, as_stream(stream)>>>(
       ptr<const T>(patch), sb, sp, ptr<const float>(text), text_sb, ptr<const float>(noise), nsb,
       nsp, tau, eps, ptr<std::int64_t>(keep_idx), ptr<std::int64_t>(mask_idx),
-      ptr<std::uint8_t>(mask), static_cast<int>(P), static_cast<int>(d), static_cast<int>(M));
+      ptr<std::uint8_t>(mask), ptr<std::int32_t>(nonfinite), static_cast<int>(P),
+      static_cast<int>(d), static_cast<int>(M));
   cuda_check(cudaGetLastError(), "topk_mask_kernel launch");
 }
 
 template <typename T>
 void launch_vec(int vec, ptr_t patch, i64 sb, i64 sp, ptr_t text, i64 text_sb, ptr_t noise,
                 i64 nsb, i64 nsp, float tau, float eps, ptr_t keep_idx, ptr_t mask_idx,
-                ptr_t mask, i64 B, i64 P, i64 d, i64 M, ptr_t stream) {
+                ptr_t mask, ptr_t nonfinite, i64 B, i64 P, i64 d, i64 M, ptr_t stream) {
   constexpr int kVec = static_cast<int>(16 / sizeof(T));
   if (vec == kVec) {
     if (d % kVec != 0 || patch % 16 != 0 || (sb * static_cast<i64>(sizeof(T))) % 16 != 0 ||
         (sp * static_cast<i64>(sizeof(T))) % 16 != 0)
       fail("topk_mask_cuda: vec=" + std::to_string(vec) + " needs 16-byte aligned rows");
     launch<T, kVec>(patch, sb, sp, text, text_sb, noise, nsb, nsp, tau, eps, keep_idx, mask_idx,
-                    mask, B, P, d, M, stream);
+                    mask, nonfinite, B, P, d, M, stream);
   } else if (vec == 1) {
     launch<T, 1>(patch, sb, sp, text, text_sb, noise, nsb, nsp, tau, eps, keep_idx, mask_idx,
-                 mask, B, P, d, M, stream);
+                 mask, nonfinite, B, P, d, M, stream);
   } else {
     fail("topk_mask_cuda: vec must be 1 or " + std::to_string(kVec) + ", got " +
          std::to_string(vec));
@@ -198,23 +204,23 @@ void launch_vec(int vec, ptr_t patch, i64 sb, i64 sp, ptr_t text, i64 text_sb, p
 
 void topk_mask_cuda_launch(ptr_t patch, i64 sb, i64 sp, int dtype, ptr_t text, i64 text_sb,
                            ptr_t noise, i64 nsb, i64 nsp, float tau, float eps, ptr_t keep_idx,
-                           ptr_t mask_idx, ptr_t mask, i64 B, i64 P, i64 d, i64 M, int vec,
-                           ptr_t stream) {
+                           ptr_t mask_idx, ptr_t mask, ptr_t nonfinite, i64 B, i64 P, i64 d,
+                           i64 M, int vec, ptr_t stream) {
   cuda_require_device("topk_mask_cuda");
   if (B == 0) return;
   if (B > 2147483647LL) fail("topk_mask_cuda: B too large for one grid dimension");
   switch (dtype) {
     case kFloat32:
       launch_vec<float>(vec, patch, sb, sp, text, text_sb, noise, nsb, nsp, tau, eps, keep_idx,
-                        mask_idx, mask, B, P, d, M, stream);
+                        mask_idx, mask, nonfinite, B, P, d, M, stream);
       break;
     case kFloat16:
       launch_vec<__half>(vec, patch, sb, sp, text, text_sb, noise, nsb, nsp, tau, eps, keep_idx,
-                         mask_idx, mask, B, P, d, M, stream);
+                         mask_idx, mask, nonfinite, B, P, d, M, stream);
       break;
     case kBFloat16:
       launch_vec<__nv_bfloat16>(vec, patch, sb, sp, text, text_sb, noise, nsb, nsp, tau, eps,
-                                keep_idx, mask_idx, mask, B, P, d, M, stream);
+                                keep_idx, mask_idx, mask, nonfinite, B, P, d, M, stream);
       break;
     default:
       fail(std::string("topk_mask_cuda: unsupported dtype ") + dtype_name(dtype));

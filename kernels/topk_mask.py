@@ -23,11 +23,14 @@ Backward
 Limits
     1 <= M <= P-1. Fused backends (triton, cuda, cpu): P <= 1024 (the whole row's scores live in
     registers / shared memory); the reference runs on any P. cuda: d <= 8192 (text row in shared
-    memory). Inputs must be finite: the public op raises ValueError on NaN/inf in patch, text or
-    noise — this check is a host sync (one ``.item()``-style read per call); pass
-    ``check_finite=False`` to skip it, in which case results for non-finite inputs are unspecified
-    (but no backend reads or writes out of bounds). Values whose squared norm overflows fp32
-    (|x| ≳ 1e19) are unsupported.
+    memory). Inputs must be finite: NaN/inf anywhere in patch[b], text[b] or noise[b] makes some
+    score of row b NaN/inf, so every backend also returns a per-row count of non-finite scores
+    (computed in the same pass, no second read of patch) and ``check_finite=True`` (default)
+    raises ValueError naming the offending argument when a count is nonzero. That check is a host
+    sync (reading B int32s, once per call); ``check_finite=False`` skips it, and then the
+    selection for rows with non-finite scores is unspecified (invariants still hold, no backend
+    reads or writes out of bounds). Finite inputs whose scores overflow (|x| ≳ 1e19 in fp32, or
+    a tiny tau) also raise ValueError.
 
 Differences vs reference
     Every backend computes s with the same fp32 formula, but the summation order of the dot
@@ -125,32 +128,38 @@ def _check_shapes(
     check_same_device(patch=patch, text=text, noise=noise)
 
 
-def _check_finite(patch: torch.Tensor, text: torch.Tensor, noise: torch.Tensor | None) -> None:
-    """Raise ValueError when an input holds NaN/inf. One host sync for all inputs."""
-    flags = [torch.isfinite(patch).all(), torch.isfinite(text).all()]
-    if noise is not None:
-        flags.append(torch.isfinite(noise).all())
-    ok = torch.stack(flags).tolist()  # the host sync
-    for name, t, good in zip(("patch", "text", "noise"), (patch, text, noise), ok):
-        if not good:
+def _raise_non_finite(patch, text, noise, tau, rows: list[int]) -> None:
+    """Error path only: find which input holds NaN/inf (extra passes are fine here)."""
+    for name, t in (("patch", patch), ("text", text), ("noise", noise)):
+        if t is not None and not bool(torch.isfinite(t).all()):
             raise ValueError(
-                f"{name} {tuple(t.shape)} contains NaN or inf; topk_mask needs finite inputs"
+                f"{name} {tuple(t.shape)} contains NaN or inf (rows {rows[:8]}); topk_mask needs "
+                "finite inputs"
             )
+    raise ValueError(
+        f"topk_mask: scores overflow to inf in rows {rows[:8]} although the inputs are finite "
+        f"(tau={tau} too small, or |patch| too large for fp32)"
+    )
 
 
-def _validate(patch, text, num_masked, noise, tau, check_finite: bool) -> None:
-    _check_shapes(patch, text, num_masked, noise, tau)
-    if check_finite:
-        _check_finite(patch, text, noise)
+def _finish(out, patch, text, noise, tau, check_finite: bool) -> TopkMaskOut:
+    """(keep_idx, mask_idx, mask, nonfinite) -> the public triple, raising on non-finite scores."""
+    keep_idx, mask_idx, mask, nonfinite = out
+    if check_finite and nonfinite.numel() and bool(nonfinite.any()):  # the host sync
+        rows = nonfinite.nonzero().flatten().tolist()
+        _raise_non_finite(patch, text, noise, tau, rows)
+    return keep_idx, mask_idx, mask
 
 
-def _alloc_outputs(patch: torch.Tensor, num_masked: int) -> TopkMaskOut:
+def _alloc_outputs(patch: torch.Tensor, num_masked: int):
+    """keep_idx (B, R) int64, mask_idx (B, M) int64, mask (B, P) bool, nonfinite (B,) int32."""
     B, P, _ = patch.shape
     dev = patch.device
     keep_idx = torch.empty(B, P - num_masked, dtype=torch.int64, device=dev)
     mask_idx = torch.empty(B, num_masked, dtype=torch.int64, device=dev)
     mask = torch.empty(B, P, dtype=torch.bool, device=dev)
-    return keep_idx, mask_idx, mask
+    nonfinite = torch.empty(B, dtype=torch.int32, device=dev)
+    return keep_idx, mask_idx, mask, nonfinite
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,10 +186,12 @@ def _topk_mask_reference_impl(
     num_masked: int,
     noise: torch.Tensor | None = None,
     tau: float = 1.0,
-) -> TopkMaskOut:
+):
+    """-> keep_idx, mask_idx, mask, nonfinite (B,) int32 (per-row count of NaN/inf scores)."""
     B, P, _ = patch.shape
     with torch.no_grad():
         s = topk_mask_scores(patch, text, noise, tau)  # (B, P) fp32
+        nonfinite = (~torch.isfinite(s)).sum(dim=1, dtype=torch.int32)  # (B,)
         s = s + 0.0  # -0.0 -> +0.0: equal scores must rank by index alone
         # stable descending sort: equal scores keep ascending index order -> lower index first
         order = torch.sort(s, dim=1, descending=True, stable=True).indices  # (B, P)
@@ -188,7 +199,7 @@ def _topk_mask_reference_impl(
         keep_idx = order[:, num_masked:].sort(dim=1).values  # (B, R)
         mask = torch.zeros(B, P, dtype=torch.bool, device=patch.device)
         mask.scatter_(1, mask_idx, True)
-    return keep_idx, mask_idx, mask
+    return keep_idx, mask_idx, mask, nonfinite
 
 
 def topk_mask_reference(
@@ -205,8 +216,9 @@ def topk_mask_reference(
     patch (B, P, d), text (B, d), noise (B, P) or None
     -> keep_idx (B, P-M) int64, mask_idx (B, M) int64, mask (B, P) bool.
     """
-    _validate(patch, text, num_masked, noise, tau, check_finite)
-    return _topk_mask_reference_impl(patch, text, num_masked, noise, tau)
+    _check_shapes(patch, text, num_masked, noise, tau)
+    out = _topk_mask_reference_impl(patch, text, num_masked, noise, tau)
+    return _finish(out, patch, text, noise, tau, check_finite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +230,7 @@ if not triton_import_error():
 
     @triton.jit
     def _topk_mask_fwd_kernel(
-        patch_ptr, text_ptr, noise_ptr, keep_ptr, mask_idx_ptr, mask_ptr,
+        patch_ptr, text_ptr, noise_ptr, keep_ptr, mask_idx_ptr, mask_ptr, nonfinite_ptr,
         P, D, M, stride_pb, stride_pp, stride_tb, stride_nb, stride_np, tau, eps,
         HAS_NOISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -249,6 +261,9 @@ if not triton_import_error():
             nz = tl.load(noise_ptr + b * stride_nb + offs_p.to(tl.int64) * stride_np,
                          mask=valid, other=0.0)  # fmt: skip
             s = tl.math.div_rn(s, tl.zeros_like(s) + tau) + nz
+        exp_bits = s.to(tl.int32, bitcast=True) & 0x7F800000  # all ones: NaN or inf
+        bad = valid & (exp_bits == 0x7F800000)
+        tl.store(nonfinite_ptr + b, tl.sum(bad.to(tl.int32), axis=0))
 
         # order-preserving float -> int64 key in [0, 2^32); -0.0 == +0.0; padding -> -1
         bits = s.to(tl.int32, bitcast=True)
@@ -286,20 +301,21 @@ def _triton_tiles(P: int, d: int) -> tuple[int, int, int]:
 
 def _run_triton(patch, text, num_masked, noise, tau) -> TopkMaskOut:
     B, P, d = patch.shape
-    keep_idx, mask_idx, mask = _alloc_outputs(patch, num_masked)
+    keep_idx, mask_idx, mask, nonfinite = out = _alloc_outputs(patch, num_masked)
     if B == 0:
-        return keep_idx, mask_idx, mask
+        return out
     t32 = text.float().contiguous()
     n32 = noise.float() if noise is not None else None
     block_p, block_d, num_warps = _triton_tiles(P, d)
     _topk_mask_fwd_kernel[(B,)](
         patch, t32, n32 if n32 is not None else t32, keep_idx, mask_idx, mask.view(torch.uint8),
+        nonfinite,
         P, d, num_masked, patch.stride(0), patch.stride(1), t32.stride(0),
         n32.stride(0) if n32 is not None else 0, n32.stride(1) if n32 is not None else 0,
         float(tau), EPS,
         HAS_NOISE=n32 is not None, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
-    return keep_idx, mask_idx, mask
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,9 +332,9 @@ def _vec_width(patch: torch.Tensor) -> int:
 
 def _run_compiled(name: str, patch, text, num_masked, noise, tau) -> TopkMaskOut:
     B, P, d = patch.shape
-    keep_idx, mask_idx, mask = _alloc_outputs(patch, num_masked)
+    keep_idx, mask_idx, mask, nonfinite = out = _alloc_outputs(patch, num_masked)
     if B == 0:
-        return keep_idx, mask_idx, mask
+        return out
     t32 = text.float().contiguous()  # (B, d): tiny; kernels read the text row as fp32
     n32 = noise.float() if noise is not None else None  # no copy for fp32 noise
     args = (
@@ -327,14 +343,14 @@ def _run_compiled(name: str, patch, text, num_masked, noise, tau) -> TopkMaskOut
         n32.data_ptr() if n32 is not None else 0,
         n32.stride(0) if n32 is not None else 0, n32.stride(1) if n32 is not None else 0,
         float(tau), EPS, keep_idx.data_ptr(), mask_idx.data_ptr(), mask.data_ptr(),
-        B, P, d, num_masked,
+        nonfinite.data_ptr(), B, P, d, num_masked,
     )  # fmt: skip
     ext = extension()
     if name == "cuda":
         ext.tm_topk_mask_cuda(*args, _vec_width(patch), stream_of(patch))
     else:
         ext.tm_topk_mask_cpu(*args)
-    return keep_idx, mask_idx, mask
+    return out
 
 
 _RUNNERS = {
@@ -352,7 +368,7 @@ def _make_custom_op(name: str):
     def op(
         patch: torch.Tensor, text: torch.Tensor, num_masked: int, noise: torch.Tensor | None,
         tau: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         return run(patch, text, num_masked, noise, tau)
 
     @op.register_fake
@@ -362,6 +378,7 @@ def _make_custom_op(name: str):
             patch.new_empty((B, P - num_masked), dtype=torch.int64),
             patch.new_empty((B, num_masked), dtype=torch.int64),
             patch.new_empty((B, P), dtype=torch.bool),
+            patch.new_empty((B,), dtype=torch.int32),
         )
 
     # No register_autograd: the outputs are integer/bool (never differentiable) and the inputs
@@ -373,32 +390,33 @@ _CUSTOM_OPS = {name: _make_custom_op(name) for name in _RUNNERS}
 
 
 def _via(name: str):
-    """Registry entry: inputs already validated by the public op."""
+    """Registry entry (shapes already checked by the public op): custom op + non-finite check."""
     op = _CUSTOM_OPS[name]
 
-    def fn(patch, text, num_masked, *, noise=None, tau=1.0) -> TopkMaskOut:
+    def fn(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True) -> TopkMaskOut:
         noise = noise.detach() if noise is not None else None
-        return op(patch.detach(), text.detach(), int(num_masked), noise, float(tau))
+        out = op(patch.detach(), text.detach(), int(num_masked), noise, float(tau))
+        return _finish(out, patch, text, noise, tau, check_finite)
 
     return fn
 
 
 def topk_mask_triton(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True):
     """Triton backend of :func:`topk_mask` (same contract)."""
-    _validate(patch, text, num_masked, noise, tau, check_finite)
-    return _via("triton")(patch, text, num_masked, noise=noise, tau=tau)
+    _check_shapes(patch, text, num_masked, noise, tau)
+    return _via("triton")(patch, text, num_masked, noise=noise, tau=tau, check_finite=check_finite)
 
 
 def topk_mask_cuda(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True):
     """CUDA backend (semmim._C) of :func:`topk_mask` (same contract)."""
-    _validate(patch, text, num_masked, noise, tau, check_finite)
-    return _via("cuda")(patch, text, num_masked, noise=noise, tau=tau)
+    _check_shapes(patch, text, num_masked, noise, tau)
+    return _via("cuda")(patch, text, num_masked, noise=noise, tau=tau, check_finite=check_finite)
 
 
 def topk_mask_cpu(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True):
     """C++ CPU (OpenMP) backend (semmim._C) of :func:`topk_mask` (same contract)."""
-    _validate(patch, text, num_masked, noise, tau, check_finite)
-    return _via("cpu")(patch, text, num_masked, noise=noise, tau=tau)
+    _check_shapes(patch, text, num_masked, noise, tau)
+    return _via("cpu")(patch, text, num_masked, noise=noise, tau=tau, check_finite=check_finite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,8 +459,11 @@ def supports_cpu(patch, text, num_masked, *, noise=None, tau=1.0) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # registration, noise and the public op
 # ---------------------------------------------------------------------------------------------
-def _reference_backend(patch, text, num_masked, *, noise=None, tau=1.0) -> TopkMaskOut:
-    return _topk_mask_reference_impl(patch, text, num_masked, noise, tau)
+def _reference_backend(
+    patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True
+) -> TopkMaskOut:
+    out = _topk_mask_reference_impl(patch, text, num_masked, noise, tau)
+    return _finish(out, patch, text, noise, tau, check_finite)
 
 
 register("topk_mask", "cuda", _via("cuda"), supports_cuda, 40)
@@ -499,13 +520,14 @@ def topk_mask(
         tau: temperature > 0; scores become s / tau + noise (ignored without noise).
         backend: "reference" | "triton" | "cuda" | "cpu"; default: ``SEMMIM_BACKEND`` or the
             fastest that can run.
-        check_finite: raise ValueError on NaN/inf inputs (one host sync).
+        check_finite: raise ValueError when a score is NaN/inf, i.e. on NaN/inf inputs (a host
+            sync reading B int32 flags that the kernel computes in its single pass).
 
     Returns:
         keep_idx (B, P-M) int64 ascending, mask_idx (B, M) int64 ascending, mask (B, P) bool
         (True = masked). Scores s = cos(patch, text) [/ tau + noise]; ties mask the lower patch
         index first. Not differentiable (inputs that require grad are detached).
     """
-    _validate(patch, text, num_masked, noise, tau, check_finite)
+    _check_shapes(patch, text, num_masked, noise, tau)
     chosen = _OP.select(backend, patch, text, num_masked, noise=noise, tau=tau)
-    return chosen.fn(patch, text, num_masked, noise=noise, tau=tau)
+    return chosen.fn(patch, text, num_masked, noise=noise, tau=tau, check_finite=check_finite)

@@ -127,14 +127,16 @@ def assert_matches_reference(out, ref, scores: torch.Tensor, M: int, tol: float)
 
 
 def poison_outputs(monkeypatch):
-    """Fast backends allocate -7 index outputs and a mask of byte 2, so unwritten elements fail."""
+    """Fast backends allocate -7 index outputs / row counts and a mask of byte 2, so unwritten
+    elements fail."""
 
     def poisoned(patch, num_masked):
-        keep, midx, mask = tm.__dict__["_alloc_outputs_orig"](patch, num_masked)
+        keep, midx, mask, nonfinite = tm.__dict__["_alloc_outputs_orig"](patch, num_masked)
         keep.fill_(-7)
         midx.fill_(-7)
         mask.view(torch.uint8).fill_(2)
-        return keep, midx, mask
+        nonfinite.fill_(-7)  # an unwritten row count reads as "non-finite" and raises
+        return keep, midx, mask, nonfinite
 
     tm.__dict__.setdefault("_alloc_outputs_orig", tm._alloc_outputs)
     monkeypatch.setattr(tm, "_alloc_outputs", poisoned)
@@ -371,12 +373,23 @@ def test_non_finite_inputs_raise(backend, where, bad):
         K.topk_mask(patch, text, 3, noise=noise, backend=backend)
 
 
-@needs_ext
-def test_non_finite_unchecked_runs_without_crash():
-    patch, text = random_inputs(2, 10, 8)
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_non_finite_unchecked_keeps_invariants(backend):
+    patch, text = random_inputs(3, 10, 8)
     patch[0, 4, 1] = float("nan")
-    out = K.topk_mask(patch, text, 3, backend="cpu", check_finite=False)
-    assert out[0].shape == (2, 7)  # values unspecified; the kernel stays in bounds
+    text[1, 2] = float("inf")
+    out = K.topk_mask(patch, text, 3, backend=backend, check_finite=False)
+    check_invariants(out, 3, 10, 3)  # selection unspecified in rows 0 and 1; still a partition
+    ref = tm.topk_mask_reference(patch[2:], text[2:], 3)
+    assert_same([t[2] for t in out], [t[0] for t in ref])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_score_overflow_raises(backend):
+    patch, text = random_inputs(2, 10, 8)
+    noise = torch.zeros(2, 10)
+    with pytest.raises(ValueError, match="overflow"):
+        K.topk_mask(patch, text, 3, noise=noise, tau=1e-39, backend=backend)
 
 
 @pytest.mark.parametrize(
@@ -547,6 +560,11 @@ def test_triton_interpret_ties_zero_norm_strided(poison):
     out = tm.topk_mask_triton(patch, text[:, :d], 20, noise=noise)
     assert_same(out, tm.topk_mask_reference(patch, text[:, :d], 20, noise=noise))
     assert K.get_op("topk_mask").select(None, patch, text[:, :d], 20).name == "triton"
+    patch = patch.clone()
+    patch[1, 7, 3] = float("nan")
+    with pytest.raises(ValueError, match="patch .*NaN or inf"):
+        tm.topk_mask_triton(patch, text[:, :d], 20)
+    check_invariants(tm.topk_mask_triton(patch, text[:, :d], 20, check_finite=False), B, P, 20)
 
 
 @pytest.mark.interpret
@@ -610,6 +628,9 @@ def test_gpu_ties_zero_norm_strided(backend, dtype, poison):
     noise = torch.randn(P, B, device="cuda").t()
     out = K.topk_mask(patch, text[:, :d], 150, noise=noise, backend=backend)
     assert_same(out, tm.topk_mask_reference(patch, text[:, :d], 150, noise=noise))
+    noise[1, 5] = float("inf")
+    with pytest.raises(ValueError, match="noise .*NaN or inf"):
+        K.topk_mask(patch, text[:, :d], 150, noise=noise, backend=backend)
 
 
 @pytest.mark.cuda

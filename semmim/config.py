@@ -376,7 +376,7 @@ class SemMIMConfig:
 _TINY = SemMIMConfig(
     vision=VisionConfig(image_size=64, patch_size=16, dim=64, depth=2, heads=2),
     text=TextConfig(dim=64, depth=2, heads=2, intermediate=256, max_len=64),
-    fusion=FusionConfig(depth=1),
+    fusion=FusionConfig(depth=2),
     head=HeadConfig(hidden=128, bottleneck=64, num_prototypes=256),
     itc=ITCConfig(queue_size=128),
     mim=MIMConfig(predictor_depth=1),

@@ -16,6 +16,12 @@ __all__ = ["text_guided_mask", "random_mask", "mlm_mask"]
 ImageMask = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def _nothing_masked(batch: int, num_patches: int, device: torch.device | str) -> ImageMask:
+    keep_idx = torch.arange(num_patches, device=device).expand(batch, num_patches).contiguous()
+    mask_idx = torch.empty(batch, 0, dtype=torch.long, device=device)
+    return keep_idx, mask_idx, torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
+
+
 @torch.no_grad()
 def text_guided_mask(patch_feat: torch.Tensor, text_feat: torch.Tensor, num_masked: int, *,
                      tau: float, seed: int) -> ImageMask:
@@ -25,6 +31,8 @@ def text_guided_mask(patch_feat: torch.Tensor, text_feat: torch.Tensor, num_mask
     Deterministic given ``seed``. Returns keep_idx (B, P−M), mask_idx (B, M), mask (B, P).
     """
     B, P, _ = patch_feat.shape
+    if num_masked == 0:
+        return _nothing_masked(B, P, patch_feat.device)
     noise = None
     if tau > 0:
         noise = kernels.gumbel_noise((B, P), seed=seed, device=patch_feat.device)
@@ -39,6 +47,8 @@ def random_mask(batch: int, num_patches: int, num_masked: int, *, seed: int,
 
     Deterministic given ``seed``. Returns keep_idx (B, P−M), mask_idx (B, M), mask (B, P).
     """
+    if num_masked == 0:
+        return _nothing_masked(batch, num_patches, device)
     noise = kernels.gumbel_noise((batch, num_patches), seed=seed, device=device)
     order = noise.argsort(dim=1, descending=True)  # (B, P), a random permutation per row
     mask_idx = order[:, :num_masked].sort(dim=1).values

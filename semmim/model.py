@@ -370,7 +370,8 @@ class SemMIM(nn.Module):
         texts = torch.cat([text_embeds, text_embeds[neg_text], text_embeds])  # (3B, T, Dt)
         masks = torch.cat([key_mask, key_mask[neg_text], key_mask])  # (3B, T)
         fused = self.net.fusion(texts, masks, images)[:, 0]  # (3B, Dt)
-        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(fused.device)
+        labels = torch.zeros(3 * B, dtype=torch.long, device=fused.device)
+        labels[:B] = 1  # rows: positives, then the two kinds of negatives
         return F.cross_entropy(self.net.itm_head(fused), labels)
 
     def _mlm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -1,0 +1,100 @@
+"""Config presets, dotted overrides, validation messages, dict round trip."""
+
+import dataclasses
+import json
+
+import pytest
+
+from semmim import SemMIMConfig, from_preset
+from semmim.config import PRESETS
+
+
+def test_presets_have_exact_names():
+    assert list(PRESETS) == ["tiny", "small", "base"]
+
+
+def test_base_is_paper_scale():
+    c = from_preset("base")
+    assert (c.vision.image_size, c.vision.patch_size, c.vision.dim, c.vision.depth) == (
+        224, 16, 768, 12)
+    assert c.vision.num_patches == 196
+    assert (c.text.dim, c.text.depth, c.fusion.depth) == (768, 6, 6)
+    assert (c.head.hidden, c.head.bottleneck, c.head.num_prototypes) == (2048, 256, 8192)
+    assert (c.itc.embed_dim, c.itc.queue_size, c.itc.temp, c.itc.alpha) == (256, 65536, 0.07, 0.4)
+    assert c.momentum.momentum == 0.995
+    assert (c.glob.student_temp, c.glob.teacher_temp, c.glob.center_momentum) == (0.1, 0.04, 0.9)
+    assert (c.mim.teacher_temp, c.mim.teacher_temp_final) == (0.04, 0.07)
+    assert c.masking.ratio == 0.5 and c.mlm.prob == 0.15
+
+
+def test_small_text_tower_matches_minilm():
+    t = from_preset("small").text
+    assert (t.dim, t.depth, t.heads, t.intermediate, t.vocab_size) == (384, 6, 12, 1536, 30522)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+def test_dict_round_trip_is_json_safe(name):
+    c = from_preset(name)
+    d = json.loads(json.dumps(c.to_dict()))
+    assert SemMIMConfig.from_dict(d) == c
+
+
+def test_overrides_as_kwargs_or_dict():
+    a = from_preset("tiny", **{"mim.target": "pixel", "vision.depth": 1})
+    b = from_preset("tiny", {"mim.target": "pixel", "vision.depth": 1})
+    assert a == b and a.mim.target == "pixel" and a.vision.depth == 1
+    assert from_preset("tiny").mim.target == "semantic"  # presets are not mutated
+    assert from_preset("tiny", **{"itc.temp": 0.1}).itc.temp == 0.1
+
+
+def test_configs_are_frozen():
+    c = from_preset("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.vision.depth = 3
+
+
+def test_num_masked_is_round_r_p():
+    for ratio in [0.0, 0.25, 0.4, 0.5, 0.75, 0.9]:
+        c = from_preset("tiny", **{"masking.ratio": ratio})
+        assert c.num_masked == round(ratio * c.vision.num_patches)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, words",
+    [
+        ("huge", {}, ["preset", "'huge'", "tiny", "small", "base"]),
+        ("tiny", {"mim.foo": 1}, ["mim.foo", "target", "text_in_target"]),
+        ("tiny", {"nosection.x": 1}, ["nosection.x", "vision", "mim"]),
+        ("tiny", {"mim": 1}, ["mim"]),
+        ("tiny", {"masking.ratio": 1.5}, ["masking.ratio", "1.5"]),
+        ("tiny", {"masking.ratio": -0.1}, ["masking.ratio"]),
+        ("tiny", {"masking.ratio": 0.99}, ["masking.ratio", "all 16 patches"]),
+        ("tiny", {"vision.depth": "2"}, ["vision.depth", "int"]),
+        ("tiny", {"vision.depth": 2.0}, ["vision.depth", "int"]),
+        ("tiny", {"mim.enabled": 1}, ["mim.enabled", "bool"]),
+        ("tiny", {"mim.target": "dvae"}, ["mim.target", "semantic", "pixel"]),
+        ("tiny", {"masking.strategy": "block"}, ["masking.strategy", "text_guided"]),
+        ("tiny", {"vision.image_size": 70}, ["vision.image_size", "patch_size"]),
+        ("tiny", {"vision.heads": 3}, ["vision.heads"]),
+        ("tiny", {"itc.temp": 0.9}, ["itc.temp", "temp_max"]),
+        ("tiny", {"itc.queue_size": -1}, ["itc.queue_size"]),
+        ("tiny", {"loss.mim": -1.0}, ["loss.mim"]),
+        ("tiny", {"momentum.momentum": 1.5}, ["momentum.momentum"]),
+        ("tiny", {"glob.teacher_temp": 0.0}, ["glob.teacher_temp"]),
+        ("tiny", {"mlm.prob": float("nan")}, ["mlm.prob"]),
+    ],
+)
+def test_bad_values_raise_naming_the_field(name, overrides, words):
+    with pytest.raises(ValueError) as e:
+        from_preset(name, overrides)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = from_preset("tiny").to_dict()
+    d["vision"]["depthh"] = 3
+    with pytest.raises(ValueError, match="vision.depthh"):
+        SemMIMConfig.from_dict(d)
+    with pytest.raises(ValueError, match="extra"):
+        SemMIMConfig.from_dict({"extra": {}})

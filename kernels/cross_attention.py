@@ -32,7 +32,8 @@ Limits
     sdpa: torch.nn.functional.scaled_dot_product_attention; with a key mask torch cannot use its
     flash backend. No varlen (cu_seqlens) form: in the padded case (image→text) all keys already
     fit one tile and k, v are a small part of the traffic, so packing would save little.
-    Block sizes come from a small heuristic (``_block_sizes``), not autotuning.
+    Block sizes come from a small table (``_tiles``), checked spill-free with ptxas for sm_90,
+    not from autotuning.
 
 Differences vs reference
     The reference materialises the (B, H, Lq, Lk) score matrix in fp32 (fp64 for fp64 inputs) and
@@ -750,21 +751,36 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _block_sizes(lq: int, lk: int, block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) from a small heuristic instead of autotuning.
+def _tiles(kind: str, lq: int, lk: int, block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for one kernel from a small table instead of autotuning.
 
-    Short key sequences (image→text, Lk≈40) fit in one key block; fp32 and the 128-wide head dim
-    take smaller tiles so the registers / shared memory of one program stay within budget.
+    ``kind``: "fwd", "short_k", "short_q" or "general" (the backward plans). The sizes are the
+    largest that compile for sm_90 without register spills (checked with ptxas on each entry):
+    16-bit inputs use tensor-core tiles up to 128; fp32 (IEEE dots, no tensor cores: a test and
+    reference dtype here) uses 16/32-wide tiles. Short sides get one tile: next power of 2 ≥ L.
     """
-    big = dtype == torch.float32 or block_d >= 128
-    cap_m = 64 if big else 128
-    cap_n = 64
-    block_m = min(cap_m, max(16, _next_pow2(lq)))
-    block_n = min(cap_n, max(16, _next_pow2(lk))) if lk > 128 or big else max(16, _next_pow2(lk))
-    if block_n > cap_n and block_m > 64:
-        block_m = 64  # one 128-wide key block with a 128-row query tile is too many registers
-    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
-    return block_m, block_n, num_warps
+    pm = max(16, _next_pow2(lq))
+    pn = max(16, _next_pow2(lk))
+    wide = block_d >= 128
+    if dtype == torch.float32:
+        if kind == "fwd":
+            t = min(pm, 16 if wide else 32), min(pn, 16 if wide else 32)
+        elif kind == "short_k":
+            t = 16, pn
+        elif kind == "short_q":
+            t = pm, 16
+        else:
+            t = min(pm, 16), min(pn, 32)
+        return t[0], t[1], 4
+    if kind == "fwd":
+        bm = min(pm, 128)
+        bn = min(pn, 64) if wide or lk > 128 else pn
+        return bm, bn, 8 if bm >= 128 or (wide and bm >= 64) else 4
+    if kind == "short_k":  # K, V, dK, dV resident: BLOCK_N = all keys
+        return (32 if pn > 64 or wide else 64), pn, 8
+    if kind == "short_q":  # Q, dO, dQ resident: BLOCK_M = all queries
+        return pm, (32 if wide else 64), 8
+    return min(pm, 64), min(pn, 64), 8
 
 
 def _block_d(dh: int) -> int:
@@ -806,7 +822,7 @@ def _fwd_impl(q, k, v, key_mask, scale, out=None, lse=None):
         return out, lse
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     block_d = _block_d(Dh)
-    block_m, block_n, num_warps = _block_sizes(Lq, Lk, block_d, q.dtype)
+    block_m, block_n, num_warps = _tiles("fwd", Lq, Lk, block_d, q.dtype)
     mask, stride_mb, has_mask = _mask_arg(q, key_mask)
     grid = (triton.cdiv(Lq, block_m), H, B)
     _cross_attention_fwd_kernel[grid](
@@ -855,13 +871,12 @@ def _num_sms(device: torch.device) -> int:
 
 def _bwd_plan(B: int, Lq: int, Lk: int, H: int, block_d: int, dtype: torch.dtype, device) -> str:
     """Which backward to run: "short_k" / "short_q" (one fused kernel, when all keys resp. all
-    queries fit one tile and (head, batch) pairs alone fill the GPU) or "general" (D
-    preprocessing + dK/dV kernel + dQ kernel)."""
-    small_tile = 32 if (dtype == torch.float32 and block_d >= 128) else 64
-    if B * H >= _num_sms(device):
-        if Lk <= (128 if dtype != torch.float32 and block_d <= 64 else small_tile):
+    queries fit one tile and the (head, batch) pairs alone fill the GPU) or "general" (D
+    preprocessing + dK/dV kernel + dQ kernel). fp32 always takes "general" (small tiles)."""
+    if dtype != torch.float32 and B * H >= _num_sms(device):
+        if Lk <= (32 if block_d >= 128 else 128):
             return "short_k"
-        if Lq <= small_tile:
+        if Lq <= 64:
             return "short_q"
     return "general"
 
@@ -886,22 +901,19 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None,
     mask, stride_mb, has_mask = _mask_arg(q, key_mask)
     precision = _dot_precision(q.dtype)
     plan = plan or _bwd_plan(B, Lq, Lk, H, block_d, q.dtype, q.device)
-    big = q.dtype == torch.float32 and block_d >= 128
     strides = (
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
     )  # fmt: skip
 
-    if (plan == "short_k" and Lk > 128) or (plan == "short_q" and Lq > 128):
+    if (plan == "short_k" and Lk > 128) or (plan == "short_q" and Lq > 64):
         raise ValueError(f"plan {plan!r} needs all keys (short_k) or queries (short_q) in one tile")
     if plan in ("short_k", "short_q"):
-        if plan == "short_k":
-            kernel = _cross_attention_bwd_short_k_kernel
-            block_n = max(16, _next_pow2(Lk))
-            block_m = 32 if big or block_n > 64 else 64
-        else:
-            kernel = _cross_attention_bwd_short_q_kernel
-            block_m = max(16, _next_pow2(Lq))
-            block_n = 32 if big or block_m > 64 else 64
+        kernel = (
+            _cross_attention_bwd_short_k_kernel
+            if plan == "short_k"
+            else _cross_attention_bwd_short_q_kernel
+        )
+        block_m, block_n, num_warps = _tiles(plan, Lq, Lk, block_d, q.dtype)
         kernel[(1, H, B)](
             q, k, v, mask, out, do, lse, dq, dk, dv,
             *strides,
@@ -913,8 +925,7 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None,
             HAS_MASK=has_mask,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             DOT_PRECISION=precision,
-            # the resident side (K, V, dK, dV or Q, dO, dQ) lives in registers all along
-            num_warps=8 if max(block_m, block_n) * block_d >= 128 * 64 else 4,
+            num_warps=num_warps,
             num_stages=2,
         )  # fmt: skip
         return dq, dk, dv
@@ -930,18 +941,14 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None,
         Lq, Dh,
         BLOCK_M=pre_m, BLOCK_D=block_d,
     )  # fmt: skip
-    # the backward tiles hold more live blocks than the forward: cap both sides at 64 (32 for
-    # fp32 with a 128-wide head)
-    block_m, block_n, _ = _block_sizes(Lq, Lk, block_d, q.dtype)
-    cap = 32 if big else 64
-    block_m, block_n = min(block_m, cap), min(block_n, cap)
+    block_m, block_n, num_warps = _tiles("general", Lq, Lk, block_d, q.dtype)
     common = dict(
         HAS_MASK=has_mask,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         DOT_PRECISION=precision,
-        num_warps=4,
+        num_warps=num_warps,
         num_stages=2,
     )
     _cross_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), H, B)](

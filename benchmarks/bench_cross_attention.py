@@ -163,7 +163,7 @@ def _xformers_peer(q, k, v, mask):
 @pytest.mark.parametrize("plan", ["general", "fused"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", GPU_SHAPES[:3], ids=lambda s: s[0].replace(" ", "_"))
-def test_cross_attention_triton_bwd_plans(bench, shape, dtype, plan):
+def test_cross_attention_cuda_bwd_plans(bench, shape, dtype, plan):
     """The triton forward+backward with the backward plan forced: the fused one-kernel backward
     ("short_k" / "short_q") against the general three-kernel one, to tune ``_bwd_plan``."""
     if not GPU:

@@ -293,9 +293,12 @@ if not triton_import_error():
 
 
 def _triton_tiles(P: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_D, num_warps): (BLOCK_P, BLOCK_D) tiles of ~16 elements per thread; no
+    register spills on sm_90 (checked with ptxas -v for P = 2..1024, fp32 and bf16)."""
     block_p = max(16, 1 << (P - 1).bit_length())
-    block_d = min(max(16, 1 << (d - 1).bit_length()), max(16, 8192 // block_p))
-    num_warps = 8 if block_p >= 256 else 4
+    num_warps = 16 if block_p >= 512 else 8 if block_p >= 256 else 4
+    tile = 16 * 32 * num_warps
+    block_d = min(max(8, tile // block_p), max(8, 1 << (d - 1).bit_length()))
     return block_p, block_d, num_warps
 
 

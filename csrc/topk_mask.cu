@@ -79,7 +79,9 @@ __global__ void __launch_bounds__(kThreads)
                      std::int64_t* __restrict__ mask_idx, std::uint8_t* __restrict__ mask,
                      std::int32_t* __restrict__ nonfinite, int P,
                      int d, int M) {
-  extern __shared__ float t_sh[];  // (d,) fp32 text row
+  // (d,) fp32 text row, stored "vector-transposed": element c*VEC + j lives at t_sh[j*nvec + c],
+  // so the 32 lanes of a warp (consecutive c, same j) read 32 consecutive words: no bank conflicts
+  extern __shared__ float t_sh[];
   __shared__ unsigned keys[kThreads];
   __shared__ int warp_buf[kWarps];
   __shared__ float t_norm_sh;
@@ -89,8 +91,9 @@ __global__ void __launch_bounds__(kThreads)
 
   // 1. text row and its norm
   const float* t = text + b * text_sb;
+  const int nvec = d / VEC;  // VEC > 1 only when VEC divides d (checked on the host)
   if (tid == 0) bad_sh = 0;
-  for (int k = tid; k < d; k += kThreads) t_sh[k] = t[k];
+  for (int k = tid; k < d; k += kThreads) t_sh[(k % VEC) * nvec + k / VEC] = t[k];
   __syncthreads();
   if (warp == 0) {
     float ss = 0.0f;
@@ -109,14 +112,13 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (VEC > 1) {
       using V = Vec<T, VEC>;
       const V* rv = reinterpret_cast<const V*>(row);
-      const int nvec = d / VEC;
 #pragma unroll 4
       for (int c = lane; c < nvec; c += 32) {
         const V v = rv[c];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const float x = to_f(v.v[j]);
-          dot += x * t_sh[c * VEC + j];
+          dot += x * t_sh[j * nvec + c];
           ss += x * x;
         }
       }

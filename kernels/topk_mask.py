@@ -10,9 +10,11 @@ Math
     index is masked first (-0.0 and +0.0 count as equal).
 
 Shapes
-    patch (B, P, d)  any float dtype, last dim contiguous (other strides free)
-    text  (B, d)     last dim contiguous
-    noise (B, P)     optional, any float dtype (read as fp32), e.g. :func:`gumbel_noise`
+    patch (B, P, d)  float32/float16/bfloat16; fused backends need the last dim contiguous (other
+                     strides free; otherwise auto-dispatch falls back to the reference)
+    text  (B, d)     any float dtype and layout (the fused backends read a (B, d) fp32 copy)
+    noise (B, P)     optional, any float dtype and strides (fp32 is read in place; other dtypes
+                     are converted once), e.g. :func:`gumbel_noise`
     -> keep_idx (B, R) int64 ascending, mask_idx (B, M) int64 ascending, mask (B, P) bool,
        R = P - M; keep_idx and mask_idx are disjoint and together cover 0..P-1.
 
@@ -38,7 +40,16 @@ Differences vs reference
     sums; triton/cuda: tree reductions), so scores can differ in the last bits and the selected
     sets can differ only at near-ties: where the M-th and (M+1)-th largest scores are separated by
     more than the dtype tolerance, indices are identical. Exactly equal scores (e.g. duplicate
-    patches) follow the lower-index rule in every backend.
+    patches) follow the lower-index rule in every backend. The cpu backend uses AVX2/FMA/F16C
+    code on x86-64-v3 machines and portable code elsewhere (same lane order, FMA rounding only).
+    Selection: reference = stable descending sort; cpu = nth_element on unique 64-bit
+    (score key, ~index) keys; triton/cuda = 32-round bitwise search for the M-th largest score
+    key, ties at that key taken in index order, then prefix sums to place each index.
+
+torch.compile
+    ``semmim::topk_mask_{cpu,cuda,triton}`` are torch.library custom ops with fake (meta)
+    implementations, so they trace without graph breaks. The public op's ``check_finite`` host
+    sync does break a graph: inside compiled regions pass ``check_finite=False``.
 
 Backends: reference (PyTorch), triton, cuda (semmim._C), cpu (semmim._C, C++ OpenMP over rows).
 """

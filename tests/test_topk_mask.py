@@ -467,6 +467,17 @@ def test_auto_dispatch_and_env_override(monkeypatch):
 
 
 @needs_ext
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_cuda_entry_point_without_gpu_raises_clear_error():
+    ext = tm.extension()
+    want = "needs a CUDA GPU" if ext.build_info()["cuda"] else "built without CUDA"
+    with pytest.raises(RuntimeError, match=want):
+        ext.tm_topk_mask_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 1e-12, 0, 0, 0, 0, 1, 4, 8, 2, 1, 0)
+    patch, text = random_inputs(1, 4, 8)
+    assert any("CUDA" in r for r in tm.supports_cuda(patch, text, 2))
+
+
+@needs_ext
 def test_opcheck_cpu_custom_op():
     patch, text = random_inputs(2, 49, 72)
     noise = K.gumbel_noise((2, 49), seed=0, device="cpu")

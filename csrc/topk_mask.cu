@@ -1,9 +1,9 @@
 // CUDA kernel of the fused text–patch similarity top-k masking op (math in topk_mask.h).
 // One 1024-thread block per row b:
 //   1. text[b] -> shared memory (fp32) and its norm (warp 0, fixed order);
-//   2. warp w scores patches w, w+32, ...: lanes stride over d in VEC-element (16-byte) loads,
-//      fp32 dot and squared norm, butterfly warp reduction, lane 0 stores an order-preserving
-//      uint32 key of the score in shared memory (patch[b] is read exactly once);
+//   2. warp w scores patches 2w, 2w+1, 2w+64, 2w+65, ...: lanes stride over d in VEC-element
+//      (16-byte) loads, fp32 dot and squared norm, butterfly warp reductions, lanes 0/1 store an
+//      order-preserving uint32 key of each score in shared memory (patch[b] is read once);
 //   3. thread p owns key p: a 32-round bitwise search (__syncthreads_count) finds T, the M-th
 //      largest key; keys > T are masked, keys == T are masked in index order until M are taken;
 //   4. two block-wide exclusive scans (ballot + popc) give each patch its slot in mask_idx or
@@ -23,8 +23,11 @@ namespace tm {
 
 namespace {
 
-constexpr int kThreads = 1024;  // == kTopkMaskMaxP: one thread per key in the selection
+// 512 threads (<= 64 registers each) -> two rows per SM at a time: B=256 rows fit in one wave on
+// an H100 (132 SMs); each thread owns kKeysPerThread consecutive keys in the selection.
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr int kKeysPerThread = static_cast<int>(kTopkMaskMaxP) / kThreads;
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -48,31 +51,35 @@ __device__ __forceinline__ unsigned score_key(float s) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Block-wide exclusive prefix count of `flag` in thread order. All threads must call it.
-__device__ __forceinline__ int block_exclusive_count(bool flag, int* warp_buf) {
+// Block-wide exclusive prefix sum of per-thread values in thread order. All threads must call it.
+__device__ __forceinline__ int block_exclusive_sum(int v, int* warp_buf) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const unsigned ballot = __ballot_sync(0xFFFFFFFFu, flag);
-  const int in_warp = __popc(ballot & ((1u << lane) - 1u));
-  if (lane == 0) warp_buf[warp] = __popc(ballot);
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+    if (lane >= o) incl += n;
+  }
+  if (lane == 31) warp_buf[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    const int v = warp_buf[lane];
-    int incl = v;
+    const int w = lane < kWarps ? warp_buf[lane] : 0;
+    int wincl = w;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      const int n = __shfl_up_sync(0xFFFFFFFFu, incl, o);
-      if (lane >= o) incl += n;
+      const int n = __shfl_up_sync(0xFFFFFFFFu, wincl, o);
+      if (lane >= o) wincl += n;
     }
-    warp_buf[lane] = incl - v;
+    if (lane < kWarps) warp_buf[lane] = wincl - w;
   }
   __syncthreads();
-  const int res = warp_buf[warp] + in_warp;
+  const int res = warp_buf[warp] + incl - v;
   __syncthreads();  // warp_buf is reused by the next call
   return res;
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     topk_mask_kernel(const T* __restrict__ patch, i64 sb, i64 sp, const float* __restrict__ text,
                      i64 text_sb, const float* __restrict__ noise, i64 nsb, i64 nsp, float tau,
                      float eps, std::int64_t* __restrict__ keep_idx,
@@ -82,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
   // (d,) fp32 text row, stored "vector-transposed": element c*VEC + j lives at t_sh[j*nvec + c],
   // so the 32 lanes of a warp (consecutive c, same j) read 32 consecutive words: no bank conflicts
   extern __shared__ float t_sh[];
-  __shared__ unsigned keys[kThreads];
+  __shared__ unsigned keys[kTopkMaskMaxP];
   __shared__ int warp_buf[kWarps];
   __shared__ float t_norm_sh;
   __shared__ int bad_sh;
@@ -104,35 +111,51 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const float t_norm = t_norm_sh;
 
-  // 2. one warp per patch
+  // 2. one warp per pair of patches (two rows' loads in flight per lane hide latency when
+  //    d / VEC is only a few vectors per lane); both rows use the same summation order
   const T* row0 = patch + b * sb;
-  for (int p = warp; p < P; p += kWarps) {
-    const T* row = row0 + static_cast<i64>(p) * sp;
-    float dot = 0.0f, ss = 0.0f;
+  for (int p0 = 2 * warp; p0 < P; p0 += 2 * kWarps) {
+    const int p1 = p0 + 1 < P ? p0 + 1 : p0;  // odd P: the last warp reads its row twice
+    const T* ra = row0 + static_cast<i64>(p0) * sp;
+    const T* rb = row0 + static_cast<i64>(p1) * sp;
+    float dot_a = 0.0f, ss_a = 0.0f, dot_b = 0.0f, ss_b = 0.0f;
     if constexpr (VEC > 1) {
       using V = Vec<T, VEC>;
-      const V* rv = reinterpret_cast<const V*>(row);
-#pragma unroll 4
+      const V* va = reinterpret_cast<const V*>(ra);
+      const V* vb = reinterpret_cast<const V*>(rb);
+#pragma unroll 2
       for (int c = lane; c < nvec; c += 32) {
-        const V v = rv[c];
+        const V xa = va[c];
+        const V xb = vb[c];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float x = to_f(v.v[j]);
-          dot += x * t_sh[j * nvec + c];
-          ss += x * x;
+          const float tj = t_sh[j * nvec + c];
+          const float a = to_f(xa.v[j]), bv = to_f(xb.v[j]);
+          dot_a += a * tj;
+          ss_a += a * a;
+          dot_b += bv * tj;
+          ss_b += bv * bv;
         }
       }
     } else {
 #pragma unroll 4
       for (int k = lane; k < d; k += 32) {
-        const float x = to_f(row[k]);
-        dot += x * t_sh[k];
-        ss += x * x;
+        const float tk = t_sh[k];
+        const float a = to_f(ra[k]), bv = to_f(rb[k]);
+        dot_a += a * tk;
+        ss_a += a * a;
+        dot_b += bv * tk;
+        ss_b += bv * bv;
       }
     }
-    dot = warp_sum(dot);
-    ss = warp_sum(ss);
-    if (lane == 0) {
+    dot_a = warp_sum(dot_a);
+    ss_a = warp_sum(ss_a);
+    dot_b = warp_sum(dot_b);
+    ss_b = warp_sum(ss_b);
+    if (lane < 2 && (lane == 0 || p1 != p0)) {
+      const int p = lane == 0 ? p0 : p1;
+      const float dot = lane == 0 ? dot_a : dot_b;
+      const float ss = lane == 0 ? ss_a : ss_b;
       float s = dot / (fmaxf(sqrtf(ss), eps) * t_norm);
       if (noise != nullptr) s = s / tau + noise[b * nsb + static_cast<i64>(p) * nsp];
       keys[p] = score_key(s);
@@ -142,29 +165,55 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   // 3. T = the M-th largest key (largest T with #{key >= T} >= M); padding key 0 is never counted
-  const bool valid = tid < P;
-  const unsigned key = valid ? keys[tid] : 0u;
+  constexpr int KPT = kKeysPerThread;
+  const int p_first = tid * KPT;  // this thread's keys: p_first .. p_first + KPT - 1
+  unsigned key[KPT];
+  bool valid[KPT];
+#pragma unroll
+  for (int i = 0; i < KPT; ++i) {
+    valid[i] = p_first + i < P;
+    key[i] = valid[i] ? keys[p_first + i] : 0u;
+  }
   unsigned thr = 0u;
   for (int bit = 31; bit >= 0; --bit) {
     const unsigned cand = thr | (1u << bit);
-    if (__syncthreads_count(valid && key >= cand) >= M) thr = cand;
+    int count = 0;
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) count += __syncthreads_count(valid[i] && key[i] >= cand);
+    if (count >= M) thr = cand;
   }
-  const bool gt = valid && key > thr;
-  const bool eq = valid && key == thr;
-  const int need = M - __syncthreads_count(gt);  // ties at T: lowest indices first
-  const int eq_rank = block_exclusive_count(eq, warp_buf);
-  const bool masked = gt || (eq && eq_rank < need);
+  int n_gt = 0, my_eq = 0;
+#pragma unroll
+  for (int i = 0; i < KPT; ++i) {
+    n_gt += __syncthreads_count(valid[i] && key[i] > thr);
+    my_eq += (valid[i] && key[i] == thr) ? 1 : 0;
+  }
+  const int need = M - n_gt;  // ties at T: lowest indices first
+  int eq_rank = block_exclusive_sum(my_eq, warp_buf);
+  bool masked[KPT];
+  int my_masked = 0;
+#pragma unroll
+  for (int i = 0; i < KPT; ++i) {
+    const bool eq = valid[i] && key[i] == thr;
+    masked[i] = (valid[i] && key[i] > thr) || (eq && eq_rank < need);
+    eq_rank += eq ? 1 : 0;
+    my_masked += masked[i] ? 1 : 0;
+  }
 
-  // 4. slots in index order
-  const int m_rank = block_exclusive_count(masked, warp_buf);
+  // 4. slots in index order: mask_idx slot = #masked before p, keep_idx slot = p - that
+  int m_rank = block_exclusive_sum(my_masked, warp_buf);
   if (tid == 0) nonfinite[b] = bad_sh;  // complete: the scans above passed __syncthreads
-  if (valid) {
-    const i64 R = P - M;
-    mask[b * P + tid] = masked ? 1 : 0;
-    if (masked) {
-      mask_idx[b * M + m_rank] = tid;
+  const i64 R = P - M;
+#pragma unroll
+  for (int i = 0; i < KPT; ++i) {
+    const int p = p_first + i;
+    if (!valid[i]) continue;
+    mask[b * P + p] = masked[i] ? 1 : 0;
+    if (masked[i]) {
+      mask_idx[b * M + m_rank] = p;
+      ++m_rank;
     } else {
-      keep_idx[b * R + (tid - m_rank)] = tid;
+      keep_idx[b * R + (p - m_rank)] = p;
     }
   }
 }

@@ -190,7 +190,8 @@ class ITCConfig:
 
 @dataclass(frozen=True)
 class MLMConfig:
-    """Masked language modelling: ``prob`` of the real tokens, BERT 80/10/10 replacement."""
+    """Masked language modelling: max(1, round(prob · n)) of a caption's n real tokens, BERT
+    80/10/10 replacement. Turn MLM off with ``loss.mlm = 0``."""
 
     prob: float = 0.15
     mask_frac: float = 0.8
@@ -198,6 +199,7 @@ class MLMConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _positive(self, "prob")
         _in_range(self, "prob", 0.0, 1.0)
         _in_range(self, "mask_frac", 0.0, 1.0)
         _in_range(self, "random_frac", 0.0, 1.0)

@@ -60,10 +60,10 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, logits_m: torch.Tensor,
              alpha: float) -> torch.Tensor:
     """(1−α)·CE(labels) + α·CE(softmax(momentum logits)), averaged over predicted tokens.
 
-    logits, logits_m (B, T, V); labels (B, T) with −100 = ignore. A batch without any
+    logits, logits_m (B, N, V); labels (B, N) with −100 = ignore. A batch without any
     predicted token gives 0 (no host sync to check).
     """
-    valid = labels >= 0  # (B, T)
+    valid = labels >= 0  # (B, N)
     hard = F.cross_entropy(logits.flatten(0, 1), labels.flatten().clamp_min(0), reduction="none")
     soft = soft_cross_entropy(logits, F.softmax(logits_m, dim=-1)).flatten()
     per_token = (1 - alpha) * hard + alpha * soft  # (B*T,)

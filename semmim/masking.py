@@ -7,11 +7,13 @@ patch and is never masked). Text-guided masking calls ``semmim.kernels.topk_mask
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from semmim import kernels
 
-__all__ = ["text_guided_mask", "random_mask", "mlm_mask"]
+__all__ = ["text_guided_mask", "random_mask", "mlm_mask", "mlm_positions"]
 
 ImageMask = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -63,17 +65,25 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, prob: flo
              mask_frac: float, random_frac: float, mask_token_id: int, vocab_size: int,
              special_ids: torch.Tensor, generator: torch.Generator | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: choose ``prob`` of the real, non-special tokens; of those, ``mask_frac`` →
-    [MASK], ``random_frac`` → a random token, the rest unchanged.
+    """BERT masking: in each caption choose max(1, round(prob · n)) of its n real, non-special
+    tokens (a uniformly random subset); of those, ``mask_frac`` → [MASK], ``random_frac`` →
+    a random token, the rest unchanged.
 
+    A fixed count per caption (as BERT's data pipeline) bounds the predicted tokens per row by
+    ceil(prob · T), so the model can run the vocabulary head on those positions only.
     input_ids, attention_mask (B, T); special_ids (S,) int64 on the same device.
     Returns (masked_ids (B, T), labels (B, T) with −100 at positions not to predict).
     """
     def uniform() -> torch.Tensor:
         return torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
 
-    candidate = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
-    chosen = candidate & (uniform() < prob)
+    candidate = attention_mask.bool() & ~torch.isin(input_ids, special_ids)  # (B, T)
+    n_real = candidate.sum(1)  # (B,)
+    n_chosen = torch.where(n_real > 0, (prob * n_real).round().clamp_min(1), 0)  # (B,)
+    order = uniform().masked_fill(~candidate, -1.0).argsort(dim=1, descending=True)  # (B, T)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(
+        order.shape[1], device=order.device).expand_as(order))  # rank of each token
+    chosen = candidate & (rank < n_chosen[:, None])
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     u = uniform()
     to_mask = chosen & (u < mask_frac)
@@ -83,3 +93,10 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, prob: flo
     ids = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     ids = torch.where(to_random, random_ids, ids)
     return ids, labels
+
+
+def mlm_positions(labels: torch.Tensor, prob: float) -> torch.Tensor:
+    """Sorted (B, N) positions covering every predicted token of :func:`mlm_mask`'s labels,
+    N = max(1, ceil(prob · T)) (fixed, so no host sync); extra slots hold label −100."""
+    N = max(1, math.ceil(prob * labels.shape[1]))
+    return (labels >= 0).to(torch.int8).topk(N, dim=1).indices.sort(dim=1).values

@@ -38,7 +38,7 @@ from semmim.losses import (
     pixel_targets,
     sample_hard_negatives,
 )
-from semmim.masking import mlm_mask, random_mask, text_guided_mask
+from semmim.masking import mlm_mask, mlm_positions, random_mask, text_guided_mask
 from semmim.pretrained import load_bert_into
 from semmim.tokenizer import load_tokenizer
 
@@ -385,12 +385,14 @@ class SemMIM(nn.Module):
                                random_frac=c.random_frac, mask_token_id=self.mask_token_id,
                                vocab_size=self.cfg.text.vocab_size,
                                special_ids=self.special_ids, generator=gen)
+        pos = mlm_positions(labels, c.prob)  # (B, N): the vocabulary head runs only here
+        labels = labels.gather(1, pos)  # (B, N)
         net, ema = self.net, self.ema
         fused = net.fusion(net.text(ids, attention_mask), attention_mask, image_embeds)
-        logits = net.mlm_head(fused)  # (B, T, V)
+        logits = net.mlm_head(kernels.masked_gather(fused, pos))  # (B, N, V)
         with torch.no_grad():
             fused_m = ema.fusion(ema.text(ids, attention_mask), attention_mask, image_embeds_m)
-            logits_m = ema.mlm_head(fused_m)
+            logits_m = ema.mlm_head(kernels.masked_gather(fused_m, pos))
         return mlm_loss(logits, labels, logits_m, alpha)
 
     @torch.no_grad()

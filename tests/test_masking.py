@@ -1,11 +1,13 @@
 """Image masks (text-guided and random) and BERT MLM masking: invariants and determinism."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from semmim import SemMIM, from_preset
-from semmim.masking import mlm_mask, random_mask, text_guided_mask
+from semmim.masking import mlm_mask, mlm_positions, random_mask, text_guided_mask
 
 
 def check_invariants(keep_idx, mask_idx, mask, P, M):
@@ -91,6 +93,27 @@ def test_mlm_never_touches_special_or_padding_tokens():
     assert torch.equal(out[:, [0, 15]], ids[:, [0, 15]]) and torch.equal(out[:, 16:], ids[:, 16:])
     assert torch.equal(labels[chosen], ids[chosen])
     assert torch.equal(out[~chosen], ids[~chosen])
+
+
+def test_mlm_chooses_round_prob_n_per_caption_and_positions_cover_them():
+    g = torch.Generator().manual_seed(2)
+    B, T = 32, 24
+    ids = torch.randint(1000, 2000, (B, T), generator=g)
+    lengths = torch.randint(1, T - 1, (B,), generator=g)  # real tokens between [CLS] and [SEP]
+    ar = torch.arange(T)
+    ids[:, 0] = 101
+    ids[ar.expand(B, T) == lengths[:, None] + 1] = 102
+    ids[ar > lengths[:, None] + 1] = 0
+    am = (ids != 0).long()
+    _, labels = mlm_mask(ids, am, prob=0.15, mask_frac=0.8, random_frac=0.1, mask_token_id=103,
+                         vocab_size=30522, special_ids=SPECIAL, generator=g)
+    expected = (0.15 * lengths).round().clamp_min(1)
+    assert torch.equal((labels != -100).sum(1), expected.long())
+    pos = mlm_positions(labels, 0.15)
+    assert pos.shape == (B, math.ceil(0.15 * T))
+    assert (pos[:, 1:] > pos[:, :-1]).all()
+    picked = labels.gather(1, pos)
+    assert torch.equal((picked != -100).sum(1), (labels != -100).sum(1))
 
 
 def test_mlm_rates_follow_80_10_10():

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from OUT/checkpoints/latest with its model config, optimizer, "
-        "schedule, RNG and data position (flags given now override run settings)",
+        "schedule, RNG and data position; run flags given now (e.g. --steps, "
+        "--num-workers) override the saved ones, --preset and model --set are ignored",
     )
     tr.add_argument(
         "--num-workers",
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="held-out images: fraction (<1) or count (default 0.1, at most 1000; the "
-        "embedded data always holds out 500)",
+        "embedded data holds out V, see --data)",
     )
     tr.add_argument(
         "--device",

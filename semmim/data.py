@@ -136,7 +136,7 @@ class DataSource:
     train: list[Record]
     val: list[Record]
     class_names: list[str] | None = None
-    prompt_template: str = "a photo of a {name}"
+    prompt_template: str | list[str] = "a photo of a {name}"
     skips: SkipLog = field(default_factory=SkipLog)
     # Recommended augmentation (see semmim.transforms.TrainTransform).
     crop_scale: tuple[float, float] = (0.5, 1.0)
@@ -233,7 +233,7 @@ def _open_synthetic(spec: str, seed: int) -> DataSource:
         records("train", n_train),
         records("val", n_val),
         list(synthetic.SHAPES),
-        synthetic.PROMPT_TEMPLATE,
+        synthetic.PROMPT_TEMPLATES,
         SkipLog(),
         crop_scale=(0.85, 1.0),
         flip="swap",

@@ -178,7 +178,7 @@ def evaluate(
     image_size: int,
     max_len: int,
     class_names: Sequence[str] | None = None,
-    prompt_template: str = "a photo of a {name}",
+    prompt_template: str | Sequence[str] = "a photo of a {name}",
     rerank_k: int = 16,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -191,6 +191,7 @@ def evaluate(
             ``tokenizer`` are used; put in eval mode here).
         records: held-out image-caption pairs (several captions per image share ``key``).
         class_names: zero-shot classes; images with ``label >= 0`` are classified.
+        prompt_template: ``"... {name} ..."`` or a list of them (class features are averaged).
         rerank_k: ITM re-ranked candidates per query; 0 = ITC only.
 
     Returns a dict with ``"itc"`` (and ``"itm"``) metric dicts, ``"chance"``, ``"zero_shot"`` (or None),
@@ -263,8 +264,13 @@ def evaluate(
         labels = torch.tensor([image_records[n].label for n in kept])
         sel = labels >= 0
         if sel.any():
-            prompts = [prompt_template.format(name=c) for c in class_names]
-            _, _, cls_feats = embed_texts(model, prompts, tokenizer, max_len, batch_size, device)
+            templates = [prompt_template] if isinstance(prompt_template, str) else prompt_template
+            prompts = [t.format(name=c) for c in class_names for t in templates]
+            _, _, feats = embed_texts(model, prompts, tokenizer, max_len, batch_size, device)
+            # Prompt ensembling (CLIP): average each class's prompt features, re-normalise.
+            cls_feats = torch.nn.functional.normalize(
+                feats.view(len(class_names), len(templates), -1).mean(1), dim=-1
+            )  # (C, E)
             logits = img_feats[sel] @ cls_feats.t()  # (N, C)
             top = logits.topk(min(5, len(class_names)), dim=1).indices
             y = labels[sel]
@@ -274,7 +280,8 @@ def evaluate(
                 "n_images": int(sel.sum()),
                 "n_classes": len(class_names),
                 "chance_top1": 100.0 / len(class_names),
-                "prompt": prompt_template,
+                "prompt": templates[0]
+                + (f" (+{len(templates) - 1} more, averaged)" if len(templates) > 1 else ""),
             }
     model.train(was_training)
     return result
@@ -301,7 +308,7 @@ def format_table(result: dict[str, Any]) -> str:
     if zs:
         lines.append(
             f"zero-shot classification ({zs['n_images']} images, {zs['n_classes']} classes, "
-            f"prompt {zs['prompt']!r}): top-1 {zs['top1']:.2f}%  top-5 {zs['top5']:.2f}%  "
+            f"prompt {zs['prompt']}): top-1 {zs['top1']:.2f}%  top-5 {zs['top5']:.2f}%  "
             f"(chance top-1 {zs['chance_top1']:.2f}%)"
         )
     if result.get("skipped", {}).get("total"):

@@ -44,7 +44,8 @@ POSITIONS = {
     (2, 2): "in the bottom right",
 }
 SPLITS = {"train": 0, "val": 1, "test": 2}
-PROMPT_TEMPLATE = "a photo of a {name}"
+# Zero-shot prompts: one per (size, colour), averaged per class, in the captions' own words.
+PROMPT_TEMPLATES = [f"a {size} {colour} {{name}}" for size in SIZES for colour in COLOURS]
 
 
 @dataclass(frozen=True)

@@ -443,9 +443,7 @@ def train(
     csv_file, writer = (
         _open_csv(os.path.join(out_dir, "log.csv"), step) if info.is_main else (None, None)
     )
-    autocast = torch.autocast(
-        "cuda", dtype=torch.bfloat16, enabled=tcfg.amp and info.device.type == "cuda"
-    )
+    use_amp = tcfg.amp and info.device.type == "cuda"
     committed = {
         "step": step,
         "epoch": epoch,
@@ -532,7 +530,8 @@ def train(
                         if (last or not info.distributed)
                         else ddp_model.no_sync()
                     )
-                    with sync, autocast:
+                    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp)
+                    with sync, amp:
                         out = ddp_model(images, ids, mask)
                         (out.loss / tcfg.accum_steps).backward()
                     pairs += len(images) * info.world_size

@@ -24,7 +24,7 @@ _DATA_HELP = (
 EPILOG = """examples:
   semmim train                                   # small preset, embedded data, then held-out eval
   semmim train --preset tiny --steps 50 --out runs/tiny
-  semmim train --data folder:/usr/share/tuxpaint/stamps --steps 1500 --out runs/tux
+  semmim train --data folder:/usr/share/tuxpaint/stamps --steps 500 --lr 3e-4 --out runs/tux
   semmim train --out runs/tux --resume           # continue exactly where the run stopped
   semmim train --set mim.target=pixel --set train.lr=1e-4 masking.strategy=random
   torchrun --nproc_per_node 8 -m semmim train --preset base --data json:coco.json --epochs 20

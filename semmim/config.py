@@ -47,8 +47,9 @@ def _check_types(obj: Any) -> None:
             continue
         if typing.get_origin(hint) is Literal:
             if value not in typing.get_args(hint):
-                raise ValueError(f"{f.name}: must be one of {list(typing.get_args(hint))}, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"{f.name}: must be one of {list(typing.get_args(hint))}, got {value!r}"
+                )
             continue
         ok = {
             bool: lambda v: isinstance(v, bool),
@@ -57,8 +58,9 @@ def _check_types(obj: Any) -> None:
             str: lambda v: isinstance(v, str),
         }[hint](value)
         if not ok:
-            raise ValueError(f"{f.name}: expected {hint.__name__}, got {value!r} "
-                             f"({type(value).__name__})")
+            raise ValueError(
+                f"{f.name}: expected {hint.__name__}, got {value!r} ({type(value).__name__})"
+            )
         if hint is float:
             object.__setattr__(obj, f.name, float(value))
             if not math.isfinite(value):
@@ -100,8 +102,9 @@ class VisionConfig:
         _check_types(self)
         _positive(self, "image_size", "patch_size", "dim", "depth", "heads", "mlp_ratio")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size: {self.image_size} is not a multiple of "
-                             f"patch_size={self.patch_size}")
+            raise ValueError(
+                f"image_size: {self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
         if self.dim % self.heads:
             raise ValueError(f"heads: dim={self.dim} is not divisible by heads={self.heads}")
 
@@ -130,8 +133,17 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _positive(self, "vocab_size", "dim", "depth", "heads", "intermediate", "max_len",
-                  "type_vocab_size", "layer_norm_eps")
+        _positive(
+            self,
+            "vocab_size",
+            "dim",
+            "depth",
+            "heads",
+            "intermediate",
+            "max_len",
+            "type_vocab_size",
+            "layer_norm_eps",
+        )
         if self.dim % self.heads:
             raise ValueError(f"heads: dim={self.dim} is not divisible by heads={self.heads}")
 
@@ -180,8 +192,10 @@ class ITCConfig:
         _check_types(self)
         _positive(self, "embed_dim", "temp_min")
         if not self.temp_min <= self.temp <= self.temp_max:
-            raise ValueError(f"temp: must be in [temp_min={self.temp_min}, "
-                             f"temp_max={self.temp_max}], got {self.temp}")
+            raise ValueError(
+                f"temp: must be in [temp_min={self.temp_min}, "
+                f"temp_max={self.temp_max}], got {self.temp}"
+            )
         if self.queue_size < 0:
             raise ValueError(f"queue_size: must be >= 0, got {self.queue_size}")
         _in_range(self, "alpha", 0.0, 1.0)
@@ -204,8 +218,10 @@ class MLMConfig:
         _in_range(self, "mask_frac", 0.0, 1.0)
         _in_range(self, "random_frac", 0.0, 1.0)
         if self.mask_frac + self.random_frac > 1.0:
-            raise ValueError(f"random_frac: mask_frac + random_frac must be <= 1, got "
-                             f"{self.mask_frac} + {self.random_frac}")
+            raise ValueError(
+                f"random_frac: mask_frac + random_frac must be <= 1, got "
+                f"{self.mask_frac} + {self.random_frac}"
+            )
 
 
 @dataclass(frozen=True)
@@ -324,8 +340,10 @@ class SemMIMConfig:
         p = self.vision.num_patches
         m = round(self.masking.ratio * p)
         if self.mim.enabled and m >= p:
-            raise ValueError(f"masking.ratio: {self.masking.ratio} masks all {p} patches "
-                             f"(M = round(ratio·P) = {m}); at least one must stay visible")
+            raise ValueError(
+                f"masking.ratio: {self.masking.ratio} masks all {p} patches "
+                f"(M = round(ratio·P) = {m}); at least one must stay visible"
+            )
 
     @property
     def num_masked(self) -> int:
@@ -352,8 +370,9 @@ class SemMIMConfig:
             valid = {f.name for f in fields(section_cls)}
             unknown = sorted(set(sub) - valid)
             if unknown:
-                raise ValueError(f"{name}.{unknown[0]}: unknown key; valid keys of {name}: "
-                                 f"{sorted(valid)}")
+                raise ValueError(
+                    f"{name}.{unknown[0]}: unknown key; valid keys of {name}: {sorted(valid)}"
+                )
             kwargs[name] = _build(name, lambda c=section_cls, sub=sub: c(**sub))
         return cls(**kwargs)
 
@@ -364,14 +383,17 @@ class SemMIMConfig:
         for key, value in overrides.items():
             section, _, name = key.partition(".")
             if section not in sections or not name:
-                raise ValueError(f"{key}: unknown config key; keys look like 'section.field' "
-                                 f"with section in {sorted(sections)}")
+                raise ValueError(
+                    f"{key}: unknown config key; keys look like 'section.field' "
+                    f"with section in {sorted(sections)}"
+                )
             valid = [f.name for f in fields(sections[section])]
             if name not in valid:
                 raise ValueError(f"{key}: unknown key; valid keys of {section}: {valid}")
             changes.setdefault(section, {})[name] = value
-        new = {s: _build(s, lambda s=s, kv=kv: replace(sections[s], **kv))
-               for s, kv in changes.items()}
+        new = {
+            s: _build(s, lambda s=s, kv=kv: replace(sections[s], **kv)) for s, kv in changes.items()
+        }
         return replace(self, **new)
 
 
@@ -401,8 +423,9 @@ PRESETS: types.MappingProxyType[str, SemMIMConfig] = types.MappingProxyType(
 )
 
 
-def from_preset(name: str, overrides: dict[str, Any] | None = None, /,
-                **kw_overrides: Any) -> SemMIMConfig:
+def from_preset(
+    name: str, overrides: dict[str, Any] | None = None, /, **kw_overrides: Any
+) -> SemMIMConfig:
     """Preset ``name`` ("tiny" | "small" | "base") with dotted-key overrides.
 
     Overrides come as one positional dict, keyword arguments (``**{"mim.target": "pixel"}``),

@@ -48,8 +48,9 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(ctx_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, Lq, D = x.shape
         Lk, H = ctx.shape[1], self.heads
         q = self.q(x).view(B, Lq, H, D // H)
@@ -95,13 +96,15 @@ class PredictorBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def cross_step(self, x: torch.Tensor, text: torch.Tensor,
-                   text_mask: torch.Tensor | None) -> torch.Tensor:
+    def cross_step(
+        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """x + CA(LN x, text): the step ψ reuses (with EMA weights) to put text into targets."""
         return x + self.cross(self.norm_cross(x), text, text_mask)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         x = self.cross_step(x, text, text_mask)
         return x + self.mlp(self.norm2(x))
@@ -128,8 +131,7 @@ class FusionLayer(nn.Module):
     x (B, T, Dt), text_mask (B, T), image (B, Li, Dv), image_mask (B, Li) or None → (B, T, Dt).
     """
 
-    def __init__(self, dim: int, image_dim: int, heads: int, intermediate: int,
-                 eps: float) -> None:
+    def __init__(self, dim: int, image_dim: int, heads: int, intermediate: int, eps: float) -> None:
         super().__init__()
         self.attn = SelfAttention(dim, heads)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -138,8 +140,13 @@ class FusionLayer(nn.Module):
         self.mlp = MLP(dim, intermediate)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, text_mask: torch.Tensor | None, image: torch.Tensor,
-                image_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = self.norm1(x + self.attn(x, text_mask))
         x = self.norm_cross(x + self.cross(x, image, image_mask))
         return self.norm2(x + self.mlp(x))
@@ -155,8 +162,10 @@ class PrototypeHead(nn.Module):
     def __init__(self, dim: int, hidden: int, bottleneck: int, num_prototypes: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(),
-            nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
             nn.Linear(hidden, bottleneck),
         )
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck))
@@ -194,8 +203,16 @@ class VisionEncoder(nn.Module):
     ``forward_kept(images, keep_idx)`` runs only CLS + the R kept patches → (B, R+1, D).
     """
 
-    def __init__(self, image_size: int, patch_size: int, dim: int, depth: int, heads: int,
-                 mlp_ratio: float, mask_token: bool) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        mask_token: bool,
+    ) -> None:
         super().__init__()
         self.num_patches = (image_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size)
@@ -243,22 +260,32 @@ class TextEncoder(nn.Module):
     Hugging Face BertModel (see :mod:`semmim.pretrained`).
     """
 
-    def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, intermediate: int,
-                 max_len: int, type_vocab_size: int, eps: float) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        intermediate: int,
+        max_len: int,
+        type_vocab_size: int,
+        eps: float,
+    ) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(vocab_size, dim)
         self.position_embeddings = nn.Embedding(max_len, dim)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.layers = nn.ModuleList(
-            BertLayer(dim, heads, intermediate, eps) for _ in range(depth)
-        )
+        self.layers = nn.ModuleList(BertLayer(dim, heads, intermediate, eps) for _ in range(depth))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(pos)
-             + self.token_type_embeddings.weight[0])
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(pos)
+            + self.token_type_embeddings.weight[0]
+        )
         x = self.norm(x)
         key_mask = attention_mask.bool()
         for layer in self.layers:
@@ -273,15 +300,21 @@ class FusionEncoder(nn.Module):
     (B, T, Dt); its CLS (position 0) feeds ITM.
     """
 
-    def __init__(self, dim: int, image_dim: int, depth: int, heads: int, intermediate: int,
-                 eps: float) -> None:
+    def __init__(
+        self, dim: int, image_dim: int, depth: int, heads: int, intermediate: int, eps: float
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             FusionLayer(dim, image_dim, heads, intermediate, eps) for _ in range(depth)
         )
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor,
-                image_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         key_mask = text_mask.bool()
         for layer in self.layers:
             text = layer(text, key_mask, image, image_mask)
@@ -295,22 +328,21 @@ class Predictor(nn.Module):
     ``cross_step`` (the first layer's cross-attention residual step) is ψ's building block.
     """
 
-    def __init__(self, dim: int, text_dim: int, depth: int, heads: int,
-                 mlp_ratio: float) -> None:
+    def __init__(self, dim: int, text_dim: int, depth: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             PredictorBlock(dim, text_dim, heads, mlp_ratio) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         key_mask = text_mask.bool()
         for block in self.blocks:
             x = block(x, text, key_mask)
         return self.norm(x)
 
-    def cross_step(self, x: torch.Tensor, text: torch.Tensor,
-                   text_mask: torch.Tensor) -> torch.Tensor:
+    def cross_step(
+        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
         """One cross-attention residual step (first layer): x (B, L, Dv) → (B, L, Dv)."""
         return self.blocks[0].cross_step(x, text, text_mask.bool())

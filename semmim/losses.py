@@ -23,8 +23,13 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * F.log_softmax(logits, dim=-1)).sum(-1)
 
 
-def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, sim_i2t_m: torch.Tensor,
-             sim_t2i_m: torch.Tensor, alpha: float) -> torch.Tensor:
+def itc_loss(
+    sim_i2t: torch.Tensor,
+    sim_t2i: torch.Tensor,
+    sim_i2t_m: torch.Tensor,
+    sim_t2i_m: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
     """ALBEF contrastive loss with momentum distillation.
 
     sim_* (B, B+Q): similarities / temperature against [batch keys | queue]; the positive of
@@ -36,13 +41,15 @@ def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, sim_i2t_m: torch.Tens
     onehot[:, :B].fill_diagonal_(1.0)
     t_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * onehot
     t_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * onehot
-    return (soft_cross_entropy(sim_i2t, t_i2t).mean()
-            + soft_cross_entropy(sim_t2i, t_t2i).mean()) / 2
+    return (
+        soft_cross_entropy(sim_i2t, t_i2t).mean() + soft_cross_entropy(sim_t2i, t_t2i).mean()
+    ) / 2
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim: torch.Tensor,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_hard_negatives(
+    sim: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One negative per row, drawn from softmax(sim) with the positive (diagonal) excluded.
 
     sim (B, B) in-batch similarities / temperature, B ≥ 2 → (B,) int64 column indices ≠ row.
@@ -56,8 +63,9 @@ def sample_hard_negatives(sim: torch.Tensor,
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, logits_m: torch.Tensor,
-             alpha: float) -> torch.Tensor:
+def mlm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, logits_m: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """(1−α)·CE(labels) + α·CE(softmax(momentum logits)), averaged over predicted tokens.
 
     logits, logits_m (B, N, V); labels (B, N) with −100 = ignore. A batch without any
@@ -71,8 +79,13 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, logits_m: torch.Tensor,
     return (per_token * valid.flatten()).sum() / count
 
 
-def agreement_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
-                   student_temp: float, teacher_temp: float) -> torch.Tensor:
+def agreement_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
     """DINO/iBOT cross-entropy between a centred, sharpened teacher and the student.
 
     student, teacher (..., K) logits; center (K,) or broadcastable. Returns the per-row

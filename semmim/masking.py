@@ -25,8 +25,9 @@ def _nothing_masked(batch: int, num_patches: int, device: torch.device | str) ->
 
 
 @torch.no_grad()
-def text_guided_mask(patch_feat: torch.Tensor, text_feat: torch.Tensor, num_masked: int, *,
-                     tau: float, seed: int) -> ImageMask:
+def text_guided_mask(
+    patch_feat: torch.Tensor, text_feat: torch.Tensor, num_masked: int, *, tau: float, seed: int
+) -> ImageMask:
     """Mask the top-M patches by s_i / tau + Gumbel noise, s_i = cos(patch_feat_i, text_feat).
 
     patch_feat (B, P, d), text_feat (B, d); tau = 0 means no noise (hard top-M of s).
@@ -38,13 +39,15 @@ def text_guided_mask(patch_feat: torch.Tensor, text_feat: torch.Tensor, num_mask
     noise = None
     if tau > 0:
         noise = kernels.gumbel_noise((B, P), seed=seed, device=patch_feat.device)
-    return kernels.topk_mask(patch_feat, text_feat, num_masked, noise=noise,
-                             tau=tau if tau > 0 else 1.0)
+    return kernels.topk_mask(
+        patch_feat, text_feat, num_masked, noise=noise, tau=tau if tau > 0 else 1.0
+    )
 
 
 @torch.no_grad()
-def random_mask(batch: int, num_patches: int, num_masked: int, *, seed: int,
-                device: torch.device | str) -> ImageMask:
+def random_mask(
+    batch: int, num_patches: int, num_masked: int, *, seed: int, device: torch.device | str
+) -> ImageMask:
     """Uniformly random M-subset per image (the ``masking.strategy=random`` ablation).
 
     Deterministic given ``seed``. Returns keep_idx (B, P−M), mask_idx (B, M), mask (B, P).
@@ -61,10 +64,18 @@ def random_mask(batch: int, num_patches: int, num_masked: int, *, seed: int,
 
 
 @torch.no_grad()
-def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, prob: float,
-             mask_frac: float, random_frac: float, mask_token_id: int, vocab_size: int,
-             special_ids: torch.Tensor, generator: torch.Generator | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def mlm_mask(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    prob: float,
+    mask_frac: float,
+    random_frac: float,
+    mask_token_id: int,
+    vocab_size: int,
+    special_ids: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: in each caption choose max(1, round(prob · n)) of its n real, non-special
     tokens (a uniformly random subset); of those, ``mask_frac`` → [MASK], ``random_frac`` →
     a random token, the rest unchanged.
@@ -74,6 +85,7 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, prob: flo
     input_ids, attention_mask (B, T); special_ids (S,) int64 on the same device.
     Returns (masked_ids (B, T), labels (B, T) with −100 at positions not to predict).
     """
+
     def uniform() -> torch.Tensor:
         return torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
 
@@ -81,15 +93,17 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, prob: flo
     n_real = candidate.sum(1)  # (B,)
     n_chosen = torch.where(n_real > 0, (prob * n_real).round().clamp_min(1), 0)  # (B,)
     order = uniform().masked_fill(~candidate, -1.0).argsort(dim=1, descending=True)  # (B, T)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(
-        order.shape[1], device=order.device).expand_as(order))  # rank of each token
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )  # rank of each token
     chosen = candidate & (rank < n_chosen[:, None])
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     u = uniform()
     to_mask = chosen & (u < mask_frac)
     to_random = chosen & (u >= mask_frac) & (u < mask_frac + random_frac)
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator,
-                               device=input_ids.device)
+    random_ids = torch.randint(
+        vocab_size, input_ids.shape, generator=generator, device=input_ids.device
+    )
     ids = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     ids = torch.where(to_random, random_ids, ids)
     return ids, labels

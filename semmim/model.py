@@ -91,12 +91,28 @@ class Towers(nn.Module):
     def __init__(self, cfg: SemMIMConfig) -> None:
         super().__init__()
         v, t, mim = cfg.vision, cfg.text, cfg.mim
-        self.vision = VisionEncoder(v.image_size, v.patch_size, v.dim, v.depth, v.heads,
-                                    v.mlp_ratio, mask_token=mim.enabled and not mim.drop_tokens)
-        self.text = TextEncoder(t.vocab_size, t.dim, t.depth, t.heads, t.intermediate,
-                                t.max_len, t.type_vocab_size, t.layer_norm_eps)
-        self.fusion = FusionEncoder(t.dim, v.dim, cfg.fusion.depth, t.heads, t.intermediate,
-                                    t.layer_norm_eps)
+        self.vision = VisionEncoder(
+            v.image_size,
+            v.patch_size,
+            v.dim,
+            v.depth,
+            v.heads,
+            v.mlp_ratio,
+            mask_token=mim.enabled and not mim.drop_tokens,
+        )
+        self.text = TextEncoder(
+            t.vocab_size,
+            t.dim,
+            t.depth,
+            t.heads,
+            t.intermediate,
+            t.max_len,
+            t.type_vocab_size,
+            t.layer_norm_eps,
+        )
+        self.fusion = FusionEncoder(
+            t.dim, v.dim, cfg.fusion.depth, t.heads, t.intermediate, t.layer_norm_eps
+        )
         self.vision_proj = nn.Linear(v.dim, cfg.itc.embed_dim)
         self.text_proj = nn.Linear(t.dim, cfg.itc.embed_dim)
         self.itm_head = nn.Linear(t.dim, 2)
@@ -108,8 +124,9 @@ class Towers(nn.Module):
             self.predictor_pos = nn.Parameter(torch.zeros(1, v.num_patches + 1, v.dim))
             if mim.drop_tokens:
                 self.predictor_mask_token = nn.Parameter(torch.zeros(v.dim))
-            self.head = PrototypeHead(v.dim, cfg.head.hidden, cfg.head.bottleneck,
-                                      cfg.head.num_prototypes)
+            self.head = PrototypeHead(
+                v.dim, cfg.head.hidden, cfg.head.bottleneck, cfg.head.num_prototypes
+            )
             if mim.target == "pixel":
                 self.pixel_head = nn.Linear(v.dim, 3 * v.patch_size**2)
         self.apply(_init_weights)
@@ -160,8 +177,7 @@ class SemMIM(nn.Module):
         self.tokenizer = load_tokenizer()
         tok = self.tokenizer
         if len(tok) != cfg.text.vocab_size:
-            raise ValueError(f"text.vocab_size: {cfg.text.vocab_size} != tokenizer size "
-                             f"{len(tok)}")
+            raise ValueError(f"text.vocab_size: {cfg.text.vocab_size} != tokenizer size {len(tok)}")
         self.mask_token_id = tok.mask_token_id
         special = [tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id]
         self.register_buffer("special_ids", torch.tensor(special), persistent=False)
@@ -190,8 +206,9 @@ class SemMIM(nn.Module):
     def mim_teacher_temp(self) -> float:
         """Current τ_t' of the MIM teacher."""
         c = self.cfg.mim
-        ramp = 1.0 if c.teacher_temp_warmup == 0 else min(1.0, self.progress /
-                                                          c.teacher_temp_warmup)
+        ramp = (
+            1.0 if c.teacher_temp_warmup == 0 else min(1.0, self.progress / c.teacher_temp_warmup)
+        )
         return c.teacher_temp + (c.teacher_temp_final - c.teacher_temp) * ramp
 
     @property
@@ -212,18 +229,26 @@ class SemMIM(nn.Module):
         torch._foreach_add_(ema, net, alpha=1 - m)
 
     # ---------------------------------------------------------------- input checks
-    def check_inputs(self, images: torch.Tensor | None, input_ids: torch.Tensor | None,
-                     attention_mask: torch.Tensor | None) -> None:
+    def check_inputs(
+        self,
+        images: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> None:
         """Raise ValueError naming the bad argument. The empty-caption check reads values
         (one device→host sync); pass ``check_inputs=False`` to forward to skip all checks."""
         S = self.cfg.vision.image_size
         if images is not None:
             if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(f"images: expected a (B, 3, {S}, {S}) tensor, got "
-                                 f"{tuple(images.shape) if torch.is_tensor(images) else images}")
+                raise ValueError(
+                    f"images: expected a (B, 3, {S}, {S}) tensor, got "
+                    f"{tuple(images.shape) if torch.is_tensor(images) else images}"
+                )
             if tuple(images.shape[2:]) != (S, S):
-                raise ValueError(f"images: expected {S}x{S} pixels (vision.image_size), got "
-                                 f"{tuple(images.shape[2:])}")
+                raise ValueError(
+                    f"images: expected {S}x{S} pixels (vision.image_size), got "
+                    f"{tuple(images.shape[2:])}"
+                )
             if not images.is_floating_point():
                 raise ValueError(f"images: expected a float tensor, got {images.dtype}")
         if input_ids is None:
@@ -235,24 +260,30 @@ class SemMIM(nn.Module):
             raise ValueError(f"input_ids: expected int64 token ids, got {input_ids.dtype}")
         if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
             got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else attention_mask
-            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} like "
-                             f"input_ids, got {got}")
+            raise ValueError(
+                f"attention_mask: expected shape {tuple(input_ids.shape)} like input_ids, got {got}"
+            )
         if images is not None and images.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"input_ids: batch size {input_ids.shape[0]} != images batch size "
-                             f"{images.shape[0]}")
+            raise ValueError(
+                f"input_ids: batch size {input_ids.shape[0]} != images batch size {images.shape[0]}"
+            )
         if input_ids.shape[1] > self.cfg.text.max_len:
-            raise ValueError(f"input_ids: {input_ids.shape[1]} tokens > text.max_len="
-                             f"{self.cfg.text.max_len}")
+            raise ValueError(
+                f"input_ids: {input_ids.shape[1]} tokens > text.max_len={self.cfg.text.max_len}"
+            )
         content = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
         empty = ~content.any(1)
         bad_id = (input_ids < 0) | (input_ids >= self.cfg.text.vocab_size)
         if bool(empty.any() | bad_id.any()):
             if bad_id.any():
-                raise ValueError(f"input_ids: token ids must lie in [0, "
-                                 f"{self.cfg.text.vocab_size})")
+                raise ValueError(
+                    f"input_ids: token ids must lie in [0, {self.cfg.text.vocab_size})"
+                )
             rows = empty.nonzero().flatten().tolist()
-            raise ValueError(f"input_ids: empty caption(s) at rows {rows[:8]} (no token besides "
-                             f"[CLS]/[SEP]/[PAD] under attention_mask)")
+            raise ValueError(
+                f"input_ids: empty caption(s) at rows {rows[:8]} (no token besides "
+                f"[CLS]/[SEP]/[PAD] under attention_mask)"
+            )
 
     # ---------------------------------------------------------------- encoders
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -270,8 +301,9 @@ class SemMIM(nn.Module):
         text = self.net.text(input_ids, attention_mask)
         return F.normalize(self.net.text_proj(text[:, 0]), dim=-1)
 
-    def itm_score(self, images: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
+    def itm_score(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Probability that each (image, caption) pair matches, (B,).
 
         images: pixels (B, 3, S, S) or precomputed :meth:`image_tokens` (B, P+1, Dv);
@@ -283,16 +315,23 @@ class SemMIM(nn.Module):
         else:
             self.check_inputs(None, input_ids, attention_mask)
         if images.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"input_ids: batch size {input_ids.shape[0]} != images batch size "
-                             f"{images.shape[0]}")
+            raise ValueError(
+                f"input_ids: batch size {input_ids.shape[0]} != images batch size {images.shape[0]}"
+            )
         text = self.net.text(input_ids, attention_mask)
         fused = self.net.fusion(text, attention_mask, images)  # (B, T, Dt)
         return self.net.itm_head(fused[:, 0]).softmax(-1)[:, 1]
 
     # ---------------------------------------------------------------- training forward
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, *, seed: int | None = None,
-                check_inputs: bool = True) -> SemMIMOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        seed: int | None = None,
+        check_inputs: bool = True,
+    ) -> SemMIMOutput:
         """All enabled objectives on a batch of matching (image, caption) pairs.
 
         images (B, 3, S, S) float; input_ids, attention_mask (B, T). ``seed`` makes every
@@ -328,17 +367,23 @@ class SemMIM(nn.Module):
         if w.itc > 0:
             losses["itc"] = self._itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
         if w.itm > 0:
-            losses["itm"] = self._itm(image_embeds, text_embeds, key_mask, image_feat, text_feat,
-                                      gen)
+            losses["itm"] = self._itm(
+                image_embeds, text_embeds, key_mask, image_feat, text_feat, gen
+            )
         if w.mlm > 0:
-            losses["mlm"] = self._mlm(input_ids, attention_mask, image_embeds, image_embeds_m,
-                                      alpha, gen)
+            losses["mlm"] = self._mlm(
+                input_ids, attention_mask, image_embeds, image_embeds_m, alpha, gen
+            )
         out = SemMIMOutput(loss=images.new_zeros(()))
         if cfg.mim.enabled and (w.glob > 0 or w.mim > 0):
             out.keep_idx, out.mask_idx, out.mask = self._image_mask(
-                image_embeds_m, text_feat_m, seed)
-            losses.update(self._masked_image(images, out, text_embeds, key_mask,
-                                             image_embeds_m, text_embeds_m))
+                image_embeds_m, text_feat_m, seed
+            )
+            losses.update(
+                self._masked_image(
+                    images, out, text_embeds, key_mask, image_embeds_m, text_embeds_m
+                )
+            )
         if self.training and w.itc > 0 and cfg.itc.queue_size > 0:
             self._enqueue(image_feat_m, text_feat_m)
 
@@ -346,9 +391,14 @@ class SemMIM(nn.Module):
         out.loss = sum(getattr(w, k) * v for k, v in losses.items())
         return out
 
-    def _itc(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
-             image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
-             alpha: float) -> torch.Tensor:
+    def _itc(
+        self,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        image_feat_m: torch.Tensor,
+        text_feat_m: torch.Tensor,
+        alpha: float,
+    ) -> torch.Tensor:
         """Image–text contrastive loss against [momentum batch | queue] keys."""
         with torch.no_grad():
             image_keys = torch.cat([image_feat_m, self.image_queue.clone()])  # (B+Q, E)
@@ -359,9 +409,15 @@ class SemMIM(nn.Module):
         sim_t2i = text_feat @ image_keys.T / self.temp  # (B, B+Q)
         return itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, alpha)
 
-    def _itm(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
-             key_mask: torch.Tensor, image_feat: torch.Tensor, text_feat: torch.Tensor,
-             gen: torch.Generator) -> torch.Tensor:
+    def _itm(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        key_mask: torch.Tensor,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
         """ITM over B positives, B (image, hard negative text), B (hard negative image, text)."""
         B = image_embeds.shape[0]
         with torch.no_grad():
@@ -376,15 +432,28 @@ class SemMIM(nn.Module):
         labels[:B] = 1  # rows: positives, then the two kinds of negatives
         return F.cross_entropy(self.net.itm_head(fused), labels)
 
-    def _mlm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             image_embeds: torch.Tensor, image_embeds_m: torch.Tensor, alpha: float,
-             gen: torch.Generator) -> torch.Tensor:
+    def _mlm(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_embeds_m: torch.Tensor,
+        alpha: float,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
         """Masked language modelling through the fusion encoder, distilled from the EMA."""
         c = self.cfg.mlm
-        ids, labels = mlm_mask(input_ids, attention_mask, prob=c.prob, mask_frac=c.mask_frac,
-                               random_frac=c.random_frac, mask_token_id=self.mask_token_id,
-                               vocab_size=self.cfg.text.vocab_size,
-                               special_ids=self.special_ids, generator=gen)
+        ids, labels = mlm_mask(
+            input_ids,
+            attention_mask,
+            prob=c.prob,
+            mask_frac=c.mask_frac,
+            random_frac=c.random_frac,
+            mask_token_id=self.mask_token_id,
+            vocab_size=self.cfg.text.vocab_size,
+            special_ids=self.special_ids,
+            generator=gen,
+        )
         pos = mlm_positions(labels, c.prob)  # (B, N): the vocabulary head runs only here
         labels = labels.gather(1, pos)  # (B, N)
         net, ema = self.net, self.ema
@@ -396,8 +465,9 @@ class SemMIM(nn.Module):
         return mlm_loss(logits, labels, logits_m, alpha)
 
     @torch.no_grad()
-    def _image_mask(self, image_embeds_m: torch.Tensor, text_feat_m: torch.Tensor,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _image_mask(
+        self, image_embeds_m: torch.Tensor, text_feat_m: torch.Tensor, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """keep_idx (B, R), mask_idx (B, M), mask (B, P) from the configured strategy."""
         c, M = self.cfg.masking, self.cfg.num_masked
         if c.strategy == "random":
@@ -406,9 +476,15 @@ class SemMIM(nn.Module):
         patch_feat_m = self.ema.vision_proj(image_embeds_m[:, 1:])  # (B, P, E) in ITC space
         return text_guided_mask(patch_feat_m, text_feat_m, M, tau=c.tau, seed=seed)
 
-    def _masked_image(self, images: torch.Tensor, out: SemMIMOutput, text_embeds: torch.Tensor,
-                      key_mask: torch.Tensor, image_embeds_m: torch.Tensor,
-                      text_embeds_m: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _masked_image(
+        self,
+        images: torch.Tensor,
+        out: SemMIMOutput,
+        text_embeds: torch.Tensor,
+        key_mask: torch.Tensor,
+        image_embeds_m: torch.Tensor,
+        text_embeds_m: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """Global agreement and MIM on the masked view."""
         cfg, net, ema = self.cfg, self.net, self.ema
         P, M = cfg.vision.num_patches, cfg.num_masked
@@ -416,8 +492,8 @@ class SemMIM(nn.Module):
             kept = net.vision.forward_kept(images, out.keep_idx)  # (B, R+1, Dv)
             cls_masked = kept[:, 0]
             patches = kernels.masked_scatter_fill(  # (B, P, Dv), [MASK]+pos at masked slots
-                kept[:, 1:], out.keep_idx, net.predictor_mask_token, P,
-                pos=net.predictor_pos[0, 1:])
+                kept[:, 1:], out.keep_idx, net.predictor_mask_token, P, pos=net.predictor_pos[0, 1:]
+            )
             x = torch.cat([kept[:, :1] + net.predictor_pos[:, :1], patches], dim=1)
         else:
             full = net.vision.forward_masked(images, out.mask)  # (B, P+1, Dv)
@@ -429,26 +505,39 @@ class SemMIM(nn.Module):
             student = net.head(cls_masked)  # (B, K)
             with torch.no_grad():
                 teacher = ema.head(image_embeds_m[:, 0])  # (B, K)
-            losses["glob"] = agreement_loss(student, teacher, self.glob_center,
-                                            cfg.glob.student_temp, cfg.glob.teacher_temp).mean()
+            losses["glob"] = agreement_loss(
+                student, teacher, self.glob_center, cfg.glob.student_temp, cfg.glob.teacher_temp
+            ).mean()
             if self.training:
                 _update_center(self.glob_center, teacher, cfg.glob.center_momentum)
         if cfg.loss.mim > 0:
-            losses["mim"] = self._mim_loss(images, x, out.mask_idx, text_embeds, key_mask,
-                                           image_embeds_m, text_embeds_m) if M > 0 \
+            losses["mim"] = (
+                self._mim_loss(
+                    images, x, out.mask_idx, text_embeds, key_mask, image_embeds_m, text_embeds_m
+                )
+                if M > 0
                 else images.new_zeros(())
+            )
         return losses
 
-    def _mim_loss(self, images: torch.Tensor, x: torch.Tensor, mask_idx: torch.Tensor,
-                  text_embeds: torch.Tensor, key_mask: torch.Tensor,
-                  image_embeds_m: torch.Tensor, text_embeds_m: torch.Tensor) -> torch.Tensor:
+    def _mim_loss(
+        self,
+        images: torch.Tensor,
+        x: torch.Tensor,
+        mask_idx: torch.Tensor,
+        text_embeds: torch.Tensor,
+        key_mask: torch.Tensor,
+        image_embeds_m: torch.Tensor,
+        text_embeds_m: torch.Tensor,
+    ) -> torch.Tensor:
         """Mean over images of the mean over that image's masked patches of the MIM loss."""
         cfg, net, ema = self.cfg, self.net, self.ema
         pred = net.predictor(x, text_embeds, key_mask)  # (B, P+1, Dv)
         pred = kernels.masked_gather(pred[:, 1:], mask_idx)  # (B, M, Dv)
         if cfg.mim.target == "pixel":
-            target = kernels.masked_gather(pixel_targets(images, cfg.vision.patch_size),
-                                           mask_idx)  # (B, M, 3·p·p)
+            target = kernels.masked_gather(
+                pixel_targets(images, cfg.vision.patch_size), mask_idx
+            )  # (B, M, 3·p·p)
             per_patch = (net.pixel_head(pred) - target).pow(2).mean(-1)  # (B, M)
             return per_patch.mean(1).mean(0)
         with torch.no_grad():
@@ -461,8 +550,9 @@ class SemMIM(nn.Module):
                 v = ema.predictor.cross_step(v, text_embeds_m, text_mask)  # ψ: (B, M, Dv)
             teacher = ema.head(v)  # (B, M, K)
         student = net.head(pred)  # (B, M, K)
-        per_patch = agreement_loss(student, teacher, self.mim_center, cfg.mim.student_temp,
-                                   self.mim_teacher_temp)  # (B, M)
+        per_patch = agreement_loss(
+            student, teacher, self.mim_center, cfg.mim.student_temp, self.mim_teacher_temp
+        )  # (B, M)
         if self.training:
             _update_center(self.mim_center, teacher, cfg.mim.center_momentum)
         return per_patch.mean(1).mean(0)

@@ -29,26 +29,36 @@ def check_bert_config(path: str | Path, cfg: TextConfig) -> dict:
     hf = json.loads(cfg_file.read_text())
     mismatches = [
         f"{hf_key}={hf.get(hf_key)} vs text.{ours}={getattr(cfg, ours)}"
-        for hf_key, ours in [("hidden_size", "dim"), ("num_attention_heads", "heads"),
-                             ("intermediate_size", "intermediate"), ("vocab_size", "vocab_size")]
+        for hf_key, ours in [
+            ("hidden_size", "dim"),
+            ("num_attention_heads", "heads"),
+            ("intermediate_size", "intermediate"),
+            ("vocab_size", "vocab_size"),
+        ]
         if hf.get(hf_key) != getattr(cfg, ours)
     ]
     if hf.get("num_hidden_layers", 0) < cfg.depth:
-        mismatches.append(f"num_hidden_layers={hf.get('num_hidden_layers')} < text.depth="
-                          f"{cfg.depth}")
+        mismatches.append(
+            f"num_hidden_layers={hf.get('num_hidden_layers')} < text.depth={cfg.depth}"
+        )
     if hf.get("max_position_embeddings", 0) < cfg.max_len:
-        mismatches.append(f"max_position_embeddings={hf.get('max_position_embeddings')} < "
-                          f"text.max_len={cfg.max_len}")
+        mismatches.append(
+            f"max_position_embeddings={hf.get('max_position_embeddings')} < "
+            f"text.max_len={cfg.max_len}"
+        )
     if hf.get("type_vocab_size", 0) < cfg.type_vocab_size:
-        mismatches.append(f"type_vocab_size={hf.get('type_vocab_size')} < "
-                          f"text.type_vocab_size={cfg.type_vocab_size}")
+        mismatches.append(
+            f"type_vocab_size={hf.get('type_vocab_size')} < "
+            f"text.type_vocab_size={cfg.type_vocab_size}"
+        )
     if hf.get("hidden_act", "gelu") != "gelu":
         mismatches.append(f"hidden_act={hf.get('hidden_act')!r} (the text encoder uses 'gelu')")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         mismatches.append(f"position_embedding_type={hf.get('position_embedding_type')!r}")
     if mismatches:
-        raise ValueError(f"text.pretrained: {path} does not fit the text encoder: "
-                         + "; ".join(mismatches))
+        raise ValueError(
+            f"text.pretrained: {path} does not fit the text encoder: " + "; ".join(mismatches)
+        )
     return hf
 
 
@@ -66,8 +76,9 @@ def read_bert_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in state.items():
         k = re.sub(r"^(bert|model)\.", "", k)
-        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
-                                                                     "LayerNorm.bias")
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+            "LayerNorm.beta", "LayerNorm.bias"
+        )
         out[k] = v
     return out
 
@@ -98,9 +109,10 @@ def load_bert_into(encoder: TextEncoder, path: str | Path, cfg: TextConfig) -> l
 
     new: dict[str, torch.Tensor] = {
         "word_embeddings.weight": get("embeddings.word_embeddings.weight"),
-        "position_embeddings.weight": get("embeddings.position_embeddings.weight")[:cfg.max_len],
-        "token_type_embeddings.weight":
-            get("embeddings.token_type_embeddings.weight")[:cfg.type_vocab_size],
+        "position_embeddings.weight": get("embeddings.position_embeddings.weight")[: cfg.max_len],
+        "token_type_embeddings.weight": get("embeddings.token_type_embeddings.weight")[
+            : cfg.type_vocab_size
+        ],
         "norm.weight": get("embeddings.LayerNorm.weight"),
         "norm.bias": get("embeddings.LayerNorm.bias"),
     }
@@ -108,13 +120,16 @@ def load_bert_into(encoder: TextEncoder, path: str | Path, cfg: TextConfig) -> l
         src = f"encoder.layer.{i}."
         for kind in ("weight", "bias"):
             new[f"layers.{i}.attn.qkv.{kind}"] = torch.cat(
-                [get(f"{src}attention.self.{n}.{kind}") for n in ("query", "key", "value")])
+                [get(f"{src}attention.self.{n}.{kind}") for n in ("query", "key", "value")]
+            )
             for ours, theirs in _LAYER_MAP.items():
                 new[f"layers.{i}.{ours}.{kind}"] = get(f"{src}{theirs}.{kind}")
     own = encoder.state_dict()
     for k, v in new.items():
         if own[k].shape != v.shape:
-            raise ValueError(f"text.pretrained: {k} has shape {tuple(v.shape)} in {path}, "
-                             f"the text encoder expects {tuple(own[k].shape)}")
+            raise ValueError(
+                f"text.pretrained: {k} has shape {tuple(v.shape)} in {path}, "
+                f"the text encoder expects {tuple(own[k].shape)}"
+            )
         own[k].copy_(v)
     return sorted(new)

@@ -27,6 +27,9 @@ def load_tokenizer(vocab_path: str | None = None) -> PreTrainedTokenizerBase:
     if not Path(path).is_file():
         raise ValueError(f"vocab_path: no vocabulary file at {path}")
     # transformers 5 takes the file as `vocab`, 4.x as `vocab_file`.
-    key = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters \
+    key = (
+        "vocab"
+        if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters
         else "vocab_file"
+    )
     return BertTokenizerFast(**{key: path}, do_lower_case=True)

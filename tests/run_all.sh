@@ -21,6 +21,7 @@ echo "== installed in $(( $(date +%s) - start )) s"
 # -P: never import the source tree's semmim/ (no _C, no semmim.kernels) instead of the installed one
 run() { echo "== $1"; shift; "$@"; }
 run "lint" ruff check .
+run "format" ruff format --check .
 run "default + build tiers" python -P -m pytest tests -m "not interpret" -q -p no:cacheprovider
 run "interpret tier (Triton on CPU)" env TRITON_INTERPRET=1 \
   python -P -m pytest tests -m interpret -q -p no:cacheprovider

@@ -16,7 +16,11 @@ def test_presets_have_exact_names():
 def test_base_is_paper_scale():
     c = from_preset("base")
     assert (c.vision.image_size, c.vision.patch_size, c.vision.dim, c.vision.depth) == (
-        224, 16, 768, 12)
+        224,
+        16,
+        768,
+        12,
+    )
     assert c.vision.num_patches == 196
     assert (c.text.dim, c.text.depth, c.fusion.depth) == (768, 6, 6)
     assert (c.head.hidden, c.head.bottleneck, c.head.num_prototypes) == (2048, 256, 8192)

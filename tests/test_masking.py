@@ -23,8 +23,10 @@ def check_invariants(keep_idx, mask_idx, mask, P, M):
     assert mask.gather(1, mask_idx).all() and not mask.gather(1, keep_idx).any()
 
 
-@pytest.mark.parametrize("B, P, ratio", [(1, 1, 0.0), (2, 4, 0.5), (3, 49, 0.75), (2, 196, 0.5),
-                                         (4, 16, 0.4), (2, 9, 0.5)])
+@pytest.mark.parametrize(
+    "B, P, ratio",
+    [(1, 1, 0.0), (2, 4, 0.5), (3, 49, 0.75), (2, 196, 0.5), (4, 16, 0.4), (2, 9, 0.5)],
+)
 @pytest.mark.parametrize("tau", [0.0, 0.1, 5.0])
 def test_text_guided_invariants(B, P, ratio, tau):
     g = torch.Generator().manual_seed(P)
@@ -70,8 +72,10 @@ def test_masks_are_deterministic_given_seed():
     c = text_guided_mask(patch, text, 18, tau=1.0, seed=8)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[1], c[1])
-    r1, r2 = random_mask(4, 36, 18, seed=5, device="cpu"), random_mask(4, 36, 18, seed=5,
-                                                                           device="cpu")
+    r1, r2 = (
+        random_mask(4, 36, 18, seed=5, device="cpu"),
+        random_mask(4, 36, 18, seed=5, device="cpu"),
+    )
     assert all(torch.equal(x, y) for x, y in zip(r1, r2))
     assert not torch.equal(r1[1], random_mask(4, 36, 18, seed=6, device="cpu")[1])
 
@@ -86,8 +90,17 @@ def test_mlm_never_touches_special_or_padding_tokens():
     ids[:, 0], ids[:, 15] = 101, 102
     ids[:, 16:] = 0
     am = (ids != 0).long()
-    out, labels = mlm_mask(ids, am, prob=0.5, mask_frac=0.8, random_frac=0.1, mask_token_id=103,
-                           vocab_size=30522, special_ids=SPECIAL, generator=g)
+    out, labels = mlm_mask(
+        ids,
+        am,
+        prob=0.5,
+        mask_frac=0.8,
+        random_frac=0.1,
+        mask_token_id=103,
+        vocab_size=30522,
+        special_ids=SPECIAL,
+        generator=g,
+    )
     chosen = labels != -100
     assert not chosen[:, 0].any() and not chosen[:, 15:].any()
     assert torch.equal(out[:, [0, 15]], ids[:, [0, 15]]) and torch.equal(out[:, 16:], ids[:, 16:])
@@ -105,8 +118,17 @@ def test_mlm_chooses_round_prob_n_per_caption_and_positions_cover_them():
     ids[ar.expand(B, T) == lengths[:, None] + 1] = 102
     ids[ar > lengths[:, None] + 1] = 0
     am = (ids != 0).long()
-    _, labels = mlm_mask(ids, am, prob=0.15, mask_frac=0.8, random_frac=0.1, mask_token_id=103,
-                         vocab_size=30522, special_ids=SPECIAL, generator=g)
+    _, labels = mlm_mask(
+        ids,
+        am,
+        prob=0.15,
+        mask_frac=0.8,
+        random_frac=0.1,
+        mask_token_id=103,
+        vocab_size=30522,
+        special_ids=SPECIAL,
+        generator=g,
+    )
     expected = (0.15 * lengths).round().clamp_min(1)
     assert torch.equal((labels != -100).sum(1), expected.long())
     pos = mlm_positions(labels, 0.15)
@@ -121,8 +143,17 @@ def test_mlm_rates_follow_80_10_10():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, 2000, (B, T), generator=g)
     am = torch.ones_like(ids)
-    out, labels = mlm_mask(ids, am, prob=0.15, mask_frac=0.8, random_frac=0.1,
-                           mask_token_id=103, vocab_size=30522, special_ids=SPECIAL, generator=g)
+    out, labels = mlm_mask(
+        ids,
+        am,
+        prob=0.15,
+        mask_frac=0.8,
+        random_frac=0.1,
+        mask_token_id=103,
+        vocab_size=30522,
+        special_ids=SPECIAL,
+        generator=g,
+    )
     chosen = labels != -100
     n = chosen.sum().item()
     assert abs(n / ids.numel() - 0.15) < 0.01
@@ -135,6 +166,7 @@ def test_mlm_rates_follow_80_10_10():
 
 
 # ---------------------------------------------------------------- inside the model
+
 
 def _batch(model, B=4):
     caps = ["a red square", "a green circle on grass", "blue sky", "a yellow cat"][:B]

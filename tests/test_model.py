@@ -14,10 +14,19 @@ ALL = {"itc", "itm", "mlm", "glob", "mim"}
 
 
 def make_batch(model, B=4, seed=0):
-    words = ["red square", "green circle on grass", "blue sky", "yellow cat", "a dog",
-             "white boat at sea", "purple flower", "black car"]
-    enc = model.tokenizer([f"a photo of a {w}" for w in words[:B]], padding=True,
-                          return_tensors="pt")
+    words = [
+        "red square",
+        "green circle on grass",
+        "blue sky",
+        "yellow cat",
+        "a dog",
+        "white boat at sea",
+        "purple flower",
+        "black car",
+    ]
+    enc = model.tokenizer(
+        [f"a photo of a {w}" for w in words[:B]], padding=True, return_tensors="pt"
+    )
     S = model.cfg.vision.image_size
     images = torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(seed))
     return images, enc["input_ids"], enc["attention_mask"]
@@ -103,8 +112,9 @@ def test_update_momentum_exact_rule():
 
 
 def test_cosine_momentum_and_warmups_follow_progress():
-    model = SemMIM(from_preset("tiny", **{"momentum.schedule": "cosine",
-                                          "momentum.momentum": 0.99}))
+    model = SemMIM(
+        from_preset("tiny", **{"momentum.schedule": "cosine", "momentum.momentum": 0.99})
+    )
     c = model.cfg
     assert model.alpha == 0.0 and model.mim_teacher_temp == c.mim.teacher_temp
     assert math.isclose(model.momentum, 0.99)
@@ -135,8 +145,9 @@ def test_queue_and_centres_are_buffers_updated_in_training_only(tiny):
     assert int(tiny.queue_ptr) == (ptr + B) % Q
     with torch.no_grad():
         feat_m = torch.nn.functional.normalize(
-            tiny.ema.vision_proj(tiny.ema.vision(batch[0])[:, 0]), dim=-1)
-    torch.testing.assert_close(tiny.image_queue[ptr:ptr + B], feat_m)
+            tiny.ema.vision_proj(tiny.ema.vision(batch[0])[:, 0]), dim=-1
+        )
+    torch.testing.assert_close(tiny.image_queue[ptr : ptr + B], feat_m)
     assert not torch.equal(before["glob_center"], tiny.glob_center)
     assert not torch.equal(before["mim_center"], tiny.mim_center)
 
@@ -176,11 +187,13 @@ def test_two_masked_image_paths_agree_without_masking():
     images = batch[0]
     P = drop.cfg.vision.num_patches
     keep = torch.arange(P).expand(images.shape[0], P)
-    torch.testing.assert_close(drop.net.vision.forward_kept(images, keep),
-                               drop.net.vision(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        drop.net.vision.forward_kept(images, keep), drop.net.vision(images), rtol=1e-5, atol=1e-5
+    )
     none = torch.zeros(images.shape[0], P, dtype=torch.bool)
-    torch.testing.assert_close(full.net.vision.forward_masked(images, none),
-                               full.net.vision(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        full.net.vision.forward_masked(images, none), full.net.vision(images), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_kept_tokens_match_explicitly_sliced_sequence():
@@ -260,16 +273,26 @@ def test_empty_caption_error_names_the_row(tiny):
 
 # ---------------------------------------------------------------- overfitting a fixed batch
 
-COLOURS = {"red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1), "yellow": (1, 1, -1),
-           "purple": (0.5, -1, 1), "cyan": (-1, 1, 1), "white": (1, 1, 1), "black": (-1, -1, -1)}
+COLOURS = {
+    "red": (1, -1, -1),
+    "green": (-1, 1, -1),
+    "blue": (-1, -1, 1),
+    "yellow": (1, 1, -1),
+    "purple": (0.5, -1, 1),
+    "cyan": (-1, 1, 1),
+    "white": (1, 1, 1),
+    "black": (-1, -1, -1),
+}
 
 
 def coloured_shapes(size: int) -> tuple[torch.Tensor, list[str]]:
     """8 distinct images (a coloured square or disc on grey) and their captions."""
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     c, r = size / 2, size / 4
-    shapes = {"square": ((yy - c).abs() < r) & ((xx - c).abs() < r),
-              "circle": (yy - c) ** 2 + (xx - c) ** 2 < (1.1 * r) ** 2}
+    shapes = {
+        "square": ((yy - c).abs() < r) & ((xx - c).abs() < r),
+        "circle": (yy - c) ** 2 + (xx - c) ** 2 < (1.1 * r) ** 2,
+    }
     images, captions = [], []
     for i, (colour, rgb) in enumerate(COLOURS.items()):
         shape = ["square", "circle"][i % 2]
@@ -286,15 +309,18 @@ def test_overfits_a_fixed_batch():
     momentum targets put a floor under ITC) and a fast EMA (0.9) because ITC trains the student
     against the momentum features and retrieval below uses the student's."""
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", **{"itc.queue_size": 0, "itc.alpha": 0.0,
-                                          "momentum.momentum": 0.9}))
+    model = SemMIM(
+        from_preset("tiny", **{"itc.queue_size": 0, "itc.alpha": 0.0, "momentum.momentum": 0.9})
+    )
     images, captions = coloured_shapes(model.cfg.vision.image_size)
     enc = model.tokenizer(captions, padding=True, return_tensors="pt")
     ids, am = enc["input_ids"], enc["attention_mask"]
     params = [p for p in model.parameters() if p.requires_grad]
     steps = 250
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     for step in range(steps):
         model.set_step(step, steps)
         out = model(images, ids, am, seed=step)

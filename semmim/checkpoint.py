@@ -1,31 +1,68 @@
-"""Atomic checkpoints and RNG state capture.
+"""Atomic, checksummed checkpoints that hold data only, and RNG state capture.
 
 Layout of a run directory::
 
-    RUN/checkpoints/step_00000100.pt   one file per saved step (the newest ``keep`` are kept)
-    RUN/checkpoints/latest             text file naming the newest complete checkpoint
+    RUN/checkpoints/step_00000100.pt        one file per saved step (the newest ``keep`` are kept)
+    RUN/checkpoints/step_00000100.pt.json   its sidecar: {"file", "bytes", "sha256", "format"}
+    RUN/checkpoints/latest                  text file naming the newest complete checkpoint
 
-Every file is written to a temporary file in the same directory, flushed, fsync'ed and renamed over
-the destination with ``os.replace`` (atomic on POSIX), then the directory is fsync'ed. The ``latest``
-pointer is replaced the same way *after* the checkpoint it names is complete, so a crash (even
-SIGKILL) at any moment leaves ``latest`` naming a loadable checkpoint.
+Writing: every file goes to a temporary file in the same directory, is flushed, fsync'ed and renamed
+over the destination with ``os.replace`` (atomic on POSIX), then the directory is fsync'ed. The order
+is checkpoint, then its sidecar, then ``latest``, so a crash (even SIGKILL) at any moment leaves
+``latest`` naming a checkpoint whose sidecar is complete.
+
+Reading: a checkpoint is data, never code. It is loaded with ``torch.load(weights_only=True)``, which
+only rebuilds tensors and plain containers (dict, list, tuple, str, int, float, bool, None) and
+refuses any other pickled object, so a crafted file cannot run anything; :func:`save_checkpoint`
+checks that what it writes stays within those types. Before loading, the file's size and SHA-256 are
+compared with the sidecar, so truncation and flipped bits are caught. Every problem raises
+:class:`CheckpointError` naming the file and what is wrong. The ``latest`` pointer must be a bare
+``step_<N>.pt`` name of a file inside the directory (no ``..``, no absolute path, no symlink out).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import os
+import pickle
 import random
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
+log = logging.getLogger("semmim.checkpoint")
+
 LATEST = "latest"
+FORMAT = 2  # 2 = weights_only payload + sha256 sidecar
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size)
+
+# What a training checkpoint must hold (``semmim train --resume``), and what evaluation needs.
+TRAIN_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "step",
+    "epoch",
+    "batch_in_epoch",
+    "rng",
+    "config",
+    "train_config",
+    "total_steps",
+    "world_size",
+)
+EVAL_KEYS = ("model", "config", "train_config", "step")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what is wrong."""
 
 
 def _fsync_dir(path: str) -> None:
@@ -64,21 +101,63 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_checkpoint(state: dict[str, Any], ckpt_dir: str, step: int, keep: int = 2) -> str:
-    """Write ``state`` as ``step_<step>.pt``, point ``latest`` at it, prune to the newest ``keep``.
+def sidecar_path(path: str) -> str:
+    """The checksum sidecar of checkpoint ``path``: ``path + ".json"``."""
+    return path + ".json"
 
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_plain(obj: Any, where: str = "state") -> None:
+    """Raise TypeError naming the first value ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} is a {type(k).__name__}, not str/int")
+            check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TypeError(
+            f"{where}: a {type(obj).__name__} cannot go into a checkpoint (only tensors, dict, "
+            "list, tuple, str, int, float, bool and None load with weights_only=True)"
+        )
+
+
+def save_checkpoint(state: dict[str, Any], ckpt_dir: str, step: int, keep: int = 2) -> str:
+    """Write ``state`` as ``step_<step>.pt`` + sidecar, point ``latest`` at it, keep the newest ``keep``.
+
+    ``state`` may hold only tensors and plain containers (checked first: TypeError otherwise).
     Returns the checkpoint path.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
+    check_plain(state)
     _remove_stale_temp_files(ckpt_dir)
     name = f"step_{step:08d}.pt"
     path = os.path.join(ckpt_dir, name)
     atomic_torch_save(state, path)
+    meta = {
+        "file": name,
+        "bytes": os.path.getsize(path),
+        "sha256": file_sha256(path),
+        "format": FORMAT,
+    }
+    atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta).encode() + b"\n"))
     atomic_write(os.path.join(ckpt_dir, LATEST), lambda f: f.write(name.encode() + b"\n"))
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         if os.path.basename(old) != name:
-            os.unlink(old)
+            for p in (old, sidecar_path(old)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
     return path
 
 
@@ -93,48 +172,196 @@ def _remove_stale_temp_files(ckpt_dir: str) -> None:
 
 
 def list_checkpoints(ckpt_dir: str) -> list[str]:
-    """Complete checkpoint files in ``ckpt_dir``, oldest step first."""
+    """Checkpoint files ``step_*.pt`` in ``ckpt_dir``, oldest step first."""
     if not os.path.isdir(ckpt_dir):
         return []
     found = [(int(m.group(1)), n) for n in os.listdir(ckpt_dir) if (m := _STEP_FILE.match(n))]
     return [os.path.join(ckpt_dir, n) for _, n in sorted(found)]
 
 
+def _inside(path: str, directory: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([real, root]) == root and real != root
+
+
+def _read_latest(directory: str) -> str | None:
+    """The file ``directory/latest`` names (validated), or None when there is no pointer."""
+    pointer = os.path.join(directory, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer, encoding="utf-8", errors="replace") as f:
+        name = f.read(4096).strip()
+    target = os.path.join(directory, name)
+    if not _STEP_FILE.match(name) or not _inside(target, directory):
+        raise CheckpointError(
+            f"{pointer}: names {name[:200]!r}, which is not a step_<N>.pt file inside "
+            f"{directory}; refusing to follow it (the pointer may have been tampered with)"
+        )
+    return target
+
+
+def _run_dir_candidates(path: str) -> tuple[str, list[str]] | None:
+    """(checkpoint dir, files newest first: ``latest``'s target, then the other step files)."""
+    for directory in (os.path.join(path, "checkpoints"), path):
+        if not os.path.isdir(directory):
+            continue
+        latest = _read_latest(directory)
+        files = list(reversed(list_checkpoints(directory)))
+        if latest is not None and os.path.exists(latest):
+            files = [latest] + [f for f in files if f != latest]
+        if files:
+            return directory, files
+    return None
+
+
 def resolve_checkpoint(path: str) -> str:
     """Map a run dir, a checkpoints dir or a file to the checkpoint file to load.
 
     A directory resolves through its ``latest`` pointer (``RUN/checkpoints/latest`` or ``DIR/latest``),
-    falling back to the newest ``step_*.pt`` when there is no pointer.
+    falling back to the newest ``step_*.pt`` when there is no pointer (or it names a missing file).
+    Raises FileNotFoundError when there is none, CheckpointError for an unsafe pointer.
     """
     if os.path.isfile(path):
         return path
-    for directory in (os.path.join(path, "checkpoints"), path):
-        pointer = os.path.join(directory, LATEST)
-        if os.path.isfile(pointer):
-            with open(pointer, encoding="utf-8") as f:
-                name = f.read().strip()
-            target = os.path.join(directory, name)
-            if os.path.isfile(target):
-                return target
-        found = list_checkpoints(directory)
-        if found:
-            return found[-1]
+    found = _run_dir_candidates(path)
+    if found:
+        return found[1][0]
     raise FileNotFoundError(
         f"no checkpoint found at {path!r} (expected a .pt file, or a directory with "
         f"'latest' or step_*.pt, or RUN/checkpoints/)"
     )
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load the checkpoint that :func:`resolve_checkpoint` finds at ``path``."""
-    return torch.load(resolve_checkpoint(path), map_location=map_location, weights_only=False)
+def _verify(path: str) -> None:
+    """Compare ``path`` with its sidecar: present, same size, same SHA-256."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"{path}: zero-length file (nothing was written)")
+    side = sidecar_path(path)
+    try:
+        with open(side, encoding="utf-8") as f:
+            meta = json.load(f)
+        want_bytes, want_sha = int(meta["bytes"]), str(meta["sha256"])
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path}: no checksum sidecar {os.path.basename(side)} (semmim writes it right after "
+            "the checkpoint: the write was interrupted, or the file was not written by semmim)"
+        ) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{side}: unreadable checksum sidecar ({err})") from None
+    if size != want_bytes:
+        raise CheckpointError(
+            f"{path}: {size} bytes, but {want_bytes} were written ("
+            f"{'truncated' if size < want_bytes else 'bytes appended'})"
+        )
+    sha = file_sha256(path)
+    if sha != want_sha:
+        raise CheckpointError(
+            f"{path}: checksum mismatch (sha256 {sha[:16]}..., recorded {want_sha[:16]}...): "
+            "the file changed after it was written (corrupt disk or copy, flipped bits)"
+        )
 
 
+def read_checkpoint(
+    path: str,
+    map_location: str | torch.device = "cpu",
+    required: Iterable[str] = (),
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Load one checkpoint file: checksum, then ``weights_only`` unpickling, then required keys.
+
+    Raises :class:`CheckpointError` (a ValueError) naming the file and the problem.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a file")
+    if verify:
+        _verify(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            detail = next((ln for ln in text.splitlines() if "Unsupported" in ln), text[:300])
+            raise CheckpointError(
+                f"{path}: refused: it pickles objects other than tensors and plain data, which "
+                f"could run code when loaded ({detail.strip()})"
+            ) from None
+        raise CheckpointError(f"{path}: not a torch checkpoint ({text[:300]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path}: unreadable, truncated or not a torch checkpoint "
+            f"({type(err).__name__}: {str(err)[:300]})"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) {missing} (have {sorted(state)})")
+    return state
+
+
+def load_checkpoint(
+    path: str, map_location: str | torch.device = "cpu", required: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Load the checkpoint :func:`resolve_checkpoint` finds at ``path`` (see :func:`read_checkpoint`)."""
+    return read_checkpoint(resolve_checkpoint(path), map_location, required)
+
+
+def load_latest_intact(
+    path: str, map_location: str | torch.device = "cpu", required: Iterable[str] = TRAIN_KEYS
+) -> tuple[dict[str, Any], str]:
+    """The newest checkpoint of a run that loads and verifies: ``(state, file)``.
+
+    Tries ``latest``'s target first, then the other ``step_*.pt`` files, newest first; every damaged
+    one is reported with a warning saying what is wrong, and the fallback is logged. Raises
+    FileNotFoundError when there is no checkpoint, CheckpointError when none is intact (listing
+    each file's problem) or when the ``latest`` pointer is unsafe.
+    """
+    required = tuple(required)
+    if os.path.isfile(path):
+        return read_checkpoint(path, map_location, required), path
+    found = _run_dir_candidates(path)
+    if not found:
+        resolve_checkpoint(path)  # raises FileNotFoundError with the standard message
+    directory, files = found
+    problems = []
+    for file in files:
+        try:
+            if not _inside(file, directory):
+                raise CheckpointError(f"{file}: a link to a file outside {directory}; refused")
+            state = read_checkpoint(file, map_location, required)
+        except CheckpointError as err:
+            log.warning("checkpoint unusable: %s", err)
+            problems.append(str(err))
+            continue
+        if problems:
+            log.warning(
+                "falling back to %s, the newest intact checkpoint (%d newer one%s damaged)",
+                file,
+                len(problems),
+                "" if len(problems) == 1 else "s",
+            )
+        return state, file
+    raise CheckpointError(f"no intact checkpoint in {directory}:\n  " + "\n  ".join(problems))
+
+
+# ------------------------------------------------------------------------------------ RNG states
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """Python, NumPy, torch CPU (and CUDA, when present) RNG states, plus named generators."""
+    """Python, NumPy, torch CPU (and CUDA, when present) RNG states, plus named generators.
+
+    Only tensors and plain types (NumPy's key array becomes an int64 tensor), so the state loads
+    with ``weights_only=True``.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
         "generators": {k: g.get_state() for k, g in (generators or {}).items()},
     }
@@ -147,8 +374,12 @@ def set_rng_state(
     state: dict[str, Any], generators: dict[str, torch.Generator] | None = None
 ) -> None:
     """Restore what :func:`rng_state` captured (CUDA only when present on both sides)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

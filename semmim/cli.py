@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+import textwrap
+import typing
 from typing import Any
 
 DEFAULT_PRESET = "small"
-DEFAULT_STEPS = 400
 
 _DATA_HELP = (
     "training data (default: the embedded procedural shapes, no download). SPEC is one of: "
@@ -64,6 +66,43 @@ def parse_sets(items: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]
     return model, train
 
 
+def _flag(f: dataclasses.Field) -> str:
+    return "--" + f.metadata.get("flag", f.name).replace("_", "-")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`semmim.config.TrainConfig` field, from the field's type and help.
+
+    ``--batch-size`` sets ``batch_size``; bools get ``--x / --no-x``; Literal types become choices.
+    Every option defaults to None (= not given), so only what the user typed overrides a config.
+    ``--steps`` and ``--epochs`` exclude each other.
+    """
+    from semmim.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    length = parser.add_mutually_exclusive_group()
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        default = f" (default: {f.default})" if f.default != "" else ""
+        help_text = (f.metadata["help"] + default).replace("%", "%%")
+        kw: dict[str, Any] = {"dest": f"train_{f.name}", "default": None, "help": help_text}
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is typing.Literal:
+            kw["choices"] = list(typing.get_args(hint))
+        else:
+            kw["type"], kw["metavar"] = hint, f.metadata.get("metavar")
+        (length if f.name in ("steps", "epochs") else parser).add_argument(_flag(f), **kw)
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line: ``{"batch_size": 8, ...}``."""
+    from semmim.config import TrainConfig
+
+    given = {f.name: getattr(args, f"train_{f.name}") for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (``semmim --help``)."""
     from semmim.config import PRESETS
@@ -82,10 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="pre-train (or resume); evaluates the held-out split at the end",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
-        description="Pre-train SemMIM. Writes OUT/log.csv (every logged step), OUT/loss.png, "
-        "OUT/checkpoints/ (atomic; 'latest' pointer), OUT/eval.json + eval.txt (held-out "
-        "retrieval at the end) and OUT/summary.json. Ctrl-C / SIGTERM writes a checkpoint "
-        "before exiting. Under torchrun it runs DDP (NCCL on GPUs, gloo on CPU).",
+        description=textwrap.fill(
+            "Pre-train SemMIM. Writes OUT/log.csv (every logged step), OUT/loss.png, "
+            "OUT/checkpoints/ (atomic, checksummed; 'latest' pointer), OUT/eval.json + eval.txt "
+            "(held-out retrieval at the end) and OUT/summary.json. Ctrl-C / SIGTERM finish the "
+            "current step, write a checkpoint and exit with status 130. Under torchrun it runs "
+            "DDP (NCCL on GPUs, gloo on CPU).",
+            96,
+        )
+        + "\n\n"
+        + textwrap.fill("data specs (--data SPEC): " + _DATA_HELP, 96),
     )
     tr.add_argument(
         "--preset",
@@ -93,81 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"model size (default: {DEFAULT_PRESET}; on --resume the checkpoint's)",
     )
-    tr.add_argument("--data", metavar="SPEC", default=None, help=_DATA_HELP)
-    length = tr.add_mutually_exclusive_group()
-    length.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help=f"optimizer steps (default: {DEFAULT_STEPS} unless --epochs)",
-    )
-    length.add_argument(
-        "--epochs",
-        type=float,
-        default=None,
-        help="passes over the training pairs (alternative to --steps)",
-    )
-    tr.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="pairs per process per micro-batch (default 32)",
-    )
-    tr.add_argument(
-        "--accum-steps",
-        type=int,
-        default=None,
-        help="micro-batches per optimizer step (gradient accumulation, default 1)",
-    )
-    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
-    tr.add_argument(
-        "--out", metavar="DIR", default=None, help="run directory (default runs/semmim)"
-    )
     tr.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/checkpoints/latest with its model config, optimizer, "
-        "schedule, RNG and data position; run flags given now (e.g. --steps, "
-        "--num-workers) override the saved ones, --preset and model --set are ignored",
+        help="continue from the newest intact checkpoint in OUT/checkpoints with its model "
+        "config, optimizer, schedule, RNG and data position. Run options given now (e.g. "
+        "--steps, --num-workers) override the saved ones; a saved --stop-at is dropped; "
+        "--preset and model --set keys are checked, then ignored",
     )
     tr.add_argument(
-        "--num-workers",
-        type=int,
-        default=None,
-        help="DataLoader worker processes (default 2; 0 = load in the main process)",
-    )
-    tr.add_argument("--ckpt-every", type=int, default=None, help="checkpoint every N steps (500)")
-    tr.add_argument("--log-every", type=int, default=None, help="log every N steps (default 10)")
-    tr.add_argument("--seed", type=int, default=None, help="seed of init, data order, augmentation")
-    tr.add_argument(
-        "--val-size",
-        type=float,
-        default=None,
-        help="held-out images: fraction (<1) or count (default 0.1, at most 1000; the "
-        "embedded data holds out V, see --data)",
-    )
-    tr.add_argument(
-        "--device",
-        choices=["auto", "cuda", "cpu"],
-        default=None,
-        help="default auto = CUDA when available (bf16 autocast there)",
-    )
-    tr.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads of the training process (default: torch's choice; 1 is often "
-        "fastest on a small, busy CPU)",
-    )
-    tr.add_argument(
-        "--grad-checkpointing",
+        "--allow-changes",
         action="store_true",
-        default=None,
-        help="recompute transformer blocks in backward to save memory",
+        help="with --resume: continue even though the batch size, accumulation, seed, data, "
+        "held-out split or number of processes differ from the checkpoint's (refused otherwise)",
     )
-    tr.add_argument(
-        "--no-eval", action="store_true", help="skip the held-out evaluation at the end"
-    )
+    add_train_options(tr)
     tr.add_argument(
         "--set",
         dest="sets",
@@ -177,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides, repeatable: model keys like vision.depth=4, "
         "mim.target=pixel, masking.strategy=random, mim.enabled=false; run keys "
         "like train.lr=1e-4, train.warmup_steps=100, train.weight_decay=0.05, "
-        "train.grad_clip=1.0, train.flip=none (see semmim/train.py TrainConfig)",
+        "train.grad_clip=1.0, train.flip=none (every train option above is also train.<name>)",
     )
 
     ev = sub.add_parser(
@@ -244,56 +229,55 @@ def _setup_logging() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``semmim train``."""
-    from semmim.checkpoint import load_checkpoint
-    from semmim.config import SemMIMConfig, from_preset
+    from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
+    from semmim.config import SemMIMConfig, TrainConfig, from_preset
     from semmim.data import open_data
-    from semmim.train import TrainConfig, train
+    from semmim.train import resume_changes, train
 
     model_sets, train_sets = parse_sets(args.sets)
-    explicit = {
-        "data": args.data,
-        "out": args.out,
-        "steps": args.steps,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "accum_steps": args.accum_steps,
-        "lr": args.lr,
-        "num_workers": args.num_workers,
-        "ckpt_every": args.ckpt_every,
-        "log_every": args.log_every,
-        "seed": args.seed,
-        "val_size": args.val_size,
-        "device": args.device,
-        "grad_checkpointing": args.grad_checkpointing,
-        "threads": args.threads,
-        "eval_at_end": False if args.no_eval else None,
-    }
-    explicit = {k: v for k, v in explicit.items() if v is not None}
-    if args.epochs is not None:
-        explicit["steps"] = 0
+    explicit = train_overrides(args)
     explicit.update(train_sets)
+    checkpoint = None
     try:
         out = explicit.get("out", TrainConfig.out)
         if args.resume:
             try:
-                state = load_checkpoint(os.path.join(out, "checkpoints"))
+                checkpoint = load_latest_intact(os.path.join(out, "checkpoints"), "cpu", TRAIN_KEYS)
             except FileNotFoundError as err:
                 raise CLIError(f"--resume: {err}") from None
+            state = checkpoint[0]
             model_cfg = SemMIMConfig.from_dict(state["config"])
+            if model_sets:
+                model_cfg.override(model_sets)  # a misspelled key is an error, as on a fresh run
             if args.preset or model_sets:
                 logging.getLogger("semmim").warning(
                     "--resume: the checkpoint's model config is used; --preset/model --set ignored"
                 )
-            tcfg = TrainConfig(**state["train_config"]).override(explicit)
+            saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
+            tcfg = saved.override(explicit)
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            changed = resume_changes(state, tcfg, world_size)
+            if changed and not args.allow_changes:
+                raise CLIError(
+                    f"--resume: refusing to continue {checkpoint[1]} with a different "
+                    f"{'; '.join(changed)} (the remaining steps would see other pairs, in another "
+                    "order, than the run that was interrupted). Give the saved values, or pass "
+                    "--allow-changes to continue anyway"
+                )
         else:
-            if "steps" not in explicit and "epochs" not in explicit:
-                explicit["steps"] = DEFAULT_STEPS
             model_cfg = from_preset(args.preset or DEFAULT_PRESET, model_sets)
             tcfg = TrainConfig().override(explicit)
         source = open_data(tcfg.data or None, tcfg.val_size, tcfg.seed)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
-    summary = train(model_cfg, tcfg, resume=args.resume, source=source)
+    summary = train(
+        model_cfg,
+        tcfg,
+        resume=args.resume,
+        source=source,
+        checkpoint=checkpoint,
+        allow_changes=args.allow_changes,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"trained {summary['step']}/{summary['total_steps']} steps in "
@@ -309,19 +293,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from semmim import SemMIM
-    from semmim.checkpoint import load_checkpoint, resolve_checkpoint
-    from semmim.config import SemMIMConfig
+    from semmim.checkpoint import EVAL_KEYS, read_checkpoint, resolve_checkpoint
+    from semmim.config import SemMIMConfig, TrainConfig
     from semmim.data import open_data
     from semmim.eval import evaluate, format_table
-    from semmim.train import TrainConfig
 
     try:
         path = resolve_checkpoint(args.ckpt)
-    except FileNotFoundError as err:
+        state = read_checkpoint(path, "cpu", EVAL_KEYS)
+        tcfg = TrainConfig.from_dict(state["train_config"])
+        model_cfg = SemMIMConfig.from_dict(state["config"])
+    except (FileNotFoundError, ValueError) as err:
         raise CLIError(f"--ckpt: {err}") from None
-    state = load_checkpoint(path)
-    tcfg = TrainConfig(**state["train_config"])
-    model_cfg = SemMIMConfig.from_dict(state["config"])
     model = SemMIM(model_cfg)
     model.load_state_dict(state["model"])
     device = torch.device(

@@ -33,6 +33,7 @@ __all__ = [
     "SemMIMConfig",
     "PRESETS",
     "from_preset",
+    "TrainConfig",
 ]
 
 
@@ -435,3 +436,132 @@ def from_preset(
         raise ValueError(f"preset: unknown preset {name!r}; valid presets: {list(PRESETS)}")
     merged = {**(overrides or {}), **kw_overrides}
     return PRESETS[name].override(merged) if merged else PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------- training
+def _opt(default: Any, help: str, metavar: str | None = None, flag: str | None = None) -> Any:
+    """A TrainConfig field with its ``semmim train`` help text (the CLI is generated from these)."""
+    meta = {"help": help, "metavar": metavar, "flag": flag}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a run that is not the model.
+
+    Each field is a ``semmim train --<field-name>`` option and a ``--set train.<field>=...`` key;
+    the help texts below are the CLI's. The run's length is ``steps`` or, with ``steps=0``,
+    ``epochs`` passes over the training pairs (exactly one of them > 0).
+    """
+
+    data: str = _opt("", "training data (default: the embedded shapes); see 'data specs'", "SPEC")
+    out: str = _opt("runs/semmim", "run directory", "DIR")
+    steps: int = _opt(400, "optimizer steps (0 = derive from --epochs)", "N")
+    epochs: float = _opt(0.0, "passes over the training pairs, instead of --steps", "E")
+    batch_size: int = _opt(
+        32, "pairs per process per micro-batch (effective: × accum-steps × processes)", "B"
+    )
+    accum_steps: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)", "N")
+    lr: float = _opt(3e-4, "peak learning rate (AdamW)", "LR")
+    min_lr_ratio: float = _opt(0.05, "cosine floor as a fraction of --lr", "R")
+    weight_decay: float = _opt(0.05, "AdamW weight decay on weight matrices", "WD")
+    beta1: float = _opt(0.9, "AdamW beta1", "B1")
+    beta2: float = _opt(0.98, "AdamW beta2", "B2")
+    warmup_steps: int = _opt(-1, "linear warm-up steps (-1 = 5% of the steps)", "N")
+    grad_clip: float = _opt(1.0, "gradient-norm clip (0 = off)", "C")
+    log_every: int = _opt(10, "log (CSV row, progress bar) every N steps", "N")
+    ckpt_every: int = _opt(500, "checkpoint every N steps (and at the end)", "N")
+    keep_ckpts: int = _opt(2, "checkpoints kept (the newest N)", "N")
+    stop_at: int = _opt(
+        0,
+        "stop with a checkpoint after this step as if interrupted, keeping the schedule of "
+        "--steps (time-boxed jobs; 0 = off; never carried into a --resume)",
+        "STEP",
+    )
+    num_workers: int = _opt(2, "DataLoader worker processes (0 = load in this process)", "N")
+    seed: int = _opt(0, "seed of init, data order, augmentation and the per-step seeds", "S")
+    val_size: float = _opt(
+        0.1,
+        "held-out images: fraction (<1) or count (at most 1000; the embedded data holds out V)",
+        "X",
+    )
+    max_text_len: int = _opt(40, "caption tokens kept (capped by the model's text.max_len)", "T")
+    crop_scale_min: float = _opt(
+        -1.0, "random-resized-crop minimum area in (0, 1] (-1 = the data's choice)", "X"
+    )
+    flip: Literal["auto", "swap", "none"] = _opt(
+        "auto", "horizontal flip: swap = flip and swap left/right in the caption; auto = data's"
+    )
+    device: Literal["auto", "cuda", "cpu"] = _opt("auto", "auto = CUDA when available")
+    amp: Literal["auto", "bf16", "off"] = _opt(
+        "auto", "mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = on any device"
+    )
+    compile: bool = _opt(False, "wrap the model in torch.compile")
+    grad_checkpointing: bool = _opt(False, "recompute transformer blocks in backward (less memory)")
+    threads: int = _opt(0, "torch intra-op threads of this process (0 = torch's default)", "N")
+    eval_at_end: bool = _opt(True, "evaluate the held-out split at the end", flag="eval")
+    eval_rerank_k: int = _opt(16, "ITM re-ranked candidates per query at the end (0 = ITC)", "K")
+    eval_batch_size: int = _opt(64, "encoding batch size of the final evaluation", "B")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.amp, bool):  # older configs: amp=True/False
+            object.__setattr__(self, "amp", "auto" if self.amp else "off")
+        try:
+            self._validate()
+        except ValueError as e:
+            raise ValueError(f"train.{e}") from None
+
+    def _validate(self) -> None:
+        _check_types(self)
+        for name in ("batch_size", "accum_steps", "log_every", "ckpt_every", "keep_ckpts"):
+            _positive(self, name)
+        _positive(self, "max_text_len", "lr")
+        for name in (
+            "steps",
+            "epochs",
+            "stop_at",
+            "num_workers",
+            "threads",
+            "weight_decay",
+            "grad_clip",
+            "eval_rerank_k",
+            "val_size",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        _positive(self, "eval_batch_size")
+        _in_range(self, "min_lr_ratio", 0.0, 1.0)
+        _in_range(self, "beta1", 0.0, 1.0, hi_open=True)
+        _in_range(self, "beta2", 0.0, 1.0, hi_open=True)
+        if self.warmup_steps < -1:
+            raise ValueError(f"warmup_steps: must be >= 0 or -1, got {self.warmup_steps}")
+        if (self.steps > 0) == (self.epochs > 0):
+            raise ValueError(
+                f"steps: the run length is steps > 0 or (with steps=0) epochs > 0, exactly one; "
+                f"got steps={self.steps}, epochs={self.epochs}"
+            )
+        if not (self.crop_scale_min == -1.0 or 0 < self.crop_scale_min <= 1):
+            raise ValueError(f"crop_scale_min: must be in (0, 1] or -1, got {self.crop_scale_min}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of builtins (JSON-safe), e.g. for checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
+        return cls().override(d, _base=True)
+
+    def override(self, overrides: dict[str, Any], _base: bool = False) -> TrainConfig:
+        """Copy with ``{"field": value}`` changes; unknown fields raise ValueError naming them.
+
+        Giving ``epochs`` without ``steps`` sets ``steps=0`` (the run is measured in epochs).
+        """
+        valid = [f.name for f in fields(self)]
+        for key in overrides:
+            if key not in valid:
+                raise ValueError(f"train.{key}: unknown key; valid keys of train: {valid}")
+        changes = dict(overrides)
+        if not _base and "epochs" in changes and "steps" not in changes and changes["epochs"]:
+            changes["steps"] = 0
+        return replace(self, **changes)

@@ -1,20 +1,33 @@
 """The pre-training loop: data, optimiser, schedule, EMA, logging, checkpoints, exact resume, DDP.
 
 ``train(model_cfg, train_cfg)`` runs single-process or under ``torchrun`` (one process per GPU, or gloo
-on CPU). Per optimizer step it takes ``accum_steps`` micro-batches of ``batch_size`` pairs per rank,
-clips the gradient norm, steps AdamW and the warm-up + cosine schedule, then updates the EMA model.
+on CPU). It is three parts:
+
+- :func:`setup` builds a :class:`Run`: model (optionally DDP-wrapped and ``torch.compile``'d),
+  optimizer, schedule, data stream and the committed position (from a checkpoint on resume);
+- :func:`train_step` is one optimizer step, **the unit of commit**: ``accum_steps`` micro-batches of
+  ``batch_size`` pairs per rank, gradient clipping, AdamW, the warm-up + cosine schedule, the EMA
+  update, then ``run.step += 1``. Between two calls the run's state is exactly "after step N";
+- :func:`save` writes that state as a checkpoint (:mod:`semmim.checkpoint`).
+
+Interrupts: SIGINT and SIGTERM only set a flag; the step in progress finishes, then a checkpoint is
+written and ``train`` returns with ``interrupted=True`` (a second SIGINT exits at once, without
+one). DataLoader workers are started with both signals blocked, so a SIGTERM sent to the whole
+process group (as job schedulers do) does not kill them under the step that still needs them.
 
 Exact resume: the data order is a pure function of (seed, epoch) (:class:`ResumableBatchSampler`),
-augmentation a pure function of (seed, epoch, index), the DataLoader has its own generator, and each
-checkpoint holds model (with EMA, ITC queue, centres), optimizer, scheduler, step, data position and
-the RNG states captured at that step boundary — so N steps + resume + M steps = N+M steps.
+augmentation a pure function of (seed, epoch, index), the DataLoader has its own generator, and the
+forward pass takes an explicit seed per micro-batch, :func:`step_seed` (seed, step, micro-batch,
+rank), so it draws no random number from the process. Each checkpoint holds model (with EMA, ITC
+queue, centres), optimizer, scheduler, step, data position and the RNG states at the step boundary
+— so N steps + resume + M steps = N+M steps, bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -23,7 +36,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +45,7 @@ from tqdm.auto import tqdm
 
 from semmim import checkpoint as ckpt
 from semmim import dist
+from semmim.config import TrainConfig
 from semmim.data import (
     Collator,
     DataSource,
@@ -43,120 +57,16 @@ from semmim.data import (
 )
 from semmim.transforms import TrainTransform
 
+__all__ = ["TrainConfig", "train", "setup", "train_step", "save", "step_seed", "resume_changes"]
+
 log = logging.getLogger("semmim.train")
 
 OBJECTIVES = ("itc", "itm", "mlm", "glob", "mim")
 CSV_FIELDS = ("step", "epoch", "lr", "loss", *OBJECTIVES, "pairs_per_s", "data_wait", "elapsed_s")
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything about a run that is not the model (``--set train.<field>=...`` changes any field).
-
-    steps: optimizer steps; 0 = derive from ``epochs``. epochs: passes over the training pairs.
-    batch_size: pairs per rank per micro-batch; effective batch = batch_size·accum_steps·world_size.
-    warmup_steps: linear warm-up; -1 = 5% of the steps. min_lr_ratio: cosine floor as a fraction of lr.
-    stop_at: stop (with a checkpoint) after this step as if interrupted, keeping the schedule of
-        ``steps`` — for time-boxed jobs and the resume test; 0 = off.
-    val_size: held-out images (fraction < 1 or a count); ignored by the synthetic data.
-    crop_scale_min / flip: augmentation; -1 / "auto" = what the data source recommends.
-    device: "auto" (CUDA when available), "cuda" or "cpu". amp: bf16 autocast, on CUDA only.
-    threads: torch intra-op threads of the training process; 0 = torch's default.
-    """
-
-    data: str = ""
-    out: str = "runs/semmim"
-    steps: int = 0
-    epochs: float = 0.0
-    batch_size: int = 32
-    accum_steps: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.98
-    warmup_steps: int = -1
-    grad_clip: float = 1.0
-    log_every: int = 10
-    ckpt_every: int = 500
-    keep_ckpts: int = 2
-    stop_at: int = 0
-    num_workers: int = 2
-    seed: int = 0
-    val_size: float = 0.1
-    max_text_len: int = 40
-    crop_scale_min: float = -1.0
-    flip: str = "auto"
-    device: str = "auto"
-    amp: bool = True
-    grad_checkpointing: bool = False
-    threads: int = 0
-    eval_at_end: bool = True
-    eval_rerank_k: int = 16
-    eval_batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            ok = {
-                "int": isinstance(v, int) and not isinstance(v, bool),
-                "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-                "bool": isinstance(v, bool),
-                "str": isinstance(v, str),
-            }[f.type]
-            if not ok:
-                raise ValueError(f"train.{f.name}: expected {f.type}, got {v!r}")
-        for name in (
-            "batch_size",
-            "accum_steps",
-            "log_every",
-            "ckpt_every",
-            "keep_ckpts",
-            "max_text_len",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "steps",
-            "epochs",
-            "stop_at",
-            "num_workers",
-            "threads",
-            "weight_decay",
-            "grad_clip",
-            "eval_rerank_k",
-            "val_size",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr: must be > 0, got {self.lr}")
-        if self.flip not in ("auto", "swap", "none"):
-            raise ValueError(f"train.flip: must be auto, swap or none, got {self.flip!r}")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"train.device: must be auto, cuda or cpu, got {self.device!r}")
-        if not (self.crop_scale_min == -1.0 or 0 < self.crop_scale_min <= 1):
-            raise ValueError(
-                f"train.crop_scale_min: must be in (0, 1] or -1, got {self.crop_scale_min}"
-            )
-
-    def override(self, overrides: dict[str, Any]) -> TrainConfig:
-        """Copy with ``{"field": value}`` changes; unknown fields raise ValueError naming them."""
-        valid = [f.name for f in fields(self)]
-        for key in overrides:
-            if key not in valid:
-                raise ValueError(f"train.{key}: unknown key; valid keys of train: {valid}")
-        casted = {
-            k: float(v)
-            if _field_type(k) == "float" and isinstance(v, int) and not isinstance(v, bool)
-            else v
-            for k, v in overrides.items()
-        }
-        return dataclasses.replace(self, **casted)
-
-
-def _field_type(name: str) -> str:
-    return {f.name: f.type for f in fields(TrainConfig)}[name]
+# What a resume may not change without ``allow_changes``: each changes which pairs the remaining
+# steps see (order, split or dataset) or what one step means.
+RESUME_CONTRACT = ("data", "val_size", "seed", "batch_size", "accum_steps", "world_size")
 
 
 # --------------------------------------------------------------------------------- optimisation
@@ -312,24 +222,78 @@ def _open_csv(path: str, resume_step: int) -> tuple[Any, csv.DictWriter]:
     return f, writer
 
 
+# ------------------------------------------------------------------------------------- signals
+class StopRequest:
+    """SIGINT/SIGTERM handler that records the request; the loop stops after the current step.
+
+    A second SIGINT raises KeyboardInterrupt at once (a human pressing Ctrl-C twice); SIGTERM never
+    escalates (launchers such as torchrun forward it, so a rank may receive it twice). Forked
+    processes that inherit the handler ignore it (only the process that installed it stops).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._pid = os.getpid()
+        self._sigints = 0
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return
+        self.signum = signum
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints > 1:
+                raise KeyboardInterrupt("second SIGINT: exiting without a checkpoint")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Install for SIGINT and SIGTERM (main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt (schedulers send it before killing), main thread only."""
+def _signals_blocked():
+    """Block SIGINT/SIGTERM in this thread; processes forked meanwhile keep them blocked.
+
+    DataLoader workers are forked under this, so a signal to the process group leaves them alive
+    (the trainer stops them itself); a signal to this process stays pending, not lost, until the
+    block ends.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # ------------------------------------------------------------------------------------ the loop
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The forward pass's seed for micro-batch ``micro`` of optimizer step ``step`` on ``rank``.
+
+    The first 62 bits of BLAKE2b-64 of ``"semmim:{seed}:{step}:{micro}:{rank}"``: a pure function of
+    the run seed and the position, so a resumed run draws the same masks, MLM tokens and noise,
+    distinct per rank and micro-batch, and no random number is read from the process's RNG.
+    """
+    digest = hashlib.blake2b(f"semmim:{seed}:{step}:{micro}:{rank}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 2
+
+
 def _device(tcfg: TrainConfig) -> str | None:
     return None if tcfg.device == "auto" else tcfg.device
 
@@ -341,21 +305,97 @@ def build_transform(tcfg: TrainConfig, source: DataSource, image_size: int) -> T
     return TrainTransform(image_size, scale=scale, flip=flip)
 
 
-def train(
+def resume_changes(state: dict[str, Any], tcfg: TrainConfig, world_size: int) -> list[str]:
+    """What the resume contract (``RESUME_CONTRACT``) says changed since ``state`` was saved.
+
+    Returns ``["batch_size: 4 -> 8", ...]``; empty when the resume continues the same run.
+    """
+    saved = {**state["train_config"], "world_size": state["world_size"]}
+    now = {**tcfg.to_dict(), "world_size": world_size}
+    return [
+        f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_CONTRACT if saved.get(k) != now[k]
+    ]
+
+
+class _BatchStream:
+    """The loader's batches in order, across epochs; tracks the data position (epoch, batch)."""
+
+    def __init__(self, loader, sampler: ResumableBatchSampler, epoch: int, batch: int) -> None:
+        self.loader, self.sampler = loader, sampler
+        self.epoch, self.batch_in_epoch = epoch, batch
+        self._it = None
+
+    def _start(self) -> None:
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        with _signals_blocked():  # workers are forked here (the first time)
+            self._it = iter(self.loader)
+
+    def next(self) -> dict[str, Any]:
+        if self._it is None:
+            self._start()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._start()
+            batch = next(self._it)
+        self.batch_in_epoch += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the loader's worker processes."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+@dataclass
+class Run:
+    """Everything :func:`setup` builds; ``step`` and the stream's position are the committed state."""
+
+    model_cfg: Any
+    tcfg: TrainConfig
+    info: dist.DistInfo
+    model: nn.Module  # the SemMIM module itself (state_dict, EMA, set_step)
+    forward: nn.Module  # what runs the step: model, DDP(model), or torch.compile of either
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    source: DataSource
+    stream: _BatchStream
+    skips: SkipLog
+    total_steps: int
+    out_dir: str
+    ckpt_dir: str
+    step: int = 0
+    start_step: int = 0
+    elapsed_before: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """bf16 under ``amp="bf16"`` (any device) or ``"auto"`` on CUDA; else None (fp32)."""
+        amp = self.tcfg.amp
+        on = amp == "bf16" or (amp == "auto" and self.info.device.type == "cuda")
+        return torch.bfloat16 if on else None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
+def setup(
     model_cfg,
     tcfg: TrainConfig,
     resume: bool = False,
     source: DataSource | None = None,
-    return_model: bool = False,
-) -> dict[str, Any]:
-    """Train (or resume) a SemMIM model; returns a summary dict (also written to ``OUT/summary.json``).
+    checkpoint: tuple[dict[str, Any], str] | None = None,
+    allow_changes: bool = False,
+) -> Run:
+    """Build the run: model, optimizer, schedule, data stream; on resume restore the checkpoint.
 
-    Args:
-        model_cfg: a :class:`semmim.SemMIMConfig` (ignored on resume: the checkpoint's is used).
-        tcfg: run settings. On resume, pass the checkpoint's ``train_config`` with any changes.
-        resume: continue from ``OUT/checkpoints/latest``.
-        source: the opened ``tcfg.data`` (opened here when None).
-        return_model: also return the trained model (unwrapped from DDP) as ``summary["model"]``.
+    ``checkpoint`` is an already loaded ``(state, path)`` (else the newest intact checkpoint of
+    ``OUT/checkpoints`` is loaded). A resume that breaks the contract (:func:`resume_changes`)
+    raises ValueError naming the changes unless ``allow_changes``.
     """
     from semmim import SemMIM, SemMIMConfig
 
@@ -365,15 +405,24 @@ def train(
     out_dir, ckpt_dir = tcfg.out, os.path.join(tcfg.out, "checkpoints")
     state = None
     if resume:
-        state = ckpt.load_checkpoint(ckpt_dir, map_location="cpu")
+        state, path = checkpoint or ckpt.load_latest_intact(ckpt_dir, required=ckpt.TRAIN_KEYS)
         model_cfg = SemMIMConfig.from_dict(state["config"])
+        changed = resume_changes(state, tcfg, info.world_size)
+        if changed and not allow_changes:
+            raise ValueError(
+                f"--resume: the run's {', '.join(changed)}; the remaining steps would not be the "
+                f"ones the checkpoint {path} was saved for. Give the saved values, or allow the "
+                "change explicitly (--allow-changes / allow_changes=True)"
+            )
+        if changed and info.is_main:
+            log.warning("resuming with changes (allowed): %s", "; ".join(changed))
     if info.is_main:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(
                 {
                     "model": model_cfg.to_dict(),
-                    "train": dataclasses.asdict(tcfg),
+                    "train": tcfg.to_dict(),
                     "world_size": info.world_size,
                 },
                 f,
@@ -392,9 +441,9 @@ def train(
         source = open_data(tcfg.data or None, tcfg.val_size, tcfg.seed)
     if info.is_main:
         log.info("data %s", source.describe())
-    image_size = model_cfg.vision.image_size
     max_len = min(tcfg.max_text_len, model_cfg.text.max_len)
-    dataset = PairDataset(source.train, build_transform(tcfg, source, image_size), tcfg.seed)
+    transform = build_transform(tcfg, source, model_cfg.vision.image_size)
+    dataset = PairDataset(source.train, transform, tcfg.seed)
     sampler = ResumableBatchSampler(
         len(dataset), tcfg.batch_size, tcfg.seed, info.rank, info.world_size
     )
@@ -403,18 +452,18 @@ def train(
     )
     steps_per_epoch = max(1, len(sampler) // tcfg.accum_steps)
     total_steps = tcfg.steps or math.ceil(tcfg.epochs * steps_per_epoch)
-    if total_steps <= 0:
-        raise ValueError("set --steps or --epochs (train.steps / train.epochs) to a positive value")
     warmup = tcfg.warmup_steps if tcfg.warmup_steps >= 0 else max(1, total_steps // 20)
 
-    ddp_model: nn.Module = model
+    forward: nn.Module = model
     if info.distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(
+        forward = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[info.local_rank] if info.device.type == "cuda" else None,
             broadcast_buffers=False,
             find_unused_parameters=True,
         )
+    if tcfg.compile:
+        forward = torch.compile(forward)
     optimizer = torch.optim.AdamW(
         param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2)
     )
@@ -430,197 +479,267 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        elapsed_before = state.get("elapsed_s", 0.0)
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         skips.load(state.get("skip_log", {}))
         rngs = state["rng"]
         if info.rank < len(rngs):
             ckpt.set_rng_state(rngs[info.rank])
-        else:
-            torch.manual_seed(tcfg.seed + 1000 * info.rank + step)
         if info.is_main:
             log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, batch_in_epoch)
-
-    csv_file, writer = (
-        _open_csv(os.path.join(out_dir, "log.csv"), step) if info.is_main else (None, None)
+    return Run(
+        model_cfg=model_cfg,
+        tcfg=tcfg,
+        info=info,
+        model=model,
+        forward=forward,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        source=source,
+        stream=_BatchStream(loader, sampler, epoch, batch_in_epoch),
+        skips=skips,
+        total_steps=total_steps,
+        out_dir=out_dir,
+        ckpt_dir=ckpt_dir,
+        step=step,
+        start_step=step,
+        elapsed_before=elapsed_before,
     )
-    use_amp = tcfg.amp and info.device.type == "cuda"
-    committed = {
-        "step": step,
-        "epoch": epoch,
-        "batch_in_epoch": batch_in_epoch,
-        "rng": ckpt.rng_state(),
+
+
+def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
+    """One optimizer step (the unit of commit); returns its losses, pairs, data wait and lr.
+
+    ``check_inputs`` runs the model's value-reading input checks (host syncs); the loop turns them
+    on for the first step of a session only.
+    """
+    tcfg, info = run.tcfg, run.info
+    run.model.set_step(run.step, run.total_steps)
+    amp_dtype = run.amp_dtype
+    wait, pairs = 0.0, 0
+    losses: dict[str, torch.Tensor] = {}
+    for micro in range(tcfg.accum_steps):
+        t0 = time.perf_counter()
+        batch = run.stream.next()
+        wait += time.perf_counter() - t0
+        for key, reason in batch["bad"]:
+            run.skips.add(reason, key)
+        if "images" not in batch or len(batch["images"]) < 2:
+            continue  # nothing (or a single pair: no negatives) left after skips
+        images = batch["images"].to(info.device, non_blocking=True)
+        ids = batch["input_ids"].to(info.device, non_blocking=True)
+        mask = batch["attention_mask"].to(info.device, non_blocking=True)
+        last = micro == tcfg.accum_steps - 1
+        no_sync = info.distributed and not last
+        sync = run.forward.no_sync() if no_sync else contextlib.nullcontext()
+        amp = torch.autocast(
+            info.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
+        )
+        seed = step_seed(tcfg.seed, run.step, micro, info.rank)
+        with sync, amp:
+            out = run.forward(images, ids, mask, seed=seed, check_inputs=check_inputs)
+            (out.loss / tcfg.accum_steps).backward()
+        pairs += len(images) * info.world_size
+        for k, v in {"loss": out.loss, **out.losses}.items():
+            v = v.detach() / tcfg.accum_steps
+            losses[k] = losses[k] + v if k in losses else v
+    if tcfg.grad_clip > 0:
+        params = [p for g in run.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.model.update_momentum()
+    run.step += 1
+    return {"losses": losses, "pairs": pairs, "wait": wait, "lr": lr}
+
+
+def save(run: Run, final: bool = False) -> str | None:
+    """Checkpoint the committed state (call it between steps); every rank must call it.
+
+    Returns the path on rank 0. If a DataLoader worker died (its SIGCHLD error can surface inside
+    ``torch.save``), the loader is shut down and the write retried once.
+    """
+    info = run.info
+    rngs = [ckpt.rng_state()]
+    if info.distributed:
+        rngs = [None] * info.world_size
+        torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+    path = None
+    if info.is_main:
+        for attempt in (1, 2):
+            try:
+                path = ckpt.save_checkpoint(
+                    _payload(run, rngs), run.ckpt_dir, run.step, run.tcfg.keep_ckpts
+                )
+                break
+            except RuntimeError as err:
+                if attempt == 2 or "DataLoader worker" not in str(err):
+                    raise
+                log.warning("a data worker died (%s); stopping the loader, writing again", err)
+                run.stream.close()
+        if final:
+            log.info("checkpoint %s", path)
+    dist.barrier()
+    return path
+
+
+def _payload(run: Run, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "step": run.step,
+        "epoch": run.stream.epoch,
+        "batch_in_epoch": run.stream.batch_in_epoch,
+        "rng": rngs,
+        "config": run.model_cfg.to_dict(),
+        "train_config": run.tcfg.to_dict(),
+        "total_steps": run.total_steps,
+        "world_size": run.info.world_size,
+        "skipped": run.skips.summary(),
+        "skip_log": run.skips.state(),
+        "elapsed_s": run.elapsed(),
     }
+
+
+def _stop_agreed(run: Run, stop: StopRequest) -> bool:
+    """Whether any rank was asked to stop (one tiny all-reduce per step when distributed)."""
+    if not run.info.distributed:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=run.info.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _dispatch_recorder():
+    """``semmim.kernels.record_dispatch()``: which backend each op ran in the first step."""
+    from semmim.kernels import record_dispatch
+
+    return record_dispatch()
+
+
+def train(
+    model_cfg,
+    tcfg: TrainConfig,
+    resume: bool = False,
+    source: DataSource | None = None,
+    return_model: bool = False,
+    checkpoint: tuple[dict[str, Any], str] | None = None,
+    allow_changes: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume) a SemMIM model; returns a summary dict (also written to ``OUT/summary.json``).
+
+    Args:
+        model_cfg: a :class:`semmim.SemMIMConfig` (ignored on resume: the checkpoint's is used).
+        tcfg: run settings. On resume, pass the checkpoint's ``train_config`` with any changes.
+        resume: continue from the newest intact checkpoint of ``OUT/checkpoints``.
+        source: the opened ``tcfg.data`` (opened here when None).
+        return_model: also return the trained model (unwrapped from DDP) as ``summary["model"]``.
+        checkpoint / allow_changes: see :func:`setup`.
+    """
+    run = setup(model_cfg, tcfg, resume, source, checkpoint, allow_changes)
+    info = run.info
+    csv_file, writer = (
+        _open_csv(os.path.join(run.out_dir, "log.csv"), run.step) if info.is_main else (None, None)
+    )
     history: list[dict[str, float]] = []
     window = _Window()
     total_wait, total_time = 0.0, 0.0
-    start = time.perf_counter()
-    stop_at = tcfg.stop_at or total_steps
-    interrupted = False
-
-    def save(final: bool = False, gather: bool = True) -> None:
-        rngs = [committed["rng"]]
-        if info.distributed and gather:
-            rngs = [None] * info.world_size
-            torch.distributed.all_gather_object(rngs, committed["rng"])
-        if info.is_main:
-            payload = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": committed["step"],
-                "epoch": committed["epoch"],
-                "batch_in_epoch": committed["batch_in_epoch"],
-                "rng": rngs,
-                "config": model_cfg.to_dict(),
-                "train_config": dataclasses.asdict(tcfg),
-                "total_steps": total_steps,
-                "world_size": info.world_size,
-                "skipped": skips.summary(),
-                "skip_log": skips.state(),
-                "elapsed_s": elapsed_before + time.perf_counter() - start,
-            }
-            path = ckpt.save_checkpoint(payload, ckpt_dir, committed["step"], tcfg.keep_ckpts)
-            if final:
-                log.info("checkpoint %s", path)
-        if info.distributed and gather:
-            dist.barrier()
-
+    stop_at = tcfg.stop_at or run.total_steps
     bar = tqdm(
         total=stop_at,
-        initial=step,
+        initial=run.step,
         desc="train",
         disable=not info.is_main,
         dynamic_ncols=True,
         file=sys.stderr,
     )
-    sampler.set_epoch(epoch, batch_in_epoch)
-    it = iter(loader)
-    model.train()
+    run.model.train()
+    stop = StopRequest()
+    saved_at = -1
     try:
-        with _sigterm_as_interrupt():
-            while step < stop_at:
+        with stop.installed():
+            while run.step < stop_at and not _stop_agreed(run, stop):
                 t_step = time.perf_counter()
-                wait = 0.0
-                pairs = 0
-                losses_sum: dict[str, torch.Tensor] = {}
-                set_step = getattr(model, "set_step", None)
-                if set_step is not None:
-                    set_step(step, total_steps)
-                for micro in range(tcfg.accum_steps):
-                    t0 = time.perf_counter()
-                    try:
-                        batch = next(it)
-                    except StopIteration:
-                        epoch, batch_in_epoch = epoch + 1, 0
-                        sampler.set_epoch(epoch, 0)
-                        it = iter(loader)
-                        batch = next(it)
-                    wait += time.perf_counter() - t0
-                    batch_in_epoch += 1
-                    for key, reason in batch["bad"]:
-                        skips.add(reason, key)
-                    if "images" not in batch or len(batch["images"]) < 2:
-                        continue  # nothing (or a single pair: no negatives) left after skips
-                    images = batch["images"].to(info.device, non_blocking=True)
-                    ids = batch["input_ids"].to(info.device, non_blocking=True)
-                    mask = batch["attention_mask"].to(info.device, non_blocking=True)
-                    last = micro == tcfg.accum_steps - 1
-                    sync = (
-                        contextlib.nullcontext()
-                        if (last or not info.distributed)
-                        else ddp_model.no_sync()
-                    )
-                    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp)
-                    with sync, amp:
-                        out = ddp_model(images, ids, mask)
-                        (out.loss / tcfg.accum_steps).backward()
-                    pairs += len(images) * info.world_size
-                    for k, v in {"loss": out.loss, **out.losses}.items():
-                        v = v.detach() / tcfg.accum_steps
-                        losses_sum[k] = losses_sum[k] + v if k in losses_sum else v
-                if tcfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], tcfg.grad_clip
-                    )
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                model.update_momentum()
-                step += 1
-                committed = {
-                    "step": step,
-                    "epoch": epoch,
-                    "batch_in_epoch": batch_in_epoch,
-                    "rng": ckpt.rng_state(),
-                }
-                window.add(losses_sum, pairs, wait)
-                total_wait += wait
+                if run.step == run.start_step:  # first step of the session: check and report
+                    with _dispatch_recorder() as used:
+                        result = train_step(run, check_inputs=True)
+                    if info.is_main:
+                        log.info("kernels (first step): %s", _format_dispatch(used))
+                else:
+                    result = train_step(run)
+                window.add(result["losses"], result["pairs"], result["wait"])
+                total_wait += result["wait"]
                 total_time += time.perf_counter() - t_step
                 bar.update(1)
-                if step % tcfg.log_every == 0 or step == stop_at:
+                if run.step % tcfg.log_every == 0 or run.step == stop_at:
                     row = window.row()
-                    row.update(
-                        step=step,
-                        epoch=epoch,
-                        lr=lr,
-                        elapsed_s=elapsed_before + time.perf_counter() - start,
-                    )
+                    row.update(step=run.step, epoch=run.stream.epoch, lr=result["lr"])
+                    row["elapsed_s"] = run.elapsed()
                     history.append(row)
                     if writer is not None:
                         writer.writerow(row)
                         csv_file.flush()
-                    post = {k: f"{row[k]:.3f}" for k in ("loss", *OBJECTIVES) if k in row}
-                    post.update(
-                        {
-                            "pairs/s": f"{row['pairs_per_s']:.0f}",
-                            "wait": f"{100 * row['data_wait']:.0f}%",
-                        }
-                    )
-                    bar.set_postfix(post, refresh=False)
+                    bar.set_postfix(_postfix(row), refresh=False)
                     window.reset()
-                if step % tcfg.ckpt_every == 0 and step < stop_at:
-                    save()
-    except KeyboardInterrupt:
-        interrupted = True
-        if info.is_main:
-            log.warning("interrupted: writing a checkpoint at step %d", committed["step"])
-        save(final=True, gather=False)
+                if run.step % tcfg.ckpt_every == 0 and run.step < stop_at:
+                    save(run)
+                    saved_at = run.step
+            interrupted = stop.requested
+            if interrupted and info.is_main:
+                name = signal.Signals(stop.signum).name if stop.signum else "a signal"
+                log.warning("%s: stopping after step %d, writing a checkpoint", name, run.step)
+            if saved_at != run.step:
+                save(run, final=True)
     finally:
         bar.close()
         if csv_file is not None:
             csv_file.close()
-    if not interrupted:
-        save(final=True)
+        run.stream.close()
 
     summary: dict[str, Any] = {
-        "step": committed["step"],
-        "total_steps": total_steps,
+        "step": run.step,
+        "total_steps": run.total_steps,
         "interrupted": interrupted,
-        "train_pairs": len(source.train),
-        "heldout_pairs": len(source.val),
-        "seconds": elapsed_before + time.perf_counter() - start,
-        "seconds_this_session": time.perf_counter() - start,
+        "train_pairs": len(run.source.train),
+        "heldout_pairs": len(run.source.val),
+        "seconds": run.elapsed(),
+        "seconds_this_session": time.perf_counter() - run.started,
         "data_wait_share": total_wait / max(total_time, 1e-9),
-        "pairs_per_s": (committed["step"] - (state["step"] if state else 0))
+        "pairs_per_s": (run.step - run.start_step)
         * tcfg.batch_size
         * tcfg.accum_steps
         * info.world_size
         / max(total_time, 1e-9),
-        "skipped": skips.summary(),
+        "skipped": run.skips.summary(),
         "history": history,
     }
     if info.is_main:
-        csv_path = os.path.join(out_dir, "log.csv")
-        plot_losses(csv_path, os.path.join(out_dir, "loss.png"))
-        if tcfg.eval_at_end and not interrupted and committed["step"] >= total_steps and source.val:
-            summary["eval"] = run_eval(model, source, model_cfg, tcfg, out_dir, info.device)
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        csv_path = os.path.join(run.out_dir, "log.csv")
+        plot_losses(csv_path, os.path.join(run.out_dir, "loss.png"))
+        finished = not interrupted and run.step >= run.total_steps
+        if tcfg.eval_at_end and finished and run.source.val:
+            summary["eval"] = run_eval(
+                run.model, run.source, run.model_cfg, tcfg, run.out_dir, info.device
+            )
+        with open(os.path.join(run.out_dir, "summary.json"), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)
     dist.barrier()
     if return_model:
-        summary["model"] = model
+        summary["model"] = run.model
     return summary
+
+
+def _format_dispatch(used: dict[str, set[str]]) -> str:
+    return ", ".join(f"{op}={'/'.join(sorted(b))}" for op, b in sorted(used.items())) or "none"
+
+
+def _postfix(row: dict[str, float]) -> dict[str, str]:
+    post = {k: f"{row[k]:.3f}" for k in ("loss", *OBJECTIVES) if k in row}
+    post["pairs/s"] = f"{row['pairs_per_s']:.0f}"
+    post["wait"] = f"{100 * row['data_wait']:.0f}%"
+    return post
 
 
 def run_eval(

@@ -66,21 +66,28 @@ def test_rng_state_round_trip():
 
 WRITER = textwrap.dedent(
     """
-    import sys, time, torch
-    from semmim.checkpoint import save_checkpoint
+    import io, sys, time, torch
+    import semmim.checkpoint as ckpt
 
-    class Slow:
-        # Pickling sleeps, so the temp file sits half-written for a while.
-        def __reduce__(self):
-            time.sleep(0.4)
-            return (int, (0,))
+    real_save = torch.save
 
+    def slow_save(obj, f):
+        # Write half the bytes, pause, write the rest: the temp file sits half-written a while.
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        data = buf.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        time.sleep(0.4)
+        f.write(data[len(data) // 2 :])
+
+    ckpt.torch.save = slow_save
     step = 0
     while True:
         step += 1
-        state = {"step": step, "data": torch.full((1 << 18,), float(step)), "slow": Slow(),
+        state = {"step": step, "data": torch.full((1 << 18,), float(step)),
                  "tail": torch.full((1 << 18,), float(step))}
-        save_checkpoint(state, sys.argv[1], step, keep=2)
+        ckpt.save_checkpoint(state, sys.argv[1], step, keep=2)
     """
 )
 

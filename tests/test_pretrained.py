@@ -378,3 +378,27 @@ def test_vit_errors_name_missing_unexpected_and_mismatched(tmp_path):
         load_vit_into(encoder(vcfg(heads=4)), tmp_path / "hf", vcfg(heads=4))
     with pytest.raises(ValueError, match="neither a file nor a folder"):
         load_vit_into(encoder(vcfg()), tmp_path / "nope.pth", vcfg())
+
+
+def test_resize_positions_fine_tunes_a_checkpoint_at_another_resolution():
+    """tiny pre-trained at 64 px (4×4 grid), fine-tuned at 96 px (6×6)."""
+    from semmim.pretrained import resize_positions
+
+    torch.manual_seed(0)
+    pre = SemMIM(from_preset("tiny"))
+    cfg = from_preset("tiny", **{"vision.image_size": 96})
+    state = resize_positions(pre.state_dict(), cfg)
+    fine = SemMIM(cfg)
+    fine.load_state_dict(state)  # strict: every shape fits
+    for tower in ("net", "ema"):
+        old, new = getattr(pre, tower), getattr(fine, tower)
+        assert new.vision.pos_embed.shape == (1, 37, 64) and new.predictor_pos.shape == (1, 37, 64)
+        assert torch.equal(new.vision.pos_embed[:, 0], old.vision.pos_embed[:, 0])
+        torch.testing.assert_close(
+            new.predictor_pos.data, interpolate_pos_embed(old.predictor_pos.data, 6)
+        )
+    assert torch.equal(fine.net.vision.patch_embed.weight, pre.net.vision.patch_embed.weight)
+    assert resize_positions(pre.state_dict(), pre.cfg).keys() == pre.state_dict().keys()
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert fine.eval().encode_image(images).shape == (2, 256)

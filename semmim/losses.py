@@ -29,16 +29,29 @@ def itc_loss(
     sim_i2t_m: torch.Tensor,
     sim_t2i_m: torch.Tensor,
     alpha: float,
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ALBEF contrastive loss with momentum distillation.
 
     sim_* (B, B+Q): similarities / temperature against [batch keys | queue]; the positive of
     row b is column b. *_m are the momentum model's similarities. Targets mix the momentum
-    softmax (weight alpha) with the one-hot positives. Returns a scalar.
+    softmax (weight alpha) with the positives' distribution. ``positives`` (B, B) bool,
+    symmetric: in-batch pairs that match (e.g. the same image; ALBEF's retrieval fine-tuning
+    ``idx`` rule); each row's target mass is split evenly over them. The diagonal always counts;
+    None = the diagonal only. Queue columns are always negatives. Returns a scalar.
     """
     B = sim_i2t.shape[0]
     onehot = torch.zeros_like(sim_i2t)
-    onehot[:, :B].fill_diagonal_(1.0)
+    if positives is None:
+        onehot[:, :B].fill_diagonal_(1.0)
+    else:
+        if positives.shape != (B, B) or positives.dtype != torch.bool:
+            raise ValueError(
+                f"positives: expected a ({B}, {B}) bool tensor, got "
+                f"{tuple(positives.shape)} {positives.dtype}"
+            )
+        pos = (positives | torch.eye(B, dtype=torch.bool, device=positives.device)).to(onehot.dtype)
+        onehot[:, :B] = pos / pos.sum(1, keepdim=True)
     t_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * onehot
     t_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * onehot
     return (
@@ -48,18 +61,35 @@ def itc_loss(
 
 @torch.no_grad()
 def sample_hard_negatives(
-    sim: torch.Tensor, generator: torch.Generator | None = None
+    sim: torch.Tensor,
+    generator: torch.Generator | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One negative per row, drawn from softmax(sim) with the positive (diagonal) excluded.
+    """One negative per row, drawn from softmax(sim) over the allowed columns.
 
-    sim (B, B) in-batch similarities / temperature, B ≥ 2 → (B,) int64 column indices ≠ row.
-    Vectorised: one ``torch.multinomial`` call over the batch.
+    sim (B, B) in-batch similarities / temperature, B ≥ 2; exclude (B, B) bool, True = column
+    is not a negative for that row (e.g. the same image, an identical caption); the diagonal is
+    always excluded. → (B,) int64 column indices ≠ row. A row whose every column is excluded
+    falls back to any column but its own (the caller should ignore those rows: they have no
+    true negative in the batch, ``exclude.all(1)``). Vectorised: one ``torch.multinomial``
+    call over the batch, no host sync.
     """
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] < 2:
+        raise ValueError(f"sim: expected a (B, B) tensor with B >= 2, got {tuple(sim.shape)}")
     B = sim.shape[0]
     eye = torch.eye(B, dtype=torch.bool, device=sim.device)
-    weights = F.softmax(sim.float().masked_fill(eye, float("-inf")), dim=1)
-    # A row whose softmax underflowed to all zeros (huge logits) falls back to uniform.
-    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, (~eye).float())
+    banned = eye
+    if exclude is not None:
+        if exclude.shape != (B, B) or exclude.dtype != torch.bool:
+            raise ValueError(
+                f"exclude: expected a ({B}, {B}) bool tensor, got "
+                f"{tuple(exclude.shape)} {exclude.dtype}"
+            )
+        banned = exclude | eye
+        banned = torch.where(banned.all(1, keepdim=True), eye, banned)
+    weights = F.softmax(sim.float().masked_fill(banned, float("-inf")), dim=1)
+    # A row whose softmax is not finite (inf/NaN similarities) falls back to uniform.
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, (~banned).float())
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 

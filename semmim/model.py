@@ -39,7 +39,7 @@ from semmim.losses import (
     sample_hard_negatives,
 )
 from semmim.masking import mlm_mask, mlm_positions, random_mask, text_guided_mask
-from semmim.pretrained import load_bert_into
+from semmim.pretrained import load_bert_fusion_into, load_bert_into, load_vit_into
 from semmim.tokenizer import load_tokenizer
 
 __all__ = ["SemMIM", "SemMIMOutput", "Towers", "all_gather_no_grad"]
@@ -83,6 +83,21 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+@torch.no_grad()
+def _matching_pairs(
+    input_ids: torch.Tensor, key_mask: torch.Tensor, image_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, B) bool: pair j matches pair i (same image id, or identical caption tokens and mask).
+
+    Vectorised (a (B, B, T) comparison), no host sync; the diagonal is True.
+    """
+    same = ((input_ids[:, None] == input_ids[None]) & (key_mask[:, None] == key_mask[None])).all(-1)
+    if image_ids is not None:
+        image_ids = image_ids.to(input_ids.device)
+        same = same | (image_ids[:, None] == image_ids[None])
+    return same
+
+
 class Towers(nn.Module):
     """Every part with parameters that the momentum model copies: encoders, φ, projections,
     heads. Parts an ablation does not use are not built (so every built parameter trains).
@@ -99,6 +114,9 @@ class Towers(nn.Module):
             v.heads,
             v.mlp_ratio,
             mask_token=mim.enabled and not mim.drop_tokens,
+            eps=v.layer_norm_eps,
+            dropout=v.dropout,
+            dist_token=v.dist_token,
         )
         self.text = TextEncoder(
             t.vocab_size,
@@ -109,9 +127,16 @@ class Towers(nn.Module):
             t.max_len,
             t.type_vocab_size,
             t.layer_norm_eps,
+            t.dropout,
         )
         self.fusion = FusionEncoder(
-            t.dim, v.dim, cfg.fusion.depth, t.heads, t.intermediate, t.layer_norm_eps
+            t.dim,
+            v.dim,
+            cfg.fusion.depth,
+            t.heads,
+            t.intermediate,
+            t.layer_norm_eps,
+            cfg.fusion.dropout,
         )
         self.vision_proj = nn.Linear(v.dim, cfg.itc.embed_dim)
         self.text_proj = nn.Linear(t.dim, cfg.itc.embed_dim)
@@ -120,7 +145,9 @@ class Towers(nn.Module):
         self.predictor = self.predictor_pos = self.predictor_mask_token = None
         self.head = self.pixel_head = None
         if mim.enabled:
-            self.predictor = Predictor(v.dim, t.dim, mim.predictor_depth, v.heads, v.mlp_ratio)
+            self.predictor = Predictor(
+                v.dim, t.dim, mim.predictor_depth, v.heads, v.mlp_ratio, v.dropout
+            )
             self.predictor_pos = nn.Parameter(torch.zeros(1, v.num_patches + 1, v.dim))
             if mim.drop_tokens:
                 self.predictor_mask_token = nn.Parameter(torch.zeros(v.dim))
@@ -133,6 +160,20 @@ class Towers(nn.Module):
         for p in (self.predictor_pos, self.predictor_mask_token):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of the free parameters that must not be weight-decayed:
+        position embeddings and learned tokens (timm's ``no_weight_decay()`` convention). Biases,
+        norms and embedding tables are left to the optimiser's generic rules."""
+        names = {
+            "vision.pos_embed",
+            "vision.cls_token",
+            "vision.dist_token",
+            "vision.mask_token",
+            "predictor_pos",
+            "predictor_mask_token",
+        }
+        return names & {n for n, _ in self.named_parameters()}
 
 
 @dataclass
@@ -164,7 +205,11 @@ class SemMIM(nn.Module):
         self.net = Towers(cfg)
         if cfg.text.pretrained:
             load_bert_into(self.net.text, cfg.text.pretrained, cfg.text)
-        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        if cfg.fusion.pretrained_from_text:
+            load_bert_fusion_into(self.net.fusion, cfg.text.pretrained, cfg.text, cfg.fusion.depth)
+        if cfg.vision.pretrained:
+            load_vit_into(self.net.vision, cfg.vision.pretrained, cfg.vision)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.temp = nn.Parameter(torch.tensor(cfg.itc.temp))
 
         E, Q, K = cfg.itc.embed_dim, cfg.itc.queue_size, cfg.head.num_prototypes
@@ -182,6 +227,21 @@ class SemMIM(nn.Module):
         special = [tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id]
         self.register_buffer("special_ids", torch.tensor(special), persistent=False)
         self.progress = 0.0
+
+    def train(self, mode: bool = True) -> SemMIM:
+        """Train/eval mode for ``net``; the EMA copy stays in eval mode, so its features (ITC
+        and distillation targets, masking scores, MIM targets) carry no dropout noise. (ALBEF's
+        momentum encoders keep BERT's dropout; DINO-style teachers have none.)"""
+        super().train(mode)
+        self.ema.eval()
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the trainable parameters that must not be weight-decayed: the ITC
+        temperature and the learned tokens and position embeddings of ``net`` (see
+        :meth:`Towers.no_weight_decay`; timm's convention). The optimiser adds its generic rules
+        (biases, norms, embedding tables)."""
+        return {"temp"} | {f"net.{n}" for n in self.net.no_weight_decay()}
 
     # ---------------------------------------------------------------- schedules
     def set_step(self, step: int, total_steps: int) -> None:
@@ -331,18 +391,40 @@ class SemMIM(nn.Module):
         *,
         seed: int | None = None,
         check_inputs: bool = True,
+        image_ids: torch.Tensor | None = None,
     ) -> SemMIMOutput:
         """All enabled objectives on a batch of matching (image, caption) pairs.
 
         images (B, 3, S, S) float; input_ids, attention_mask (B, T). ``seed`` makes every
         random choice (image mask, MLM mask, ITM negatives) deterministic; None draws one from
-        torch's global CPU generator. In training mode the ITC queue and the centres update;
-        in eval mode nothing is mutated.
+        torch's global CPU generator. Dropout (``*.dropout`` > 0, training mode) draws from
+        torch's global generator, which checkpoints save. In training mode the ITC queue and
+        the centres update; in eval mode nothing is mutated.
+
+        ``image_ids`` (B,) int, optional: which image each pair shows (pairs sharing an id share
+        the image, e.g. several captions of one COCO image). Two pairs *match* when they share
+        an image id or have identical captions (same token ids and mask; checked with or without
+        ids). Matching pairs are never each other's ITM hard negatives, and are positives of
+        each other in the in-batch part of the ITC targets (ALBEF's retrieval ``idx`` rule; the
+        queue holds no ids, so queued features stay negatives).
         """
         if check_inputs:
             self.check_inputs(images, input_ids, attention_mask)
         cfg, w, net, ema = self.cfg, self.cfg.loss, self.net, self.ema
         B = images.shape[0]
+        if image_ids is not None and (
+            not torch.is_tensor(image_ids)
+            or image_ids.shape != (B,)
+            or image_ids.is_floating_point()
+            or image_ids.is_complex()
+            or image_ids.dtype == torch.bool
+        ):
+            got = (
+                f"{tuple(image_ids.shape)} {image_ids.dtype}"
+                if torch.is_tensor(image_ids)
+                else type(image_ids).__name__
+            )
+            raise ValueError(f"image_ids: expected a ({B},) integer tensor, got {got}")
         if w.itm > 0 and B < 2:
             raise ValueError("images: ITM hard negatives need a batch of at least 2 pairs")
         if seed is None:
@@ -350,6 +432,7 @@ class SemMIM(nn.Module):
         gen = torch.Generator(device=images.device).manual_seed(seed + 1)
         alpha = self.alpha
         key_mask = attention_mask.bool()
+        same = _matching_pairs(input_ids, key_mask, image_ids)  # (B, B) bool, diagonal True
 
         with torch.no_grad():
             self.temp.clamp_(cfg.itc.temp_min, cfg.itc.temp_max)
@@ -365,10 +448,10 @@ class SemMIM(nn.Module):
 
         losses: dict[str, torch.Tensor] = {}
         if w.itc > 0:
-            losses["itc"] = self._itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
+            losses["itc"] = self._itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha, same)
         if w.itm > 0:
             losses["itm"] = self._itm(
-                image_embeds, text_embeds, key_mask, image_feat, text_feat, gen
+                image_embeds, text_embeds, key_mask, image_feat, text_feat, gen, same
             )
         if w.mlm > 0:
             losses["mlm"] = self._mlm(
@@ -398,8 +481,10 @@ class SemMIM(nn.Module):
         image_feat_m: torch.Tensor,
         text_feat_m: torch.Tensor,
         alpha: float,
+        same: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Image–text contrastive loss against [momentum batch | queue] keys."""
+        """Image–text contrastive loss against [momentum batch | queue] keys; ``same`` (B, B)
+        marks the in-batch positives."""
         with torch.no_grad():
             image_keys = torch.cat([image_feat_m, self.image_queue.clone()])  # (B+Q, E)
             text_keys = torch.cat([text_feat_m, self.text_queue.clone()])  # (B+Q, E)
@@ -407,7 +492,7 @@ class SemMIM(nn.Module):
             sim_t2i_m = text_feat_m @ image_keys.T / self.temp
         sim_i2t = image_feat @ text_keys.T / self.temp  # (B, B+Q)
         sim_t2i = text_feat @ image_keys.T / self.temp  # (B, B+Q)
-        return itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, alpha)
+        return itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, alpha, same)
 
     def _itm(
         self,
@@ -417,19 +502,28 @@ class SemMIM(nn.Module):
         image_feat: torch.Tensor,
         text_feat: torch.Tensor,
         gen: torch.Generator,
+        same: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ITM over B positives, B (image, hard negative text), B (hard negative image, text)."""
+        """ITM over B positives, B (image, hard negative text), B (hard negative image, text).
+
+        ``same`` (B, B) bool (symmetric): pairs that match, never drawn as negatives. A row
+        that matches the whole batch has no negative: its two negative rows are left out of the
+        loss (label −100) instead of teaching that a match is a mismatch.
+        """
         B = image_embeds.shape[0]
         with torch.no_grad():
             sim = image_feat @ text_feat.T / self.temp  # (B, B)
-            neg_text = sample_hard_negatives(sim, gen)  # (B,) per image
-            neg_image = sample_hard_negatives(sim.T, gen)  # (B,) per text
+            neg_text = sample_hard_negatives(sim, gen, same)  # (B,) per image
+            neg_image = sample_hard_negatives(sim.T, gen, same)  # (B,) per text
         images = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])  # (3B, P+1, Dv)
         texts = torch.cat([text_embeds, text_embeds[neg_text], text_embeds])  # (3B, T, Dt)
         masks = torch.cat([key_mask, key_mask[neg_text], key_mask])  # (3B, T)
         fused = self.net.fusion(texts, masks, images)[:, 0]  # (3B, Dt)
         labels = torch.zeros(3 * B, dtype=torch.long, device=fused.device)
         labels[:B] = 1  # rows: positives, then the two kinds of negatives
+        if same is not None:
+            no_negative = same.all(1).to(fused.device)  # (B,)
+            labels[B:] = labels[B:].masked_fill(no_negative.repeat(2), -100)
         return F.cross_entropy(self.net.itm_head(fused), labels)
 
     def _mlm(

@@ -95,3 +95,27 @@ def test_format_table_mentions_ranking_rows_and_zero_shot():
     table = format_table(result)
     assert "ITC+ITM top-16" in table and "chance" in table and "zero-shot" in table
     assert "100.00" in table
+
+
+def test_itm_rerank_calls_stay_bounded_for_large_k(monkeypatch):
+    """ALBEF re-ranks k = 256 (COCO): each ITM call scores ~256 pairs, not 16 queries × k."""
+    from semmim import SemMIM, from_preset
+    from semmim.data import open_data
+    from semmim.eval import evaluate
+
+    torch.manual_seed(0)
+    model = SemMIM(from_preset("tiny"))
+    records = open_data("synthetic:1:20").val
+    sizes = []
+    score = model.itm_score
+
+    def spy(images, ids, mask):
+        sizes.append(ids.shape[0])
+        return score(images, ids, mask)
+
+    monkeypatch.setattr(model, "itm_score", spy)
+    result = evaluate(model, records, image_size=64, max_len=16, rerank_k=20)
+    assert result["n_texts"] == 20 and sum(sizes) == 2 * 20 * 20  # every query, both ways
+    assert max(sizes) <= 256, sizes
+    with pytest.raises(ValueError, match="rerank_k: must be >= 0"):
+        evaluate(model, records, image_size=64, max_len=16, rerank_k=-1)

@@ -1,4 +1,5 @@
-"""The ``semmim`` command line (also ``python -m semmim``): ``train``, ``eval``, ``data``."""
+"""The ``semmim`` command line (also ``python -m semmim``): ``train``, ``finetune``, ``eval``,
+``data``."""
 
 from __future__ import annotations
 
@@ -31,7 +32,19 @@ EPILOG = """examples:
   semmim train --set mim.target=pixel --set train.lr=1e-4 masking.strategy=random
   torchrun --nproc_per_node 8 -m semmim train --preset base --data json:coco.json --epochs 20
   semmim eval --ckpt runs/tux                    # retrieval R@1/5/10 + zero-shot, table + JSON
+  semmim finetune retrieval --ckpt runs/tiny --data synthetic:2000:100 --steps 200 --out runs/ret
+  semmim finetune vqa --ckpt runs/tiny --steps 300 --out runs/vqa    # embedded shape questions
+  semmim finetune caption --ckpt runs/tux --data folder:/usr/share/tuxpaint/stamps --out runs/cap
+  semmim eval --task retrieval --ckpt runs/tiny --data synthetic:2000:100   # zero-shot retrieval
+  semmim eval --task vqa --ckpt runs/vqa         # VQA accuracy + majority baselines, table + JSON
 """
+
+_TASK_DATA_HELP = (
+    "retrieval / caption: any training data spec, or karpathy:FILE[,IMAGE_ROOT] (Karpathy-split "
+    "COCO/Flickr30K JSON: train+restval to train, test to evaluate). vqa: synthetic[:N[:V]] "
+    "(questions about the embedded scenes, default) or vqa:QUESTIONS.json,ANNOTATIONS.json"
+    "[,IMAGE_DIR] (VQA v2 files; images COCO_<subtype>_<id>.jpg)"
+)
 
 
 class CLIError(Exception):
@@ -70,8 +83,12 @@ def _flag(f: dataclasses.Field) -> str:
     return "--" + f.metadata.get("flag", f.name).replace("_", "-")
 
 
-def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One option per :class:`semmim.config.TrainConfig` field, from the field's type and help.
+def add_train_options(
+    parser: argparse.ArgumentParser, cls: type | None = None, prefix: str = "train_"
+) -> None:
+    """One option per field of a config dataclass (default :class:`semmim.config.TrainConfig`;
+    :class:`semmim.downstream.tasks.TaskConfig` with ``prefix="task_"``), from the field's type
+    and help.
 
     ``--batch-size`` sets ``batch_size``; bools get ``--x / --no-x``; Literal types become choices.
     Every option defaults to None (= not given), so only what the user typed overrides a config.
@@ -79,13 +96,14 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     """
     from semmim.config import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
     length = parser.add_mutually_exclusive_group()
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         hint = hints[f.name]
         default = f" (default: {f.default})" if f.default != "" else ""
         help_text = (f.metadata["help"] + default).replace("%", "%%")
-        kw: dict[str, Any] = {"dest": f"train_{f.name}", "default": None, "help": help_text}
+        kw: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": None, "help": help_text}
         if hint is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is typing.Literal:
@@ -95,17 +113,61 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         (length if f.name in ("steps", "epochs") else parser).add_argument(_flag(f), **kw)
 
 
-def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields given on the command line: ``{"batch_size": 8, ...}``."""
+def train_overrides(
+    args: argparse.Namespace, cls: type | None = None, prefix: str = "train_"
+) -> dict[str, Any]:
+    """The config fields given on the command line: ``{"batch_size": 8, ...}`` (default
+    :class:`semmim.config.TrainConfig`, see :func:`add_train_options`)."""
     from semmim.config import TrainConfig
 
-    given = {f.name: getattr(args, f"train_{f.name}") for f in dataclasses.fields(TrainConfig)}
+    cls = cls or TrainConfig
+    given = {f.name: getattr(args, f"{prefix}{f.name}") for f in dataclasses.fields(cls)}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _add_run_options(
+    parser: argparse.ArgumentParser, default_preset: str, scratch_only: bool = False
+) -> None:
+    """--preset, --resume, --allow-changes, the TrainConfig options and --set."""
+    from semmim.config import PRESETS
+
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help=f"model size (default: {default_preset}; on --resume the checkpoint's)"
+        + ("; only without --ckpt (from scratch)" if scratch_only else ""),
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest intact checkpoint in OUT/checkpoints with its model "
+        "config, optimizer, schedule, RNG and data position. Run options given now (e.g. "
+        "--steps, --num-workers) override the saved ones; a saved --stop-at is dropped; "
+        "--preset and model --set keys are checked, then ignored",
+    )
+    parser.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: continue even though the batch size, accumulation, seed, data, "
+        "held-out split or number of processes differ from the checkpoint's (refused otherwise)",
+    )
+    add_train_options(parser)
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        metavar="KEY=VALUE",
+        nargs="+",
+        action="extend",
+        help="config overrides, repeatable: model keys like vision.depth=4, "
+        "mim.target=pixel, masking.strategy=random, mim.enabled=false; run keys "
+        "like train.lr=1e-4, train.warmup_steps=100, train.weight_decay=0.05, "
+        "train.grad_clip=1.0, train.flip=none (every train option above is also train.<name>)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (``semmim --help``)."""
-    from semmim.config import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="semmim",
@@ -114,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="SemMIM vision-language pre-training (ALBEF + semantic masked image modeling): "
         "train on the embedded default or real data, evaluate retrieval.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,data}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,finetune,eval,data}")
 
     tr = sub.add_parser(
         "train",
@@ -132,38 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n\n"
         + textwrap.fill("data specs (--data SPEC): " + _DATA_HELP, 96),
     )
-    tr.add_argument(
-        "--preset",
-        choices=list(PRESETS),
-        default=None,
-        help=f"model size (default: {DEFAULT_PRESET}; on --resume the checkpoint's)",
+    _add_run_options(tr, DEFAULT_PRESET)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a pre-training checkpoint: retrieval, vqa or caption",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        description=textwrap.fill(
+            "Fine-tune on a downstream task with the training loop of 'semmim train' (same "
+            "progress bar, OUT/log.csv, OUT/loss.png, atomic checkpoints, exact --resume, DDP, "
+            "bf16 autocast), starting from a pre-training checkpoint (--ckpt) or from scratch. "
+            "retrieval: ITC + ITM with image-aware negatives, evaluated by ITC top-k then ITM "
+            "re-rank (and the starting checkpoint's zero-shot numbers beside it); vqa: answer "
+            "classifier, official VQA accuracy vs the majority baselines, OUT/vqa_results.json "
+            "in the submission format; caption: text decoder initialised from the text + fusion "
+            "encoders, beam search, BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap). The metric table "
+            "is written to OUT/eval.txt and OUT/eval.json.",
+            96,
+        )
+        + "\n\n"
+        + textwrap.fill("data specs (--data SPEC): " + _TASK_DATA_HELP + ". " + _DATA_HELP, 96),
     )
-    tr.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest intact checkpoint in OUT/checkpoints with its model "
-        "config, optimizer, schedule, RNG and data position. Run options given now (e.g. "
-        "--steps, --num-workers) override the saved ones; a saved --stop-at is dropped; "
-        "--preset and model --set keys are checked, then ignored",
-    )
-    tr.add_argument(
-        "--allow-changes",
-        action="store_true",
-        help="with --resume: continue even though the batch size, accumulation, seed, data, "
-        "held-out split or number of processes differ from the checkpoint's (refused otherwise)",
-    )
-    add_train_options(tr)
-    tr.add_argument(
-        "--set",
-        dest="sets",
-        metavar="KEY=VALUE",
-        nargs="+",
-        action="extend",
-        help="config overrides, repeatable: model keys like vision.depth=4, "
-        "mim.target=pixel, masking.strategy=random, mim.enabled=false; run keys "
-        "like train.lr=1e-4, train.warmup_steps=100, train.weight_decay=0.05, "
-        "train.grad_clip=1.0, train.flip=none (every train option above is also train.<name>)",
-    )
+    ft.add_argument("task", choices=["retrieval", "vqa", "caption"], help="the downstream task")
+    from semmim.downstream.tasks import TaskConfig
+
+    add_train_options(ft, TaskConfig, "task_")
+    _add_run_options(ft, "tiny", scratch_only=True)
 
     ev = sub.add_parser(
         "eval",

@@ -57,12 +57,27 @@ from semmim.data import (
 )
 from semmim.transforms import TrainTransform
 
-__all__ = ["TrainConfig", "train", "setup", "train_step", "save", "step_seed", "resume_changes"]
+__all__ = [
+    "TrainConfig",
+    "Task",
+    "train",
+    "setup",
+    "train_step",
+    "save",
+    "step_seed",
+    "resume_changes",
+]
 
 log = logging.getLogger("semmim.train")
 
 OBJECTIVES = ("itc", "itm", "mlm", "glob", "mim")
 CSV_FIELDS = ("step", "epoch", "lr", "loss", *OBJECTIVES, "pairs_per_s", "data_wait", "elapsed_s")
+
+
+def csv_fields(objectives: tuple[str, ...]) -> tuple[str, ...]:
+    """The CSV log's columns for a task with these loss names."""
+    return ("step", "epoch", "lr", "loss", *objectives, "pairs_per_s", "data_wait", "elapsed_s")
+
 
 # What a resume may not change without ``allow_changes``: each changes which pairs the remaining
 # steps see (order, split or dataset) or what one step means.
@@ -189,12 +204,16 @@ def plot_losses(csv_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
 
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = reader.fieldnames or []
     if not rows:
         return
+    timing = {"step", "epoch", "lr", "loss", "pairs_per_s", "data_wait", "elapsed_s"}
+    objectives = [k for k in header if k not in timing]
     steps = [int(r["step"]) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for key in ("loss", *OBJECTIVES):
+    for key in ("loss", *objectives):
         values = [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
         if not all(math.isnan(v) for v in values):
             ax.plot(steps, values, label=key, linewidth=2.0 if key == "loss" else 1.0)
@@ -208,14 +227,16 @@ def plot_losses(csv_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
-def _open_csv(path: str, resume_step: int) -> tuple[Any, csv.DictWriter]:
+def _open_csv(
+    path: str, resume_step: int, fieldnames: tuple[str, ...] = CSV_FIELDS
+) -> tuple[Any, csv.DictWriter]:
     """Open the CSV log for appending; on resume drop rows logged after the checkpoint's step."""
     rows: list[dict[str, str]] = []
     if resume_step > 0 and os.path.exists(path):
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
     f = open(path, "w", newline="")  # noqa: SIM115 - closed by the caller
-    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     f.flush()
@@ -280,6 +301,59 @@ def _signals_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# ------------------------------------------------------------------------------------- tasks
+class Task:
+    """What the loop trains: pre-training (this class) or a downstream task (subclasses in
+    :mod:`semmim.downstream.tasks`). The loop itself (optimizer, schedule, accumulation, DDP,
+    autocast, logs, checkpoints, exact resume) is the same for every task; a task supplies
+
+    - ``name`` (saved in checkpoints), ``objectives`` (loss names: CSV columns, plot lines),
+      ``min_batch`` (smaller micro-batches are skipped: ITM needs two pairs for a negative);
+    - :meth:`open_data` (records), :meth:`build_model` (called under ``manual_seed(seed)``),
+      :meth:`collate` (records → batch), :meth:`loss` (batch → total and named losses) and
+      :meth:`evaluate` (the metric table at the end); :meth:`model_config` adapts the model
+      config of a fresh run (e.g. retrieval turns the MLM / MIM losses off);
+    - :meth:`config` (plain dict saved in checkpoints, so a resume rebuilds the same task).
+    """
+
+    name = "pretrain"
+    objectives: tuple[str, ...] = OBJECTIVES
+    min_batch = 2
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def open_data(self, tcfg: TrainConfig) -> DataSource:
+        return open_data(tcfg.data or None, tcfg.val_size, tcfg.seed)
+
+    def model_config(self, model_cfg):
+        """The model config a fresh run of this task trains (pre-training: as given)."""
+        return model_cfg
+
+    def build_model(self, model_cfg, pretrained: bool = True) -> nn.Module:
+        """The model; ``pretrained`` False on resume (the checkpoint's weights follow)."""
+        from semmim import SemMIM
+
+        return SemMIM(model_cfg)
+
+    def collate(self, model: nn.Module, records, max_len: int):
+        return Collator(model.tokenizer, max_len)
+
+    def loss(
+        self, forward: nn.Module, batch: dict[str, Any], device, seed: int, check_inputs: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch["images"].to(device, non_blocking=True)
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        mask = batch["attention_mask"].to(device, non_blocking=True)
+        out = forward(images, ids, mask, seed=seed, check_inputs=check_inputs)
+        return out.loss, out.losses
+
+    def evaluate(self, run: Run) -> dict[str, Any]:
+        return run_eval(
+            run.model, run.source, run.model_cfg, run.tcfg, run.out_dir, run.info.device
+        )
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -367,6 +441,7 @@ class Run:
     total_steps: int
     out_dir: str
     ckpt_dir: str
+    task: Task = field(default_factory=Task)
     step: int = 0
     start_step: int = 0
     elapsed_before: float = 0.0
@@ -390,14 +465,18 @@ def setup(
     source: DataSource | None = None,
     checkpoint: tuple[dict[str, Any], str] | None = None,
     allow_changes: bool = False,
+    task: Task | None = None,
 ) -> Run:
     """Build the run: model, optimizer, schedule, data stream; on resume restore the checkpoint.
 
     ``checkpoint`` is an already loaded ``(state, path)`` (else the newest intact checkpoint of
     ``OUT/checkpoints`` is loaded). A resume that breaks the contract (:func:`resume_changes`)
-    raises ValueError naming the changes unless ``allow_changes``.
+    raises ValueError naming the changes unless ``allow_changes``. ``task``: what to train
+    (default: pre-training); a resume must continue the checkpoint's task.
     """
-    from semmim import SemMIM, SemMIMConfig
+    from semmim import SemMIMConfig
+
+    task = task or Task()
 
     info = dist.init_distributed(_device(tcfg))
     if tcfg.threads > 0:
@@ -407,6 +486,11 @@ def setup(
     if resume:
         state, path = checkpoint or ckpt.load_latest_intact(ckpt_dir, required=ckpt.TRAIN_KEYS)
         model_cfg = SemMIMConfig.from_dict(state["config"])
+        saved_task = state.get("task", "pretrain")
+        if saved_task != task.name:
+            raise ValueError(
+                f"--resume: the checkpoint {path} is a {saved_task!r} run, not {task.name!r}"
+            )
         changed = resume_changes(state, tcfg, info.world_size)
         if changed and not allow_changes:
             raise ValueError(
@@ -416,6 +500,10 @@ def setup(
             )
         if changed and info.is_main:
             log.warning("resuming with changes (allowed): %s", "; ".join(changed))
+    if source is None:
+        source = task.open_data(tcfg)  # before the model: a task's classes may come from the data
+    if state is None:
+        model_cfg = task.model_config(model_cfg)
     if info.is_main:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -424,6 +512,11 @@ def setup(
                     "model": model_cfg.to_dict(),
                     "train": tcfg.to_dict(),
                     "world_size": info.world_size,
+                    **(
+                        {"task": task.name, "task_config": task.config()}
+                        if task.name != "pretrain"
+                        else {}
+                    ),
                 },
                 f,
                 indent=2,
@@ -431,14 +524,12 @@ def setup(
 
     # Same init on every rank (DDP also broadcasts rank 0's), then per-rank randomness.
     torch.manual_seed(tcfg.seed)
-    model = SemMIM(model_cfg).to(info.device)
+    model = task.build_model(model_cfg, pretrained=state is None).to(info.device)
     torch.manual_seed(tcfg.seed + 1000 * info.rank)
     if tcfg.grad_checkpointing:
         n = enable_gradient_checkpointing(model)
         log.info("gradient checkpointing on (%s)", "model switch" if n < 0 else f"{n} blocks")
 
-    if source is None:
-        source = open_data(tcfg.data or None, tcfg.val_size, tcfg.seed)
     if info.is_main:
         log.info("data %s", source.describe())
     max_len = min(tcfg.max_text_len, model_cfg.text.max_len)
@@ -448,7 +539,7 @@ def setup(
         len(dataset), tcfg.batch_size, tcfg.seed, info.rank, info.world_size
     )
     loader = make_loader(
-        dataset, sampler, Collator(model.tokenizer, max_len), tcfg.num_workers, tcfg.seed
+        dataset, sampler, task.collate(model, source.train, max_len), tcfg.num_workers, tcfg.seed
     )
     steps_per_epoch = max(1, len(sampler) // tcfg.accum_steps)
     total_steps = tcfg.steps or math.ceil(tcfg.epochs * steps_per_epoch)
@@ -500,6 +591,7 @@ def setup(
         total_steps=total_steps,
         out_dir=out_dir,
         ckpt_dir=ckpt_dir,
+        task=task,
         step=step,
         start_step=step,
         elapsed_before=elapsed_before,
@@ -523,11 +615,8 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
         wait += time.perf_counter() - t0
         for key, reason in batch["bad"]:
             run.skips.add(reason, key)
-        if "images" not in batch or len(batch["images"]) < 2:
+        if "images" not in batch or len(batch["images"]) < run.task.min_batch:
             continue  # nothing (or a single pair: no negatives) left after skips
-        images = batch["images"].to(info.device, non_blocking=True)
-        ids = batch["input_ids"].to(info.device, non_blocking=True)
-        mask = batch["attention_mask"].to(info.device, non_blocking=True)
         last = micro == tcfg.accum_steps - 1
         no_sync = info.distributed and not last
         sync = run.forward.no_sync() if no_sync else contextlib.nullcontext()
@@ -536,10 +625,10 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
         )
         seed = step_seed(tcfg.seed, run.step, micro, info.rank)
         with sync, amp:
-            out = run.forward(images, ids, mask, seed=seed, check_inputs=check_inputs)
-            (out.loss / tcfg.accum_steps).backward()
-        pairs += len(images) * info.world_size
-        for k, v in {"loss": out.loss, **out.losses}.items():
+            loss, parts = run.task.loss(run.forward, batch, info.device, seed, check_inputs)
+            (loss / tcfg.accum_steps).backward()
+        pairs += len(batch["images"]) * info.world_size
+        for k, v in {"loss": loss, **parts}.items():
             v = v.detach() / tcfg.accum_steps
             losses[k] = losses[k] + v if k in losses else v
     if tcfg.grad_clip > 0:
@@ -600,6 +689,11 @@ def _payload(run: Run, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         "skipped": run.skips.summary(),
         "skip_log": run.skips.state(),
         "elapsed_s": run.elapsed(),
+        **(
+            {"task": run.task.name, "task_config": run.task.config()}
+            if run.task.name != "pretrain"
+            else {}
+        ),
     }
 
 
@@ -627,6 +721,7 @@ def train(
     return_model: bool = False,
     checkpoint: tuple[dict[str, Any], str] | None = None,
     allow_changes: bool = False,
+    task: Task | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a SemMIM model; returns a summary dict (also written to ``OUT/summary.json``).
 
@@ -636,12 +731,14 @@ def train(
         resume: continue from the newest intact checkpoint of ``OUT/checkpoints``.
         source: the opened ``tcfg.data`` (opened here when None).
         return_model: also return the trained model (unwrapped from DDP) as ``summary["model"]``.
-        checkpoint / allow_changes: see :func:`setup`.
+        checkpoint / allow_changes / task: see :func:`setup` (task: default pre-training).
     """
-    run = setup(model_cfg, tcfg, resume, source, checkpoint, allow_changes)
+    run = setup(model_cfg, tcfg, resume, source, checkpoint, allow_changes, task)
     info = run.info
     csv_file, writer = (
-        _open_csv(os.path.join(run.out_dir, "log.csv"), run.step) if info.is_main else (None, None)
+        _open_csv(os.path.join(run.out_dir, "log.csv"), run.step, csv_fields(run.task.objectives))
+        if info.is_main
+        else (None, None)
     )
     history: list[dict[str, float]] = []
     window = _Window()
@@ -720,9 +817,7 @@ def train(
         plot_losses(csv_path, os.path.join(run.out_dir, "loss.png"))
         finished = not interrupted and run.step >= run.total_steps
         if tcfg.eval_at_end and finished and run.source.val:
-            summary["eval"] = run_eval(
-                run.model, run.source, run.model_cfg, tcfg, run.out_dir, info.device
-            )
+            summary["eval"] = run.task.evaluate(run)
         with open(os.path.join(run.out_dir, "summary.json"), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)
     dist.barrier()
@@ -735,17 +830,27 @@ def _format_dispatch(used: dict[str, set[str]]) -> str:
     return ", ".join(f"{op}={'/'.join(sorted(b))}" for op, b in sorted(used.items())) or "none"
 
 
+_NOT_LOSSES = {"step", "epoch", "lr", "pairs_per_s", "data_wait", "elapsed_s"}
+
+
 def _postfix(row: dict[str, float]) -> dict[str, str]:
-    post = {k: f"{row[k]:.3f}" for k in ("loss", *OBJECTIVES) if k in row}
+    post = {k: f"{row[k]:.3f}" for k in row if k not in _NOT_LOSSES}
     post["pairs/s"] = f"{row['pairs_per_s']:.0f}"
     post["wait"] = f"{100 * row['data_wait']:.0f}%"
     return post
 
 
 def run_eval(
-    model, source: DataSource, model_cfg, tcfg: TrainConfig, out_dir: str, device: torch.device
+    model,
+    source: DataSource,
+    model_cfg,
+    tcfg: TrainConfig,
+    out_dir: str,
+    device: torch.device,
+    write: bool = True,
 ) -> dict[str, Any]:
-    """Held-out evaluation at the end of training; prints the table, writes eval.json / eval.txt."""
+    """Held-out evaluation at the end of training; prints the table, writes eval.json / eval.txt
+    (``write=False``: only returns the result)."""
     from semmim.eval import evaluate, format_table
 
     result = evaluate(
@@ -760,6 +865,8 @@ def run_eval(
         num_workers=tcfg.num_workers,
         device=device,
     )
+    if not write:
+        return result
     table = format_table(result)
     print(table, flush=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:

@@ -332,8 +332,6 @@ void bind_topk_mask(py::module_& m) {
         "topk_mask CPU kernel (pointers, strides in elements; see csrc/topk_mask.h)");
   m.def("tm_topk_mask_cuda", &topk_mask_cuda_entry, nogil,
         "topk_mask CUDA kernel (pointers, strides in elements, stream; see csrc/topk_mask.h)");
-  m.attr("tm_max_p") = py::int_(kTopkMaskMaxP);
-  m.attr("tm_max_d_cuda") = py::int_(kTopkMaskMaxDCuda);
 }
 
 }  // namespace semmim

@@ -126,27 +126,6 @@ def assert_matches_reference(out, ref, scores: torch.Tensor, M: int, tol: float)
             assert torch.allclose(got, want, atol=tol, rtol=0), f"row {b}: selected scores"
 
 
-def poison_outputs(monkeypatch):
-    """Fast backends allocate -7 index outputs / row counts and a mask of byte 2, so unwritten
-    elements fail."""
-
-    def poisoned(patch, num_masked):
-        keep, midx, mask, nonfinite = tm.__dict__["_alloc_outputs_orig"](patch, num_masked)
-        keep.fill_(-7)
-        midx.fill_(-7)
-        mask.view(torch.uint8).fill_(2)
-        nonfinite.fill_(-7)  # an unwritten row count reads as "non-finite" and raises
-        return keep, midx, mask, nonfinite
-
-    tm.__dict__.setdefault("_alloc_outputs_orig", tm._alloc_outputs)
-    monkeypatch.setattr(tm, "_alloc_outputs", poisoned)
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    poison_outputs(monkeypatch)
-
-
 # ------------------------------------------------------------------ reference is the spec
 
 
@@ -378,7 +357,7 @@ def test_non_finite_unchecked_keeps_invariants(backend):
     patch, text = random_inputs(3, 10, 8)
     patch[0, 4, 1] = float("nan")
     text[1, 2] = float("inf")
-    out = K.topk_mask(patch, text, 3, backend=backend, check_finite=False)
+    out = K.topk_mask(patch, text, 3, backend=backend, validate=False)
     check_invariants(out, 3, 10, 3)  # selection unspecified in rows 0 and 1; still a partition
     ref = tm.topk_mask_reference(patch[2:], text[2:], 3)
     assert_same([t[2] for t in out], [t[0] for t in ref])
@@ -614,7 +593,7 @@ def test_triton_interpret_ties_zero_norm_strided(poison):
     patch[1, 7, 3] = float("nan")
     with pytest.raises(ValueError, match="patch .*NaN or inf"):
         tm.topk_mask_triton(patch, text[:, :d], 20)
-    check_invariants(tm.topk_mask_triton(patch, text[:, :d], 20, check_finite=False), B, P, 20)
+    check_invariants(tm.topk_mask_triton(patch, text[:, :d], 20, validate=False), B, P, 20)
 
 
 @pytest.mark.interpret

@@ -185,16 +185,37 @@ def _alloc_outputs(patch: torch.Tensor, num_masked: int):
 # ---------------------------------------------------------------------------------------------
 # reference
 # ---------------------------------------------------------------------------------------------
+def _pow2_scale(maxabs: torch.Tensor) -> torch.Tensor:
+    """2^-e, e = clamp(floor(log2(maxabs)), 0, 126): exact powers of two that only scale down."""
+    e = ((maxabs.view(torch.int32) >> 23) & 0xFF) - 127
+    return torch.ldexp(torch.ones_like(maxabs), -e.clamp(0, 126))
+
+
+def _cosine(p32, t32, eps_p=EPS, eps_t=EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) fp32 cosine with the EPS floors, and where the plain fp32 evaluation overflowed."""
+    dot = torch.bmm(p32, t32.unsqueeze(-1)).squeeze(-1)  # (B, P)
+    ss = (p32 * p32).sum(-1)  # (B, P)
+    p_norm = torch.linalg.vector_norm(p32, dim=-1)  # (B, P)
+    t_norm = torch.linalg.vector_norm(t32, dim=-1, keepdim=True)  # (B, 1)
+    denom = torch.maximum(p_norm, torch.as_tensor(eps_p)) * torch.maximum(
+        t_norm, torch.as_tensor(eps_t)
+    )
+    ovf = ~(dot.isfinite() & ss.isfinite() & (t_norm * t_norm).isfinite() & denom.isfinite())
+    return dot / denom, ovf
+
+
 def topk_mask_scores(
     patch: torch.Tensor, text: torch.Tensor, noise: torch.Tensor | None = None, tau: float = 1.0
 ) -> torch.Tensor:
     """The fp32 scores s (B, P) that every backend ranks (see the module docstring)."""
     p32 = patch.detach().float()  # (B, P, d)
     t32 = text.detach().float()  # (B, d)
-    dot = torch.bmm(p32, t32.unsqueeze(-1)).squeeze(-1)  # (B, P)
-    p_norm = torch.linalg.vector_norm(p32, dim=-1).clamp_min(EPS)  # (B, P)
-    t_norm = torch.linalg.vector_norm(t32, dim=-1, keepdim=True).clamp_min(EPS)  # (B, 1)
-    s = dot / (p_norm * t_norm)
+    s, ovf = _cosine(p32, t32)
+    if bool(ovf.any()):  # rare path (|x| >~ 1e19): pre-scale both vectors by powers of two
+        sa = _pow2_scale(p32.abs().amax(dim=-1))  # (B, P)
+        st = _pow2_scale(t32.abs().amax(dim=-1))  # (B,)
+        rescued, _ = _cosine(p32 * sa[..., None], t32 * st[:, None], EPS * sa, EPS * st[:, None])
+        s = torch.where(ovf, rescued, s)
     if noise is not None:
         s = s / tau + noise.detach().float()
     return s
@@ -230,6 +251,56 @@ if not triton_import_error():
     import triton.language as tl
 
     @triton.jit
+    def _tl_finite(x):
+        return (x.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
+
+    @triton.jit
+    def _tl_pow2_scale(maxabs):
+        # 2^-e, e = clamp(floor(log2(maxabs)), 0, 126): exact, scales down only (as the C++)
+        e = ((maxabs.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.minimum(tl.maximum(e, 0), 126)
+        return ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _tl_rescued_cosine(
+        row_ptr, row_off, valid, t_ptr, D, eps, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
+        """(BLOCK_P,) cosines of the patch rows and the text with both pre-scaled by powers of
+        two (cosine is scale invariant, the EPS floors scale along): finite at any magnitude."""
+        ap = tl.zeros([BLOCK_P], dtype=tl.float32)
+        at = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            t = tl.load(t_ptr + offs_d, mask=d_ok, other=0.0)
+            x = tl.load(
+                row_ptr + row_off[:, None] + offs_d[None, :],
+                mask=valid[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            ap = tl.maximum(ap, tl.max(tl.abs(x), axis=1))
+            at = tl.maximum(at, tl.abs(t))
+        sa = _tl_pow2_scale(ap)  # (BLOCK_P,)
+        st = _tl_pow2_scale(tl.max(at, axis=0))
+        dot = tl.zeros([BLOCK_P], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_P], dtype=tl.float32)
+        tss = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            t = tl.load(t_ptr + offs_d, mask=d_ok, other=0.0) * st
+            x = tl.load(
+                row_ptr + row_off[:, None] + offs_d[None, :],
+                mask=valid[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32) * sa[:, None]
+            dot += tl.sum(x * t[None, :], axis=1)
+            ss += tl.sum(x * x, axis=1)
+            tss += t * t
+        t_norm = tl.maximum(tl.sqrt_rn(tl.sum(tss, axis=0)), eps * st)
+        return tl.math.div_rn(dot, tl.maximum(tl.sqrt_rn(ss), eps * sa) * t_norm)
+
+    @triton.jit
     def _topk_mask_fwd_kernel(
         patch_ptr, text_ptr, noise_ptr, keep_ptr, mask_idx_ptr, mask_ptr, nonfinite_ptr,
         P, D, M, stride_pb, stride_pp, stride_tb, stride_nb, stride_np, tau, eps,
@@ -257,7 +328,20 @@ if not triton_import_error():
             tss += t * t
         t_norm = tl.maximum(tl.sqrt_rn(tl.sum(tss, axis=0)), eps)
         # IEEE sqrt / division (Triton's default fp32 `/` and tl.sqrt are approximate on GPU)
-        s = tl.math.div_rn(dot, tl.maximum(tl.sqrt_rn(ss), eps) * t_norm)
+        denom = tl.maximum(tl.sqrt_rn(ss), eps) * t_norm
+        s = tl.math.div_rn(dot, denom)
+        # plain fp32 overflowed (|x| >~ 1e19 squares to inf; NaN/inf inputs land here too):
+        # recompute those patches with both vectors pre-scaled by powers of two (rare path)
+        ovf = valid & ~(_tl_finite(dot) & _tl_finite(ss) & _tl_finite(denom) & _tl_finite(t_norm))
+        if tl.sum(ovf.to(tl.int32), axis=0) > 0:
+            s = tl.where(
+                ovf,
+                _tl_rescued_cosine(
+                    patch_ptr + b * stride_pb, row_off, valid, text_ptr + b * stride_tb, D, eps,
+                    BLOCK_P, BLOCK_D,
+                ),
+                s,
+            )  # fmt: skip
         if HAS_NOISE:
             nz = tl.load(noise_ptr + b * stride_nb + offs_p.to(tl.int64) * stride_np,
                          mask=valid, other=0.0)  # fmt: skip

@@ -289,11 +289,14 @@ if not triton_import_error():
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
             t = tl.load(t_ptr + offs_d, mask=d_ok, other=0.0) * st
-            x = tl.load(
-                row_ptr + row_off[:, None] + offs_d[None, :],
-                mask=valid[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32) * sa[:, None]
+            x = (
+                tl.load(
+                    row_ptr + row_off[:, None] + offs_d[None, :],
+                    mask=valid[:, None] & d_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                * sa[:, None]
+            )
             dot += tl.sum(x * t[None, :], axis=1)
             ss += tl.sum(x * x, axis=1)
             tss += t * t

@@ -381,14 +381,14 @@ def check_huge_inputs(backend: str, dtype=torch.float32, device="cpu", P=49, d=7
     """Finite inputs near 1e30 (issue 10 §8): the cosine is scale invariant, so the selection must
     be that of the unscaled inputs (separated scores: the true top-M is unambiguous)."""
     patch, text, top = separated_inputs(3, P, d, M)
-    for sp, st in HUGE_SCALES:
+    for scale_p, scale_t in HUGE_SCALES:
         if dtype == torch.float16:  # float16 cannot hold these: only the fp32 text is huge
-            sp = 1.0
-        p = (patch.double() * sp).to(dtype=dtype, device=device)
-        t = (text.double() * st).to(dtype=torch.float32, device=device)
+            scale_p = 1.0
+        p = (patch.double() * scale_p).to(dtype=dtype, device=device)
+        t = (text.double() * scale_t).to(dtype=torch.float32, device=device)
         assert bool(p.isfinite().all()) and bool(t.isfinite().all())
         keep, midx, mask = K.topk_mask(p, t, M, backend=backend)
-        assert torch.equal(mask.cpu(), top), f"{backend} {dtype} scale ({sp:g}, {st:g})"
+        assert torch.equal(mask.cpu(), top), f"{backend} {dtype} scale ({scale_p:g}, {scale_t:g})"
         check_invariants((keep.cpu(), midx.cpu(), mask.cpu()), 3, P, M)
 
 

@@ -411,22 +411,24 @@ class SemMIM(nn.Module):
             losses["mlm"] = self._mlm(
                 input_ids, attention_mask, image_embeds, image_embeds_m, alpha, gen
             )
-        out = SemMIMOutput(loss=images.new_zeros(()))
+        # Plain locals only across calls that may break a torch.compile graph (the RNG draws):
+        # a per-call object held on the stack there (a bound method, an output dataclass)
+        # would invalidate the resumed graph every step and recompile it.
+        keep_idx = mask_idx = mask = None
         if cfg.mim.enabled and (w.glob > 0 or w.mim > 0):
-            out.keep_idx, out.mask_idx, out.mask = self._image_mask(
-                image_embeds_m, text_feat_m, seed
-            )
-            losses.update(
-                self._masked_image(
-                    images, out, text_embeds, key_mask, image_embeds_m, text_embeds_m
-                )
-            )
+            keep_idx, mask_idx, mask = self._image_mask(image_embeds_m, text_feat_m, seed)
+            image_losses = self._masked_image(
+                images, keep_idx, mask_idx, mask, text_embeds, key_mask, image_embeds_m,
+                text_embeds_m,
+            )  # fmt: skip
+            for k, v in image_losses.items():
+                losses[k] = v
         if self.training and w.itc > 0 and cfg.itc.queue_size > 0:
             self._enqueue(image_feat_m, text_feat_m)
-
-        out.losses = losses
-        out.loss = sum(getattr(w, k) * v for k, v in losses.items())
-        return out
+        loss = images.new_zeros((), dtype=torch.float32)
+        for k, v in losses.items():
+            loss = loss + getattr(w, k) * v
+        return SemMIMOutput(loss, losses, keep_idx, mask_idx, mask)
 
     def _itc(
         self,
@@ -518,24 +520,27 @@ class SemMIM(nn.Module):
     def _masked_image(
         self,
         images: torch.Tensor,
-        out: SemMIMOutput,
+        keep_idx: torch.Tensor,
+        mask_idx: torch.Tensor,
+        mask: torch.Tensor,
         text_embeds: torch.Tensor,
         key_mask: torch.Tensor,
         image_embeds_m: torch.Tensor,
         text_embeds_m: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Global agreement and MIM on the masked view."""
+        """Global agreement and MIM on the masked view (keep_idx (B, R), mask_idx (B, M),
+        mask (B, P) from :meth:`_image_mask`)."""
         cfg, net, ema = self.cfg, self.net, self.ema
         P, M = cfg.vision.num_patches, cfg.num_masked
         if cfg.mim.drop_tokens:
-            kept = net.vision.forward_kept(images, out.keep_idx)  # (B, R+1, Dv)
+            kept = net.vision.forward_kept(images, keep_idx)  # (B, R+1, Dv)
             cls_masked = kept[:, 0]
             patches = self.ops.masked_scatter_fill(  # (B, P, Dv), [MASK]+pos at masked slots
-                kept[:, 1:], out.keep_idx, net.predictor_mask_token, P, pos=net.predictor_pos[0, 1:]
+                kept[:, 1:], keep_idx, net.predictor_mask_token, P, pos=net.predictor_pos[0, 1:]
             )
             x = torch.cat([kept[:, :1] + net.predictor_pos[:, :1], patches], dim=1)
         else:
-            full = net.vision.forward_masked(images, out.mask)  # (B, P+1, Dv)
+            full = net.vision.forward_masked(images, mask)  # (B, P+1, Dv)
             cls_masked = full[:, 0]
             x = full + net.predictor_pos  # (B, P+1, Dv)
 
@@ -552,7 +557,7 @@ class SemMIM(nn.Module):
         if cfg.loss.mim > 0:
             losses["mim"] = (
                 self._mim_loss(
-                    images, x, out.mask_idx, text_embeds, key_mask, image_embeds_m, text_embeds_m
+                    images, x, mask_idx, text_embeds, key_mask, image_embeds_m, text_embeds_m
                 )
                 if M > 0
                 else images.new_zeros(())

@@ -49,7 +49,7 @@ class CMakeBuild(build_ext):
             build_dir,
             {
                 "CMAKE_GENERATOR": "Ninja",
-                "CMAKE_COMMAND": cmake,
+                "CMAKE_COMMAND": cmake,  # compared only for existence (below)
                 "CMAKE_MAKE_PROGRAM": ninja,
                 "Python_EXECUTABLE": sys.executable,
                 "pybind11_DIR": pybind11.get_cmake_dir(),
@@ -104,6 +104,9 @@ def _discard_stale_cache(build_dir: Path, expected: dict[str, str]) -> None:
         for key, want in expected.items()
         if key not in recorded or not _same_path(recorded[key], want)
     ]
+    # CMake rewrites CMAKE_COMMAND itself; it only matters when the cached one is gone.
+    if os.path.exists(recorded.get("CMAKE_COMMAND", "")):
+        stale = [s for s in stale if not s.startswith("CMAKE_COMMAND:")]
     if stale:
         print(f"semmim setup.py: discarding the stale CMake cache ({'; '.join(stale)})")
         cache.unlink()

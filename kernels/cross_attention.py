@@ -51,8 +51,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import interpret_mode, triton_import_error, triton_reasons
-from .registry import get_op, register, set_check, set_example
+from ._common import interpret_mode, new_output, triton_import_error, triton_reasons
+from .registry import custom_op, define_op
 
 __all__ = [
     "cross_attention",
@@ -71,14 +71,12 @@ TRITON_HEAD_DIMS = (32, 64, 80, 128)
 # --------------------------------------------------------------------------------------------
 # input checks (shared by every backend)
 # --------------------------------------------------------------------------------------------
-def _check_inputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    scale: float | None,
-) -> float:
-    """Validate the arguments and return the effective scale; ValueError names the argument."""
+def _prepare(q, k, v, key_mask=None, *, scale=None, validate: bool = True):
+    """The one validator: shape/dtype/device checks (nothing reads tensor values, so
+    ``validate`` changes nothing here) -> ``(q, k, v, key_mask), {"scale": float}``.
+
+    Under autocast q, k, v of different dtypes are cast to the autocast dtype (as torch's
+    scaled_dot_product_attention is); outside autocast a mismatch is a ValueError."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -96,6 +94,9 @@ def _check_inputs(
         raise ValueError(f"head mismatch: q has H={q.shape[2]}, k has H={k.shape[2]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"head dim mismatch: q has Dh={q.shape[3]}, k has Dh={k.shape[3]}")
+    if not (q.dtype == k.dtype == v.dtype) and torch.is_autocast_enabled(q.device.type):
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     devs = {q.device, k.device, v.device}
@@ -118,10 +119,10 @@ def _check_inputs(
             desc += f", key_mask on {key_mask.device}"
         raise ValueError(f"all tensors must be on one device, got {desc}")
     if scale is None:
-        return q.shape[3] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        scale = q.shape[3] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    return float(scale)
+    return (q, k, v, key_mask), {"scale": float(scale)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,41 +152,26 @@ def _attention_math(
     return torch.einsum("bhij,bjhd->bihd", p, vc)  # (B, Lq, H, Dh)
 
 
-def cross_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
+def _reference(q, k, v, key_mask, *, scale: float) -> torch.Tensor:
     """Plain PyTorch cross-attention (the specification); fp32 math (fp64 for fp64 inputs).
 
     q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), key_mask (B, Lk) bool or None -> (B, Lq, H, Dh) in q's
     dtype. Differentiable by autograd.
     """
-    sc = _check_inputs(q, k, v, key_mask, scale)
     compute = torch.promote_types(q.dtype, torch.float32)
-    return _attention_math(q, k, v, key_mask, sc, compute).to(q.dtype)
+    return _attention_math(q, k, v, key_mask, scale, compute).to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # sdpa (torch.nn.functional.scaled_dot_product_attention)
 # --------------------------------------------------------------------------------------------
-def cross_attention_sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
+def _sdpa(q, k, v, key_mask, *, scale: float) -> torch.Tensor:
     """Cross-attention through torch's SDPA (whichever of its backends torch picks).
 
     The bool key mask becomes a (B, 1, 1, Lk) attention mask; batch rows with no real key are
     given an all-True dummy mask and then zeroed, because some SDPA backends return NaN for them.
     """
-    sc = _check_inputs(q, k, v, key_mask, scale)
+    sc = scale
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
     if key_mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=sc)
@@ -805,15 +791,12 @@ def _mask_arg(q: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Ten
     return m, m.stride(0), True
 
 
-def _fwd_impl(q, k, v, key_mask, scale, out=None, lse=None):
-    """Launch the forward; ``out`` (B, Lq, H, Dh) and ``lse`` (B, H, Lq) fp32 may be given
-    (contiguous) so tests can poison them."""
+def _fwd_impl(q, k, v, key_mask, scale):
+    """Launch the forward -> out (B, Lq, H, Dh), lse (B, H, Lq) fp32 (both from new_output)."""
     B, Lq, H, Dh = q.shape
     Lk = k.shape[1]
-    if out is None:
-        out = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    out = new_output((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
+    lse = new_output((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     if Lk == 0:
@@ -881,17 +864,14 @@ def _bwd_plan(B: int, Lq: int, Lk: int, H: int, block_d: int, dtype: torch.dtype
     return "general"
 
 
-def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None, plan=None):
-    """Launch the backward. ``dq``, ``dk``, ``dv`` may be given (contiguous) to poison them in
-    tests; ``plan`` forces "short_k", "short_q" or "general" (default: :func:`_bwd_plan`)."""
+def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, plan=None):
+    """Launch the backward -> (dq, dk, dv) contiguous (from new_output). ``plan`` forces
+    "short_k", "short_q" or "general" (default: :func:`_bwd_plan`)."""
     B, Lq, H, Dh = q.shape
     Lk = k.shape[1]
-    if dq is None:
-        dq = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
-    if dk is None:
-        dk = torch.empty((B, Lk, H, Dh), dtype=k.dtype, device=k.device)
-    if dv is None:
-        dv = torch.empty((B, Lk, H, Dh), dtype=v.dtype, device=v.device)
+    dq = new_output((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
+    dk = new_output((B, Lk, H, Dh), dtype=k.dtype, device=k.device)
+    dv = new_output((B, Lk, H, Dh), dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     # autograd may hand over an expanded (stride 0) or differently-typed gradient
@@ -972,8 +952,7 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None,
     return dq, dk, dv
 
 
-@torch.library.custom_op("semmim::cross_attention_fwd", mutates_args=())
-def _cross_attention_fwd_op(
+def _fwd_op_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -984,17 +963,12 @@ def _cross_attention_fwd_op(
     return _fwd_impl(q, k, v, key_mask, scale)
 
 
-@_cross_attention_fwd_op.register_fake
-def _(q, k, v, key_mask, scale):
+def _fwd_op_fake(q, k, v, key_mask, scale):
     B, Lq, H, Dh = q.shape
-    return (
-        q.new_empty((B, Lq, H, Dh)),
-        q.new_empty((B, H, Lq), dtype=torch.float32),
-    )
+    return q.new_empty((B, Lq, H, Dh)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("semmim::cross_attention_bwd", mutates_args=())
-def _cross_attention_bwd_op(
+def _bwd_op_impl(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1008,9 +982,11 @@ def _cross_attention_bwd_op(
     return _bwd_impl(do, q, k, v, key_mask, out, lse, scale)
 
 
-@_cross_attention_bwd_op.register_fake
-def _(do, q, k, v, key_mask, out, lse, scale):
+def _bwd_op_fake(do, q, k, v, key_mask, out, lse, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_bwd_op = custom_op("cross_attention_bwd_triton", _bwd_op_impl, fake=_bwd_op_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -1023,24 +999,22 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, key_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = _cross_attention_bwd_op(dout, q, k, v, key_mask, out, lse, ctx.scale)
+    dq, dk, dv = _bwd_op(dout, q, k, v, key_mask, out, lse, ctx.scale)
     return dq, dk, dv, None, None
 
 
-_cross_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op = custom_op(
+    "cross_attention_triton",
+    _fwd_op_impl,
+    fake=_fwd_op_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+)
 
 
-def cross_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
+def _triton(q, k, v, key_mask, *, scale: float) -> torch.Tensor:
     """Flash cross-attention in Triton (forward and backward kernels); see the module docstring."""
-    sc = _check_inputs(q, k, v, key_mask, scale)
-    return _cross_attention_fwd_op(q, k, v, key_mask, sc)[0]
+    return _fwd_op(q, k, v, key_mask, scale)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1079,6 +1053,7 @@ def cross_attention(
     *,
     scale: float | None = None,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Multi-head cross-attention with a key padding mask (no Lq × Lk matrix on the fast path).
 
@@ -1091,18 +1066,15 @@ def cross_attention(
         scale: softmax scale, default Dh ** -0.5.
         backend: "reference" | "sdpa" | "triton"; default: ``SEMMIM_BACKEND`` or the fastest
             that can run (triton on CUDA, sdpa on CPU).
+        validate: accepted for the common op contract; this op reads no tensor values on the
+            host, so it changes nothing.
 
     Returns:
         (B, Lq, H, Dh) in q's dtype: ``softmax(scale · q kᵀ + mask bias) v`` per head; a query
         whose batch row has no real key gets zeros (and zero gradients), never NaN.
         Differentiable in q, k, v.
     """
-    _check_inputs(q, k, v, key_mask, scale)
-    return _OP(q, k, v, key_mask, scale=scale, backend=backend)
-
-
-def _check_for_registry(q, k, v, key_mask=None, *, scale=None) -> None:
-    _check_inputs(q, k, v, key_mask, scale)
+    return OP(q, k, v, key_mask, scale=scale, backend=backend, validate=validate)
 
 
 def _example(device: torch.device) -> tuple[tuple, dict]:
@@ -1114,9 +1086,21 @@ def _example(device: torch.device) -> tuple[tuple, dict]:
     return (q, k, v, mask), {}
 
 
-register("cross_attention", "reference", cross_attention_reference, supports_reference, 0)
-register("cross_attention", "sdpa", cross_attention_sdpa, supports_sdpa, 10)
-register("cross_attention", "triton", cross_attention_triton, supports_triton, 20)
-set_example("cross_attention", _example)
-set_check("cross_attention", _check_for_registry)
-_OP = get_op("cross_attention")
+OP = define_op("cross_attention", prepare=_prepare, example=_example)
+OP.register("reference", _reference, supports_reference, 0)
+OP.register("sdpa", _sdpa, supports_sdpa, 10)
+OP.register("triton", _triton, supports_triton, 20)
+
+
+def _on(backend: str):
+    def fn(q, k, v, key_mask=None, *, scale=None, validate: bool = True):
+        return cross_attention(q, k, v, key_mask, scale=scale, backend=backend, validate=validate)
+
+    fn.__name__ = f"cross_attention_{backend}"
+    fn.__doc__ = f"``cross_attention(..., backend={backend!r})`` (same contract)."
+    return fn
+
+
+cross_attention_reference = _on("reference")
+cross_attention_sdpa = _on("sdpa")
+cross_attention_triton = _on("triton")

@@ -279,14 +279,17 @@ def read_checkpoint(
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        text = str(err)
-        if "Weights only load failed" in text or "Unsupported global" in text:
-            detail = next((ln for ln in text.splitlines() if "Unsupported" in ln), text[:300])
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        code = [ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln]
+        if code:
             raise CheckpointError(
-                f"{path}: refused: it pickles objects other than tensors and plain data, which "
-                f"could run code when loaded ({detail.strip()})"
+                f"{path}: refused: it pickles a reference to code ({code[0]}), which could run "
+                "when loaded; a checkpoint holds only tensors and plain data"
             ) from None
-        raise CheckpointError(f"{path}: not a torch checkpoint ({text[:300]})") from None
+        detail = next((ln for ln in lines if "Unsupported" in ln), lines[-1] if lines else "")
+        raise CheckpointError(
+            f"{path}: not a torch checkpoint (the safe loader stopped at: {detail[:200]})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
         raise CheckpointError(
             f"{path}: unreadable, truncated or not a torch checkpoint "

@@ -256,6 +256,7 @@ class StopRequest:
         self.signum: int | None = None
         self._pid = os.getpid()
         self._sigints = 0
+        self._previous: dict[int, Any] = {}
 
     def __call__(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
@@ -270,18 +271,16 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signum is not None
 
-    @contextlib.contextmanager
-    def installed(self):
-        """Install for SIGINT and SIGTERM (main thread only; elsewhere a no-op)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+    def install(self) -> None:
+        """Handle SIGINT and SIGTERM from now on (main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            self._previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        """Put the previous handlers back (a signal then acts as it did before)."""
+        previous, self._previous = self._previous, {}
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager
@@ -733,68 +732,15 @@ def train(
         return_model: also return the trained model (unwrapped from DDP) as ``summary["model"]``.
         checkpoint / allow_changes / task: see :func:`setup` (task: default pre-training).
     """
-    run = setup(model_cfg, tcfg, resume, source, checkpoint, allow_changes, task)
-    info = run.info
-    csv_file, writer = (
-        _open_csv(os.path.join(run.out_dir, "log.csv"), run.step, csv_fields(run.task.objectives))
-        if info.is_main
-        else (None, None)
-    )
-    history: list[dict[str, float]] = []
-    window = _Window()
-    total_wait, total_time = 0.0, 0.0
-    stop_at = tcfg.stop_at or run.total_steps
-    bar = tqdm(
-        total=stop_at,
-        initial=run.step,
-        desc="train",
-        disable=not info.is_main,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    run.model.train()
     stop = StopRequest()
-    saved_at = -1
+    stop.install()  # from here on a signal is a stop request, even during setup
     try:
-        with stop.installed():
-            while run.step < stop_at and not _stop_agreed(run, stop):
-                t_step = time.perf_counter()
-                if run.step == run.start_step:  # first step of the session: check and report
-                    with _dispatch_recorder() as used:
-                        result = train_step(run, check_inputs=True)
-                    if info.is_main:
-                        log.info("kernels (first step): %s", _format_dispatch(used))
-                else:
-                    result = train_step(run)
-                window.add(result["losses"], result["pairs"], result["wait"])
-                total_wait += result["wait"]
-                total_time += time.perf_counter() - t_step
-                bar.update(1)
-                if run.step % tcfg.log_every == 0 or run.step == stop_at:
-                    row = window.row()
-                    row.update(step=run.step, epoch=run.stream.epoch, lr=result["lr"])
-                    row["elapsed_s"] = run.elapsed()
-                    history.append(row)
-                    if writer is not None:
-                        writer.writerow(row)
-                        csv_file.flush()
-                    bar.set_postfix(_postfix(row), refresh=False)
-                    window.reset()
-                if run.step % tcfg.ckpt_every == 0 and run.step < stop_at:
-                    save(run)
-                    saved_at = run.step
-            interrupted = stop.requested
-            if interrupted and info.is_main:
-                name = signal.Signals(stop.signum).name if stop.signum else "a signal"
-                log.warning("%s: stopping after step %d, writing a checkpoint", name, run.step)
-            if saved_at != run.step:
-                save(run, final=True)
+        run = setup(model_cfg, tcfg, resume, source, checkpoint, allow_changes, task)
+        interrupted, history, seconds = _loop(run, stop)
     finally:
-        bar.close()
-        if csv_file is not None:
-            csv_file.close()
-        run.stream.close()
-
+        stop.restore()
+    info = run.info
+    total_wait, total_time = seconds
     summary: dict[str, Any] = {
         "step": run.step,
         "total_steps": run.total_steps,
@@ -824,6 +770,71 @@ def train(
     if return_model:
         summary["model"] = run.model
     return summary
+
+
+def _loop(run: Run, stop: StopRequest) -> tuple[bool, list[dict[str, float]], tuple]:
+    """Steps until ``stop_at`` or a stop request, logging and checkpointing; a final checkpoint."""
+    tcfg = run.tcfg
+    info = run.info
+    csv_file, writer = (
+        _open_csv(os.path.join(run.out_dir, "log.csv"), run.step, csv_fields(run.task.objectives))
+        if info.is_main
+        else (None, None)
+    )
+    history: list[dict[str, float]] = []
+    window = _Window()
+    total_wait, total_time = 0.0, 0.0
+    stop_at = tcfg.stop_at or run.total_steps
+    bar = tqdm(
+        total=stop_at,
+        initial=run.step,
+        desc="train",
+        disable=not info.is_main,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    run.model.train()
+    saved_at = -1
+    try:
+        while run.step < stop_at and not _stop_agreed(run, stop):
+            t_step = time.perf_counter()
+            if run.step == run.start_step:  # first step of the session: check and report
+                with _dispatch_recorder() as used:
+                    result = train_step(run, check_inputs=True)
+                if info.is_main:
+                    log.info("kernels (first step): %s", _format_dispatch(used))
+            else:
+                result = train_step(run)
+            window.add(result["losses"], result["pairs"], result["wait"])
+            total_wait += result["wait"]
+            total_time += time.perf_counter() - t_step
+            bar.update(1)
+            if run.step % tcfg.log_every == 0 or run.step == stop_at:
+                row = window.row()
+                row.update(step=run.step, epoch=run.stream.epoch, lr=result["lr"])
+                row["elapsed_s"] = run.elapsed()
+                history.append(row)
+                if writer is not None:
+                    writer.writerow(row)
+                    csv_file.flush()
+                bar.set_postfix(_postfix(row), refresh=False)
+                window.reset()
+            if run.step % tcfg.ckpt_every == 0 and run.step < stop_at:
+                save(run)
+                saved_at = run.step
+        interrupted = stop.requested
+        if interrupted and info.is_main:
+            name = signal.Signals(stop.signum).name if stop.signum else "a signal"
+            log.warning("%s: stopping after step %d, writing a checkpoint", name, run.step)
+        if saved_at != run.step:
+            save(run, final=True)
+    finally:
+        bar.close()
+        if csv_file is not None:
+            csv_file.close()
+        run.stream.close()
+
+    return interrupted, history, (total_wait, total_time)
 
 
 def _format_dispatch(used: dict[str, set[str]]) -> str:

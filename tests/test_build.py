@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,3 +41,53 @@ def test_cuda_entry_point_without_gpu_raises_clear_error():
     else:
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
             ext.mg_build_inverse_cuda(0, 4, 0, 1, 1, 1, 0)
+
+
+def _checkout_copy(dest: str) -> None:
+    """Copy the tracked files of this checkout (with uncommitted edits) to ``dest``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        src = os.path.join(root, name)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, name))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the checkout's files")
+def test_two_consecutive_pip_installs_in_one_checkout(tmp_path):
+    """README quick start: `pip install .` twice in one clone (issue 10 §1).
+
+    The first build leaves build/.../CMakeCache.txt pointing at the ninja, cmake and pybind11 of
+    pip's deleted isolation env; setup.py must discard it. C++ only, Debug: short compiles.
+    """
+    clone = tmp_path / "clone"
+    _checkout_copy(str(clone))
+    env = {**os.environ, "SEMMIM_CUDA": "0", "SEMMIM_BUILD_TYPE": "Debug"}
+    for i in (1, 2):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--no-deps",
+                "--target",
+                str(tmp_path / f"t{i}"),
+                ".",
+            ],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, (
+            f"install {i} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+        assert (clone / "build").is_dir()
+        built = [p for p in os.listdir(tmp_path / f"t{i}" / "semmim") if p.startswith("_C")]
+        assert built, f"install {i} has no semmim._C"

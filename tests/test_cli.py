@@ -146,3 +146,78 @@ def test_train_eval_resume_round_trip(tmp_path, capsys):
     assert "trained 3/3 steps" in capsys.readouterr().out
     cfg = json.load(open(os.path.join(run, "config.json")))
     assert cfg["model"]["mim"]["target"] == "pixel"  # the checkpoint's model config is kept
+
+
+@pytest.mark.parametrize("flag", [["--steps", "0"], ["--epochs", "0"], ["--steps", "-3"]])
+def test_zero_or_negative_length_is_exit_2_before_loading_data(flag, tmp_path, capsys):
+    # The data spec does not exist: the length error must come first, without a traceback.
+    argv = ["train", *flag, "--data", "folder:/nonexistent/x", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train.steps" in err and "Traceback" not in err and "nonexistent" not in err
+
+
+def test_every_train_config_field_is_an_option_and_documented(capsys):
+    import dataclasses
+
+    from semmim.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    with open(os.path.join(ROOT, "docs", "TRAINING.md")) as f:
+        docs = f.read()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        assert flag in help_text, flag
+        assert f"`{flag}`" in docs and f"`train.{f.name}`" in docs, f"docs/TRAINING.md: {flag}"
+
+
+def test_options_set_the_train_config_fields():
+    from semmim.cli import build_parser, train_overrides
+
+    args = build_parser().parse_args(
+        ["train", "--batch-size", "8", "--no-eval", "--amp", "bf16", "--compile", "--epochs", "2"]
+    )
+    assert train_overrides(args) == {
+        "batch_size": 8,
+        "eval_at_end": False,
+        "amp": "bf16",
+        "compile": True,
+        "epochs": 2.0,
+    }
+
+
+def test_resume_contract(tmp_path, capsys, monkeypatch):
+    run = str(tmp_path / "run")
+    common = ["--num-workers", "0", "--out", run, "--threads", "1", "--no-eval"]
+    small = ["--set", "vision.image_size=32", "loss.mlm=0", "itc.queue_size=16"]
+    first = ["train", "--preset", "tiny", "--data", "synthetic:16:4", "--batch-size", "4"]
+    assert main([*first, "--steps", "3", "--stop-at", "1", *common, *small]) == 0
+    assert "trained 1/3 steps" in capsys.readouterr().out
+    refused = [
+        (["--batch-size", "2"], "batch_size: 4 -> 2"),
+        (["--seed", "5"], "seed: 0 -> 5"),
+        (["--data", "synthetic:20:4"], "data: 'synthetic:16:4' -> 'synthetic:20:4'"),
+        (["--accum-steps", "2"], "accum_steps: 1 -> 2"),
+        (["--set", "train.val_size=0.2"], "val_size"),
+    ]
+    for extra, needle in refused:
+        assert main(["train", "--resume", *common, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert needle in err and "--allow-changes" in err and "Traceback" not in err, err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--resume", *common]) == 2
+    assert "world_size: 1 -> 2" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    # A misspelled model key is an error on resume too (a valid one is ignored with a warning).
+    assert main(["train", "--resume", *common, "--set", "vision.nope=3"]) == 2
+    assert "vision.nope" in capsys.readouterr().err
+    # The saved stop_at=1 does not carry over: the resume runs to the end.
+    assert main(["train", "--resume", *common]) == 0
+    assert "trained 3/3 steps" in capsys.readouterr().out
+    # An explicit, allowed change continues (and says so in the log).
+    assert (
+        main(["train", "--resume", *common, "--steps", "4", "--seed", "1", "--allow-changes"]) == 0
+    )
+    assert "trained 4/4 steps" in capsys.readouterr().out

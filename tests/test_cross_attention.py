@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from semmim.kernels import cross_attention
-from semmim.kernels._common import interpret_mode
+from semmim.kernels._common import interpret_mode, poisoned_outputs
 from semmim.kernels.registry import get_op
 
 ca = importlib.import_module("semmim.kernels.cross_attention")
@@ -447,14 +447,14 @@ def test_triton_interpret_backward_plans_write_every_element(Lq, Lk, Dh, dtype, 
     mask[0, 1] = False  # a padded key between real ones
     B, H = q.shape[0], q.shape[2]
     scale = Dh**-0.5
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((B, H, Lq), float("nan"))
-    ca._fwd_impl(q, k, v, mask, scale, out=out, lse=lse)
+    with poisoned_outputs():  # NaN-filled buffers: every element must be written
+        out, lse = ca._fwd_impl(q, k, v, mask, scale)
+    assert out.shape == q.shape and lse.shape == (B, H, Lq)
     assert not out.isnan().any() and not lse.isnan().any()
     assert torch.isinf(lse[-1]).all() and (out[-1] == 0).all()
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    ca._bwd_impl(do, q, k, v, mask, out, lse, scale, dq=dq, dk=dk, dv=dv, plan=plan)
+    with poisoned_outputs():
+        dq, dk, dv = ca._bwd_impl(do, q, k, v, mask, out, lse, scale, plan=plan)
     hi = ref_and_grads(q, k, v, mask, scale, do, torch.float64)
     lo = ref_and_grads(q, k, v, mask, scale, do, dtype)
     assert_attention_close("out", out, hi[0], lo[0], dtype, 2)
@@ -468,7 +468,7 @@ def test_triton_interpret_backward_plans_write_every_element(Lq, Lk, Dh, dtype, 
 @needs_interpret
 def test_triton_interpret_lse_and_scale():
     q, k, v, mask = make_inputs(2, 6, 11, 2, 64, torch.float32, masked=True)
-    out, lse = ca._cross_attention_fwd_op(q, k, v, mask, 0.3)
+    out, lse = ca._fwd_op(q, k, v, mask, 0.3)
     s = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * 0.3
     s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
@@ -481,12 +481,10 @@ def test_triton_interpret_lse_and_scale():
 def test_triton_interpret_opcheck():
     q, k, v, mask = make_inputs(2, 5, 7, 2, 32, torch.float32, masked=True, empty_row=True)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(ca._cross_attention_fwd_op, (qg, kg, vg, mask, 0.2))
-    torch.library.opcheck(ca._cross_attention_fwd_op, (qg, kg, vg, None, 0.2))
-    out, lse = ca._cross_attention_fwd_op(q, k, v, mask, 0.2)
-    torch.library.opcheck(
-        ca._cross_attention_bwd_op, (torch.randn_like(out), q, k, v, mask, out, lse, 0.2)
-    )
+    torch.library.opcheck(ca._fwd_op, (qg, kg, vg, mask, 0.2))
+    torch.library.opcheck(ca._fwd_op, (qg, kg, vg, None, 0.2))
+    out, lse = ca._fwd_op(q, k, v, mask, 0.2)
+    torch.library.opcheck(ca._bwd_op, (torch.randn_like(out), q, k, v, mask, out, lse, 0.2))
 
 
 @pytest.mark.interpret
@@ -563,8 +561,8 @@ def test_cuda_backward_plans(plan, Lq, Lk, Dh, dtype):
     scale = Dh**-0.5
     out, lse = ca._fwd_impl(q, k, v, mask, scale)
     do = torch.randn_like(q)
-    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    ca._bwd_impl(do, q, k, v, mask, out, lse, scale, dq=dq, dk=dk, dv=dv, plan=plan)
+    with poisoned_outputs():
+        dq, dk, dv = ca._bwd_impl(do, q, k, v, mask, out, lse, scale, plan=plan)
     hi = ref_and_grads(q, k, v, mask, scale, do, torch.float64)
     lo = ref_and_grads(q, k, v, mask, scale, do, dtype)
     assert_attention_close("out", out, hi[0], lo[0], dtype, 2)
@@ -593,11 +591,9 @@ def test_cuda_strided_views(dtype):
 def test_cuda_opcheck_and_compile():
     q, k, v, mask = make_inputs(2, 40, 197, 4, 64, torch.float16, masked=True, device="cuda")
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(ca._cross_attention_fwd_op, (qg, kg, vg, mask, 0.125))
-    out, lse = ca._cross_attention_fwd_op(q, k, v, mask, 0.125)
-    torch.library.opcheck(
-        ca._cross_attention_bwd_op, (torch.randn_like(out), q, k, v, mask, out, lse, 0.125)
-    )
+    torch.library.opcheck(ca._fwd_op, (qg, kg, vg, mask, 0.125))
+    out, lse = ca._fwd_op(q, k, v, mask, 0.125)
+    torch.library.opcheck(ca._bwd_op, (torch.randn_like(out), q, k, v, mask, out, lse, 0.125))
     f = torch.compile(
         lambda q, k, v: cross_attention(q, k, v, mask, backend="triton"), fullgraph=True
     )

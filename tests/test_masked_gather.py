@@ -242,12 +242,22 @@ def test_bad_inputs_raise_value_error(backend):
             K.masked_scatter_fill(*args, backend=backend)
 
 
-def test_duplicate_index_detected_in_gather_backward():
+def test_duplicate_index_detected():
+    """validate=True rejects duplicates up front (one host sync with the range check); with
+    validate=False the C++ CPU kernels still detect them where the inverse map is built (gather
+    backward, scatter forward), so the gradient is never silently wrong."""
     x = torch.randn(2, 8, 4, requires_grad=True)
     idx = torch.tensor([[1, 1, 2], [0, 1, 2]])
-    out = K.masked_gather(x, idx, backend="cpu")  # forward is well defined
+    for be in ("reference", "cpu"):
+        with pytest.raises(ValueError, match="unique"):
+            K.masked_gather(x, idx, backend=be)
+    out = K.masked_gather(x, idx, backend="cpu", validate=False)  # forward is well defined
+    assert torch.equal(out, mg._gather_reference(x, idx, None))
     with pytest.raises(ValueError, match="unique"):
         out.sum().backward()
+    y, fill = torch.randn(2, 3, 4), torch.randn(4)
+    with pytest.raises(ValueError, match="unique"):
+        K.masked_scatter_fill(y, idx, fill, 8, backend="cpu", validate=False)
 
 
 # ------------------------------------------------------------------ registry and custom ops
@@ -273,13 +283,21 @@ def test_registry_dispatch_and_reasons(monkeypatch):
         K.masked_gather(x, idx)
     monkeypatch.setenv("SEMMIM_BACKEND", "sdpa")  # not a backend of this op: auto-dispatch
     assert op.select(None, x, idx).name == "cpu"
+    monkeypatch.setenv("SEMMIM_BACKEND", "trition")  # a typo is an error listing the names
+    with pytest.raises(ValueError, match=r"SEMMIM_BACKEND must be one of.*'triton'.*'trition'"):
+        K.masked_gather(x, idx)
 
 
-def test_non_contiguous_last_dim_is_a_reason():
-    x = torch.randn(2, 4, 8).transpose(1, 2)  # (2, 8, 4) with last-dim stride 8
+def test_non_contiguous_last_dim_runs_on_the_fast_backend():
+    """The patch embedding is a transposed conv output, (B, P, D) with strides (P*D, 1, P): the
+    fast backends take it (no silent fallback to the reference)."""
+    x = torch.randn(2, 4, 8).transpose(1, 2)  # (2, 8, 4) with strides (32, 1, 8)
     idx = make_index(2, 8, 3)
-    assert any("contiguous last dim" in r for r in K.get_op("masked_gather").reasons(x, idx)["cpu"])
-    assert torch.equal(K.masked_gather(x, idx), mg.masked_gather_reference(x, idx))
+    assert K.get_op("masked_gather").reasons(x, idx)["cpu"] == []
+    with K.record_dispatch() as ran:
+        got = K.masked_gather(x, idx)
+    assert ran == {"masked_gather": {"cpu"}}
+    assert torch.equal(got, mg.masked_gather_reference(x, idx))
 
 
 def test_opcheck_cpu_custom_ops():

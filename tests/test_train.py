@@ -10,7 +10,16 @@ import torch
 
 from semmim import SemMIM, from_preset
 from semmim.checkpoint import load_checkpoint
-from semmim.train import TrainConfig, enable_gradient_checkpointing, lr_lambda, param_groups, train
+from semmim.config import TrainConfig
+from semmim.train import (
+    enable_gradient_checkpointing,
+    lr_lambda,
+    param_groups,
+    setup,
+    step_seed,
+    train,
+    train_step,
+)
 
 LOSS_KEYS = ("loss", "itc", "itm", "mlm", "glob", "mim")
 
@@ -123,3 +132,50 @@ def test_train_config_errors():
         TrainConfig().override({"nope": 1})
     with pytest.raises(ValueError, match="train.flip"):
         TrainConfig(flip="sideways")
+    for bad in ({"steps": 0}, {"steps": 0, "epochs": 0.0}, {"steps": 5, "epochs": 1.0}):
+        with pytest.raises(ValueError, match="train.steps"):
+            TrainConfig(**bad)
+    assert TrainConfig().override({"epochs": 2}).steps == 0  # epochs alone: measured in epochs
+    assert TrainConfig(amp=False).amp == "off" and TrainConfig(amp=True).amp == "auto"
+    assert TrainConfig.from_dict(TrainConfig(lr=1e-2).to_dict()) == TrainConfig(lr=1e-2)
+
+
+SMALL = {"vision.image_size": 32, "itc.queue_size": 16, "loss.mlm": 0.0}
+
+
+def test_step_is_unit_of_commit_and_draws_no_host_random_number(tmp_path, caplog):
+    """A step reads no number from the global RNGs (its seed is explicit) and advances step by 1."""
+    import logging
+    import random
+
+    import numpy as np
+
+    run = setup(from_preset("tiny", SMALL), _tcfg(tmp_path, steps=3))
+    run.model.train()
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    with caplog.at_level(logging.INFO, logger="semmim.train"):
+        out = train_step(run, check_inputs=True)
+    after = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    assert torch.equal(before[0], after[0]) and before[1] == after[1]
+    assert (before[2] == after[2]).all()
+    assert run.step == 1 and run.stream.batch_in_epoch == 1 and set(out["losses"]) >= {"loss"}
+    run.stream.close()
+    seeds = {step_seed(0, s, m, r) for s in range(50) for m in range(2) for r in range(4)}
+    assert len(seeds) == 400 and all(0 <= x < 2**62 for x in seeds)
+    assert step_seed(0, 3, 0, 0) == step_seed(0, 3, 0, 0) != step_seed(1, 3, 0, 0)
+
+
+def test_first_step_logs_the_backends_that_ran(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="semmim.train"):
+        train(from_preset("tiny", SMALL), _tcfg(tmp_path, steps=2))
+    lines = [r.getMessage() for r in caplog.records if "kernels (first step)" in r.getMessage()]
+    assert len(lines) == 1 and "masked_gather=" in lines[0], lines
+
+
+@pytest.mark.parametrize("opts", [{"amp": "bf16"}, {"compile": True}])
+def test_two_step_run_with_cpu_bf16_autocast_or_compile(opts, tmp_path):
+    summary = train(from_preset("tiny", SMALL), _tcfg(tmp_path, steps=2, **opts))
+    assert summary["step"] == 2
+    assert all(torch.isfinite(torch.tensor(v)) for row in summary["history"] for v in row.values())

@@ -254,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="ITM re-ranked candidates per query (default 16; 0 = ITC only)",
     )
+    ev.add_argument(
+        "--task",
+        choices=["pretrain", "retrieval", "vqa", "caption"],
+        default=None,
+        help="what to evaluate (default: the checkpoint's task). pretrain: held-out retrieval + "
+        "zero-shot classification; retrieval: the same on retrieval data (karpathy:FILE "
+        "evaluates its test split; a pre-training checkpoint gives the zero-shot numbers); "
+        "vqa: VQA accuracy vs majority baselines + vqa_results.json; caption: BLEU/METEOR/"
+        "ROUGE-L/CIDEr + captions.json (vqa and caption need a checkpoint of that task)",
+    )
+    ev.add_argument(
+        "--beam-size", type=int, default=None, help="caption: beam width (default: the run's)"
+    )
     ev.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default 64)")
     ev.add_argument("--num-workers", type=int, default=2, help="image loading workers (default 2)")
     ev.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -284,43 +297,64 @@ def _setup_logging() -> None:
     )
 
 
+def _resume_configs(args: argparse.Namespace, explicit: dict[str, Any], model_sets: dict[str, Any]):
+    """``--resume``: (checkpoint, model config, run config) of OUT's newest intact checkpoint,
+    with the run options given now applied and the resume contract checked."""
+    from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
+    from semmim.config import SemMIMConfig, TrainConfig
+    from semmim.train import resume_changes
+
+    out = explicit.get("out", TrainConfig.out)
+    try:
+        checkpoint = load_latest_intact(os.path.join(out, "checkpoints"), "cpu", TRAIN_KEYS)
+    except FileNotFoundError as err:
+        raise CLIError(f"--resume: {err}") from None
+    state = checkpoint[0]
+    model_cfg = SemMIMConfig.from_dict(state["config"])
+    if model_sets:
+        model_cfg.override(model_sets)  # a misspelled key is an error, as on a fresh run
+    if args.preset or model_sets:
+        logging.getLogger("semmim").warning(
+            "--resume: the checkpoint's model config is used; --preset/model --set ignored"
+        )
+    saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
+    tcfg = saved.override(explicit)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    changed = resume_changes(state, tcfg, world_size)
+    if changed and not args.allow_changes:
+        raise CLIError(
+            f"--resume: refusing to continue {checkpoint[1]} with a different "
+            f"{'; '.join(changed)} (the remaining steps would see other pairs, in another "
+            "order, than the run that was interrupted). Give the saved values, or pass "
+            "--allow-changes to continue anyway"
+        )
+    return checkpoint, model_cfg, tcfg
+
+
+def _report(summary: dict[str, Any], tcfg) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"trained {summary['step']}/{summary['total_steps']} steps in "
+            f"{summary['seconds']:.0f} s ({summary['pairs_per_s']:.1f} pairs/s, data wait "
+            f"{100 * summary['data_wait_share']:.1f}% of step time); skipped samples: "
+            f"{summary['skipped']['total']} {summary['skipped']}; run dir: {tcfg.out}"
+        )
+    return 130 if summary["interrupted"] else 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``semmim train``."""
-    from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
-    from semmim.config import SemMIMConfig, TrainConfig, from_preset
+    from semmim.config import TrainConfig, from_preset
     from semmim.data import open_data
-    from semmim.train import resume_changes, train
+    from semmim.train import train
 
     model_sets, train_sets = parse_sets(args.sets)
     explicit = train_overrides(args)
     explicit.update(train_sets)
     checkpoint = None
     try:
-        out = explicit.get("out", TrainConfig.out)
         if args.resume:
-            try:
-                checkpoint = load_latest_intact(os.path.join(out, "checkpoints"), "cpu", TRAIN_KEYS)
-            except FileNotFoundError as err:
-                raise CLIError(f"--resume: {err}") from None
-            state = checkpoint[0]
-            model_cfg = SemMIMConfig.from_dict(state["config"])
-            if model_sets:
-                model_cfg.override(model_sets)  # a misspelled key is an error, as on a fresh run
-            if args.preset or model_sets:
-                logging.getLogger("semmim").warning(
-                    "--resume: the checkpoint's model config is used; --preset/model --set ignored"
-                )
-            saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
-            tcfg = saved.override(explicit)
-            world_size = int(os.environ.get("WORLD_SIZE", "1"))
-            changed = resume_changes(state, tcfg, world_size)
-            if changed and not args.allow_changes:
-                raise CLIError(
-                    f"--resume: refusing to continue {checkpoint[1]} with a different "
-                    f"{'; '.join(changed)} (the remaining steps would see other pairs, in another "
-                    "order, than the run that was interrupted). Give the saved values, or pass "
-                    "--allow-changes to continue anyway"
-                )
+            checkpoint, model_cfg, tcfg = _resume_configs(args, explicit, model_sets)
         else:
             model_cfg = from_preset(args.preset or DEFAULT_PRESET, model_sets)
             tcfg = TrainConfig().override(explicit)
@@ -335,14 +369,55 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint=checkpoint,
         allow_changes=args.allow_changes,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"trained {summary['step']}/{summary['total_steps']} steps in "
-            f"{summary['seconds']:.0f} s ({summary['pairs_per_s']:.1f} pairs/s, data wait "
-            f"{100 * summary['data_wait_share']:.1f}% of step time); skipped samples: "
-            f"{summary['skipped']['total']} {summary['skipped']}; run dir: {tcfg.out}"
-        )
-    return 130 if summary["interrupted"] else 0
+    return _report(summary, tcfg)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``semmim finetune {retrieval,vqa,caption}``."""
+    from semmim.config import TrainConfig, from_preset
+    from semmim.downstream.tasks import TaskConfig, init_model_config, make_task
+    from semmim.train import train
+
+    model_sets, train_sets = parse_sets(args.sets)
+    explicit = train_overrides(args)
+    explicit.update(train_sets)
+    explicit.setdefault("out", f"runs/{args.task}")
+    task_given = train_overrides(args, TaskConfig, "task_")
+    checkpoint = None
+    try:
+        if args.resume:
+            checkpoint, model_cfg, tcfg = _resume_configs(args, explicit, model_sets)
+            state = checkpoint[0]
+            if state.get("task", "pretrain") != args.task:
+                raise CLIError(
+                    f"--resume: {checkpoint[1]} is a {state.get('task', 'pretrain')!r} run, "
+                    f"not {args.task!r}"
+                )
+            task = make_task(args.task, {**state["task_config"], **task_given})
+        else:
+            task = make_task(args.task, TaskConfig(**task_given))
+            tcfg = TrainConfig().override(explicit)
+            preset_cfg = from_preset(args.preset or "tiny", {} if task.cfg.init else model_sets)
+            model_cfg = init_model_config(task.cfg, preset_cfg)
+            if task.cfg.init and model_sets:
+                model_cfg = model_cfg.override(model_sets)  # e.g. text.dropout=0.1
+            if task.cfg.init and args.preset:
+                logging.getLogger("semmim").warning(
+                    "--preset ignored: the model config is the --ckpt checkpoint's"
+                )
+        source = task.open_data(tcfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from None
+    summary = train(
+        model_cfg,
+        tcfg,
+        resume=args.resume,
+        source=source,
+        checkpoint=checkpoint,
+        allow_changes=args.allow_changes,
+        task=task,
+    )
+    return _report(summary, tcfg)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -362,6 +437,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_cfg = SemMIMConfig.from_dict(state["config"])
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(f"--ckpt: {err}") from None
+    saved_task = state.get("task", "pretrain")
+    task_name = args.task or saved_task
+    if task_name in ("vqa", "caption") or saved_task in ("vqa", "caption"):
+        if task_name != saved_task:
+            raise CLIError(
+                f"--task {task_name}: {path} is a {saved_task!r} checkpoint (vqa and caption "
+                "evaluate a checkpoint fine-tuned for that task)"
+            )
+        return _eval_task(args, state, path, tcfg, model_cfg)
+    if args.beam_size is not None:
+        raise CLIError(f"--beam-size: only for --task caption, not {task_name}")
     model = SemMIM(model_cfg)
     model.load_state_dict(state["model"])
     device = torch.device(
@@ -372,7 +458,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(device)
     spec = args.data if args.data is not None else (tcfg.data or None)
     try:
-        source = open_data(spec, tcfg.val_size, tcfg.seed)
+        if task_name == "retrieval":
+            from semmim.downstream.tasks import open_pairs
+
+            source = open_pairs(spec or "", tcfg.val_size, tcfg.seed)
+        else:
+            source = open_data(spec, tcfg.val_size, tcfg.seed)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(f"--data: {err}") from None
     records = source.val if args.split == "val" else source.train + source.val
@@ -398,12 +489,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
         step=state["step"],
         data=spec or "synthetic",
         split=args.split,
+        task=task_name,
         skipped_listing=source.skips.summary(),
     )
-    print(format_table(result))
+    table = format_table(result)
+    print(table)
     json_path = args.json or os.path.join(os.path.dirname(os.path.dirname(path)), "eval.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=2)
+    with open(os.path.splitext(json_path)[0] + ".txt", "w") as f:
+        f.write(table + "\n")
+    print(f"wrote {json_path}")
+    return 0
+
+
+def _eval_task(args: argparse.Namespace, state: dict, path: str, tcfg, model_cfg) -> int:
+    """``semmim eval`` of a vqa / caption checkpoint on its task's metrics."""
+    import torch
+
+    from semmim.downstream.tasks import make_task
+
+    task_cfg = dict(state["task_config"])
+    if args.beam_size is not None:
+        task_cfg["beam_size"] = args.beam_size
+    try:
+        task = make_task(state["task"], task_cfg)
+        run_cfg = tcfg.override(
+            {
+                "data": args.data if args.data is not None else tcfg.data,
+                "num_workers": args.num_workers,
+                "eval_batch_size": args.batch_size,
+            }
+        )
+        source = task.open_data(run_cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(f"--data: {err}") from None
+    if args.split == "all":
+        source.val = source.train + source.val
+    device = torch.device(
+        "cuda"
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    model = task.build_model(model_cfg, pretrained=False)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    print(
+        f"checkpoint {path} ({state['task']}, step {state['step']}); data {source.describe()}; "
+        f"evaluating {args.split} split",
+        flush=True,
+    )
+    json_path = args.json or os.path.join(os.path.dirname(os.path.dirname(path)), "eval.json")
+    task.evaluate_model(
+        model, source, model_cfg, run_cfg, device, os.path.dirname(json_path), json_path
+    )
     print(f"wrote {json_path}")
     return 0
 
@@ -439,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging()
-    handlers = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}
+    handlers = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "data": cmd_data}
     try:
         return handlers[args.command](args)
     except CLIError as err:

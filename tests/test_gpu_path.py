@@ -94,7 +94,9 @@ class Trainer:
         device_type = batch[0].device.type
         model.set_step(self.step_count, self.steps)
         with torch.autocast(device_type, dtype=self.amp or torch.float32, enabled=bool(self.amp)):
-            out = (model if forward is None else forward)(*batch, seed=1000 + self.step_count, check_inputs=check_inputs)
+            out = (model if forward is None else forward)(
+                *batch, seed=1000 + self.step_count, check_inputs=check_inputs
+            )
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(out.loss).backward()

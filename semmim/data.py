@@ -80,6 +80,10 @@ class DataError(ValueError):
     """The data cannot be used as given (the message says what was found and what to do)."""
 
 
+class MissingDecoder(ValueError):
+    """An image needs an optional decoder that cannot be used here; the message says how to fix it."""
+
+
 def image_error_reason(err: BaseException) -> str:
     """The skip reason for an image that failed to load with ``err`` (stable, so counts add up)."""
     if isinstance(err, Image.DecompressionBombError):
@@ -92,10 +96,6 @@ def image_error_reason(err: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------- optional decoders
-class MissingDecoder(ValueError):
-    """An image needs an optional decoder that cannot be used here; the message says how to fix it."""
-
-
 @functools.cache
 def svg_decoder_problem() -> str | None:
     """None when SVGs can be rasterised here, else the skip reason saying what is missing."""
@@ -507,9 +507,8 @@ def _list_folder(
                 captions.setdefault(group, []).append(os.path.join(dirpath, name))
     for group in sorted(set(captions) - set(images)):
         skips.add("missing image", os.path.relpath(captions[group][0], root))
-    records: list[tuple[str, str, str]] = []
-    for group in sorted(images):
-        paths = images[group]
+    chosen: list[tuple[str, tuple[str, str]]] = []
+    for group, paths in images.items():
         if group not in captions:
             # Not a sample (thumbnails, masks, pictures without text), but say how many there were.
             ignored["image files without a caption file"] += len(paths)
@@ -518,7 +517,11 @@ def _list_folder(
         paths = sorted(paths, key=lambda p: (p.lower().endswith(".svg"), p))
         if len(paths) > 1:
             ignored["other formats of a listed picture"] += len(paths) - 1
-        path = paths[0]
+        chosen.append((paths[0], group))
+    records: list[tuple[str, str, str]] = []
+    # Records in the order of their path without extension: the record index feeds the sampler, so
+    # this order is part of what makes a run reproducible.
+    for path, group in sorted(chosen, key=lambda c: os.path.splitext(c[0])[0]):
         rel = os.path.relpath(path, root)
         if len(captions[group]) > 1:
             names = [os.path.basename(c) for c in captions[group]]
@@ -714,7 +717,10 @@ def _list_table(path: str, delimiter: str, skips: SkipLog) -> tuple[list[Record]
             skips.add("label not valid UTF-8", where)
             continue
         good.append((image_path, cap, image, lab))
-    class_names = sorted({lab for *_, lab in good if lab}) if label_col else None
+    # Classes from every row's label (as before skipping): a class whose images were all skipped
+    # still takes part in zero-shot classification.
+    labels = {cell(row, label_col) for _, row in rows} if label_col else set()
+    class_names = sorted(lab for lab in labels if lab and _valid_utf8(lab)) if label_col else None
     records = [
         Record(p, c, image, class_names.index(lab) if class_names and lab else -1)
         for p, c, image, lab in good

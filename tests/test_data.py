@@ -511,3 +511,14 @@ def test_open_data_errors_are_data_errors(tmp_path):
     pairs_folder(tmp_path, n=1, name="x")
     (tmp_path / "bom.csv").write_bytes("\ufeffimage,caption\nx0.png,a caption\n".encode())
     assert [r.caption for r in open_data(f"csv:{tmp_path / 'bom.csv'}", 0).train] == ["a caption"]
+
+
+def test_folder_record_order_is_by_path(tmp_path):
+    # The record index feeds the sampler: the order must stay "sorted by path without extension".
+    root = tmp_path / "d"
+    for rel in ("k/chicken", "k/cartoon/x", "k/a", "k/B"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{rel}.png").write_bytes(b"")
+        (root / f"{rel}.txt").write_text(f"{rel}\n")
+    keys = [r.key for r in open_data(f"folder:{root}", 0).train]
+    assert keys == ["k/B.png", "k/a.png", "k/cartoon/x.png", "k/chicken.png"]

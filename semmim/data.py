@@ -99,15 +99,20 @@ def image_error_reason(err: BaseException) -> str:
 @functools.cache
 def svg_decoder_problem() -> str | None:
     """None when SVGs can be rasterised here, else the skip reason saying what is missing."""
+    install = "pip install 'cairosvg>=2.7', semmim's [svg] extra"
     try:
-        import cairosvg  # noqa: F401
+        import cairosvg
     except ImportError:
-        return "SVG image: cairosvg not installed (pip install 'semmim[svg]')"
+        return f"SVG image: cairosvg not installed ({install})"
     except OSError:  # cairocffi found no libcairo
         return (
             "SVG image: cairosvg cannot load the cairo library "
             "(install it: apt-get install libcairo2)"
         )
+    version = tuple(int(p) for p in re.findall(r"\d+", getattr(cairosvg, "__version__", "0"))[:2])
+    if version < (2, 7):
+        # Older releases fetch external resources named in an SVG (CVE-2023-27586).
+        return f"SVG image: cairosvg {cairosvg.__version__} is older than 2.7 ({install})"
     return None
 
 

@@ -402,7 +402,7 @@ def _svg_folder(root):
 def test_missing_svg_decoder_is_counted_by_split_and_named(tmp_path, monkeypatch):
     spec = _svg_folder(tmp_path / "d")
     with_svg = open_data(spec, 4)
-    reason = "SVG image: cairosvg not installed (pip install 'semmim[svg]')"
+    reason = "SVG image: cairosvg not installed (pip install 'cairosvg>=2.7', semmim's [svg] extra)"
     monkeypatch.setattr(data_module, "svg_decoder_problem", lambda: reason)
     source = open_data(spec, 4)
     svg_keys = {f"vec{i}.svg" for i in range(5)}
@@ -413,7 +413,7 @@ def test_missing_svg_decoder_is_counted_by_split_and_named(tmp_path, monkeypatch
     assert source.skips.counts == {reason: 5}
     assert (
         f"5 SVG images skipped ({5 - n_val} train, {n_val} held-out): cairosvg not installed "
-        "(pip install 'semmim[svg]')"
+        "(pip install 'cairosvg>=2.7', semmim's [svg] extra)"
     ) in source.describe()
     assert not {r.key for r in source.train + source.val} & svg_keys
 
@@ -421,6 +421,7 @@ def test_missing_svg_decoder_is_counted_by_split_and_named(tmp_path, monkeypatch
 def test_svg_decoder_problem_says_what_to_install(monkeypatch):
     import builtins
     import sys
+    import types
 
     real_import = builtins.__import__
 
@@ -436,12 +437,16 @@ def test_svg_decoder_problem_says_what_to_install(monkeypatch):
     try:
         data_module.svg_decoder_problem.cache_clear()
         monkeypatch.setattr(builtins, "__import__", fake_import(ImportError("no cairosvg")))
-        assert "pip install 'semmim[svg]'" in data_module.svg_decoder_problem()
+        assert "pip install 'cairosvg>=2.7'" in data_module.svg_decoder_problem()
         data_module.svg_decoder_problem.cache_clear()
         monkeypatch.setattr(builtins, "__import__", fake_import(OSError("no library cairo-2")))
         assert "apt-get install libcairo2" in data_module.svg_decoder_problem()
         with pytest.raises(data_module.MissingDecoder, match="libcairo2"):
             load_image("x.svg")
+        data_module.svg_decoder_problem.cache_clear()
+        monkeypatch.setattr(builtins, "__import__", real_import)
+        monkeypatch.setitem(sys.modules, "cairosvg", types.SimpleNamespace(__version__="2.5.2"))
+        assert "cairosvg 2.5.2 is older than 2.7" in data_module.svg_decoder_problem()
     finally:
         monkeypatch.undo()
         data_module.svg_decoder_problem.cache_clear()

@@ -749,8 +749,9 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for option in options for p in expand_braces(head + option + tail)]
 
 
-def _scan_shard(path: str) -> tuple[list[tarfile.TarInfo], dict[str, bytes], str | None]:
-    """Members of a shard, the raw bytes of its ``txt`` members, and why it is incomplete (or None).
+def _scan_shard(path: str) -> tuple[list[tarfile.TarInfo], dict[str, bytes], str | None, bool]:
+    """A shard's file members, the raw bytes of its ``txt`` members, why it is incomplete (or None),
+    and whether it is compressed (told by its content, not its name).
 
     A shard is complete when it is read to an end-of-archive block. A truncated shard keeps the
     members that lie wholly before the cut; the reason says where the cut is.
@@ -758,9 +759,9 @@ def _scan_shard(path: str) -> tuple[list[tarfile.TarInfo], dict[str, bytes], str
     members: list[tarfile.TarInfo] = []
     texts: dict[str, bytes] = {}
     problem: str | None = None
-    compressed = not path.endswith(".tar")
     size = os.path.getsize(path)
     with tarfile.open(path, "r:*") as tar:
+        compressed = not isinstance(tar.fileobj, io.BufferedReader)  # else gzip / bz2 / xz file
         try:
             for info in tar:
                 if not info.isfile():
@@ -775,14 +776,15 @@ def _scan_shard(path: str) -> tuple[list[tarfile.TarInfo], dict[str, bytes], str
             tar.fileobj.seek(tar.offset)
             end = tar.fileobj.read(tarfile.BLOCKSIZE)
             if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
-                problem = f"truncated shard (no end-of-archive block after byte {tar.offset})"
+                problem = f"no end-of-archive block after byte {tar.offset}"
         except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
             # The member being read when the data ran out is incomplete; the ones before are whole.
             if members and (compressed or members[-1].offset_data + members[-1].size > size):
                 members.pop()
-            texts = {k: v for k, v in texts.items() if any(m.name == k for m in members)}
-            problem = f"truncated shard ({type(err).__name__}: {err})"
-    return members, texts, problem
+            whole = {m.name for m in members}
+            texts = {k: v for k, v in texts.items() if k in whole}
+            problem = f"{type(err).__name__}: {err}"
+    return members, texts, problem, compressed
 
 
 def _list_wds(pattern: str, skips: SkipLog) -> list[Record]:
@@ -797,9 +799,8 @@ def _list_wds(pattern: str, skips: SkipLog) -> list[Record]:
         if not os.path.exists(path):
             skips.add("missing shard", path)
             continue
-        compressed = not path.endswith(".tar")
         try:
-            infos, texts, problem = _scan_shard(path)
+            infos, texts, problem, compressed = _scan_shard(path)
         except (tarfile.TarError, OSError, EOFError) as err:
             skips.add(f"unreadable shard ({type(err).__name__})", path, str(err))
             continue

@@ -527,3 +527,13 @@ def test_folder_record_order_is_by_path(tmp_path):
         (root / f"{rel}.txt").write_text(f"{rel}\n")
     keys = [r.key for r in open_data(f"folder:{root}", 0).train]
     assert keys == ["k/B.png", "k/a.png", "k/cartoon/x.png", "k/chicken.png"]
+
+
+def test_wds_compression_is_told_by_content_not_name(tmp_path):
+    _shard(tmp_path / "gz-inside.tar", {"s0": {"png": _png_bytes(), "txt": b"hidden gzip"}}, "w:gz")
+    _shard(tmp_path / "PLAIN.TAR", {"s1": {"PNG": _png_bytes((1, 2, 3)), "TXT": b"upper"}})
+    source = open_data(f"wds:{tmp_path}/*", 0)
+    got = {r.caption: load_image(r.image).convert("RGB").getpixel((0, 0)) for r in source.train}
+    assert got == {"hidden gzip": (10, 200, 10), "upper": (1, 2, 3)}
+    assert [r.image.compressed for r in source.train] == [False, True]
+    assert source.skips.total == 0

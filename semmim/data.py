@@ -273,26 +273,11 @@ class DataSource:
 
         Returns ``{"train": (decoded, tried), "held-out": (decoded, tried)}``.
         """
-        from tqdm.auto import tqdm
-
         skips = self.skips if skips is None else skips
-        result: dict[str, tuple[int, int]] = {}
-        for split, records in (("train", self.train), ("held-out", self.val)):
-            first: dict[str, Record] = {}
-            for r in records:
-                first.setdefault(r.key, r)
-            images = list(first.values())
-            if limit is not None and len(images) > limit:
-                images = [images[i * len(images) // limit] for i in range(limit)]
-            ok = 0
-            for r in tqdm(images, desc=f"decode {split}", disable=not progress):
-                reason = decode_failure(r.image)
-                if reason is None:
-                    ok += 1
-                else:
-                    skips.add(reason, r.key)
-            result[split] = (ok, len(images))
-        return result
+        return {
+            split: _decode_images(records, limit, skips, progress, split)
+            for split, records in (("train", self.train), ("held-out", self.val))
+        }
 
     def verify(self, sample: int = 16, held_out: bool = True) -> dict[str, tuple[int, int]]:
         """Decode ``sample`` images of each split; raise :class:`DataError` when none decodes.
@@ -301,25 +286,53 @@ class DataSource:
         otherwise trains on empty batches, and held-out images that are all bad fail the evaluation
         after training. ``held_out=False`` skips the held-out check (no evaluation planned). Failures
         are not counted in ``self.skips`` (the loader counts them when it meets them).
+
+        Returns ``{"train": (decoded, tried), "held-out": (decoded, tried)}``.
         """
-        trial = SkipLog(max_warnings=0)
-        result = self.check(limit=sample, skips=trial)
-        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(trial.counts.items()))
-        ok, tried = result["train"]
-        if tried and not ok:
-            raise DataError(
-                f"data {self.spec!r}: none of the {tried} training images checked can be decoded "
-                f"({reasons}); training would see no pairs. Check them with "
-                f"`semmim data {self.spec} --check`"
-            )
-        ok, tried = result["held-out"]
-        if held_out and tried and not ok:
-            raise DataError(
-                f"data {self.spec!r}: none of the {tried} held-out images checked can be decoded "
-                f"({reasons}); the evaluation would have no images. Fix them, or train with "
-                f"--no-eval or --val-size 0"
-            )
+        result: dict[str, tuple[int, int]] = {}
+        for split, records, words, consequence in (
+            ("train", self.train, "training", "training would see no pairs"),
+            ("held-out", self.val, "held-out", "the evaluation would have no images"),
+        ):
+            trial = SkipLog(max_warnings=0)
+            ok, tried = result[split] = _decode_images(records, sample, trial, False, split)
+            if tried and not ok and (split == "train" or held_out):
+                reasons = ", ".join(f"{r}: {n}" for r, n in sorted(trial.counts.items()))
+                advice = (
+                    f"Check them with `semmim data {self.spec} --check`"
+                    if split == "train"
+                    else "Fix them, or train with --no-eval or --val-size 0"
+                )
+                raise DataError(
+                    f"data {self.spec!r}: none of the {tried} {words} images checked can be "
+                    f"decoded ({reasons}); {consequence}. {advice}"
+                )
         return result
+
+
+def _decode_images(
+    records: Sequence[Record], limit: int | None, skips: SkipLog, progress: bool, desc: str
+) -> tuple[int, int]:
+    """Decode each image of ``records`` once (or ``limit`` evenly spaced ones); count failures.
+
+    Returns (decoded, tried).
+    """
+    from tqdm.auto import tqdm
+
+    first: dict[str, Record] = {}
+    for r in records:
+        first.setdefault(r.key, r)
+    images = list(first.values())
+    if limit is not None and len(images) > limit:
+        images = [images[i * len(images) // limit] for i in range(limit)]
+    ok = 0
+    for r in tqdm(images, desc=f"decode {desc}", disable=not progress):
+        reason = decode_failure(r.image)
+        if reason is None:
+            ok += 1
+        else:
+            skips.add(reason, r.key)
+    return ok, len(images)
 
 
 # ------------------------------------------------------------------------------------ spec parsing

@@ -537,3 +537,12 @@ def test_wds_compression_is_told_by_content_not_name(tmp_path):
     assert got == {"hidden gzip": (10, 200, 10), "upper": (1, 2, 3)}
     assert [r.image.compressed for r in source.train] == [False, True]
     assert source.skips.total == 0
+
+
+def test_verify_held_out_only_when_evaluating(tmp_path):
+    from fault_cases_data import _held_out_bad
+
+    source = open_data(_held_out_bad(tmp_path), 2)
+    assert source.verify(held_out=False) == {"train": (4, 4), "held-out": (0, 2)}
+    with pytest.raises(DataError, match=r"none of the 2 held-out images .*--no-eval"):
+        source.verify()

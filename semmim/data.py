@@ -356,6 +356,8 @@ def open_data(
     Raises:
         DataError (a ValueError): a bad spec, an unreadable listing file, or no usable pairs.
     """
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int):
+        raise DataError(f"split_seed must be an int, got {split_seed!r}")
     if spec is None or spec == "synthetic" or spec.startswith("synthetic:"):
         return _open_synthetic(spec or "synthetic", split_seed)
     kind, sep, arg = spec.partition(":")

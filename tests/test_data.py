@@ -476,6 +476,8 @@ def test_split_has_its_own_seed(tmp_path):
     other = open_data(spec, 0.2, split_seed=1)
     assert other.split_seed == 1 and "split seed 1" in other.describe()
     assert {r.key for r in other.val} != default and len(other.val) == len(default) == 12
+    with pytest.raises(DataError, match="split_seed must be an int, got 1.5"):
+        open_data(spec, 0.2, split_seed=1.5)
     synth = open_data("synthetic:20:5", split_seed=3)
     assert synth.split_seed == 3 and synth.train[0].image.seed == 3
     assert [r.caption for r in open_data("synthetic:20:5").val] != [r.caption for r in synth.val]

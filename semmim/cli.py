@@ -358,7 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             model_cfg = from_preset(args.preset or DEFAULT_PRESET, model_sets)
             tcfg = TrainConfig().override(explicit)
-        source = open_data(tcfg.data or None, tcfg.val_size, tcfg.seed)
+        source = open_data(tcfg.data or None, tcfg.val_size, tcfg.split_seed)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
     summary = train(
@@ -461,9 +461,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if task_name == "retrieval":
             from semmim.downstream.tasks import open_pairs
 
-            source = open_pairs(spec or "", tcfg.val_size, tcfg.seed)
+            source = open_pairs(spec or "", tcfg.val_size, tcfg.split_seed)
         else:
-            source = open_data(spec, tcfg.val_size, tcfg.seed)
+            source = open_data(spec, tcfg.val_size, tcfg.split_seed)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(f"--data: {err}") from None
     records = source.val if args.split == "val" else source.train + source.val

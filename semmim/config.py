@@ -284,6 +284,13 @@ class MIMConfig:
         False = masked patches are replaced by a learned [MASK] embedding in the full ViT.
     The teacher temperature τ_t' rises linearly from teacher_temp to teacher_temp_final over
     the first ``teacher_temp_warmup`` fraction of training, then stays.
+    center_over: the teacher logits the MIM centre c2 averages each step: "masked" (the
+        masked patches' targets, the default) or "all" (every patch, as iBOT: the teacher
+        head also runs on the kept patches, through ψ when ``text_in_target``; text-guided
+        masking picks a biased subset, so the two centres differ).
+    psi_norm: apply the EMA predictor's final LayerNorm (the one that ends the student's φ) to
+        ψ's output before the teacher head, so teacher and student heads see normalised inputs
+        (at init ψ's output has std ≈ 1.3, the student's 1.0). Only with ``text_in_target``.
     """
 
     enabled: bool = True
@@ -297,6 +304,8 @@ class MIMConfig:
     teacher_temp_final: float = 0.07
     teacher_temp_warmup: float = 0.3
     center_momentum: float = 0.9
+    center_over: Literal["masked", "all"] = "masked"
+    psi_norm: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -580,6 +589,12 @@ class TrainConfig:
     warmup_steps: int = _opt(-1, "linear warm-up steps (-1 = 5% of the steps)", "N")
     grad_clip: float = _opt(1.0, "gradient-norm clip (0 = off)", "C")
     log_every: int = _opt(10, "log (CSV row, progress bar) every N steps", "N")
+    diag_every: int = _opt(
+        0,
+        "compute the training diagnostics (teacher entropy, prototypes in use, agreement, mask "
+        "overlap; CSV diag_* columns, diagnostics.png) every N steps (0 = every --log-every)",
+        "N",
+    )
     ckpt_every: int = _opt(500, "checkpoint every N steps (and at the end)", "N")
     keep_ckpts: int = _opt(2, "checkpoints kept (the newest N)", "N")
     stop_at: int = _opt(
@@ -590,6 +605,9 @@ class TrainConfig:
     )
     num_workers: int = _opt(2, "DataLoader worker processes (0 = load in this process)", "N")
     seed: int = _opt(0, "seed of init, data order, augmentation and the per-step seeds", "S")
+    split_seed: int = _opt(
+        0, "seed of the held-out split (and of the embedded scenes), independent of --seed", "S"
+    )
     val_size: float = _opt(
         0.1,
         "held-out images: fraction (<1) or count (at most 1000; the embedded data holds out V)",
@@ -630,6 +648,7 @@ class TrainConfig:
             "steps",
             "epochs",
             "stop_at",
+            "diag_every",
             "num_workers",
             "threads",
             "weight_decay",

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semmim.config import SemMIMConfig
+from semmim.diagnostics import head_diagnostics, mask_overlap
 from semmim.layers import (
     FusionEncoder,
     MLMHead,
@@ -193,13 +194,15 @@ class Towers(nn.Module):
 @dataclass
 class SemMIMOutput:
     """loss: weighted sum (scalar). losses: each enabled objective's unweighted value.
-    keep_idx (B, R), mask_idx (B, M), mask (B, P): the image mask used (None without MIM)."""
+    keep_idx (B, R), mask_idx (B, M), mask (B, P): the image mask used (None without MIM).
+    diagnostics: 0-d tensors of :mod:`semmim.diagnostics` (only with ``diagnostics=True``)."""
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     keep_idx: torch.Tensor | None = None
     mask_idx: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class SemMIM(nn.Module):
@@ -412,6 +415,7 @@ class SemMIM(nn.Module):
         seed: int | None = None,
         check_inputs: bool = True,
         image_ids: torch.Tensor | None = None,
+        diagnostics: bool = False,
     ) -> SemMIMOutput:
         """All enabled objectives on a batch of matching (image, caption) pairs.
 
@@ -433,12 +437,20 @@ class SemMIM(nn.Module):
         ids). Matching pairs are never each other's ITM hard negatives, and are positives of
         each other in the in-batch part of the ITC targets (ALBEF's retrieval ``idx`` rule; the
         queue holds no ids, so queued features stay negatives).
+
+        ``diagnostics``: also compute, on device, the teacher entropy / effective K / prototypes
+        in use / student–teacher agreement of the global and MIM heads and the text-vs-random mask
+        overlap (:mod:`semmim.diagnostics`) into ``out.diagnostics``; no host read either way.
         """
         self.check_inputs(images, input_ids, attention_mask, read_values=check_inputs)
         saved = self.ops.validate
         self.ops.validate = self.cfg.kernels.validate and check_inputs
         try:
-            return self._forward(images, input_ids, attention_mask, seed, image_ids)
+            diag: dict[str, torch.Tensor] | None = {} if diagnostics else None
+            out = self._forward(images, input_ids, attention_mask, seed, image_ids, diag)
+            if diag is not None:
+                out.diagnostics = diag
+            return out
         finally:
             self.ops.validate = saved
 
@@ -449,6 +461,7 @@ class SemMIM(nn.Module):
         attention_mask: torch.Tensor,
         seed: int | None,
         image_ids: torch.Tensor | None = None,
+        diag: dict[str, torch.Tensor] | None = None,
     ) -> SemMIMOutput:
         cfg, w, net, ema = self.cfg, self.cfg.loss, self.net, self.ema
         B = images.shape[0]
@@ -503,9 +516,11 @@ class SemMIM(nn.Module):
         keep_idx = mask_idx = mask = None
         if cfg.mim.enabled and (w.glob > 0 or w.mim > 0):
             keep_idx, mask_idx, mask = self._image_mask(image_embeds_m, text_feat_m, seed)
+            if diag is not None and cfg.num_masked > 0:
+                diag.update(mask_overlap(mask, cfg.num_masked, seed + 3))  # not the mask's seed
             image_losses = self._masked_image(
                 images, keep_idx, mask_idx, mask, text_embeds, key_mask, image_embeds_m,
-                text_embeds_m,
+                text_embeds_m, diag,
             )  # fmt: skip
             for k, v in image_losses.items():
                 losses[k] = v
@@ -625,9 +640,10 @@ class SemMIM(nn.Module):
         key_mask: torch.Tensor,
         image_embeds_m: torch.Tensor,
         text_embeds_m: torch.Tensor,
+        diag: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Global agreement and MIM on the masked view (keep_idx (B, R), mask_idx (B, M),
-        mask (B, P) from :meth:`_image_mask`)."""
+        mask (B, P) from :meth:`_image_mask`); ``diag``: where diagnostics go (None = none)."""
         cfg, net, ema = self.cfg, self.net, self.ema
         P, M = cfg.vision.num_patches, cfg.num_masked
         if cfg.mim.drop_tokens:
@@ -650,13 +666,26 @@ class SemMIM(nn.Module):
             losses["glob"] = agreement_loss(
                 student, teacher, self.glob_center, cfg.glob.student_temp, cfg.glob.teacher_temp
             ).mean()
+            if diag is not None:
+                diag.update(
+                    head_diagnostics(
+                        "glob", student, teacher, self.glob_center, cfg.glob.teacher_temp
+                    )
+                )
             if self.training:
                 _update_center(self.glob_center, teacher, cfg.glob.center_momentum)
         if cfg.loss.mim > 0:
             losses["mim"] = (
                 self._mim_loss(
-                    images, x, mask_idx, text_embeds, key_mask, image_embeds_m, text_embeds_m
-                )
+                    images,
+                    x,
+                    mask_idx,
+                    text_embeds,
+                    key_mask,
+                    image_embeds_m,
+                    text_embeds_m,
+                    diag,
+                )  # fmt: skip
                 if M > 0
                 else images.new_zeros(())
             )
@@ -671,6 +700,7 @@ class SemMIM(nn.Module):
         key_mask: torch.Tensor,
         image_embeds_m: torch.Tensor,
         text_embeds_m: torch.Tensor,
+        diag: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Mean over images of the mean over that image's masked patches of the MIM loss."""
         cfg, net, ema = self.cfg, self.net, self.ema
@@ -684,20 +714,61 @@ class SemMIM(nn.Module):
             return per_patch.mean(1).mean(0)
         with torch.no_grad():
             v = self.ops.masked_gather(image_embeds_m[:, 1:], mask_idx)  # (B, M, Dv)
-            if cfg.mim.text_in_target:
-                text_mask = key_mask
-                if cfg.mim.psi == "text_cls":  # a single key: adds the projected text CLS
-                    text_mask = torch.zeros_like(key_mask)
-                    text_mask[:, 0] = True
-                v = ema.predictor.cross_step(v, text_embeds_m, text_mask)  # ψ: (B, M, Dv)
+            v = self._teacher_inputs(v, text_embeds_m, key_mask)  # ψ: (B, M, Dv)
             teacher = ema.head(v)  # (B, M, K)
         student = net.head(pred)  # (B, M, K)
         per_patch = agreement_loss(
             student, teacher, self.mim_center, cfg.mim.student_temp, self.mim_teacher_temp
         )  # (B, M)
+        if diag is not None:
+            diag.update(
+                head_diagnostics("mim", student, teacher, self.mim_center, self.mim_teacher_temp)
+            )
         if self.training:
-            _update_center(self.mim_center, teacher, cfg.mim.center_momentum)
+            batch_center = self._mim_batch_center(teacher, image_embeds_m, text_embeds_m, key_mask)
+            _update_center(self.mim_center, batch_center, cfg.mim.center_momentum)
         return per_patch.mean(1).mean(0)
+
+    @torch.no_grad()
+    def _teacher_inputs(
+        self, v: torch.Tensor, text_embeds_m: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ψ: EMA patch features v (B, L, Dv) → what the MIM teacher head reads (B, L, Dv).
+
+        With ``mim.text_in_target``, one cross-attention step of the EMA φ to the text (all
+        tokens, or only the text CLS with ``mim.psi="text_cls"``), then the EMA φ's final
+        LayerNorm with ``mim.psi_norm``. Per token (no patch–patch mixing), so ψ of a subset of
+        patches equals that subset of ψ of all patches.
+        """
+        c, ema = self.cfg.mim, self.ema
+        if not c.text_in_target:
+            return v
+        text_mask = key_mask
+        if c.psi == "text_cls":  # a single key: adds the projected text CLS
+            text_mask = torch.zeros_like(key_mask)
+            text_mask[:, 0] = True
+        v = ema.predictor.cross_step(v, text_embeds_m, text_mask)
+        return ema.predictor.norm(v) if c.psi_norm else v
+
+    @torch.no_grad()
+    def _mim_batch_center(
+        self,
+        masked: torch.Tensor,
+        image_embeds_m: torch.Tensor,
+        text_embeds_m: torch.Tensor,
+        key_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """What the MIM centre c2 moves towards this step, (K,) (before the all-reduce).
+
+        ``mim.center_over="masked"``: the mean teacher logits of the masked patches (``masked``:
+        those logits (…, K), or already their mean (K,)). ``"all"`` (iBOT): the mean over all P
+        patches of every image, the teacher head run on ψ of the whole EMA patch sequence.
+        """
+        K = masked.shape[-1]
+        if self.cfg.mim.center_over == "masked":
+            return masked.reshape(-1, K).mean(0)
+        v = self._teacher_inputs(image_embeds_m[:, 1:], text_embeds_m, key_mask)  # (B, P, Dv)
+        return self.ema.head(v).reshape(-1, K).mean(0)
 
     @torch.no_grad()
     def _enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:

@@ -55,6 +55,7 @@ from semmim.data import (
     make_loader,
     open_data,
 )
+from semmim.diagnostics import DIAG_COLUMNS
 from semmim.transforms import TrainTransform
 
 __all__ = [
@@ -74,14 +75,23 @@ OBJECTIVES = ("itc", "itm", "mlm", "glob", "mim")
 CSV_FIELDS = ("step", "epoch", "lr", "loss", *OBJECTIVES, "pairs_per_s", "data_wait", "elapsed_s")
 
 
-def csv_fields(objectives: tuple[str, ...]) -> tuple[str, ...]:
-    """The CSV log's columns for a task with these loss names."""
-    return ("step", "epoch", "lr", "loss", *objectives, "pairs_per_s", "data_wait", "elapsed_s")
+def csv_fields(objectives: tuple[str, ...], diagnostics: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The CSV log's columns for a task with these loss names and diagnostic columns."""
+    timing = ("pairs_per_s", "data_wait", "elapsed_s")
+    return ("step", "epoch", "lr", "loss", *objectives, *timing, *diagnostics)
 
 
 # What a resume may not change without ``allow_changes``: each changes which pairs the remaining
 # steps see (order, split or dataset) or what one step means.
-RESUME_CONTRACT = ("data", "val_size", "seed", "batch_size", "accum_steps", "world_size")
+RESUME_CONTRACT = (
+    "data",
+    "val_size",
+    "split_seed",
+    "seed",
+    "batch_size",
+    "accum_steps",
+    "world_size",
+)
 
 
 # --------------------------------------------------------------------------------- optimisation
@@ -175,6 +185,8 @@ class _Window:
 
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.diag_sums: dict[str, torch.Tensor] = {}
+        self.diag_steps = 0
         self.steps = 0
         self.pairs = 0
         self.wait = 0.0
@@ -188,9 +200,19 @@ class _Window:
         self.pairs += pairs
         self.wait += wait
 
+    def add_diagnostics(self, diag: dict[str, torch.Tensor]) -> None:
+        """Diagnostics of one step (0-d device tensors), averaged over the steps that had them."""
+        if not diag:
+            return
+        for k, v in diag.items():
+            v = v.detach().float()
+            self.diag_sums[k] = self.diag_sums[k] + v if k in self.diag_sums else v
+        self.diag_steps += 1
+
     def row(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         out = {k: (v / max(self.steps, 1)).item() for k, v in self.sums.items()}
+        out.update({k: (v / self.diag_steps).item() for k, v in self.diag_sums.items()})
         out["pairs_per_s"] = self.pairs / elapsed
         out["data_wait"] = self.wait / elapsed
         return out
@@ -210,7 +232,7 @@ def plot_losses(csv_path: str, png_path: str) -> None:
     if not rows:
         return
     timing = {"step", "epoch", "lr", "loss", "pairs_per_s", "data_wait", "elapsed_s"}
-    objectives = [k for k in header if k not in timing]
+    objectives = [k for k in header if k not in timing and not k.startswith("diag_")]
     steps = [int(r["step"]) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5))
     for key in ("loss", *objectives):
@@ -225,6 +247,65 @@ def plot_losses(csv_path: str, png_path: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def plot_diagnostics(csv_path: str, png_path: str, num_prototypes: int = 0) -> bool:
+    """Plot the ``diag_*`` columns of the CSV log beside the losses: teacher entropy (with log K),
+    effective K and prototypes in use (with K), student–teacher agreement, text-vs-random mask
+    overlap (with M/P when ``config.json`` beside the log gives it). Returns False (and writes
+    nothing) when the log has no diagnostics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = [c for c in DIAG_COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
+    if not cols:
+        return False
+    chance = None
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            model = json.load(f).get("model", {})
+        num_prototypes = num_prototypes or model.get("head", {}).get("num_prototypes", 0)
+        v = model.get("vision", {})
+        if v.get("image_size") and v.get("patch_size"):
+            p = (v["image_size"] // v["patch_size"]) ** 2
+            chance = round(model.get("masking", {}).get("ratio", 0.5) * p) / p
+
+    def series(col):
+        pts = [(int(r["step"]), float(r[col])) for r in rows if r.get(col) not in (None, "")]
+        return [s for s, _ in pts], [v for _, v in pts]
+
+    panels = [
+        (
+            "teacher entropy (nats)",
+            ("entropy",),
+            math.log(num_prototypes) if num_prototypes else None,
+            "log K",
+        ),
+        ("prototypes: effective K, in use", ("eff_k", "used"), num_prototypes or None, "K"),
+        ("student–teacher top-1 agreement", ("agree",), None, ""),
+        ("text-guided vs random mask overlap", ("mask_overlap",), chance, "M/P (random)"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, (title, stats, ref, ref_label) in zip(axes.flat, panels):
+        for col in cols:
+            if any(col.endswith("_" + s) for s in stats):
+                ax.plot(*series(col), label=col.removeprefix("diag_"), marker=".")
+        if ref is not None:
+            ax.axhline(ref, color="grey", linestyle="--", linewidth=1, label=ref_label)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _open_csv(
@@ -319,13 +400,16 @@ class Task:
 
     name = "pretrain"
     objectives: tuple[str, ...] = OBJECTIVES
+    # Diagnostic columns (semmim.diagnostics); a task whose loss() takes no ``diagnostics``
+    # argument sets () and the loop never asks for them.
+    diagnostics: tuple[str, ...] = DIAG_COLUMNS
     min_batch = 2
 
     def config(self) -> dict[str, Any]:
         return {}
 
     def open_data(self, tcfg: TrainConfig) -> DataSource:
-        return open_data(tcfg.data or None, tcfg.val_size, tcfg.seed)
+        return open_data(tcfg.data or None, tcfg.val_size, tcfg.split_seed)
 
     def model_config(self, model_cfg):
         """The model config a fresh run of this task trains (pre-training: as given)."""
@@ -341,13 +425,24 @@ class Task:
         return Collator(model.tokenizer, max_len)
 
     def loss(
-        self, forward: nn.Module, batch: dict[str, Any], device, seed: int, check_inputs: bool
+        self,
+        forward: nn.Module,
+        batch: dict[str, Any],
+        device,
+        seed: int,
+        check_inputs: bool,
+        diagnostics: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, named losses); with ``diagnostics`` the dict also holds the model's
+        diagnostic tensors (names in :attr:`diagnostics`)."""
         images = batch["images"].to(device, non_blocking=True)
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
-        out = forward(images, ids, mask, seed=seed, check_inputs=check_inputs)
-        return out.loss, out.losses
+        if not diagnostics:
+            out = forward(images, ids, mask, seed=seed, check_inputs=check_inputs)
+            return out.loss, out.losses
+        out = forward(images, ids, mask, seed=seed, check_inputs=check_inputs, diagnostics=True)
+        return out.loss, {**out.losses, **out.diagnostics}
 
     def evaluate(self, run: Run) -> dict[str, Any]:
         return run_eval(
@@ -383,7 +478,9 @@ def resume_changes(state: dict[str, Any], tcfg: TrainConfig, world_size: int) ->
 
     Returns ``["batch_size: 4 -> 8", ...]``; empty when the resume continues the same run.
     """
-    saved = {**state["train_config"], "world_size": state["world_size"]}
+    # A key that older checkpoints lack (e.g. split_seed) compares as its current default.
+    defaults = TrainConfig().to_dict()
+    saved = {**defaults, **state["train_config"], "world_size": state["world_size"]}
     now = {**tcfg.to_dict(), "world_size": world_size}
     return [
         f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_CONTRACT if saved.get(k) != now[k]
@@ -597,13 +694,24 @@ def setup(
     )
 
 
+def diagnostic_step(run: Run) -> bool:
+    """Whether the step about to run (``run.step + 1``) computes diagnostics: every
+    ``train.diag_every`` steps (0 = every ``log_every``), for tasks that have them."""
+    every = run.tcfg.diag_every or run.tcfg.log_every
+    return bool(run.task.diagnostics) and (run.step + 1) % every == 0
+
+
 def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
-    """One optimizer step (the unit of commit); returns its losses, pairs, data wait and lr.
+    """One optimizer step (the unit of commit); returns its losses, diagnostics (a dict of 0-d
+    device tensors, empty on steps without them: :func:`diagnostic_step`), pairs, data wait
+    and lr.
 
     ``check_inputs`` runs the model's value-reading input checks (host syncs); the loop turns them
     on for the first step of a session only.
     """
     tcfg, info = run.tcfg, run.info
+    diag_names = set(run.task.diagnostics) if diagnostic_step(run) else set()
+    diag: dict[str, torch.Tensor] = {}
     run.model.set_step(run.step, run.total_steps)
     amp_dtype = run.amp_dtype
     wait, pairs = 0.0, 0
@@ -624,12 +732,18 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
         )
         seed = step_seed(tcfg.seed, run.step, micro, info.rank)
         with sync, amp:
-            loss, parts = run.task.loss(run.forward, batch, info.device, seed, check_inputs)
+            if diag_names:
+                loss, parts = run.task.loss(
+                    run.forward, batch, info.device, seed, check_inputs, diagnostics=True
+                )
+            else:
+                loss, parts = run.task.loss(run.forward, batch, info.device, seed, check_inputs)
             (loss / tcfg.accum_steps).backward()
         pairs += len(batch["images"]) * info.world_size
         for k, v in {"loss": loss, **parts}.items():
+            into = diag if k in diag_names else losses
             v = v.detach() / tcfg.accum_steps
-            losses[k] = losses[k] + v if k in losses else v
+            into[k] = into[k] + v if k in into else v
     if tcfg.grad_clip > 0:
         params = [p for g in run.optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
@@ -639,7 +753,7 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
     run.optimizer.zero_grad(set_to_none=True)
     run.model.update_momentum()
     run.step += 1
-    return {"losses": losses, "pairs": pairs, "wait": wait, "lr": lr}
+    return {"losses": losses, "diagnostics": diag, "pairs": pairs, "wait": wait, "lr": lr}
 
 
 def save(run: Run, final: bool = False) -> str | None:
@@ -761,6 +875,8 @@ def train(
     if info.is_main:
         csv_path = os.path.join(run.out_dir, "log.csv")
         plot_losses(csv_path, os.path.join(run.out_dir, "loss.png"))
+        if run.task.diagnostics:
+            plot_diagnostics(csv_path, os.path.join(run.out_dir, "diagnostics.png"))
         finished = not interrupted and run.step >= run.total_steps
         if tcfg.eval_at_end and finished and run.source.val:
             summary["eval"] = run.task.evaluate(run)
@@ -777,7 +893,11 @@ def _loop(run: Run, stop: StopRequest) -> tuple[bool, list[dict[str, float]], tu
     tcfg = run.tcfg
     info = run.info
     csv_file, writer = (
-        _open_csv(os.path.join(run.out_dir, "log.csv"), run.step, csv_fields(run.task.objectives))
+        _open_csv(
+            os.path.join(run.out_dir, "log.csv"),
+            run.step,
+            csv_fields(run.task.objectives, run.task.diagnostics),
+        )
         if info.is_main
         else (None, None)
     )
@@ -806,6 +926,7 @@ def _loop(run: Run, stop: StopRequest) -> tuple[bool, list[dict[str, float]], tu
             else:
                 result = train_step(run)
             window.add(result["losses"], result["pairs"], result["wait"])
+            window.add_diagnostics(result["diagnostics"])
             total_wait += result["wait"]
             total_time += time.perf_counter() - t_step
             bar.update(1)
@@ -845,7 +966,7 @@ _NOT_LOSSES = {"step", "epoch", "lr", "pairs_per_s", "data_wait", "elapsed_s"}
 
 
 def _postfix(row: dict[str, float]) -> dict[str, str]:
-    post = {k: f"{row[k]:.3f}" for k in row if k not in _NOT_LOSSES}
+    post = {k: f"{row[k]:.3f}" for k in row if k not in _NOT_LOSSES and not k.startswith("diag_")}
     post["pairs/s"] = f"{row['pairs_per_s']:.0f}"
     post["wait"] = f"{100 * row['data_wait']:.0f}%"
     return post

@@ -232,6 +232,8 @@ def _eval_batches(records, image_size: int, batch_size: int, num_workers: int, d
 
 # -------------------------------------------------------------------------------------- tasks
 class _FinetuneTask(Task):
+    diagnostics: tuple[str, ...] = ()  # their loss() computes no pre-training diagnostics
+
     def __init__(self, cfg: TaskConfig | None = None) -> None:
         self.cfg = cfg or TaskConfig()
 
@@ -272,7 +274,7 @@ class RetrievalTask(_FinetuneTask):
         return model_cfg.override({"loss.mlm": 0.0, "loss.glob": 0.0, "loss.mim": 0.0})
 
     def open_data(self, tcfg) -> DataSource:
-        return open_pairs(tcfg.data, tcfg.val_size, tcfg.seed, self.cfg.eval_data)
+        return open_pairs(tcfg.data, tcfg.val_size, tcfg.split_seed, self.cfg.eval_data)
 
     def build_model(self, model_cfg: SemMIMConfig, pretrained: bool = True) -> nn.Module:
         from semmim import SemMIM
@@ -354,7 +356,11 @@ class VQATask(_FinetuneTask):
         from semmim.downstream.vqa_data import answer_vocabulary
 
         source = open_vqa(
-            tcfg.data, tcfg.val_size, tcfg.seed, self.cfg.questions_per_image, self.cfg.eval_data
+            tcfg.data,
+            tcfg.val_size,
+            tcfg.split_seed,
+            self.cfg.questions_per_image,
+            self.cfg.eval_data,
         )
         if self.answers is None:
             self.answers = answer_vocabulary(source.train, self.cfg.num_answers)
@@ -502,7 +508,7 @@ class CaptionTask(_FinetuneTask):
     min_batch = 1
 
     def open_data(self, tcfg) -> DataSource:
-        return open_pairs(tcfg.data, tcfg.val_size, tcfg.seed, self.cfg.eval_data)
+        return open_pairs(tcfg.data, tcfg.val_size, tcfg.split_seed, self.cfg.eval_data)
 
     def build_model(self, model_cfg: SemMIMConfig, pretrained: bool = True) -> nn.Module:
         from semmim.downstream.models import CaptionModel, pretrained_towers

@@ -1,0 +1,621 @@
+"""``semmim ablate``: a grid of model variants × training seeds, evaluated on one held-out split.
+
+    semmim ablate --preset tiny --data folder:/usr/share/tuxpaint/stamps --seeds 0 1 2 \\
+        --steps 1500 --batch-size 32 --lr 1e-3 --threads 1 --set loss.mlm=0 --out runs/ablate
+
+Each (variant, seed) run trains in ``OUT/<variant>/seed_<s>/`` with the ordinary training loop
+(its own log, plots, checkpoints, ``eval.json``), then the grid writes ``OUT/ablation.{txt,json,csv}``
+(mean ± std over seeds of each metric per variant, and each variant's difference from the reference
+variant paired by seed), ``OUT/ablation_runs.csv`` (one row per run) and ``OUT/ablation.png`` (each
+metric per variant, every seed a point).
+
+- **One held-out split**: the data is opened once, with the grid's ``--split-seed``, and every run
+  trains and is evaluated on that same split (recorded in the table). The training seed changes only
+  the initialisation, data order, augmentation and per-step randomness.
+- **Resume**: running the same command again skips finished runs (``summary.json`` says finished and
+  ``eval.json`` exists), resumes an interrupted run from its newest checkpoint, and starts the rest.
+  A run directory made with a different configuration is an error (use another ``--out``), never
+  silently mixed into the table.
+- **Order**: seed-major (every variant of seed 0, then of seed 1, ...), so an interrupted grid already
+  has complete paired comparisons for its first seeds.
+
+Variants (``--variants``): names of :data:`VARIANTS` (``default``, ``albef``, ``pixel``,
+``random_mask``, ``no_text_target``, ``psi_text_cls``; comma-separated or separate words) or
+definitions ``NAME=KEY=VALUE[,KEY=VALUE...]`` with the ``--set`` keys (model keys like
+``mim.center_over=all``, run keys like ``train.lr=1e-4``); values are parsed as ``--set`` values
+(true/false, numbers, else the string), never evaluated.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "VARIANTS",
+    "DEFAULT_GRID",
+    "METRICS",
+    "Variant",
+    "RunPlan",
+    "parse_variants",
+    "plan_grid",
+    "run_state",
+    "run_metrics",
+    "summarize",
+    "format_table",
+    "run_grid",
+]
+
+log = logging.getLogger("semmim.ablate")
+
+# The issue-13 grid: the paper's method and the ablations its claims rest on.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "albef": {"mim.enabled": False},
+    "pixel": {"mim.target": "pixel"},
+    "random_mask": {"masking.strategy": "random"},
+    "no_text_target": {"mim.text_in_target": False},
+    "psi_text_cls": {"mim.psi": "text_cls"},
+}
+DEFAULT_GRID = tuple(VARIANTS)
+
+# (key, column title): per-run values read from eval.json / summary.json.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("itc_mean_recall", "ITC mean R"),
+    ("itm_mean_recall", "ITM mean R"),
+    ("itc_i2t_r1", "ITC i2t R@1"),
+    ("itc_t2i_r1", "ITC t2i R@1"),
+    ("zero_shot_top1", "zero-shot top-1"),
+    ("train_s", "train time (s)"),
+)
+
+# Run options that do not change what a run computes: a finished run made with other values of
+# these still counts as the same run.
+_NOT_RESULT_KEYS = frozenset(
+    {
+        "out",
+        "num_workers",
+        "threads",
+        "stop_at",
+        "log_every",
+        "diag_every",
+        "ckpt_every",
+        "keep_ckpts",
+        "eval_batch_size",
+    }
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One grid row: a name (its directory) and the overrides it applies on top of the grid's."""
+
+    name: str
+    model: dict[str, Any] = field(default_factory=dict)  # dotted model keys
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+
+    def describe(self) -> str:
+        items = {**self.model, **{f"train.{k}": v for k, v in self.train.items()}}
+        return ", ".join(f"{k}={_show(v)}" for k, v in items.items()) or "—"
+
+
+def _show(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _split_keys(items: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    model = {k: v for k, v in items.items() if not k.startswith("train.")}
+    train = {k[len("train.") :]: v for k, v in items.items() if k.startswith("train.")}
+    return model, train
+
+
+def parse_variants(items: Sequence[str] | None) -> list[Variant]:
+    """``--variants`` words → variants (default: :data:`DEFAULT_GRID`).
+
+    A word is ``NAME=KEY=VALUE[,KEY=VALUE...]`` (a new variant) or a comma-separated list of
+    names of :data:`VARIANTS`. Raises ValueError naming the bad word: an unknown name, a
+    definition without ``KEY=VALUE`` items, a malformed item, a name that is not a plain
+    directory name, a built-in name redefined, a name given twice.
+    """
+    from semmim.cli import parse_value
+
+    if not items:
+        return [Variant(n, *_split_keys(VARIANTS[n])) for n in DEFAULT_GRID]
+    out: list[Variant] = []
+    for word in items:
+        name, sep, rest = word.partition("=")
+        name = name.strip()
+        if sep:
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"--variants {word!r}: the name {name!r} must be letters, digits, '_', '.', "
+                    "'-' (it names the run directory)"
+                )
+            if name in VARIANTS:
+                raise ValueError(
+                    f"--variants {word!r}: {name!r} is a built-in variant "
+                    f"({VARIANTS[name] or 'no overrides'}); give the new one another name"
+                )
+            overrides: dict[str, Any] = {}
+            for item in rest.split(","):
+                key, eq, value = item.partition("=")
+                key = key.strip()
+                if not eq or not key or not value.strip():
+                    raise ValueError(
+                        f"--variants {word!r}: expected NAME=KEY=VALUE[,KEY=VALUE...], got the "
+                        f"item {item!r} (e.g. centre_all=mim.center_over=all,mim.psi_norm=true)"
+                    )
+                if key in overrides:
+                    raise ValueError(f"--variants {word!r}: {key} given twice")
+                overrides[key] = parse_value(value.strip())
+            out.append(Variant(name, *_split_keys(overrides)))
+            continue
+        names = [n.strip() for n in word.split(",")]
+        for n in names:
+            if n not in VARIANTS:
+                raise ValueError(
+                    f"--variants {word!r}: unknown variant {n!r}; built-in: "
+                    f"{', '.join(VARIANTS)}; or define one as NAME=KEY=VALUE[,KEY=VALUE...]"
+                )
+            out.append(Variant(n, *_split_keys(VARIANTS[n])))
+    seen: set[str] = set()
+    for v in out:
+        if v.name in seen:
+            raise ValueError(f"--variants: {v.name!r} is given twice")
+        seen.add(v.name)
+    return out
+
+
+@dataclass
+class RunPlan:
+    """One (variant, seed) run: its configs and directory."""
+
+    variant: Variant
+    seed: int
+    model_cfg: Any
+    tcfg: Any
+
+    @property
+    def out(self) -> str:
+        return self.tcfg.out
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name} seed {self.seed}"
+
+
+def plan_grid(
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    preset: str,
+    model_sets: dict[str, Any],
+    base,
+) -> list[RunPlan]:
+    """Every run of the grid, seed-major; ``base`` is the grid's TrainConfig (its ``out`` the
+    grid directory). Raises ValueError naming the variant whose overrides are invalid."""
+    from semmim.config import from_preset
+
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: a seed is given twice: {list(seeds)}")
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds: seeds must be >= 0, got {list(seeds)}")
+    configs = {}
+    for v in variants:
+        try:
+            model_cfg = from_preset(preset, {**model_sets, **v.model})
+            tcfg = base.override({**v.train, "eval_at_end": True, "stop_at": 0})
+        except ValueError as err:
+            raise ValueError(f"variant {v.name!r} ({v.describe()}): {err}") from None
+        configs[v.name] = (model_cfg, tcfg)
+    plans = []
+    for seed in seeds:
+        for v in variants:
+            model_cfg, tcfg = configs[v.name]
+            out = os.path.join(base.out, v.name, f"seed_{seed}")
+            plans.append(RunPlan(v, seed, model_cfg, tcfg.override({"seed": seed, "out": out})))
+    return plans
+
+
+def _config_differences(plan: RunPlan) -> list[str]:
+    """What differs between the run directory's config.json and the plan (empty when none or
+    no config.json yet)."""
+    path = os.path.join(plan.out, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        saved = json.load(f)
+    diffs = []
+    want_model = plan.model_cfg.to_dict()
+    got_model = saved.get("model", {})
+    for section, fields_ in want_model.items():
+        for k, v in fields_.items():
+            g = got_model.get(section, {}).get(k, v)
+            if g != v:
+                diffs.append(f"{section}.{k}: {g!r} -> {v!r}")
+    got_train = saved.get("train", {})
+    for k, v in plan.tcfg.to_dict().items():
+        if k in _NOT_RESULT_KEYS:
+            continue
+        g = got_train.get(k, v)
+        if g != v:
+            diffs.append(f"train.{k}: {g!r} -> {v!r}")
+    return diffs
+
+
+def run_state(plan: RunPlan) -> str:
+    """ "done" (summary.json of a finished run and eval.json), "partial" (a checkpoint to resume
+    from) or "new". Raises ValueError when the directory holds a run of another config."""
+    diffs = _config_differences(plan)
+    if diffs:
+        raise ValueError(
+            f"{plan.out} holds a run made with another configuration ({'; '.join(diffs[:6])}); "
+            "the grid would mix it into the table. Use another --out, or delete that directory"
+        )
+    summary = _read_json(os.path.join(plan.out, "summary.json"))
+    if (
+        summary is not None
+        and not summary.get("interrupted", True)
+        and summary.get("step", -1) >= summary.get("total_steps", math.inf)
+        and os.path.exists(os.path.join(plan.out, "eval.json"))
+    ):
+        return "done"
+    ckpt_dir = os.path.join(plan.out, "checkpoints")
+    if os.path.isdir(ckpt_dir) and any(n.endswith(".pt") for n in os.listdir(ckpt_dir)):
+        return "partial"
+    return "new"
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_metrics(run_dir: str) -> dict[str, float | None]:
+    """A finished run's :data:`METRICS` from its eval.json and summary.json (None = not measured:
+    no ITM re-rank, no zero-shot classes)."""
+    ev = _read_json(os.path.join(run_dir, "eval.json")) or {}
+    summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
+    itc, itm, zs = ev.get("itc", {}), ev.get("itm") or {}, ev.get("zero_shot") or {}
+    return {
+        "itc_mean_recall": itc.get("mean_recall"),
+        "itm_mean_recall": itm.get("mean_recall"),
+        "itc_i2t_r1": itc.get("i2t_r1"),
+        "itc_t2i_r1": itc.get("t2i_r1"),
+        "zero_shot_top1": zs.get("top1"),
+        "train_s": summary.get("seconds"),
+    }
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, Any]:
+    n = len(values)
+    return {
+        "mean": statistics.fmean(values) if n else None,
+        "std": statistics.stdev(values) if n > 1 else None,  # sample std (n − 1)
+        "n": n,
+    }
+
+
+def summarize(
+    results: dict[tuple[str, int], dict[str, float | None]],
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    reference: str,
+) -> dict[str, Any]:
+    """Cells and paired differences from per-run metrics ``{(variant, seed): metrics}``.
+
+    ``cells[v][m]``: mean, sample std (None for one seed), n and the per-seed values of metric
+    ``m`` over the finished runs of variant ``v``. ``paired[v][m]``: the same statistics of
+    ``m(v, s) − m(reference, s)`` over the seeds where both runs finished (absent for the
+    reference itself).
+    """
+    cells: dict[str, dict[str, Any]] = {}
+    paired: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        cells[v] = {}
+        if v != reference:
+            paired[v] = {}
+        for key, _ in METRICS:
+            values = {
+                s: results[(v, s)][key]
+                for s in seeds
+                if (v, s) in results and results[(v, s)].get(key) is not None
+            }
+            cells[v][key] = {**_mean_std(list(values.values())), "values": values}
+            if v == reference:
+                continue
+            if key == "train_s":
+                continue  # a time difference per seed says nothing the cells do not
+            diffs = {
+                s: x - results[(reference, s)][key]
+                for s, x in values.items()
+                if (reference, s) in results and results[(reference, s)].get(key) is not None
+            }
+            paired[v][key] = {**_mean_std(list(diffs.values())), "diffs": diffs}
+    return {"reference": reference, "cells": cells, "paired": paired}
+
+
+def _cell(stat: dict[str, Any], signed: bool = False, digits: int = 1) -> str:
+    if not stat or stat["n"] == 0:
+        return "—"
+    mean = f"{stat['mean']:+.{digits}f}" if signed else f"{stat['mean']:.{digits}f}"
+    std = "n/a" if stat["std"] is None else f"{stat['std']:.{digits}f}"
+    return f"{mean} ± {std}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The grid's report as markdown text: header, cells (mean ± std over seeds), paired
+    differences vs the reference, and every run's values."""
+    g, s = report["grid"], report["summary"]
+    metrics = [(k, t) for k, t in METRICS if any(s["cells"][v][k]["n"] for v in s["cells"])]
+    digits = {"train_s": 0}
+    lines = [
+        f"ablation grid: preset {g['preset']}, data {g['data']}, {g['steps']} steps × batch "
+        f"{g['batch_size']}, seeds {' '.join(map(str, g['seeds']))}; held-out "
+        f"{g['heldout_pairs']} pairs ({g['heldout_images']} images), split seed {g['split_seed']} "
+        f"(the same for every run); ranking {g.get('ranking', '?')}; chance ITC mean R "
+        f"{_fmt(g.get('chance_mean_recall'))}",
+        f"grid --set: {g['sets'] or '—'}",
+        "",
+        "mean ± std over seeds (sample std; n/a with one seed; n = finished runs):",
+        "",
+        "| variant | overrides | n | " + " | ".join(t for _, t in metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
+    ]
+    for v in g["variants"]:
+        cells = s["cells"][v["name"]]
+        n = max(c["n"] for c in cells.values())
+        row = [_cell(cells[k], digits=digits.get(k, 1)) for k, _ in metrics]
+        lines.append(f"| {v['name']} | {v['overrides']} | {n} | " + " | ".join(row) + " |")
+    paired = [(k, t) for k, t in metrics if k != "train_s"]
+    if s["paired"]:
+        ref = s["reference"]
+        lines += [
+            "",
+            f"paired by seed: variant − {ref} on the same seed, mean ± std over seeds:",
+            "",
+            "| variant | seeds | " + " | ".join(f"Δ {t}" for _, t in paired) + " |",
+            "|---|---|" + "---|" * len(paired),
+        ]
+        for v in g["variants"]:
+            if v["name"] == ref:
+                continue
+            p = s["paired"][v["name"]]
+            n = max(c["n"] for c in p.values())
+            row = [_cell(p.get(k, {}), signed=True, digits=digits.get(k, 1)) for k, _ in paired]
+            lines.append(f"| {v['name']} | {n} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "every run:",
+        "",
+        "| variant | seed | " + " | ".join(t for _, t in metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
+    for r in report["runs"]:
+        row = [_fmt(r["metrics"].get(k), digits.get(k, 1)) for k, _ in metrics]
+        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(row) + " |")
+    missing = [f"{r['variant']} seed {r['seed']}" for r in report["pending"]]
+    if missing:
+        lines += ["", f"not finished ({len(missing)}): {', '.join(missing)}"]
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _write_outputs(report: dict[str, Any], out: str) -> None:
+    s = report["summary"]
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump(_json_keys(report), f, indent=2)
+    with open(os.path.join(out, "ablation.txt"), "w") as f:
+        f.write(format_table(report) + "\n")
+    keys = [k for k, _ in METRICS]
+    with open(os.path.join(out, "ablation.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        header = ["variant", "overrides"]
+        for k in keys:
+            header += [f"{k}_mean", f"{k}_std", f"{k}_n", f"{k}_paired_mean", f"{k}_paired_std"]
+        w.writerow(header)
+        for v in report["grid"]["variants"]:
+            row = [v["name"], v["overrides"]]
+            for k in keys:
+                c = s["cells"][v["name"]][k]
+                p = s["paired"].get(v["name"], {}).get(k, {})
+                row += [c["mean"], c["std"], c["n"], p.get("mean"), p.get("std")]
+            w.writerow(["" if x is None else x for x in row])
+    with open(os.path.join(out, "ablation_runs.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "seed", "run_dir", *keys])
+        for r in report["runs"]:
+            vals = [r["metrics"].get(k) for k in keys]
+            w.writerow([r["variant"], r["seed"], r["dir"], *["" if x is None else x for x in vals]])
+    plot_grid(report, os.path.join(out, "ablation.png"))
+
+
+def _json_keys(obj: Any) -> Any:
+    """JSON wants string keys (seeds are ints)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_keys(v) for v in obj]
+    return obj
+
+
+def plot_grid(report: dict[str, Any], png_path: str) -> None:
+    """One panel per retrieval / zero-shot metric: every seed a point per variant, the mean a
+    bar with ± std; the chance level as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, g = report["summary"], report["grid"]
+    names = [v["name"] for v in g["variants"]]
+    keys = [
+        (k, t) for k, t in METRICS if k != "train_s" and any(s["cells"][n][k]["n"] for n in names)
+    ]
+    if not keys:
+        return
+    seeds = g["seeds"]
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(max(4.0, 0.9 * len(names) + 1.5) * len(keys), 4.2), squeeze=False
+    )
+    for ax, (key, title) in zip(axes[0], keys):
+        for x, n in enumerate(names):
+            c = s["cells"][n][key]
+            for j, seed in enumerate(seeds):
+                if seed in c["values"]:
+                    dx = (j - (len(seeds) - 1) / 2) * 0.08
+                    ax.scatter(
+                        x + dx,
+                        c["values"][seed],
+                        color=colours(j % 10),
+                        s=22,
+                        zorder=3,
+                        label=f"seed {seed}" if x == 0 else None,
+                    )
+            if c["n"]:
+                ax.errorbar(
+                    x + 0.3, c["mean"], yerr=c["std"] or 0.0, fmt="_", color="black",
+                    markersize=14, capsize=3, zorder=2,
+                )  # fmt: skip
+        if key == "itc_mean_recall" and g.get("chance_mean_recall") is not None:
+            ax.axhline(g["chance_mean_recall"], color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(
+        f"{g['preset']} on {g['data']}: {g['steps']} steps, seeds {' '.join(map(str, seeds))}, "
+        f"split seed {g['split_seed']} (bar: mean ± std)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def run_grid(
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    preset: str,
+    model_sets: dict[str, Any],
+    base,
+    command: str = "",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the grid and write its outputs under ``base.out``; returns the report.
+
+    ``report["interrupted"]`` is True when a run was stopped by SIGINT/SIGTERM (its checkpoint is
+    written; the same call again resumes it); the outputs then hold the finished runs.
+    """
+    from tqdm.auto import tqdm
+
+    from semmim.data import open_data
+    from semmim.train import train
+
+    started = time.perf_counter()
+    plans = plan_grid(variants, seeds, preset, model_sets, base)
+    states = {id(p): run_state(p) for p in plans}  # checks every directory before any work
+    source = open_data(base.data or None, base.val_size, base.split_seed)
+    log.info("ablate: data %s", source.describe())
+    os.makedirs(base.out, exist_ok=True)
+    reference = "default" if any(v.name == "default" for v in variants) else variants[0].name
+    results: dict[tuple[str, int], dict[str, float | None]] = {}
+    grid = {
+        "preset": preset,
+        "data": base.data or "synthetic",
+        "steps": base.steps if base.steps else f"{base.epochs} epochs",
+        "batch_size": base.batch_size,
+        "seeds": list(seeds),
+        "split_seed": base.split_seed,
+        "heldout_pairs": len(source.val),
+        "heldout_images": len({r.key for r in source.val}),
+        "train_pairs": len(source.train),
+        "sets": " ".join(f"{k}={_show(v)}" for k, v in model_sets.items()),
+        "train_config": {k: v for k, v in base.to_dict().items() if k != "seed"},
+        "variants": [
+            {"name": v.name, "overrides": v.describe(), "model": v.model, "train": v.train}
+            for v in variants
+        ],
+        "command": command,
+    }
+    interrupted = False
+    ran_s = 0.0
+
+    def report(done_plans: list[RunPlan]) -> dict[str, Any]:
+        runs = [
+            {"variant": p.variant.name, "seed": p.seed, "dir": p.out, "metrics": results[key]}
+            for p in plans
+            if (key := (p.variant.name, p.seed)) in results
+        ]
+        pending = [
+            {"variant": p.variant.name, "seed": p.seed}
+            for p in plans
+            if (p.variant.name, p.seed) not in results
+        ]
+        rep = {
+            "grid": grid,
+            "summary": summarize(results, [v.name for v in variants], seeds, reference),
+            "runs": runs,
+            "pending": pending,
+            "interrupted": interrupted,
+            "seconds_this_call": time.perf_counter() - started,
+            "seconds_training_this_call": ran_s,
+        }
+        return rep
+
+    bar = tqdm(
+        total=len(plans), desc="ablate", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
+    try:
+        for i, plan in enumerate(plans):
+            key = (plan.variant.name, plan.seed)
+            state = states[id(plan)]
+            bar.set_postfix_str(plan.label, refresh=True)
+            if state == "done":
+                log.info("[%d/%d] %s: finished before, not redone", i + 1, len(plans), plan.label)
+            else:
+                log.info(
+                    "[%d/%d] %s (%s): %s",
+                    i + 1,
+                    len(plans),
+                    plan.label,
+                    plan.variant.describe(),
+                    "resuming from its checkpoint" if state == "partial" else "training",
+                )
+                t0 = time.perf_counter()
+                summary = train(plan.model_cfg, plan.tcfg, resume=state == "partial", source=source)
+                ran_s += time.perf_counter() - t0
+                if summary["interrupted"]:
+                    interrupted = True
+                    break
+            results[key] = run_metrics(plan.out)
+            if "ranking" not in grid:
+                ev = _read_json(os.path.join(plan.out, "eval.json")) or {}
+                grid["ranking"] = ev.get("ranking")
+                grid["chance_mean_recall"] = (ev.get("chance") or {}).get("mean_recall")
+            bar.update(1)
+            if state != "done":  # the table so far, after each run trained now
+                _write_outputs(report(plans), base.out)
+    finally:
+        bar.close()
+    rep = report(plans)
+    _write_outputs(rep, base.out)
+    return rep

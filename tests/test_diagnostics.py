@@ -1,0 +1,247 @@
+"""Training diagnostics (issue 13 §2), the MIM-centre / ψ-norm switches (§3) and the split seed."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import pytest
+import torch
+
+from semmim import SemMIM, from_preset
+from semmim.config import TrainConfig
+from semmim.diagnostics import DIAG_COLUMNS, check_ranges, head_diagnostics, mask_overlap
+from semmim.train import Task, resume_changes, setup, train, train_step
+
+SMALL = {"vision.image_size": 32, "itc.queue_size": 16, "loss.mlm": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tcfg(out, **kw) -> TrainConfig:
+    base = dict(
+        data="synthetic:24:8",
+        out=str(out),
+        steps=3,
+        batch_size=4,
+        log_every=1,
+        ckpt_every=100,
+        num_workers=0,
+        eval_at_end=False,
+        lr=1e-3,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _batch(model, B=4):
+    captions = ["a red circle", "a blue star on the left", "two green squares", "a cross"][:B]
+    tok = model.tokenizer(captions, padding=True, return_tensors="pt")
+    S = model.cfg.vision.image_size
+    return torch.randn(B, 3, S, S), tok["input_ids"], tok["attention_mask"]
+
+
+# ------------------------------------------------------------------------------- the functions
+def test_head_diagnostics_on_known_distributions():
+    K, N = 16, 32
+    zeros = torch.zeros(N, K)
+    d = head_diagnostics("glob", zeros, zeros, torch.zeros(K), 0.04)  # uniform teacher
+    assert d["diag_glob_entropy"].item() == pytest.approx(math.log(K), rel=1e-5)
+    assert d["diag_glob_eff_k"].item() == pytest.approx(K, rel=1e-4)
+    # Every row's target on prototype 3: collapse (entropy 0, effective K 1, one in use).
+    t = torch.zeros(N, K)
+    t[:, 3] = 1.0
+    d = head_diagnostics("mim", t, t, torch.zeros(K), 0.01)
+    assert d["diag_mim_entropy"].item() == pytest.approx(0.0, abs=1e-3)
+    assert d["diag_mim_eff_k"].item() == pytest.approx(1.0, abs=1e-3)
+    assert d["diag_mim_used"].item() == 1.0 and d["diag_mim_agree"].item() == 1.0
+    # Row i targets prototype i % K (all K in use, effective K = K); student agrees on half.
+    t = torch.nn.functional.one_hot(torch.arange(N) % K, K).float() * 10
+    s = t.clone()
+    s[: N // 2] = s[: N // 2].roll(1, dims=1)
+    d = head_diagnostics("glob", s, t, torch.zeros(K), 0.04)
+    assert d["diag_glob_used"].item() == K
+    assert d["diag_glob_eff_k"].item() == pytest.approx(K, rel=1e-3)
+    assert d["diag_glob_agree"].item() == pytest.approx(0.5)
+    # The centre is subtracted before the argmax and the softmax.
+    center = torch.zeros(K)
+    center[3] = 100.0
+    t = torch.zeros(N, K)
+    t[:, 3] = 1.0
+    t[:, 5] = 0.5
+    d = head_diagnostics("glob", t, t, center, 0.04)
+    assert d["diag_glob_agree"].item() == 0.0  # the centred target's mode is 5, the student's 3
+
+
+def test_mask_overlap_of_random_masks_is_m_over_p():
+    from semmim.masking import random_mask
+
+    B, P, M = 4000, 16, 4
+    _, _, mask = random_mask(B, P, M, seed=1, device="cpu")
+    assert mask_overlap(mask, M, seed=1)["diag_mask_overlap"].item() == 1.0  # same seed: same mask
+    value = mask_overlap(mask, M, seed=2)["diag_mask_overlap"].item()
+    assert value == pytest.approx(M / P, abs=0.01)
+
+
+def test_check_ranges_flags_values_out_of_range():
+    assert check_ranges({"diag_glob_entropy": 1.0, "diag_mim_agree": 0.5}, 8) == []
+    bad = check_ranges({"diag_glob_entropy": 3.0, "diag_mim_eff_k": 0.5, "diag_mim_agree": 2}, 8)
+    assert len(bad) == 3
+
+
+# ------------------------------------------------------------------------------- in the model
+def test_forward_diagnostics_only_when_asked_and_without_host_reads(monkeypatch):
+    from test_gpu_path import count_host_reads
+
+    import semmim.model as M
+
+    calls = []
+    for name in ("head_diagnostics", "mask_overlap"):
+        real = getattr(M, name)
+        monkeypatch.setattr(
+            M, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k)
+        )
+    model = SemMIM(from_preset("tiny", SMALL)).train()
+    batch = _batch(model)
+    out = model(*batch, seed=1, check_inputs=False)
+    assert out.diagnostics == {} and calls == []  # a plain step does no diagnostic work
+    with count_host_reads() as reads:
+        out = model(*batch, seed=2, check_inputs=False, diagnostics=True)
+    assert reads == [], reads[0]
+    assert sorted(calls) == ["head_diagnostics", "head_diagnostics", "mask_overlap"]
+    assert set(out.diagnostics) == set(DIAG_COLUMNS)
+    assert all(v.dim() == 0 for v in out.diagnostics.values())
+    assert check_ranges({k: v.item() for k, v in out.diagnostics.items()}, 256) == []
+    # The ALBEF baseline has no prototype heads and no mask: no diagnostics, no error.
+    albef = SemMIM(from_preset("tiny", {**SMALL, "mim.enabled": False})).train()
+    assert albef(*batch, seed=1, diagnostics=True).diagnostics == {}
+
+
+def test_training_log_has_diagnostic_columns_in_range_and_a_plot(tmp_path):
+    train(from_preset("tiny", SMALL), _tcfg(tmp_path, steps=4, diag_every=2))
+    with open(tmp_path / "log.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        assert set(DIAG_COLUMNS) <= set(reader.fieldnames)
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    for r in rows:  # diag_every=2: steps 2 and 4 carry them, 1 and 3 leave the cells empty
+        filled = [r[c] != "" for c in DIAG_COLUMNS]
+        assert all(filled) if int(r["step"]) % 2 == 0 else not any(filled), r
+        assert check_ranges(r, 256) == []
+        assert float(r["loss"]) > 0
+    assert os.path.exists(tmp_path / "diagnostics.png") and os.path.exists(tmp_path / "loss.png")
+
+
+def test_non_diagnostic_steps_do_not_ask_the_model(tmp_path, monkeypatch):
+    asked = []
+    real = Task.loss
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs.get("diagnostics", False))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Task, "loss", spy)
+    run = setup(from_preset("tiny", SMALL), _tcfg(tmp_path, steps=6, log_every=3))
+    results = [train_step(run, check_inputs=i == 0) for i in range(6)]
+    run.stream.close()
+    assert asked == [False, False, True, False, False, True]  # diag_every 0 = log_every (3)
+    assert [bool(r["diagnostics"]) for r in results] == asked
+    assert not any(k.startswith("diag_") for r in results for k in r["losses"])
+
+
+# ------------------------------------------------------------------------------- §3 switches
+def test_candidate_cause_switches_are_config_fields():
+    cfg = from_preset(
+        "tiny",
+        {
+            "mim.teacher_temp": 0.05,
+            "mim.teacher_temp_final": 0.05,
+            "mim.teacher_temp_warmup": 0.0,
+            "glob.teacher_temp": 0.05,
+            "loss.mim": 0.5,
+            "loss.glob": 2.0,
+            "masking.ratio": 0.25,
+            "head.num_prototypes": 64,
+            "mim.center_over": "all",
+            "mim.psi_norm": True,
+        },
+    )
+    assert cfg.mim.center_over == "all" and cfg.mim.psi_norm is True
+    assert from_preset("tiny").mim.center_over == "masked" and not from_preset("tiny").mim.psi_norm
+    with pytest.raises(ValueError, match="center_over"):
+        from_preset("tiny", {"mim.center_over": "some"})
+    with pytest.raises(ValueError, match="psi_norm"):
+        from_preset("tiny", {"mim.psi_norm": "yes"})
+
+
+def _expected_center(model, batch, mask_idx, over):
+    """The MIM batch centre computed from the EMA towers directly (momentum 0: centre = it)."""
+    images, ids, mask = batch
+    ema = model.ema
+    with torch.no_grad():
+        v = ema.vision(images)[:, 1:]  # (B, P, Dv)
+        text = ema.text(ids, mask)
+        if over == "masked":
+            v = torch.stack([v[b, mask_idx[b]] for b in range(len(v))])  # (B, M, Dv)
+        v = ema.predictor.cross_step(v, text, mask.bool())
+        if model.cfg.mim.psi_norm:
+            v = ema.predictor.norm(v)
+        return ema.head(v).reshape(-1, model.cfg.head.num_prototypes).mean(0)
+
+
+@pytest.mark.parametrize(
+    "over,psi_norm", [("masked", False), ("all", False), ("all", True), ("masked", True)]
+)
+def test_mim_center_over_and_psi_norm(over, psi_norm):
+    cfg = from_preset(
+        "tiny",
+        {**SMALL, "mim.center_over": over, "mim.psi_norm": psi_norm, "mim.center_momentum": 0.0},
+    )
+    torch.manual_seed(0)
+    model = SemMIM(cfg).train()
+    batch = _batch(model)
+    out = model(*batch, seed=5)
+    expected = _expected_center(model, batch, out.mask_idx, over)
+    torch.testing.assert_close(model.mim_center, expected, rtol=1e-4, atol=1e-5)
+    other = _expected_center(model, batch, out.mask_idx, "all" if over == "masked" else "masked")
+    assert not torch.allclose(model.mim_center, other, atol=1e-4)  # the switch matters
+
+
+def test_psi_norm_normalises_the_teacher_inputs():
+    """At init ψ's output has std > 1 (residual cross-attention on LayerNorm'd features);
+    psi_norm brings it to the student's 1.0 (the EMA φ's final LayerNorm, weight 1 bias 0)."""
+    outs = {}
+    for psi_norm in (False, True):
+        torch.manual_seed(0)
+        model = SemMIM(from_preset("tiny", {**SMALL, "mim.psi_norm": psi_norm}))
+        images, ids, mask = _batch(model)
+        with torch.no_grad():
+            v = model.ema.vision(images)[:, 1:]
+            outs[psi_norm] = model._teacher_inputs(v, model.ema.text(ids, mask), mask.bool())
+    assert outs[False].std(-1).mean() > 1.05
+    torch.testing.assert_close(
+        outs[True].std(-1, unbiased=False).mean(), torch.tensor(1.0), atol=1e-3, rtol=0
+    )
+    assert not torch.allclose(outs[False], outs[True])
+
+
+# ------------------------------------------------------------------------------- split seed
+def test_split_seed_is_the_held_out_seed_and_in_the_resume_contract():
+    task = Task()
+    a = task.open_data(TrainConfig(data="synthetic:8:4", seed=0))
+    b = task.open_data(TrainConfig(data="synthetic:8:4", seed=7))
+    c = task.open_data(TrainConfig(data="synthetic:8:4", split_seed=7))
+    assert a.split_seed == b.split_seed == 0 and c.split_seed == 7
+    assert [r.caption for r in a.val] == [r.caption for r in b.val]  # --seed moves nothing
+    assert [r.caption for r in a.val] != [r.caption for r in c.val]
+    state = {"train_config": TrainConfig().to_dict(), "world_size": 1}
+    assert resume_changes(state, TrainConfig(split_seed=1), 1) == ["split_seed: 0 -> 1"]
+    del state["train_config"]["split_seed"]  # a checkpoint from before the field
+    assert resume_changes(state, TrainConfig(), 1) == []

@@ -1,0 +1,223 @@
+"""``semmim ablate``: variant parsing, the statistics, a tiny 2 × 2 grid end to end and its resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+from semmim.ablate import VARIANTS, parse_variants, plan_grid, summarize
+from semmim.cli import main
+from semmim.config import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_parse_variants_names_lists_and_definitions():
+    assert [v.name for v in parse_variants(None)] == list(VARIANTS)
+    assert len(VARIANTS) == 6 and VARIANTS["albef"] == {"mim.enabled": False}
+    vs = parse_variants(["default,albef", "pixel", "c=mim.center_over=all,train.lr=1e-4,x.y=3"])
+    assert [v.name for v in vs] == ["default", "albef", "pixel", "c"]
+    assert vs[1].model == {"mim.enabled": False} and vs[0].model == {}
+    assert vs[3].model == {"mim.center_over": "all", "x.y": 3} and vs[3].train == {"lr": 1e-4}
+    assert parse_variants(["t=mim.psi_norm=true"])[0].model == {"mim.psi_norm": True}
+
+
+@pytest.mark.parametrize(
+    "words,needle",
+    [
+        (["nonsense"], "unknown variant 'nonsense'"),
+        (["default,"], "unknown variant ''"),
+        (["x=mim.target"], "NAME=KEY=VALUE"),
+        (["x="], "NAME=KEY=VALUE"),
+        (["x=mim.target=pixel,"], "NAME=KEY=VALUE"),
+        (["../up=mim.target=pixel"], "name"),
+        (["albef=mim.target=pixel"], "built-in"),
+        (["default", "default"], "given twice"),
+        (["x=mim.psi=text_cls,mim.psi=cross_attention"], "given twice"),
+    ],
+)
+def test_bad_variant_specs_are_clear_errors(words, needle):
+    with pytest.raises(ValueError, match="--variants") as exc:
+        parse_variants(words)
+    assert needle in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--variants", "x=mim.target"], "NAME=KEY=VALUE"),
+        (["--variants", "nope"], "unknown variant"),
+        (["--variants", "bad=mim.nope=1"], "variant 'bad'"),
+        (["--variants", "bad=mim.target=voxels"], "target"),
+        (["--seed", "3"], "--seeds"),
+        (["--seeds", "1", "1"], "twice"),
+        (["--stop-at", "2"], "stop-at"),
+    ],
+)
+def test_cli_bad_specs_exit_2_before_any_training(argv, needle, tmp_path, capsys):
+    assert main(["ablate", "--data", "synthetic:8:4", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "semmim ablate: error" in err and needle in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "ablation.json")
+
+
+def test_summarize_mean_std_and_paired_differences():
+    metrics = ("itc_mean_recall", "itm_mean_recall", "zero_shot_top1")
+    vals = {
+        ("default", 0): (10.0, 1.0, None),
+        ("default", 1): (20.0, 2.0, None),
+        ("default", 2): (30.0, 4.0, None),
+        ("pixel", 0): (12.0, 1.5, None),
+        ("pixel", 1): (18.0, 2.5, None),
+        ("pixel", 2): (36.0, 3.0, None),
+        ("albef", 1): (25.0, 2.0, None),  # one seed only
+    }
+    results = {k: dict(zip(metrics, v)) for k, v in vals.items()}
+    s = summarize(results, ["default", "pixel", "albef"], [0, 1, 2], "default")
+    c = s["cells"]["default"]["itc_mean_recall"]
+    assert c["mean"] == 20.0 and c["std"] == pytest.approx(10.0) and c["n"] == 3
+    assert s["cells"]["pixel"]["itc_mean_recall"]["std"] == pytest.approx(
+        statistics.stdev([12.0, 18.0, 36.0])
+    )
+    p = s["paired"]["pixel"]["itc_mean_recall"]  # diffs 2, -2, 6
+    assert p["diffs"] == {0: 2.0, 1: -2.0, 2: 6.0}
+    assert p["mean"] == pytest.approx(2.0) and p["std"] == pytest.approx(4.0)
+    a = s["cells"]["albef"]["itc_mean_recall"]
+    assert a["n"] == 1 and a["std"] is None and a["mean"] == 25.0
+    assert s["paired"]["albef"]["itc_mean_recall"]["diffs"] == {1: 5.0}
+    assert s["cells"]["default"]["zero_shot_top1"]["n"] == 0  # not measured: not a zero
+    assert "default" not in s["paired"]
+
+
+ARGS = [
+    "--variants",
+    "default,albef",
+    "--seeds",
+    "0",
+    "1",
+    "--data",
+    "synthetic:12:6",
+    "--steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--threads",
+    "1",
+    "--eval-rerank-k",
+    "2",
+    "--split-seed",
+    "3",
+    "--set",
+    "vision.image_size=32",
+    "loss.mlm=0",
+    "itc.queue_size=16",
+]
+
+
+def test_grid_table_equals_the_runs_and_resume_skips_finished_runs(tmp_path, capsys, caplog):
+    import logging
+
+    out = tmp_path / "grid"
+    # An interrupted run before the grid starts: default seed 1 stopped after step 1.
+    from semmim.train import train
+
+    plans = plan_grid(
+        parse_variants(["default,albef"]),
+        [0, 1],
+        "tiny",
+        {"vision.image_size": 32, "loss.mlm": 0, "itc.queue_size": 16},
+        TrainConfig(
+            data="synthetic:12:6",
+            steps=2,
+            batch_size=4,
+            num_workers=0,
+            threads=1,
+            eval_rerank_k=2,
+            split_seed=3,
+            out=str(out),
+        ),
+    )
+    assert [(p.variant.name, p.seed) for p in plans] == [
+        ("default", 0),
+        ("albef", 0),
+        ("default", 1),
+        ("albef", 1),
+    ]
+    partial = plans[2]
+    train(partial.model_cfg, partial.tcfg.override({"stop_at": 1}))
+    assert not os.path.exists(os.path.join(partial.out, "eval.json"))
+
+    with caplog.at_level(logging.INFO, logger="semmim"):
+        assert main(["ablate", *ARGS, "--out", str(out)]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("default seed 1" in m and "resuming from its checkpoint" in m for m in messages)
+    assert sum("training" in m and m.startswith("[") for m in messages) == 3
+    printed = capsys.readouterr().out
+    report = json.load(open(out / "ablation.json"))
+    for name in ("ablation.txt", "ablation.csv", "ablation_runs.csv", "ablation.png"):
+        assert os.path.exists(out / name), name
+    assert report["grid"]["split_seed"] == 3 and report["grid"]["heldout_pairs"] == 6
+    assert "split seed 3" in (out / "ablation.txt").read_text()
+    assert len(report["runs"]) == 4 and report["pending"] == []
+
+    # The table's numbers are the runs' eval.json values; one held-out split for all.
+    by_run = {}
+    for p in plans:
+        ev = json.load(open(os.path.join(p.out, "eval.json")))
+        summary = json.load(open(os.path.join(p.out, "summary.json")))
+        assert ev["n_images"] == 6 and summary["heldout_pairs"] == 6 and summary["step"] == 2
+        by_run[(p.variant.name, p.seed)] = {
+            "itc_mean_recall": ev["itc"]["mean_recall"],
+            "itm_mean_recall": ev["itm"]["mean_recall"],
+            "itc_i2t_r1": ev["itc"]["i2t_r1"],
+            "itc_t2i_r1": ev["itc"]["t2i_r1"],
+            "zero_shot_top1": ev["zero_shot"]["top1"],
+            "train_s": summary["seconds"],
+        }
+    assert {(r["variant"], r["seed"]): r["metrics"] for r in report["runs"]} == by_run
+    cells, paired = report["summary"]["cells"], report["summary"]["paired"]
+    for v in ("default", "albef"):
+        for key in ("itc_mean_recall", "itm_mean_recall", "zero_shot_top1"):
+            xs = [by_run[(v, s)][key] for s in (0, 1)]
+            assert cells[v][key]["mean"] == pytest.approx(statistics.fmean(xs))
+            assert cells[v][key]["std"] == pytest.approx(statistics.stdev(xs))
+    d = [
+        by_run[("albef", s)]["itc_mean_recall"] - by_run[("default", s)]["itc_mean_recall"]
+        for s in (0, 1)
+    ]
+    assert paired["albef"]["itc_mean_recall"]["mean"] == pytest.approx(statistics.fmean(d))
+    assert paired["albef"]["itc_mean_recall"]["std"] == pytest.approx(statistics.stdev(d))
+    m, sd = cells["albef"]["itc_mean_recall"]["mean"], cells["albef"]["itc_mean_recall"]["std"]
+    assert f"{m:.1f} ± {sd:.1f}" in printed and "paired by seed" in printed
+    # The resumed run continued its log (steps 1 and 2), it did not start over.
+    with open(os.path.join(partial.out, "log.csv")) as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["1", "2"]
+
+    # Again: every run is finished, nothing is retrained (eval.json and checkpoints untouched).
+    watched = [os.path.join(p.out, "eval.json") for p in plans]
+    watched += [os.path.join(p.out, "checkpoints", "latest") for p in plans]
+    before = {w: os.stat(w).st_mtime_ns for w in watched}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="semmim"):
+        assert main(["ablate", *ARGS, "--out", str(out)]) == 0
+    assert {w: os.stat(w).st_mtime_ns for w in watched} == before
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("not redone" in m for m in messages) == 4
+    assert not any("training" in m and m.startswith("[") for m in messages)
+    assert json.load(open(out / "ablation.json"))["summary"] == report["summary"]
+
+    # A different configuration in the same directory is refused, not mixed into the table.
+    assert main(["ablate", *ARGS, "--out", str(out), "--lr", "1e-2"]) == 2
+    assert "another configuration" in capsys.readouterr().err

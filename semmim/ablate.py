@@ -370,6 +370,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"(the same for every run); ranking {g.get('ranking', '?')}; chance ITC mean R "
         f"{_fmt(g.get('chance_mean_recall'))}",
         f"grid --set: {g['sets'] or '—'}",
+    ]
+    if not report["runs"]:
+        pending = ", ".join(f"{r['variant']} seed {r['seed']}" for r in report["pending"])
+        return "\n".join([*lines, "", f"no run finished yet; pending: {pending}"])
+    lines += [
         "",
         "mean ± std over seeds (sample std; n/a with one seed; n = finished runs):",
         "",

@@ -357,7 +357,8 @@ class Run:
     tcfg: TrainConfig
     info: dist.DistInfo
     model: nn.Module  # the SemMIM module itself (state_dict, EMA, set_step)
-    forward: nn.Module  # what runs the step: model, DDP(model), or torch.compile of either
+    eager: nn.Module  # model or DDP(model): runs the first, checked step of a session
+    forward: nn.Module  # what runs the other steps: ``eager``, or torch.compile of it
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     source: DataSource
@@ -453,16 +454,17 @@ def setup(
     total_steps = tcfg.steps or math.ceil(tcfg.epochs * steps_per_epoch)
     warmup = tcfg.warmup_steps if tcfg.warmup_steps >= 0 else max(1, total_steps // 20)
 
-    forward: nn.Module = model
+    eager: nn.Module = model
     if info.distributed:
-        forward = nn.parallel.DistributedDataParallel(
+        eager = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[info.local_rank] if info.device.type == "cuda" else None,
             broadcast_buffers=False,
             find_unused_parameters=True,
         )
-    if tcfg.compile:
-        forward = torch.compile(forward)
+    # The first step runs eagerly (value checks, true dispatch record); the compiled module
+    # then sees check_inputs=False only, so it compiles once.
+    forward = torch.compile(eager) if tcfg.compile else eager
     optimizer = torch.optim.AdamW(
         param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2)
     )
@@ -490,6 +492,7 @@ def setup(
         tcfg=tcfg,
         info=info,
         model=model,
+        eager=eager,
         forward=forward,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -508,8 +511,8 @@ def setup(
 def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
     """One optimizer step (the unit of commit); returns its losses, pairs, data wait and lr.
 
-    ``check_inputs`` runs the model's value-reading input checks (host syncs); the loop turns them
-    on for the first step of a session only.
+    ``check_inputs`` runs the model's value-reading input checks (host syncs) and the step eagerly
+    (``run.eager``); the loop turns them on for the first step of a session only.
     """
     tcfg, info = run.tcfg, run.info
     run.model.set_step(run.step, run.total_steps)
@@ -529,13 +532,14 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
         mask = batch["attention_mask"].to(info.device, non_blocking=True)
         last = micro == tcfg.accum_steps - 1
         no_sync = info.distributed and not last
-        sync = run.forward.no_sync() if no_sync else contextlib.nullcontext()
+        module = run.eager if check_inputs else run.forward
+        sync = run.eager.no_sync() if no_sync else contextlib.nullcontext()
         amp = torch.autocast(
             info.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
         )
         seed = step_seed(tcfg.seed, run.step, micro, info.rank)
         with sync, amp:
-            out = run.forward(images, ids, mask, seed=seed, check_inputs=check_inputs)
+            out = module(images, ids, mask, seed=seed, check_inputs=check_inputs)
             (out.loss / tcfg.accum_steps).backward()
         pairs += len(images) * info.world_size
         for k, v in {"loss": out.loss, **out.losses}.items():

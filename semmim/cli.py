@@ -353,9 +353,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """``semmim data``."""
-    from tqdm.auto import tqdm
-
-    from semmim.data import load_image, open_data
+    from semmim.data import open_data
 
     try:
         source = open_data(args.spec, args.val_size)
@@ -367,12 +365,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     for r in (source.train + source.val)[:3]:
         print(f"  {r.key}: {r.caption!r}")
     if args.check:
-        for r in tqdm(source.train + source.val, desc="decode"):
-            try:
-                load_image(r.image)
-            except (OSError, ValueError, SyntaxError) as err:
-                source.skips.add(f"unreadable image ({type(err).__name__})", r.key)
+        decoded = source.check(progress=True)  # same decoder and skip reasons as training
+        print(
+            ", ".join(f"{split}: {ok} of {n} images decode" for split, (ok, n) in decoded.items())
+        )
     print(f"skipped: {source.skips.summary()}")
+    if args.check and decoded["train"][0] == 0:
+        raise CLIError("no training image can be decoded")
     return 0
 
 

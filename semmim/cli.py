@@ -231,7 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``semmim train``."""
     from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
     from semmim.config import SemMIMConfig, TrainConfig, from_preset
-    from semmim.data import open_data
+    from semmim.data import DataError, open_data
     from semmim.train import resume_changes, train
 
     model_sets, train_sets = parse_sets(args.sets)
@@ -270,14 +270,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = open_data(tcfg.data or None, tcfg.val_size, tcfg.seed)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
-    summary = train(
-        model_cfg,
-        tcfg,
-        resume=args.resume,
-        source=source,
-        checkpoint=checkpoint,
-        allow_changes=args.allow_changes,
-    )
+    try:
+        summary = train(
+            model_cfg,
+            tcfg,
+            resume=args.resume,
+            source=source,
+            checkpoint=checkpoint,
+            allow_changes=args.allow_changes,
+        )
+    except DataError as err:  # the data checks before the first step
+        raise CLIError(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"trained {summary['step']}/{summary['total_steps']} steps in "

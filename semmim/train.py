@@ -441,6 +441,8 @@ def setup(
         source = open_data(tcfg.data or None, tcfg.val_size, tcfg.seed)
     if info.is_main:
         log.info("data %s", source.describe())
+    # A sample of each split must decode (DataError otherwise): not 0 pairs trained, then a crash.
+    source.verify(held_out=tcfg.eval_at_end)
     max_len = min(tcfg.max_text_len, model_cfg.text.max_len)
     transform = build_transform(tcfg, source, model_cfg.vision.image_size)
     dataset = PairDataset(source.train, transform, tcfg.seed)

@@ -401,3 +401,37 @@ def test_escaping_latest_pointer_is_refused(pointer, reference, tmp_path, capsys
     assert main(["eval", "--ckpt", str(run)]) == 2
     assert "refus" in capsys.readouterr().err
     _survived()
+
+
+# ----------------------------------------------------------------------------------- bad data
+def test_bad_data_cases(tmp_path):
+    """The data cases of tests/fault_cases_data.py: each skipped and counted, or a clear error."""
+    from fault_cases_data import CASES, run_case
+
+    failures = []
+    for i, case in enumerate(CASES):
+        _inject()
+        folder = tmp_path / f"case{i}"
+        folder.mkdir()
+        try:
+            run_case(case, folder)
+        except AssertionError as err:
+            failures.append(f"{case.name}: {err}")
+        else:
+            _survived()
+    assert not failures, "\n".join(failures)
+
+
+def test_training_on_data_without_one_good_image_is_a_clear_error(tmp_path, capsys):
+    _inject()
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"x{i}.png").write_bytes(b"not a png")
+        (folder / f"x{i}.txt").write_text(f"caption {i}")
+    argv = ["train", "--preset", "tiny", "--data", f"folder:{folder}", "--steps", "2"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "can be decoded" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    _survived()

@@ -410,7 +410,7 @@ def _report(summary: dict[str, Any], tcfg) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """``semmim train``."""
     from semmim.config import TrainConfig, from_preset
-    from semmim.data import open_data
+    from semmim.data import DataError, open_data
     from semmim.train import train
 
     model_sets, train_sets = parse_sets(args.sets)
@@ -426,14 +426,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = open_data(tcfg.data or None, tcfg.val_size, tcfg.split_seed)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
-    summary = train(
-        model_cfg,
-        tcfg,
-        resume=args.resume,
-        source=source,
-        checkpoint=checkpoint,
-        allow_changes=args.allow_changes,
-    )
+    try:
+        summary = train(
+            model_cfg,
+            tcfg,
+            resume=args.resume,
+            source=source,
+            checkpoint=checkpoint,
+            allow_changes=args.allow_changes,
+        )
+    except DataError as err:  # the data checks before the first step
+        raise CLIError(str(err)) from None
     return _report(summary, tcfg)
 
 

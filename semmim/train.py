@@ -528,7 +528,8 @@ class Run:
     tcfg: TrainConfig
     info: dist.DistInfo
     model: nn.Module  # the SemMIM module itself (state_dict, EMA, set_step)
-    forward: nn.Module  # what runs the step: model, DDP(model), or torch.compile of either
+    eager: nn.Module  # model or DDP(model): runs the first, checked step of a session
+    forward: nn.Module  # what runs the other steps: ``eager``, or torch.compile of it
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     source: DataSource
@@ -628,6 +629,8 @@ def setup(
 
     if info.is_main:
         log.info("data %s", source.describe())
+    # A sample of each split must decode (DataError otherwise): not 0 pairs trained, then a crash.
+    source.verify(held_out=tcfg.eval_at_end)
     max_len = min(tcfg.max_text_len, model_cfg.text.max_len)
     transform = build_transform(tcfg, source, model_cfg.vision.image_size)
     dataset = PairDataset(source.train, transform, tcfg.seed)
@@ -641,16 +644,17 @@ def setup(
     total_steps = tcfg.steps or math.ceil(tcfg.epochs * steps_per_epoch)
     warmup = tcfg.warmup_steps if tcfg.warmup_steps >= 0 else max(1, total_steps // 20)
 
-    forward: nn.Module = model
+    eager: nn.Module = model
     if info.distributed:
-        forward = nn.parallel.DistributedDataParallel(
+        eager = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[info.local_rank] if info.device.type == "cuda" else None,
             broadcast_buffers=False,
             find_unused_parameters=True,
         )
-    if tcfg.compile:
-        forward = torch.compile(forward)
+    # The first step runs eagerly (value checks, true dispatch record); the compiled module
+    # then sees check_inputs=False only, so it compiles once.
+    forward = torch.compile(eager) if tcfg.compile else eager
     optimizer = torch.optim.AdamW(
         param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2)
     )
@@ -678,6 +682,7 @@ def setup(
         tcfg=tcfg,
         info=info,
         model=model,
+        eager=eager,
         forward=forward,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -706,8 +711,8 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
     device tensors, empty on steps without them: :func:`diagnostic_step`), pairs, data wait
     and lr.
 
-    ``check_inputs`` runs the model's value-reading input checks (host syncs); the loop turns them
-    on for the first step of a session only.
+    ``check_inputs`` runs the model's value-reading input checks (host syncs) and the step eagerly
+    (``run.eager``); the loop turns them on for the first step of a session only.
     """
     tcfg, info = run.tcfg, run.info
     diag_names = set(run.task.diagnostics) if diagnostic_step(run) else set()
@@ -726,7 +731,8 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
             continue  # nothing (or a single pair: no negatives) left after skips
         last = micro == tcfg.accum_steps - 1
         no_sync = info.distributed and not last
-        sync = run.forward.no_sync() if no_sync else contextlib.nullcontext()
+        module = run.eager if check_inputs else run.forward
+        sync = run.eager.no_sync() if no_sync else contextlib.nullcontext()
         amp = torch.autocast(
             info.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
         )
@@ -734,10 +740,10 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
         with sync, amp:
             if diag_names:
                 loss, parts = run.task.loss(
-                    run.forward, batch, info.device, seed, check_inputs, diagnostics=True
+                    module, batch, info.device, seed, check_inputs, diagnostics=True
                 )
             else:
-                loss, parts = run.task.loss(run.forward, batch, info.device, seed, check_inputs)
+                loss, parts = run.task.loss(module, batch, info.device, seed, check_inputs)
             (loss / tcfg.accum_steps).backward()
         pairs += len(batch["images"]) * info.world_size
         for k, v in {"loss": loss, **parts}.items():

@@ -94,7 +94,9 @@ class Trainer:
         device_type = batch[0].device.type
         model.set_step(self.step_count, self.steps)
         with torch.autocast(device_type, dtype=self.amp or torch.float32, enabled=bool(self.amp)):
-            out = (model if forward is None else forward)(*batch, seed=1000 + self.step_count, check_inputs=check_inputs)
+            out = (model if forward is None else forward)(
+                *batch, seed=1000 + self.step_count, check_inputs=check_inputs
+            )
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(out.loss).backward()
@@ -508,19 +510,50 @@ def test_cuda_training_step_without_sync(overrides):
 # ---------------------------------------------------------------- the GPU check script
 
 
-def test_e2e_gpu_script_stops_with_a_clear_message_without_a_gpu():
-    """benchmarks/e2e_gpu.py parses its arguments, builds its plan and stops at its first GPU
-    step with exit code 3 and a message saying why (here: no CUDA device)."""
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is present: gpu_check.sh runs the real thing")
+@pytest.mark.parametrize("section", ["fast", "train"])
+def test_e2e_gpu_script_stops_with_a_clear_message_without_a_gpu(tmp_path, section):
+    """benchmarks/e2e_gpu.py parses its arguments, prints its plan (which builds the base
+    config and counts its FLOPs) and stops at its first GPU step with exit code 3 and a
+    message saying why; the table section then reports that nothing was measured."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, "-P", str(ROOT / "benchmarks" / "e2e_gpu.py"), "--dry-plan"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    script = str(ROOT / "benchmarks" / "e2e_gpu.py")
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-P", script, "--out", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+
+    proc = run("--section", section)
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "no CUDA GPU" in proc.stdout + proc.stderr
-    assert "plan:" in proc.stdout  # the plan (presets, batch search, step counts) printed first
+    assert proc.stdout.startswith("plan: base at 224 px (P=196, M=98)"), proc.stdout
+    assert "e2e: no CUDA GPU on this machine" in proc.stdout, proc.stdout
+    table = run("--section", "table")
+    assert table.returncode == 0 and "no results" in table.stdout, table.stdout
+
+
+def test_e2e_flop_count_matches_a_hand_count():
+    """The analytic FLOP count of one ViT layer and the whole-step bookkeeping."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import e2e_gpu
+    finally:
+        sys.path.pop(0)
+    L, D, Fh = 197, 768, 3072
+    by_hand = 2 * L * D * 3 * D + 2 * L * L * D * 2 + 2 * L * D * D + 2 * 2 * L * D * Fh
+    assert e2e_gpu._self_layer(L, D, Fh) == by_hand
+    cfg = from_preset("base")
+    f = e2e_gpu.train_flops(cfg, 64, 32)
+    assert f["total"] == 3 * f["student_fwd"] + f["ema_fwd"]
+    drop = e2e_gpu.train_flops(cfg, 64, 32)["student_fwd"]
+    full = e2e_gpu.train_flops(cfg.override({"mim.drop_tokens": False}), 64, 32)["student_fwd"]
+    assert full - drop == pytest.approx(
+        64 * 12 * (e2e_gpu._self_layer(197, 768, 3072) - e2e_gpu._self_layer(99, 768, 3072))
+    )
+    # ViT-B/16 at 224 px: 17.6 G multiply-adds per image (the "17.6 GFLOPs" timm/fvcore quote),
+    # i.e. 35.1 GFLOP at 2 FLOP per multiply-add
+    vit = 2 * 196 * 3 * 256 * 768 + 12 * e2e_gpu._self_layer(197, 768, 3072)
+    assert 2 * 17.4e9 < vit < 2 * 17.8e9

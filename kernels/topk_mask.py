@@ -211,11 +211,13 @@ def topk_mask_scores(
     p32 = patch.detach().float()  # (B, P, d)
     t32 = text.detach().float()  # (B, d)
     s, ovf = _cosine(p32, t32)
-    if bool(ovf.any()):  # rare path (|x| >~ 1e19): pre-scale both vectors by powers of two
-        sa = _pow2_scale(p32.abs().amax(dim=-1))  # (B, P)
-        st = _pow2_scale(t32.abs().amax(dim=-1))  # (B,)
-        rescued, _ = _cosine(p32 * sa[..., None], t32 * st[:, None], EPS * sa, EPS * st[:, None])
-        s = torch.where(ovf, rescued, s)
+    # where the plain evaluation overflowed (|x| >~ 1e19): both vectors pre-scaled by powers of
+    # two (computed everywhere, no data-dependent branch: the reference reads no values on the
+    # host either)
+    sa = _pow2_scale(p32.abs().amax(dim=-1))  # (B, P)
+    st = _pow2_scale(t32.abs().amax(dim=-1))  # (B,)
+    rescued, _ = _cosine(p32 * sa[..., None], t32 * st[:, None], EPS * sa, EPS * st[:, None])
+    s = torch.where(ovf, rescued, s)
     if noise is not None:
         s = s / tau + noise.detach().float()
     return s

@@ -483,7 +483,9 @@ def test_triton_takes_the_patch_embedding_layout_interpreted(monkeypatch):
     assert ran == {"masked_gather": {"triton"}} and got.shape == (2, 10, 16)
     why = K.get_op("masked_gather").reasons(x.bfloat16(), idx)["triton"]
     assert any("interpreter" in r and "bf16" in r for r in why), why
-    why = K.get_op("masked_scatter_fill").reasons(got.bfloat16(), idx, torch.zeros(16).bfloat16(), 49)
+    why = K.get_op("masked_scatter_fill").reasons(
+        got.bfloat16(), idx, torch.zeros(16).bfloat16(), 49
+    )
     assert any("interpreter" in r for r in why["triton"]), why
 
 

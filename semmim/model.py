@@ -604,8 +604,9 @@ class SemMIM(nn.Module):
     @torch.no_grad()
     def _enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
         """Write the (all-gathered) momentum features at the ring pointer, on device."""
-        image_feat_m = all_gather_no_grad(image_feat_m)
-        text_feat_m = all_gather_no_grad(text_feat_m)
+        # float32 features into the queue's dtype (a model cast with .half() has fp16 queues)
+        image_feat_m = all_gather_no_grad(image_feat_m.to(self.image_queue.dtype))
+        text_feat_m = all_gather_no_grad(text_feat_m.to(self.text_queue.dtype))
         Q, n = self.image_queue.shape[0], image_feat_m.shape[0]
         idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % Q  # (n,)
         self.image_queue.index_copy_(0, idx, image_feat_m)

@@ -145,22 +145,38 @@ def _need_gpu() -> None:
         sys.exit(NO_GPU_EXIT)
 
 
-def _batch(cfg, B: int, T: int, seed: int = 0):
+def _batch(cfg, B: int, T: int, device: str, seed: int = 0):
+    """Random pixels and captions of T tokens ([CLS] w_1 .. w_{T-2} [SEP]), all real."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     S = cfg.vision.image_size
     images = torch.randn(B, 3, S, S, generator=g)
     ids = torch.randint(1000, 20000, (B, T), generator=g)
-    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+    ids[:, 0], ids[:, -1] = 101, 102
     am = torch.ones(B, T, dtype=torch.long)
-    return images.cuda(), ids.cuda(), am.cuda()
+    return images.to(device), ids.to(device), am.to(device)
 
 
-class _Run:
-    """One model + fused AdamW on the GPU; :meth:`step` is one whole training step."""
+class TrainStep:
+    """One model + fused AdamW; :meth:`step` is one whole training step as training runs it:
+    forward (explicit seed; value checks at the first step only), backward, clip, AdamW, EMA.
 
-    def __init__(self, path: str, B: int, T: int, preset: str, image_size: int):
+    path: a key of :data:`PATHS` (overrides, autocast, compile; ``compile`` overrides the
+    latter); also used by ``benchmarks/bench_model.py`` on CPU, where it runs fp32 (autocast
+    is applied on CUDA only).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        B: int,
+        T: int,
+        preset: str,
+        image_size: int,
+        device: str = "cuda",
+        compile: bool | None = None,
+    ):
         import torch
 
         from semmim import SemMIM, from_preset
@@ -168,19 +184,21 @@ class _Run:
         spec = PATHS[path]
         self.cfg = from_preset(preset, {"vision.image_size": image_size, **spec["overrides"]})
         torch.manual_seed(0)
-        self.model = SemMIM(self.cfg).cuda()
+        self.model = SemMIM(self.cfg).to(device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.05, fused=True)
-        self.forward = torch.compile(self.model) if spec["compile"] else self.model
-        self.amp = spec["amp"]
-        self.batch = _batch(self.cfg, B, T)
+        compile = spec["compile"] if compile is None else compile
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.device_type = torch.device(device).type
+        self.amp = spec["amp"] and self.device_type == "cuda"
+        self.batch = _batch(self.cfg, B, T, device)
         self.n = 0
 
     def step(self) -> None:
         import torch
 
         self.model.set_step(self.n, 10_000)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.forward(*self.batch, seed=self.n, check_inputs=self.n == 0)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -204,7 +222,7 @@ def _fits(path: str, B: int, args) -> bool:
 
     run = None
     try:
-        run = _Run(path, B, args.tokens, args.preset, args.image_size)
+        run = TrainStep(path, B, args.tokens, args.preset, args.image_size)
         for _ in range(2):
             run.step()
         torch.cuda.synchronize()
@@ -243,7 +261,7 @@ def measure(path: str, B: int, args) -> dict:
     _free()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    run = _Run(path, B, args.tokens, args.preset, args.image_size)
+    run = TrainStep(path, B, args.tokens, args.preset, args.image_size)
     for _ in range(args.warmup):
         run.step()
     torch.cuda.synchronize()
@@ -292,7 +310,7 @@ def section_path(path: str, args) -> None:
         # the memory target compares the two paths at one batch: (a) at (c)'s batch
         _free()
         torch.cuda.reset_peak_memory_stats()
-        run = _Run("fast", B, args.tokens, args.preset, args.image_size)
+        run = TrainStep("fast", B, args.tokens, args.preset, args.image_size)
         for _ in range(2):
             run.step()
         torch.cuda.synchronize()

@@ -8,6 +8,11 @@ Math
     or text vector gets score 0, never NaN). With ``noise`` (B, P): s = s / tau + noise.
     The M = ``num_masked`` largest s per row are masked; among exactly equal scores the lower patch
     index is masked first (-0.0 and +0.0 count as equal).
+    Huge inputs: where the plain fp32 evaluation overflows (|x| ≳ 1e19 squares to inf), every
+    backend recomputes that score with patch[b,p] and text[b] pre-scaled by powers of two
+    2^-e, e = clamp(floor(log2 max|x|), 0, 126) (exact; the cosine is scale invariant and the EPS
+    floors scale along), so finite inputs of any magnitude get their true score (rare path: a
+    second pass over that row, no cost otherwise).
 
 Shapes
     patch (B, P, d)  float32/float16/bfloat16; fused backends need the last dim contiguous (other
@@ -24,15 +29,15 @@ Backward
 
 Limits
     1 <= M <= P-1. Fused backends (triton, cuda, cpu): P <= 1024 (the whole row's scores live in
-    registers / shared memory); the reference runs on any P. cuda: d <= 8192 (text row in shared
-    memory). Inputs must be finite: NaN/inf anywhere in patch[b], text[b] or noise[b] makes some
-    score of row b NaN/inf, so every backend also returns a per-row count of non-finite scores
-    (computed in the same pass, no second read of patch) and ``check_finite=True`` (default)
-    raises ValueError naming the offending argument when a count is nonzero. That check is a host
-    sync (reading B int32s, once per call); ``check_finite=False`` skips it, and then the
-    selection for rows with non-finite scores is unspecified (invariants still hold, no backend
-    reads or writes out of bounds). Finite inputs whose scores overflow (|x| ≳ 1e19 in fp32, or
-    a tiny tau) also raise ValueError.
+    registers / shared memory; the cpu/cuda limits come from ``semmim._C.limits()``); the
+    reference runs on any P. cuda: d <= 8192 (text row in shared memory). Inputs must be finite:
+    NaN/inf anywhere in patch[b], text[b] or noise[b] makes some score of row b NaN/inf, so every
+    backend also returns a per-row count of non-finite scores (computed in the same pass, no
+    second read of patch) and ``validate=True`` (default) raises ValueError naming the offending
+    argument when a count is nonzero. That check is a host sync (reading B int32s, once per
+    call); ``validate=False`` skips it, and then the selection for rows with non-finite scores
+    is unspecified (invariants still hold, no backend reads or writes out of bounds). Finite
+    inputs whose noisy scores overflow (a tiny tau) also raise ValueError.
 
 Differences vs reference
     Every backend computes s with the same fp32 formula, but the summation order of the dot
@@ -48,8 +53,8 @@ Differences vs reference
 
 torch.compile
     ``semmim::topk_mask_{cpu,cuda,triton}`` are torch.library custom ops with fake (meta)
-    implementations, so they trace without graph breaks. The public op's ``check_finite`` host
-    sync does break a graph: inside compiled regions pass ``check_finite=False``.
+    implementations, so they trace without graph breaks. The public op's finiteness check (a host
+    sync) does break a graph: inside compiled regions pass ``validate=False``.
 
 Backends: reference (PyTorch), triton, cuda (semmim._C), cpu (semmim._C, C++ OpenMP over rows).
 """
@@ -211,11 +216,13 @@ def topk_mask_scores(
     p32 = patch.detach().float()  # (B, P, d)
     t32 = text.detach().float()  # (B, d)
     s, ovf = _cosine(p32, t32)
-    if bool(ovf.any()):  # rare path (|x| >~ 1e19): pre-scale both vectors by powers of two
-        sa = _pow2_scale(p32.abs().amax(dim=-1))  # (B, P)
-        st = _pow2_scale(t32.abs().amax(dim=-1))  # (B,)
-        rescued, _ = _cosine(p32 * sa[..., None], t32 * st[:, None], EPS * sa, EPS * st[:, None])
-        s = torch.where(ovf, rescued, s)
+    # where the plain evaluation overflowed (|x| >~ 1e19): both vectors pre-scaled by powers of
+    # two (computed everywhere, no data-dependent branch: the reference reads no values on the
+    # host either)
+    sa = _pow2_scale(p32.abs().amax(dim=-1))  # (B, P)
+    st = _pow2_scale(t32.abs().amax(dim=-1))  # (B,)
+    rescued, _ = _cosine(p32 * sa[..., None], t32 * st[:, None], EPS * sa, EPS * st[:, None])
+    s = torch.where(ovf, rescued, s)
     if noise is not None:
         s = s / tau + noise.detach().float()
     return s

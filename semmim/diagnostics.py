@@ -81,14 +81,22 @@ def head_diagnostics(
 
 
 @torch.no_grad()
-def mask_overlap(mask: torch.Tensor, num_masked: int, seed: int) -> dict[str, torch.Tensor]:
+def mask_overlap(
+    mask: torch.Tensor,
+    num_masked: int,
+    *,
+    seed: int | None = None,
+    noise: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Mean over images of |mask ∩ random mask| / M, random mask of the same size M.
 
-    mask (B, P) bool: the mask the step used; the random mask is drawn from ``seed`` (an explicit
-    seed: no global generator, no host read). Returns ``{"diag_mask_overlap": 0-d float32}``.
+    mask (B, P) bool: the mask the step used; the random mask comes from ``noise`` (B, P)
+    (``kernels.gumbel_noise``, drawn by the model at the start of its forward) or from ``seed``
+    (an explicit seed: no global generator, no host read). Returns
+    ``{"diag_mask_overlap": 0-d float32}``.
     """
     B, P = mask.shape
-    _, _, rand = random_mask(B, P, num_masked, seed=seed, device=mask.device)  # (B, P) bool
+    _, _, rand = random_mask(B, P, num_masked, seed=seed, noise=noise, device=mask.device)
     both = (mask & rand).float().sum(1)  # (B,)
     return {"diag_mask_overlap": (both / max(num_masked, 1)).mean()}
 

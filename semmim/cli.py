@@ -100,7 +100,8 @@ def add_train_options(
 
     cls = cls or TrainConfig
     hints = typing.get_type_hints(cls)
-    length = parser.add_mutually_exclusive_group()
+    names = {f.name for f in dataclasses.fields(cls)}
+    length = parser.add_mutually_exclusive_group() if {"steps", "epochs"} <= names else parser
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         default = f" (default: {f.default})" if f.default != "" else ""

@@ -195,5 +195,6 @@ def test_pretrain_finetune_eval_round_trip(tmp_path, capsys):
     result = json.load(open(os.path.join(cap, "eval.json")))
     assert result["n_images"] == 8 and "CIDEr" in result and "BLEU-4" in result
     assert len(json.load(open(os.path.join(cap, "captions.json")))) == 8
-    assert main(["finetune", "caption", "--resume", "--steps", "3", "--out", cap, *common]) == 0
+    argv = ["finetune", "caption", "--resume", "--steps", "3", "--out", cap, "--no-eval", *common]
+    assert main(argv) == 0
     assert "trained 3/3 steps" in capsys.readouterr().out

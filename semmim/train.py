@@ -717,6 +717,7 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
     tcfg, info = run.tcfg, run.info
     diag_names = set(run.task.diagnostics) if diagnostic_step(run) else set()
     diag: dict[str, torch.Tensor] = {}
+    diag_micro = 0
     run.model.set_step(run.step, run.total_steps)
     amp_dtype = run.amp_dtype
     wait, pairs = 0.0, 0
@@ -747,9 +748,14 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
             (loss / tcfg.accum_steps).backward()
         pairs += len(batch["images"]) * info.world_size
         for k, v in {"loss": loss, **parts}.items():
-            into = diag if k in diag_names else losses
+            if k in diag_names:  # averaged over the micro-batches that ran (below)
+                v = v.detach()
+                diag[k] = diag[k] + v if k in diag else v
+                continue
             v = v.detach() / tcfg.accum_steps
-            into[k] = into[k] + v if k in into else v
+            losses[k] = losses[k] + v if k in losses else v
+        diag_micro += bool(diag_names)
+    diag = {k: v / diag_micro for k, v in diag.items()}
     if tcfg.grad_clip > 0:
         params = [p for g in run.optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)

@@ -630,6 +630,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     ):
         if key in explicit:
             raise CLIError(f"--{key.replace('_', '-')} is not an ablate option: {why}")
+    if explicit.get("eval_at_end") is False:
+        raise CLIError("--no-eval is not an ablate option: the table is made of each run's eval")
     explicit.setdefault("out", "runs/ablate")
     try:
         variants = parse_variants(args.variants)

@@ -62,6 +62,7 @@ def test_bad_variant_specs_are_clear_errors(words, needle):
         (["--seed", "3"], "--seeds"),
         (["--seeds", "1", "1"], "twice"),
         (["--stop-at", "2"], "stop-at"),
+        (["--no-eval"], "--no-eval"),
     ],
 )
 def test_cli_bad_specs_exit_2_before_any_training(argv, needle, tmp_path, capsys):

@@ -232,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
     from semmim.config import SemMIMConfig, TrainConfig, from_preset
     from semmim.data import DataError, open_data
-    from semmim.train import resume_changes, train
+    from semmim.train import check_resume, train
 
     model_sets, train_sets = parse_sets(args.sets)
     explicit = train_overrides(args)
@@ -255,15 +255,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 )
             saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
             tcfg = saved.override(explicit)
-            world_size = int(os.environ.get("WORLD_SIZE", "1"))
-            changed = resume_changes(state, tcfg, world_size)
-            if changed and not args.allow_changes:
-                raise CLIError(
-                    f"--resume: refusing to continue {checkpoint[1]} with a different "
-                    f"{'; '.join(changed)} (the remaining steps would see other pairs, in another "
-                    "order, than the run that was interrupted). Give the saved values, or pass "
-                    "--allow-changes to continue anyway"
-                )
+            if not args.allow_changes:  # refuse before the data is opened (train() logs changes)
+                world_size = int(os.environ.get("WORLD_SIZE", "1"))
+                check_resume(state, checkpoint[1], tcfg, world_size, False)
         else:
             model_cfg = from_preset(args.preset or DEFAULT_PRESET, model_sets)
             tcfg = TrainConfig().override(explicit)

@@ -57,7 +57,7 @@ from semmim.data import (
 )
 from semmim.transforms import TrainTransform
 
-__all__ = ["TrainConfig", "train", "setup", "train_step", "save", "step_seed", "resume_changes"]
+__all__ = ["TrainConfig", "train", "setup", "train_step", "save", "step_seed", "check_resume"]
 
 log = logging.getLogger("semmim.train")
 
@@ -316,6 +316,21 @@ def resume_changes(state: dict[str, Any], tcfg: TrainConfig, world_size: int) ->
     ]
 
 
+def check_resume(
+    state: dict[str, Any], path: str, tcfg: TrainConfig, world_size: int, allow_changes: bool
+) -> None:
+    """Refuse (ValueError) a resume that breaks the contract, unless ``allow_changes`` (logged)."""
+    changed = resume_changes(state, tcfg, world_size)
+    if changed and not allow_changes:
+        raise ValueError(
+            f"--resume: refusing to continue {path} with a different {'; '.join(changed)} (the "
+            "remaining steps would see other pairs, or in another order, than the run that "
+            "stopped). Give the saved values, or pass --allow-changes to continue anyway"
+        )
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("resuming with changes (allowed): %s", "; ".join(changed))
+
+
 class _BatchStream:
     """The loader's batches in order, across epochs; tracks the data position (epoch, batch)."""
 
@@ -394,7 +409,7 @@ def setup(
     """Build the run: model, optimizer, schedule, data stream; on resume restore the checkpoint.
 
     ``checkpoint`` is an already loaded ``(state, path)`` (else the newest intact checkpoint of
-    ``OUT/checkpoints`` is loaded). A resume that breaks the contract (:func:`resume_changes`)
+    ``OUT/checkpoints`` is loaded). A resume that breaks the contract (:func:`check_resume`)
     raises ValueError naming the changes unless ``allow_changes``.
     """
     from semmim import SemMIM, SemMIMConfig
@@ -407,15 +422,7 @@ def setup(
     if resume:
         state, path = checkpoint or ckpt.load_latest_intact(ckpt_dir, required=ckpt.TRAIN_KEYS)
         model_cfg = SemMIMConfig.from_dict(state["config"])
-        changed = resume_changes(state, tcfg, info.world_size)
-        if changed and not allow_changes:
-            raise ValueError(
-                f"--resume: the run's {', '.join(changed)}; the remaining steps would not be the "
-                f"ones the checkpoint {path} was saved for. Give the saved values, or allow the "
-                "change explicitly (--allow-changes / allow_changes=True)"
-            )
-        if changed and info.is_main:
-            log.warning("resuming with changes (allowed): %s", "; ".join(changed))
+        check_resume(state, path, tcfg, info.world_size, allow_changes)
     if info.is_main:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -4,6 +4,8 @@ Math
     out[b, i, h] = Σ_j softmax_j(scale · q[b, i, h] · k[b, j, h]  over keys j with key_mask[b, j])
                    · v[b, j, h]
     A query whose batch row has no real key gets zeros (never NaN), and zero gradients.
+    Masked-out key slots take no part in the math on any backend: whatever k / v hold there
+    (NaN / inf included) never reaches the output or the gradients, and their dk / dv are zero.
     scale defaults to Dh ** -0.5.
 
 Shapes

@@ -477,6 +477,19 @@ def test_registry_reasons_for_large_P_and_layout():
 
 
 @needs_ext
+def test_limits_are_read_from_the_extension(monkeypatch):
+    """max P (cpu, cuda) and max d (cuda) are owned by csrc/topk_mask.h and read from
+    semmim._C.limits(), not duplicated in Python."""
+    assert tm.extension().limits() == {"topk_mask_max_p": 1024, "topk_mask_max_d_cuda": 8192}
+    patch, text = random_inputs(1, 40, 16)
+    assert tm.supports_cpu(patch, text, 2) == []
+    monkeypatch.setattr(tm, "limits", lambda: {"topk_mask_max_p": 32, "topk_mask_max_d_cuda": 8})
+    assert any("P=40 > 32" in r for r in tm.supports_cpu(patch, text, 2))
+    assert any("d=16 > 8" in r for r in tm.supports_cuda(patch, text, 2))
+    assert not any("P=40" in r for r in tm.supports_triton(patch, text, 2))  # triton's own
+
+
+@needs_ext
 def test_auto_dispatch_and_env_override(monkeypatch):
     patch, text = random_inputs(2, 49, 72)
     op = K.get_op("topk_mask")

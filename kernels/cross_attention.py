@@ -728,7 +728,7 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, plan=None):
     if plan != "general":
         raise ValueError(f"plan must be 'short_k', 'short_q' or 'general', got {plan!r}")
 
-    delta = torch.empty_like(lse)  # (B, H, Lq) fp32: rowsum(dO ∘ O)
+    delta = new_output(tuple(lse.shape), dtype=torch.float32, device=lse.device)  # rowsum(dO ∘ O)
     pre_m = 64
     _cross_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), H, B)](
         out, do, delta,

@@ -12,6 +12,7 @@ import torch
 
 import semmim.kernels as K
 from semmim.kernels import info
+from semmim.kernels._common import interpret_mode
 from semmim.kernels.registry import OPS
 
 OP_NAMES = sorted(OPS)
@@ -36,6 +37,8 @@ def test_validate_false_reads_no_tensor_values(name, monkeypatch):
     args, kwargs = op.example(torch.device("cpu"))
     runnable = [b for b, why in op.reasons(*args, **kwargs).items() if not why]
     assert "reference" in runnable
+    if interpret_mode():  # the Triton interpreter itself copies every tensor to the host
+        runnable = [b for b in runnable if b != "triton"]
     for attr in HOST_READS:
 
         def read(self, *a, _attr=attr, **k):

@@ -4,6 +4,8 @@ Math
     out[b, i, h] = Σ_j softmax_j(scale · q[b, i, h] · k[b, j, h]  over keys j with key_mask[b, j])
                    · v[b, j, h]
     A query whose batch row has no real key gets zeros (never NaN), and zero gradients.
+    Masked-out key slots take no part in the math on any backend: whatever k / v hold there
+    (NaN / inf included) never reaches the output or the gradients, and their dk / dv are zero.
     scale defaults to Dh ** -0.5.
 
 Shapes
@@ -128,6 +130,16 @@ def _prepare(q, k, v, key_mask=None, *, scale=None, validate: bool = True):
 # --------------------------------------------------------------------------------------------
 # reference
 # --------------------------------------------------------------------------------------------
+def _zero_masked_keys(k, v, key_mask):
+    """k, v with the masked-out key slots replaced by zeros: whatever they hold (NaN/inf
+    included) takes no part in the math (0 · NaN would still be NaN in P·V), and they get zero
+    gradients."""
+    if key_mask is None:
+        return k, v
+    real = key_mask[:, :, None, None]  # (B, Lk, 1, 1)
+    return torch.where(real, k, 0.0), torch.where(real, v, 0.0)
+
+
 def _attention_math(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -137,6 +149,7 @@ def _attention_math(
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The reference math in ``compute_dtype`` (tests also run it in low precision)."""
+    k, v = _zero_masked_keys(k, v, key_mask)
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
     s = torch.einsum("bihd,bjhd->bhij", qc, kc) * scale  # (B, H, Lq, Lk)
     empty = None
@@ -170,8 +183,11 @@ def _sdpa(q, k, v, key_mask, *, scale: float) -> torch.Tensor:
 
     The bool key mask becomes a (B, 1, 1, Lk) attention mask; batch rows with no real key are
     given an all-True dummy mask and then zeroed, because some SDPA backends return NaN for them.
+    Masked-out k/v slots are zeroed first (one copy of k and v): SDPA lets a NaN stored there
+    into the whole row.
     """
     sc = scale
+    k, v = _zero_masked_keys(k, v, key_mask)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
     if key_mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=sc)
@@ -192,39 +208,80 @@ if not triton_import_error():
     import triton
     import triton.language as tl
 
+    # ---- shared @triton.jit helpers: one copy of each loop body (as flash-attention's Triton
+    # code factors its inner loops), used by the forward and the four backward kernels
+
+    @triton.jit
+    def _load_rows(base, rows, stride_row, offs_d, mask):
+        """(len(rows), BLOCK_D) tile of a (L, Dh) head slice; masked elements read as 0."""
+        return tl.load(base + rows[:, None] * stride_row + offs_d[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _store_rows(base, rows, stride_row, offs_d, value, mask):
+        tl.store(base + rows[:, None] * stride_row + offs_d[None, :], value, mask=mask)
+
+    @triton.jit
+    def _load_keys(k_base, v_base, stride_kn, stride_vn, mask_row, n, Lk, offs_d, in_d,
+                   HAS_MASK: tl.constexpr, ZERO_K: tl.constexpr, ZERO_V: tl.constexpr):  # fmt: skip
+        """k, v tiles of keys ``n`` and which of them are real (``valid_n``).
+
+        Masked-out key slots take no part in the math whatever they hold (NaN/inf included):
+        their scores become -inf (P = 0) and dS is zeroed there (:func:`_bwd_block`), but a
+        product with the tile itself (P·V, dS·K) would still turn 0 · NaN into NaN, so the tile
+        a kernel multiplies is loaded with masked slots as zeros (ZERO_K / ZERO_V). Only that
+        one: a data-dependent load mask costs registers (measured with ptxas for sm_90)."""
+        valid_n = n < Lk
+        bound = valid_n[:, None] & in_d[None, :]
+        if HAS_MASK:
+            real = tl.load(mask_row + n, mask=valid_n, other=0)
+            valid_n = valid_n & (real != 0)
+        real_mask = valid_n[:, None] & in_d[None, :]
+        k = _load_rows(k_base, n, stride_kn, offs_d, real_mask if ZERO_K else bound)
+        v = _load_rows(v_base, n, stride_vn, offs_d, real_mask if ZERO_V else bound)
+        return k, v, valid_n
+
+    @triton.jit
+    def _load_lse2(lse_row, m, in_m):
+        """LSE of queries ``m`` in base 2 (+inf for padding: P = 0 there)."""
+        return tl.load(lse_row + m, mask=in_m, other=float("inf")) * 1.4426950408889634
+
+    @triton.jit
+    def _bwd_block(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale,
+                   DOT_PRECISION: tl.constexpr):  # fmt: skip
+        """P and dS = P ∘ (dO Vᵀ − D) of one (query block, key block): (BLOCK_M, BLOCK_N);
+        both exactly 0 at masked keys and padded queries (whatever K/V hold there)."""
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        real = in_m[:, None] & valid_n[None, :]
+        p = tl.where(real, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        return p, tl.where(real, p * (dp - delta[:, None]), 0.0)
+
+    @triton.jit
+    def _bwd_block_t(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale,
+                     DOT_PRECISION: tl.constexpr):  # fmt: skip
+        """The same block transposed (rows = keys): Pᵀ, dSᵀ (BLOCK_N, BLOCK_M), for the kernels
+        that accumulate dK, dV over query blocks."""
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        real = valid_n[:, None] & in_m[None, :]
+        p_t = tl.where(real, tl.exp2(s_t - lse2[None, :]), 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        return p_t, tl.where(real, p_t * (dp_t - delta[None, :]), 0.0)
+
     @triton.jit
     def _cross_attention_fwd_kernel(
-        Q,
-        K,
-        V,
-        MASK,
-        O,
-        LSE,
-        stride_qb,
-        stride_qm,
-        stride_qh,
-        stride_kb,
-        stride_kn,
-        stride_kh,
-        stride_vb,
-        stride_vn,
-        stride_vh,
-        stride_ob,
-        stride_om,
-        stride_oh,
-        stride_mb,
-        stride_lb,
-        stride_lh,
-        Lq,
-        Lk,
+        Q, K, V, MASK, O, LSE,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_om, stride_oh,
+        stride_mb, stride_lb, stride_lh,
+        Lq, Lk,
         Dh: tl.constexpr,
         qk_scale,  # qk_scale = scale · log2(e): the softmax runs in base 2
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-    ):
+    ):  # fmt: skip
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -233,9 +290,8 @@ if not triton_import_error():
         offs_d = tl.arange(0, BLOCK_D)
         in_m = offs_m < Lq
         in_d = offs_d < Dh
-
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        qm = in_m[:, None] & in_d[None, :]
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, qm)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
 
@@ -243,14 +299,9 @@ if not triton_import_error():
         l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
-            n = start_n + offs_n
-            valid_n = n < Lk
-            kv_mask = valid_n[:, None] & in_d[None, :]
-            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if HAS_MASK:
-                real = tl.load(MASK + b * stride_mb + n, mask=valid_n, other=0)
-                valid_n = valid_n & (real != 0)
+            k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
+                                       start_n + offs_n, Lk, offs_d, in_d, HAS_MASK,
+                                       False, True)  # fmt: skip
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             s = tl.where(valid_n[None, :], s, float("-inf"))  # key padding bias
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -267,91 +318,46 @@ if not triton_import_error():
         lse = tl.where(
             empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634
         )
-        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
+        _store_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d,
+                    acc.to(O.dtype.element_ty), qm)  # fmt: skip
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=in_m)
 
     @triton.jit
     def _cross_attention_bwd_preprocess_kernel(
-        O,
-        DO,
-        DELTA,
-        stride_ob,
-        stride_om,
-        stride_oh,
-        stride_dob,
-        stride_dom,
-        stride_doh,
-        stride_lb,
-        stride_lh,
+        O, DO, DELTA,
+        stride_ob, stride_om, stride_oh,
+        stride_dob, stride_dom, stride_doh,
+        stride_lb, stride_lh,
         Lq,
-        Dh: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
+        Dh: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         msk = (offs_m < Lq)[:, None] & (offs_d < Dh)[None, :]
-        o = tl.load(
-            O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-            mask=msk,
-            other=0.0,
-        ).to(tl.float32)
-        do = tl.load(
-            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-            mask=msk,
-            other=0.0,
-        ).to(tl.float32)
-        tl.store(
-            DELTA + b * stride_lb + h * stride_lh + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq
-        )
+        o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, msk)
+        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, msk)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + b * stride_lb + h * stride_lh + offs_m, delta, mask=offs_m < Lq)
 
     @triton.jit
     def _cross_attention_bwd_dkdv_kernel(
-        Q,
-        K,
-        V,
-        MASK,
-        DO,
-        LSE,
-        DELTA,
-        DK,
-        DV,
-        stride_qb,
-        stride_qm,
-        stride_qh,
-        stride_kb,
-        stride_kn,
-        stride_kh,
-        stride_vb,
-        stride_vn,
-        stride_vh,
-        stride_dob,
-        stride_dom,
-        stride_doh,
-        stride_dkb,
-        stride_dkn,
-        stride_dkh,
-        stride_dvb,
-        stride_dvn,
-        stride_dvh,
-        stride_mb,
-        stride_lb,
-        stride_lh,
-        Lq,
-        Lk,
-        Dh: tl.constexpr,
-        scale,
-        qk_scale,
+        Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dkb, stride_dkn, stride_dkh,
+        stride_dvb, stride_dvn, stride_dvh,
+        stride_mb, stride_lb, stride_lh,
+        Lq, Lk,
+        Dh: tl.constexpr, scale, qk_scale,
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-    ):
+    ):  # fmt: skip
         # one program per (key block, head, batch); loops over all query blocks
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
@@ -360,22 +366,10 @@ if not triton_import_error():
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_d = offs_d < Dh
-        valid_n = offs_n < Lk
-        kv_mask = valid_n[:, None] & in_d[None, :]
-        k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_D)
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if HAS_MASK:
-            real = tl.load(MASK + b * stride_mb + offs_n, mask=valid_n, other=0)
-            valid_n = valid_n & (real != 0)
-
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
+                                   offs_n, Lk, offs_d, in_d, HAS_MASK, False, False)  # fmt: skip
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         l_base = b * stride_lb + h * stride_lh
@@ -385,70 +379,35 @@ if not triton_import_error():
             m = start_m + offs_m
             in_m = m < Lq
             qm = in_m[:, None] & in_d[None, :]
-            q = tl.load(q_base + m[:, None] * stride_qm + offs_d[None, :], mask=qm, other=0.0)
-            do = tl.load(do_base + m[:, None] * stride_dom + offs_d[None, :], mask=qm, other=0.0)
-            lse2 = tl.load(LSE + l_base + m, mask=in_m, other=float("inf")) * 1.4426950408889634
+            q = _load_rows(q_base, m, stride_qm, offs_d, qm)
+            do = _load_rows(do_base, m, stride_dom, offs_d, qm)
+            lse2 = _load_lse2(LSE + l_base, m, in_m)
             delta = tl.load(DELTA + l_base + m, mask=in_m, other=0.0)
-            # transposed scores: rows = keys, columns = queries
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BN, BM)
-            p_t = tl.exp2(s_t - lse2[None, :])
-            p_t = tl.where(valid_n[:, None] & in_m[None, :], p_t, 0.0)
+            p_t, ds_t = _bwd_block_t(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale,
+                                     DOT_PRECISION)  # fmt: skip
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BN, BM)
-            ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-        dk = dk * scale
         st_mask = (offs_n < Lk)[:, None] & in_d[None, :]
-        tl.store(
-            DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-            dk.to(DK.dtype.element_ty),
-            mask=st_mask,
-        )
-        tl.store(
-            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=st_mask,
-        )
+        _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkn, offs_d,
+                    (dk * scale).to(DK.dtype.element_ty), st_mask)  # fmt: skip
+        _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d,
+                    dv.to(DV.dtype.element_ty), st_mask)  # fmt: skip
 
     @triton.jit
     def _cross_attention_bwd_dq_kernel(
-        Q,
-        K,
-        V,
-        MASK,
-        DO,
-        LSE,
-        DELTA,
-        DQ,
-        stride_qb,
-        stride_qm,
-        stride_qh,
-        stride_kb,
-        stride_kn,
-        stride_kh,
-        stride_vb,
-        stride_vn,
-        stride_vh,
-        stride_dob,
-        stride_dom,
-        stride_doh,
-        stride_dqb,
-        stride_dqm,
-        stride_dqh,
-        stride_mb,
-        stride_lb,
-        stride_lh,
-        Lq,
-        Lk,
-        Dh: tl.constexpr,
-        scale,
-        qk_scale,
+        Q, K, V, MASK, DO, LSE, DELTA, DQ,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dqb, stride_dqm, stride_dqh,
+        stride_mb, stride_lb, stride_lh,
+        Lq, Lk,
+        Dh: tl.constexpr, scale, qk_scale,
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-    ):
+    ):  # fmt: skip
         # one program per (query block, head, batch); loops over all key blocks
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
@@ -459,94 +418,41 @@ if not triton_import_error():
         in_m = offs_m < Lq
         in_d = offs_d < Dh
         qm = in_m[:, None] & in_d[None, :]
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-            mask=qm,
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-            mask=qm,
-            other=0.0,
-        )
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, qm)
+        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, qm)
         l_base = b * stride_lb + h * stride_lh
-        lse2 = tl.load(LSE + l_base + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
+        lse2 = _load_lse2(LSE + l_base, offs_m, in_m)
         delta = tl.load(DELTA + l_base + offs_m, mask=in_m, other=0.0)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
-            n = start_n + offs_n
-            valid_n = n < Lk
-            kv_mask = valid_n[:, None] & in_d[None, :]
-            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if HAS_MASK:
-                real = tl.load(MASK + b * stride_mb + n, mask=valid_n, other=0)
-                valid_n = valid_n & (real != 0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BM, BN)
-            p = tl.exp2(s - lse2[:, None])
-            p = tl.where(valid_n[None, :] & in_m[:, None], p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
+            k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
+                                       start_n + offs_n, Lk, offs_d, in_d, HAS_MASK,
+                                       True, False)  # fmt: skip
+            p, ds = _bwd_block(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        dq = dq * scale
-        tl.store(
-            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty),
-            mask=qm,
-        )
+        _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqm, offs_d,
+                    (dq * scale).to(DQ.dtype.element_ty), qm)  # fmt: skip
 
     @triton.jit
     def _cross_attention_bwd_short_k_kernel(
-        Q,
-        K,
-        V,
-        MASK,
-        O,
-        DO,
-        LSE,
-        DQ,
-        DK,
-        DV,
-        stride_qb,
-        stride_qm,
-        stride_qh,
-        stride_kb,
-        stride_kn,
-        stride_kh,
-        stride_vb,
-        stride_vn,
-        stride_vh,
-        stride_ob,
-        stride_om,
-        stride_oh,
-        stride_dob,
-        stride_dom,
-        stride_doh,
-        stride_dqb,
-        stride_dqm,
-        stride_dqh,
-        stride_dkb,
-        stride_dkn,
-        stride_dkh,
-        stride_dvb,
-        stride_dvn,
-        stride_dvh,
-        stride_mb,
-        stride_lb,
-        stride_lh,
-        Lq,
-        Lk,
-        Dh: tl.constexpr,
-        scale,
-        qk_scale,
+        Q, K, V, MASK, O, DO, LSE, DQ, DK, DV,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_om, stride_oh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dqb, stride_dqm, stride_dqh,
+        stride_dkb, stride_dkn, stride_dkh,
+        stride_dvb, stride_dvn, stride_dvh,
+        stride_mb, stride_lb, stride_lh,
+        Lq, Lk,
+        Dh: tl.constexpr, scale, qk_scale,
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-    ):
+    ):  # fmt: skip
         # The whole backward in one pass when every key fits in one BLOCK_N tile (image→text,
         # Lk ≈ 40): one program per (head, batch) keeps K, V, dK, dV on chip, walks the query
         # blocks once, computes D = rowsum(dO ∘ O) on the fly and writes each dQ block directly.
@@ -557,22 +463,10 @@ if not triton_import_error():
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_d = offs_d < Dh
-        valid_n = offs_n < Lk
-        kv_mask = valid_n[:, None] & in_d[None, :]
-        k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_D)
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if HAS_MASK:
-            real = tl.load(MASK + b * stride_mb + offs_n, mask=valid_n, other=0)
-            valid_n = valid_n & (real != 0)
-
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
+                                   offs_n, Lk, offs_d, in_d, HAS_MASK, True, False)  # fmt: skip
         q_base = Q + b * stride_qb + h * stride_qh
         o_base = O + b * stride_ob + h * stride_oh
         do_base = DO + b * stride_dob + h * stride_doh
@@ -584,86 +478,41 @@ if not triton_import_error():
             m = start_m + offs_m
             in_m = m < Lq
             qm = in_m[:, None] & in_d[None, :]
-            q = tl.load(q_base + m[:, None] * stride_qm + offs_d[None, :], mask=qm, other=0.0)
-            do = tl.load(do_base + m[:, None] * stride_dom + offs_d[None, :], mask=qm, other=0.0)
-            o = tl.load(o_base + m[:, None] * stride_om + offs_d[None, :], mask=qm, other=0.0)
+            q = _load_rows(q_base, m, stride_qm, offs_d, qm)
+            do = _load_rows(do_base, m, stride_dom, offs_d, qm)
+            o = _load_rows(o_base, m, stride_om, offs_d, qm)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
-            lse2 = tl.load(LSE + l_base + m, mask=in_m, other=float("inf")) * 1.4426950408889634
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BN, BM)
-            p_t = tl.exp2(s_t - lse2[None, :])
-            p_t = tl.where(valid_n[:, None] & in_m[None, :], p_t, 0.0)
+            lse2 = _load_lse2(LSE + l_base, m, in_m)
+            p_t, ds_t = _bwd_block_t(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale,
+                                     DOT_PRECISION)  # fmt: skip
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BN, BM)
-            ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
-            tl.store(
-                dq_base + m[:, None] * stride_dqm + offs_d[None, :],
-                dq.to(DQ.dtype.element_ty),
-                mask=qm,
-            )
+            _store_rows(dq_base, m, stride_dqm, offs_d, dq.to(DQ.dtype.element_ty), qm)
         st_mask = (offs_n < Lk)[:, None] & in_d[None, :]
-        tl.store(
-            DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-            (dk * scale).to(DK.dtype.element_ty),
-            mask=st_mask,
-        )
-        tl.store(
-            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=st_mask,
-        )
+        _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkn, offs_d,
+                    (dk * scale).to(DK.dtype.element_ty), st_mask)  # fmt: skip
+        _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d,
+                    dv.to(DV.dtype.element_ty), st_mask)  # fmt: skip
 
     @triton.jit
     def _cross_attention_bwd_short_q_kernel(
-        Q,
-        K,
-        V,
-        MASK,
-        O,
-        DO,
-        LSE,
-        DQ,
-        DK,
-        DV,
-        stride_qb,
-        stride_qm,
-        stride_qh,
-        stride_kb,
-        stride_kn,
-        stride_kh,
-        stride_vb,
-        stride_vn,
-        stride_vh,
-        stride_ob,
-        stride_om,
-        stride_oh,
-        stride_dob,
-        stride_dom,
-        stride_doh,
-        stride_dqb,
-        stride_dqm,
-        stride_dqh,
-        stride_dkb,
-        stride_dkn,
-        stride_dkh,
-        stride_dvb,
-        stride_dvn,
-        stride_dvh,
-        stride_mb,
-        stride_lb,
-        stride_lh,
-        Lq,
-        Lk,
-        Dh: tl.constexpr,
-        scale,
-        qk_scale,
+        Q, K, V, MASK, O, DO, LSE, DQ, DK, DV,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_om, stride_oh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dqb, stride_dqm, stride_dqh,
+        stride_dkb, stride_dkn, stride_dkh,
+        stride_dvb, stride_dvn, stride_dvh,
+        stride_mb, stride_lb, stride_lh,
+        Lq, Lk,
+        Dh: tl.constexpr, scale, qk_scale,
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-    ):
+    ):  # fmt: skip
         # The mirror of the short-K kernel when every query fits in one BLOCK_M tile (text→image,
         # Lq ≈ 40): one program per (head, batch) keeps Q, dO, dQ on chip, walks the key blocks
         # once and writes each dK, dV block directly (all queries are in this program).
@@ -675,24 +524,11 @@ if not triton_import_error():
         in_m = offs_m < Lq
         in_d = offs_d < Dh
         qm = in_m[:, None] & in_d[None, :]
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-            mask=qm,
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-            mask=qm,
-            other=0.0,
-        )
-        o = tl.load(
-            O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-            mask=qm,
-            other=0.0,
-        )
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, qm)
+        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, qm)
+        o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, qm)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        l_base = b * stride_lb + h * stride_lh
-        lse2 = tl.load(LSE + l_base + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
+        lse2 = _load_lse2(LSE + b * stride_lb + h * stride_lh, offs_m, in_m)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         dk_base = DK + b * stride_dkb + h * stride_dkh
@@ -700,37 +536,17 @@ if not triton_import_error():
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
             n = start_n + offs_n
-            in_n = n < Lk
-            kv_mask = in_n[:, None] & in_d[None, :]
-            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            valid_n = in_n
-            if HAS_MASK:
-                real = tl.load(MASK + b * stride_mb + n, mask=in_n, other=0)
-                valid_n = valid_n & (real != 0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BM, BN)
-            p = tl.exp2(s - lse2[:, None])
-            p = tl.where(valid_n[None, :] & in_m[:, None], p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
+            k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
+                                       n, Lk, offs_d, in_d, HAS_MASK, True, False)  # fmt: skip
+            p, ds = _bwd_block(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * scale
-            tl.store(
-                dk_base + n[:, None] * stride_dkn + offs_d[None, :],
-                dk.to(DK.dtype.element_ty),
-                mask=kv_mask,
-            )
-            tl.store(
-                dv_base + n[:, None] * stride_dvn + offs_d[None, :],
-                dv.to(DV.dtype.element_ty),
-                mask=kv_mask,
-            )
-        tl.store(
-            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-            (dq * scale).to(DQ.dtype.element_ty),
-            mask=qm,
-        )
+            kv_mask = (n < Lk)[:, None] & in_d[None, :]
+            _store_rows(dk_base, n, stride_dkn, offs_d, dk.to(DK.dtype.element_ty), kv_mask)
+            _store_rows(dv_base, n, stride_dvn, offs_d, dv.to(DV.dtype.element_ty), kv_mask)
+        _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqm, offs_d,
+                    (dq * scale).to(DQ.dtype.element_ty), qm)  # fmt: skip
 
 
 def _next_pow2(x: int) -> int:
@@ -912,7 +728,7 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, plan=None):
     if plan != "general":
         raise ValueError(f"plan must be 'short_k', 'short_q' or 'general', got {plan!r}")
 
-    delta = torch.empty_like(lse)  # (B, H, Lq) fp32: rowsum(dO ∘ O)
+    delta = new_output(tuple(lse.shape), dtype=torch.float32, device=lse.device)  # rowsum(dO ∘ O)
     pre_m = 64
     _cross_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), H, B)](
         out, do, delta,

@@ -8,6 +8,12 @@ Math
     or text vector gets score 0, never NaN). With ``noise`` (B, P): s = s / tau + noise.
     The M = ``num_masked`` largest s per row are masked; among exactly equal scores the lower patch
     index is masked first (-0.0 and +0.0 count as equal).
+    Huge inputs: where the plain fp32 evaluation overflows (|x| ≳ 1e19 squares to inf), every
+    backend recomputes that score with patch[b,p] and text[b] pre-scaled by powers of two
+    2^-e, e = clamp(floor(log2 max|x|), 0, 126) (exact; the cosine is scale invariant and the EPS
+    floors scale along), so finite inputs of any magnitude get their true score (rare path: a
+    second pass over that patch row, no cost otherwise; triton recomputes the whole row b, which
+    for the other patches gives the same value up to subnormal rounding).
 
 Shapes
     patch (B, P, d)  float32/float16/bfloat16; fused backends need the last dim contiguous (other
@@ -24,15 +30,15 @@ Backward
 
 Limits
     1 <= M <= P-1. Fused backends (triton, cuda, cpu): P <= 1024 (the whole row's scores live in
-    registers / shared memory); the reference runs on any P. cuda: d <= 8192 (text row in shared
-    memory). Inputs must be finite: NaN/inf anywhere in patch[b], text[b] or noise[b] makes some
-    score of row b NaN/inf, so every backend also returns a per-row count of non-finite scores
-    (computed in the same pass, no second read of patch) and ``check_finite=True`` (default)
-    raises ValueError naming the offending argument when a count is nonzero. That check is a host
-    sync (reading B int32s, once per call); ``check_finite=False`` skips it, and then the
-    selection for rows with non-finite scores is unspecified (invariants still hold, no backend
-    reads or writes out of bounds). Finite inputs whose scores overflow (|x| ≳ 1e19 in fp32, or
-    a tiny tau) also raise ValueError.
+    registers / shared memory; the cpu/cuda limits come from ``semmim._C.limits()``); the
+    reference runs on any P. cuda: d <= 8192 (text row in shared memory). Inputs must be finite:
+    NaN/inf anywhere in patch[b], text[b] or noise[b] makes some score of row b NaN/inf, so every
+    backend also returns a per-row count of non-finite scores (computed in the same pass, no
+    second read of patch) and ``validate=True`` (default) raises ValueError naming the offending
+    argument when a count is nonzero. That check is a host sync (reading B int32s, once per
+    call); ``validate=False`` skips it, and then the selection for rows with non-finite scores
+    is unspecified (invariants still hold, no backend reads or writes out of bounds). Finite
+    inputs whose noisy scores overflow (a tiny tau) also raise ValueError.
 
 Differences vs reference
     Every backend computes s with the same fp32 formula, but the summation order of the dot
@@ -48,8 +54,8 @@ Differences vs reference
 
 torch.compile
     ``semmim::topk_mask_{cpu,cuda,triton}`` are torch.library custom ops with fake (meta)
-    implementations, so they trace without graph breaks. The public op's ``check_finite`` host
-    sync does break a graph: inside compiled regions pass ``check_finite=False``.
+    implementations, so they trace without graph breaks. The public op's finiteness check (a host
+    sync) does break a graph: inside compiled regions pass ``validate=False``.
 
 Backends: reference (PyTorch), triton, cuda (semmim._C), cpu (semmim._C, C++ OpenMP over rows).
 """
@@ -211,11 +217,13 @@ def topk_mask_scores(
     p32 = patch.detach().float()  # (B, P, d)
     t32 = text.detach().float()  # (B, d)
     s, ovf = _cosine(p32, t32)
-    if bool(ovf.any()):  # rare path (|x| >~ 1e19): pre-scale both vectors by powers of two
-        sa = _pow2_scale(p32.abs().amax(dim=-1))  # (B, P)
-        st = _pow2_scale(t32.abs().amax(dim=-1))  # (B,)
-        rescued, _ = _cosine(p32 * sa[..., None], t32 * st[:, None], EPS * sa, EPS * st[:, None])
-        s = torch.where(ovf, rescued, s)
+    # where the plain evaluation overflowed (|x| >~ 1e19): both vectors pre-scaled by powers of
+    # two (computed everywhere, no data-dependent branch: the reference reads no values on the
+    # host either)
+    sa = _pow2_scale(p32.abs().amax(dim=-1))  # (B, P)
+    st = _pow2_scale(t32.abs().amax(dim=-1))  # (B,)
+    rescued, _ = _cosine(p32 * sa[..., None], t32 * st[:, None], EPS * sa, EPS * st[:, None])
+    s = torch.where(ovf, rescued, s)
     if noise is not None:
         s = s / tau + noise.detach().float()
     return s
@@ -308,6 +316,7 @@ if not triton_import_error():
         patch_ptr, text_ptr, noise_ptr, keep_ptr, mask_idx_ptr, mask_ptr, nonfinite_ptr,
         P, D, M, stride_pb, stride_pp, stride_tb, stride_nb, stride_np, tau, eps,
         HAS_NOISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+        RESCUE_D: tl.constexpr,
     ):  # fmt: skip
         """One program per row b: scores of all P patches in registers, then top-M selection."""
         b = tl.program_id(0).to(tl.int64)
@@ -335,15 +344,15 @@ if not triton_import_error():
         s = tl.math.div_rn(dot, denom)
         # plain fp32 overflowed (|x| >~ 1e19 squares to inf; NaN/inf inputs land here too):
         # recompute those patches with both vectors pre-scaled by powers of two (rare path)
+        # the whole row then (not just those patches: nothing of the plain pass stays live
+        # through the rescue; for the others the pre-scaled formula gives the same value up to
+        # subnormal rounding). Narrower tiles there keep the rare path under the hot path's
+        # register count.
         ovf = valid & ~(_tl_finite(dot) & _tl_finite(ss) & _tl_finite(denom) & _tl_finite(t_norm))
         if tl.sum(ovf.to(tl.int32), axis=0) > 0:
-            s = tl.where(
-                ovf,
-                _tl_rescued_cosine(
-                    patch_ptr + b * stride_pb, row_off, valid, text_ptr + b * stride_tb, D, eps,
-                    BLOCK_P, BLOCK_D,
-                ),
-                s,
+            s = _tl_rescued_cosine(
+                patch_ptr + b * stride_pb, row_off, valid, text_ptr + b * stride_tb, D, eps,
+                BLOCK_P, RESCUE_D,
             )  # fmt: skip
         if HAS_NOISE:
             nz = tl.load(noise_ptr + b * stride_nb + offs_p.to(tl.int64) * stride_np,
@@ -390,6 +399,11 @@ def _triton_tiles(P: int, d: int) -> tuple[int, int, int]:
     return block_p, block_d, num_warps
 
 
+def _rescue_d(block_d: int) -> int:
+    """BLOCK_D of the rare overflow pass: a quarter of the hot pass's (fewer registers)."""
+    return max(1, block_d // 4)
+
+
 def _run_triton(patch, text, num_masked, noise, tau) -> TopkMaskOut:
     B, P, d = patch.shape
     keep_idx, mask_idx, mask, nonfinite = out = _alloc_outputs(patch, num_masked)
@@ -404,7 +418,8 @@ def _run_triton(patch, text, num_masked, noise, tau) -> TopkMaskOut:
         P, d, num_masked, patch.stride(0), patch.stride(1), t32.stride(0),
         n32.stride(0) if n32 is not None else 0, n32.stride(1) if n32 is not None else 0,
         float(tau), EPS,
-        HAS_NOISE=n32 is not None, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_NOISE=n32 is not None, BLOCK_P=block_p, BLOCK_D=block_d,
+        RESCUE_D=_rescue_d(block_d), num_warps=num_warps,
     )  # fmt: skip
     return out
 

@@ -303,7 +303,7 @@ def _resume_configs(args: argparse.Namespace, explicit: dict[str, Any], model_se
     with the run options given now applied and the resume contract checked."""
     from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
     from semmim.config import SemMIMConfig, TrainConfig
-    from semmim.train import resume_changes
+    from semmim.train import check_resume
 
     out = explicit.get("out", TrainConfig.out)
     try:
@@ -320,15 +320,9 @@ def _resume_configs(args: argparse.Namespace, explicit: dict[str, Any], model_se
         )
     saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
     tcfg = saved.override(explicit)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    changed = resume_changes(state, tcfg, world_size)
-    if changed and not args.allow_changes:
-        raise CLIError(
-            f"--resume: refusing to continue {checkpoint[1]} with a different "
-            f"{'; '.join(changed)} (the remaining steps would see other pairs, in another "
-            "order, than the run that was interrupted). Give the saved values, or pass "
-            "--allow-changes to continue anyway"
-        )
+    if not args.allow_changes:  # refuse before the data is opened (train() logs changes)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_resume(state, checkpoint[1], tcfg, world_size, False)
     return checkpoint, model_cfg, tcfg
 
 
@@ -346,7 +340,7 @@ def _report(summary: dict[str, Any], tcfg) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """``semmim train``."""
     from semmim.config import TrainConfig, from_preset
-    from semmim.data import open_data
+    from semmim.data import DataError, open_data
     from semmim.train import train
 
     model_sets, train_sets = parse_sets(args.sets)
@@ -362,20 +356,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = open_data(tcfg.data or None, tcfg.val_size, tcfg.seed)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
-    summary = train(
-        model_cfg,
-        tcfg,
-        resume=args.resume,
-        source=source,
-        checkpoint=checkpoint,
-        allow_changes=args.allow_changes,
-    )
+    try:
+        summary = train(
+            model_cfg,
+            tcfg,
+            resume=args.resume,
+            source=source,
+            checkpoint=checkpoint,
+            allow_changes=args.allow_changes,
+        )
+    except DataError as err:  # the data checks before the first step
+        raise CLIError(str(err)) from None
     return _report(summary, tcfg)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``semmim finetune {retrieval,vqa,caption}``."""
     from semmim.config import TrainConfig, from_preset
+    from semmim.data import DataError
     from semmim.downstream.tasks import TaskConfig, init_model_config, make_task
     from semmim.train import train
 
@@ -409,15 +407,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         source = task.open_data(tcfg)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
-    summary = train(
-        model_cfg,
-        tcfg,
-        resume=args.resume,
-        source=source,
-        checkpoint=checkpoint,
-        allow_changes=args.allow_changes,
-        task=task,
-    )
+    try:
+        summary = train(
+            model_cfg,
+            tcfg,
+            resume=args.resume,
+            source=source,
+            checkpoint=checkpoint,
+            allow_changes=args.allow_changes,
+            task=task,
+        )
+    except DataError as err:  # the data checks before the first step
+        raise CLIError(str(err)) from None
     return _report(summary, tcfg)
 
 
@@ -550,9 +551,7 @@ def _eval_task(args: argparse.Namespace, state: dict, path: str, tcfg, model_cfg
 
 def cmd_data(args: argparse.Namespace) -> int:
     """``semmim data``."""
-    from tqdm.auto import tqdm
-
-    from semmim.data import load_image, open_data
+    from semmim.data import open_data
 
     try:
         source = open_data(args.spec, args.val_size)
@@ -564,12 +563,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     for r in (source.train + source.val)[:3]:
         print(f"  {r.key}: {r.caption!r}")
     if args.check:
-        for r in tqdm(source.train + source.val, desc="decode"):
-            try:
-                load_image(r.image)
-            except (OSError, ValueError, SyntaxError) as err:
-                source.skips.add(f"unreadable image ({type(err).__name__})", r.key)
+        decoded = source.check(progress=True)  # same decoder and skip reasons as training
+        print(
+            ", ".join(f"{split}: {ok} of {n} images decode" for split, (ok, n) in decoded.items())
+        )
     print(f"skipped: {source.skips.summary()}")
+    if args.check and decoded["train"][0] == 0:
+        raise CLIError("no training image can be decoded")
     return 0
 
 

@@ -660,9 +660,13 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
-        return cls().override(d, _base=True)
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"train.{unknown[0]}: unknown key; valid keys of train: {valid}")
+        return cls(**d)
 
-    def override(self, overrides: dict[str, Any], _base: bool = False) -> TrainConfig:
+    def override(self, overrides: dict[str, Any]) -> TrainConfig:
         """Copy with ``{"field": value}`` changes; unknown fields raise ValueError naming them.
 
         Giving ``epochs`` without ``steps`` sets ``steps=0`` (the run is measured in epochs).
@@ -672,6 +676,6 @@ class TrainConfig:
             if key not in valid:
                 raise ValueError(f"train.{key}: unknown key; valid keys of train: {valid}")
         changes = dict(overrides)
-        if not _base and "epochs" in changes and "steps" not in changes and changes["epochs"]:
+        if "epochs" in changes and "steps" not in changes:
             changes["steps"] = 0
         return replace(self, **changes)

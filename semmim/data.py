@@ -4,9 +4,10 @@ Specs (all read offline):
 
 * ``synthetic[:N[:V]]`` (also the default, no ``--data``): the embedded procedural shapes
   (:mod:`semmim.synthetic`), ``N`` training scenes (default 50000) and ``V`` held-out (default 500).
-* ``folder:PATH`` — every image under PATH (recursively) with a same-named ``.txt`` beside it; the first
-  line is the caption. When images sit in two or more top-level sub-folders, the sub-folder names are
-  the zero-shot classes (e.g. Tux Paint's ``animals``, ``food``, ...).
+* ``folder:PATH`` — every image under PATH (recursively) with a same-named ``.txt`` beside it (names
+  and extensions matched case-insensitively: ``X.PNG`` + ``x.txt`` is a pair); the first line is the
+  caption. When images sit in two or more top-level sub-folders, the sub-folder names are the
+  zero-shot classes (e.g. Tux Paint's ``animals``, ``food``, ...).
 * ``json:FILE`` — ALBEF-style list of ``{"image": path, "caption": str | [str, ...]}`` (or
   ``"captions"``), or a COCO captions file (``{"images": [...], "annotations": [...]}``); relative paths
   are resolved against the file's folder.
@@ -16,14 +17,19 @@ Specs (all read offline):
 * ``wds:PATTERN`` — webdataset tar shards (brace ranges like ``shard-{000..009}.tar`` and globs); a
   sample is the members sharing a key, one image (jpg/jpeg/png/webp) and one ``txt``.
 
-Bad samples — missing or corrupt image, empty caption — are skipped with a warning and counted
+Text is UTF-8 (a leading BOM is dropped). Bad samples — missing or corrupt image, a caption that is
+empty, not valid UTF-8 or not a string, a truncated shard — are skipped with a warning and counted
 (:class:`SkipLog`); listing-time problems are found when the spec is opened, decode failures when the
-sample is loaded (in the worker; the collate function drops it and the main process counts it).
+sample is loaded (in the worker; the collate function drops it and the main process counts it). Images
+that need an optional decoder that is not installed (SVG: ``cairosvg``) are counted at listing, by
+split, and named in :meth:`DataSource.describe`. :meth:`DataSource.verify` decodes a sample of each
+split before training and raises :class:`DataError` when none of it can be read.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import io
@@ -31,7 +37,9 @@ import json
 import logging
 import os
 import re
+import struct
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,24 +53,91 @@ from semmim.transforms import sample_rng
 
 log = logging.getLogger("semmim.data")
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".svg")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".svg")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file", "filename", "path")
 CAPTION_COLUMNS = ("caption", "text", "title", "sentence")
 LABEL_COLUMNS = ("label", "class", "category")
 SYNTHETIC_TRAIN = 50_000
 SYNTHETIC_VAL = 500
+DEFAULT_SPLIT_SEED = 0
+# What a corrupt or hostile image file can raise while Pillow opens and decodes it. Anything else is a
+# bug and is not swallowed.
+DECODE_ERRORS = (
+    OSError,  # includes PIL.UnidentifiedImageError and truncated files
+    ValueError,
+    SyntaxError,  # some Pillow plugins report bad headers this way
+    EOFError,
+    struct.error,
+    IndexError,
+    Image.DecompressionBombError,  # more than 2 * Image.MAX_IMAGE_PIXELS pixels
+    tarfile.TarError,  # a shard that became unreadable after listing
+)
+BAD_UTF8 = "caption not valid UTF-8"
+
+
+class DataError(ValueError):
+    """The data cannot be used as given (the message says what was found and what to do)."""
+
+
+class MissingDecoder(ValueError):
+    """An image needs an optional decoder that cannot be used here; the message says how to fix it."""
+
+
+def image_error_reason(err: BaseException) -> str:
+    """The skip reason for an image that failed to load with ``err`` (stable, so counts add up)."""
+    if isinstance(err, Image.DecompressionBombError):
+        return (
+            f"image over the decompression-bomb limit ({2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels)"
+        )
+    if isinstance(err, MissingDecoder):
+        return str(err)
+    return f"unreadable image ({type(err).__name__})"
+
+
+# ---------------------------------------------------------------------------- optional decoders
+@functools.cache
+def svg_decoder_problem() -> str | None:
+    """None when SVGs can be rasterised here, else the skip reason saying what is missing."""
+    install = "pip install 'cairosvg>=2.7', semmim's [svg] extra"
+    try:
+        import cairosvg
+    except ImportError:
+        return f"SVG image: cairosvg not installed ({install})"
+    except OSError:  # cairocffi found no libcairo
+        return (
+            "SVG image: cairosvg cannot load the cairo library "
+            "(install it: apt-get install libcairo2)"
+        )
+    version = tuple(int(p) for p in re.findall(r"\d+", getattr(cairosvg, "__version__", "0"))[:2])
+    if version < (2, 7):
+        # Older releases fetch external resources named in an SVG (CVE-2023-27586).
+        return f"SVG image: cairosvg {cairosvg.__version__} is older than 2.7 ({install})"
+    return None
+
+
+def missing_decoder(image: ImageRef) -> str | None:
+    """The skip reason when ``image`` needs an optional decoder that is not usable, else None."""
+    if isinstance(image, str) and image.lower().endswith(".svg"):
+        return svg_decoder_problem()
+    return None
 
 
 # ----------------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class TarMember:
-    """An image stored in a tar shard: raw bytes at ``offset`` (uncompressed tars) or by ``name``."""
+    """An image stored in a tar shard: ``size`` bytes at ``offset`` of the (decompressed) tar stream.
+
+    Uncompressed shards are read directly at the file offset; compressed ones (``compressed``) are
+    decompressed up to it. Either way a read never depends on the rest of the shard, so the whole
+    members of a truncated shard stay readable.
+    """
 
     path: str
     name: str
-    offset: int = -1
-    size: int = -1
+    offset: int
+    size: int
+    compressed: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,23 +164,30 @@ class Record:
 
 
 class SkipLog:
-    """Counts skipped samples by reason; warns for the first ``max_warnings``, then once more."""
+    """Counts skipped samples by reason; warns for the first ``max_warnings``, then once more.
+
+    ``max_warnings=0`` counts silently.
+    """
 
     def __init__(self, max_warnings: int = 20) -> None:
         self.counts: Counter[str] = Counter()
         self.keys: set[tuple[str, str]] = set()
         self.max_warnings = max_warnings
 
-    def add(self, reason: str, key: str) -> None:
-        """Record that sample ``key`` was skipped for ``reason`` (each (reason, key) counted once)."""
+    def add(self, reason: str, key: str, detail: str = "") -> None:
+        """Record that sample ``key`` was skipped for ``reason`` (each (reason, key) counted once).
+
+        ``reason`` is the counted category (keep it free of per-sample text); ``detail`` is shown in
+        the warning only.
+        """
         if (reason, key) in self.keys:
             return
         self.keys.add((reason, key))
         self.counts[reason] += 1
         shown = len(self.keys)
         if shown <= self.max_warnings:
-            log.warning("skipped %s: %s", key, reason)
-        elif shown == self.max_warnings + 1:
+            log.warning("skipped %s: %s%s", key, reason, f" ({detail})" if detail else "")
+        elif shown == self.max_warnings + 1 and self.max_warnings > 0:
             log.warning("more samples skipped; further warnings suppressed (see the final count)")
 
     def state(self) -> dict[str, Any]:
@@ -130,7 +212,12 @@ class SkipLog:
 
 @dataclass
 class DataSource:
-    """An opened ``--data`` spec: train / held-out records, zero-shot classes, listing-time skips."""
+    """An opened ``--data`` spec: train / held-out records, zero-shot classes, listing-time skips.
+
+    ``ignored`` counts files that were seen but are not samples (an image with no caption file, a
+    second format of a listed picture), by what they are; ``decoder_skips`` maps the skip reason of
+    each missing optional decoder to the samples it cost per split (``{"train": n, "held-out": m}``).
+    """
 
     spec: str
     train: list[Record]
@@ -141,20 +228,119 @@ class DataSource:
     # Recommended augmentation (see semmim.transforms.TrainTransform).
     crop_scale: tuple[float, float] = (0.5, 1.0)
     flip: str = "swap"
+    split_seed: int = DEFAULT_SPLIT_SEED
+    ignored: Counter[str] = field(default_factory=Counter)
+    decoder_skips: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def describe(self) -> str:
-        """One line: spec, pair/image counts, classes, skipped."""
+        """One line: spec, pair/image counts, classes, split seed, skipped, missing decoders, ignored."""
         n_img = len({r.key for r in self.train}), len({r.key for r in self.val})
         classes = f", {len(self.class_names)} classes" if self.class_names else ""
-        return (
+        skipped = f"{self.skips.total} skipped at listing"
+        if self.skips.total:
+            # A missing decoder's reason is spelled out below, with its cost per split.
+            parts = [
+                f"{r.partition(': ')[0] if r in self.decoder_skips else r}: {n}"
+                for r, n in sorted(self.skips.counts.items())
+            ]
+            skipped += f" ({', '.join(parts)})"
+        text = (
             f"{self.spec}: {len(self.train)} train pairs ({n_img[0]} images), {len(self.val)} held-out "
-            f"pairs ({n_img[1]} images){classes}, {self.skips.total} skipped at listing"
+            f"pairs ({n_img[1]} images){classes}, split seed {self.split_seed}; {skipped}"
         )
+        for reason, by_split in sorted(self.decoder_skips.items()):
+            what, _, why = reason.partition(": ")
+            text += (
+                f"; {sum(by_split.values())} {what}s skipped ({by_split.get('train', 0)} train, "
+                f"{by_split.get('held-out', 0)} held-out): {why}"
+            )
+        if self.ignored:
+            text += "; not samples: " + ", ".join(
+                f"{n} {what}" for what, n in sorted(self.ignored.items())
+            )
+        return text
+
+    def check(
+        self, limit: int | None = None, skips: SkipLog | None = None, progress: bool = False
+    ) -> dict[str, tuple[int, int]]:
+        """Decode the images of each split and count failures.
+
+        Args:
+            limit: ``None`` decodes every image; ``n`` decodes ``n`` evenly spaced images per split.
+            skips: where failures are counted (default: ``self.skips``; pass a fresh :class:`SkipLog`
+                for a trial run whose failures the loader will count again later).
+            progress: show a progress bar.
+
+        Returns ``{"train": (decoded, tried), "held-out": (decoded, tried)}``.
+        """
+        skips = self.skips if skips is None else skips
+        return {
+            split: _decode_images(records, limit, skips, progress, split)
+            for split, records in (("train", self.train), ("held-out", self.val))
+        }
+
+    def verify(self, sample: int = 16, held_out: bool = True) -> dict[str, tuple[int, int]]:
+        """Decode ``sample`` images of each split; raise :class:`DataError` when none decodes.
+
+        Cheap (``2 * sample`` decodes), so it runs before training: data whose every image is bad
+        otherwise trains on empty batches, and held-out images that are all bad fail the evaluation
+        after training. ``held_out=False`` skips the held-out check (no evaluation planned). Failures
+        are not counted in ``self.skips`` (the loader counts them when it meets them).
+
+        Returns ``{"train": (decoded, tried), "held-out": (decoded, tried)}``.
+        """
+        result: dict[str, tuple[int, int]] = {}
+        for split, records, words, consequence in (
+            ("train", self.train, "training", "training would see no pairs"),
+            ("held-out", self.val, "held-out", "the evaluation would have no images"),
+        ):
+            trial = SkipLog(max_warnings=0)
+            ok, tried = result[split] = _decode_images(records, sample, trial, False, split)
+            if tried and not ok and (split == "train" or held_out):
+                reasons = ", ".join(f"{r}: {n}" for r, n in sorted(trial.counts.items()))
+                advice = (
+                    f"Check them with `semmim data {self.spec} --check`"
+                    if split == "train"
+                    else "Fix them, or train with --no-eval or --val-size 0"
+                )
+                raise DataError(
+                    f"data {self.spec!r}: none of the {tried} {words} images checked can be "
+                    f"decoded ({reasons}); {consequence}. {advice}"
+                )
+        return result
+
+
+def _decode_images(
+    records: Sequence[Record], limit: int | None, skips: SkipLog, progress: bool, desc: str
+) -> tuple[int, int]:
+    """Decode each image of ``records`` once (or ``limit`` evenly spaced ones); count failures.
+
+    Returns (decoded, tried).
+    """
+    from tqdm.auto import tqdm
+
+    first: dict[str, Record] = {}
+    for r in records:
+        first.setdefault(r.key, r)
+    images = list(first.values())
+    if limit is not None and len(images) > limit:
+        images = [images[i * len(images) // limit] for i in range(limit)]
+    ok = 0
+    for r in tqdm(images, desc=f"decode {desc}", disable=not progress):
+        reason = decode_failure(r.image)
+        if reason is None:
+            ok += 1
+        else:
+            skips.add(reason, r.key)
+    return ok, len(images)
 
 
 # ------------------------------------------------------------------------------------ spec parsing
 def open_data(
-    spec: str | None, val_size: float = 0.1, seed: int = 0, max_val: int = 1000
+    spec: str | None,
+    val_size: float = 0.1,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    max_val: int = 1000,
 ) -> DataSource:
     """Open a ``--data`` spec (``None`` = embedded default) and split off the held-out images.
 
@@ -162,24 +348,32 @@ def open_data(
         spec: ``synthetic[:N]``, ``folder:PATH``, ``json:FILE``, ``csv:FILE``, ``tsv:FILE``,
             ``wds:PATTERN`` or ``None``.
         val_size: held-out images, a fraction (< 1) or a count (>= 1); ignored for ``synthetic``.
-        seed: seeds the split (by a hash of each image key, so it is stable as data grows).
+        split_seed: seeds the held-out split (by a hash of each image key, so it is stable as data
+            grows) and the embedded scenes. It is not the training seed, so runs with different
+            training seeds are evaluated on the same held-out pairs.
         max_val: cap on held-out images when ``val_size`` is a fraction.
+
+    Raises:
+        DataError (a ValueError): a bad spec, an unreadable listing file, or no usable pairs.
     """
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int):
+        raise DataError(f"split_seed must be an int, got {split_seed!r}")
     if spec is None or spec == "synthetic" or spec.startswith("synthetic:"):
-        return _open_synthetic(spec or "synthetic", seed)
+        return _open_synthetic(spec or "synthetic", split_seed)
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
-        raise ValueError(
+        raise DataError(
             f"data spec must look like KIND:PATH (folder, json, csv, tsv, wds) or "
             f"'synthetic[:N]', got {spec!r}"
         )
     skips = SkipLog()
+    ignored: Counter[str] = Counter()
     class_names: list[str] | None = None
     if kind == "folder":
-        records, class_names = _list_folder(arg, skips)
+        records, class_names = _list_folder(arg, skips, ignored)
         template = "a picture of {name}"
     elif kind == "json":
-        records = _list_json(arg, skips)
+        records = _list_json(arg, skips, ignored)
         template = "a photo of a {name}"
     elif kind in ("csv", "tsv"):
         records, class_names = _list_table(arg, "," if kind == "csv" else "\t", skips)
@@ -188,16 +382,52 @@ def open_data(
         records = _list_wds(arg, skips)
         template = "a photo of a {name}"
     else:
-        raise ValueError(
+        raise DataError(
             f"unknown data kind {kind!r} in spec {spec!r}; expected folder, json, csv, "
             f"tsv, wds or synthetic"
         )
     if not records:
-        raise ValueError(
+        raise DataError(
             f"data spec {spec!r} has no usable image-caption pairs (skipped: {skips.summary()})"
         )
-    train, val = split_records(records, val_size, seed, max_val)
-    return DataSource(spec, train, val, class_names, template, skips)
+    # Split first, then drop what this machine cannot decode: the held-out images are a function of
+    # the listing and the split seed only, not of which optional packages are installed.
+    train, val = split_records(records, val_size, split_seed, max_val)
+    decoder_skips: dict[str, dict[str, int]] = {}
+    kept: dict[str, list[Record]] = {"train": [], "held-out": []}
+    for split, part in (("train", train), ("held-out", val)):
+        for r in part:
+            reason = missing_decoder(r.image)
+            if reason is None:
+                kept[split].append(r)
+                continue
+            if (reason, r.key) not in skips.keys:
+                counts = decoder_skips.setdefault(reason, {"train": 0, "held-out": 0})
+                counts[split] += 1
+            skips.add(reason, r.key)
+    for reason, by_split in decoder_skips.items():
+        log.warning(
+            "%d images skipped (%d train, %d held-out): %s",
+            sum(by_split.values()),
+            by_split["train"],
+            by_split["held-out"],
+            reason,
+        )
+    if not kept["train"]:
+        raise DataError(
+            f"data spec {spec!r} has no usable training pairs (skipped: {skips.summary()})"
+        )
+    return DataSource(
+        spec,
+        kept["train"],
+        kept["held-out"],
+        class_names,
+        template,
+        skips,
+        split_seed=split_seed,
+        ignored=ignored,
+        decoder_skips=decoder_skips,
+    )
 
 
 def _open_synthetic(spec: str, seed: int) -> DataSource:
@@ -206,11 +436,11 @@ def _open_synthetic(spec: str, seed: int) -> DataSource:
         n_train = int(parts[0]) if parts and parts[0] else SYNTHETIC_TRAIN
         n_val = int(parts[1]) if len(parts) > 1 else SYNTHETIC_VAL
     except ValueError:
-        raise ValueError(
+        raise DataError(
             f"synthetic data sizes must be integers (synthetic[:N[:V]]), got {spec!r}"
         ) from None
     if n_train < 1 or n_val < 0 or len(parts) > 2:
-        raise ValueError(
+        raise DataError(
             f"synthetic spec must be synthetic[:N[:V]] with N >= 1, V >= 0, got {spec!r}"
         )
 
@@ -237,19 +467,23 @@ def _open_synthetic(spec: str, seed: int) -> DataSource:
         SkipLog(),
         crop_scale=(0.85, 1.0),
         flip="swap",
+        split_seed=seed,
     )
 
 
 def split_records(
     records: Sequence[Record], val_size: float, seed: int, max_val: int = 1000
 ) -> tuple[list[Record], list[Record]]:
-    """Split by image key (all captions of an image on one side), deterministically by hash."""
+    """Split by image key (all captions of an image on one side), deterministically by hash.
+
+    ``seed`` is the split seed (see :func:`open_data`).
+    """
     keys = sorted({r.key for r in records})
     if val_size < 0:
-        raise ValueError(f"val_size must be >= 0, got {val_size}")
+        raise DataError(f"val_size must be >= 0, got {val_size}")
     n_val = int(val_size) if val_size >= 1 else min(max_val, int(round(val_size * len(keys))))
     if n_val >= len(keys):
-        raise ValueError(f"val_size={val_size} leaves no training images ({len(keys)} images)")
+        raise DataError(f"val_size={val_size} leaves no training images ({len(keys)} images)")
 
     def rank(key: str) -> bytes:
         return hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
@@ -260,37 +494,66 @@ def split_records(
     return train, val
 
 
-def _first_line(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.readline().strip()
+def decode_caption(raw: bytes) -> tuple[str, str | None]:
+    """The first line of a caption file's bytes, stripped: ``(text, None)``, or ``("", reason)``.
+
+    Decoding is strict (a caption with invalid UTF-8 is a skip, not U+FFFD text); a UTF-8 BOM is
+    dropped. Only the first line is decoded: later lines (e.g. Tux Paint's translations) are unused.
+    """
+    first = raw.split(b"\n", 1)[0]
+    try:
+        text = first.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return "", BAD_UTF8
+    return (text, None) if text else ("", "empty caption")
 
 
-def _list_folder(root: str, skips: SkipLog) -> tuple[list[Record], list[str] | None]:
+def _list_folder(
+    root: str, skips: SkipLog, ignored: Counter[str]
+) -> tuple[list[Record], list[str] | None]:
     if not os.path.isdir(root):
-        raise ValueError(f"folder data: {root!r} is not a directory")
-    stems: dict[str, list[str]] = {}
-    captions: set[str] = set()
+        raise DataError(f"folder data: {root!r} is not a directory")
+    # Files grouped by (folder, lower-case stem): names and extensions match case-insensitively.
+    images: dict[tuple[str, str], list[str]] = {}
+    captions: dict[tuple[str, str], list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
-            stem, ext = os.path.splitext(os.path.join(dirpath, name))
+            stem, ext = os.path.splitext(name)
+            group = (dirpath, stem.lower())
             if ext.lower() in IMAGE_EXTS:
-                stems.setdefault(stem, []).append(ext)
-            elif ext == ".txt":
-                captions.add(stem)
-    for stem in sorted(captions - set(stems)):
-        skips.add("missing image", os.path.relpath(stem + ".txt", root))
+                images.setdefault(group, []).append(os.path.join(dirpath, name))
+            elif ext.lower() == ".txt":
+                captions.setdefault(group, []).append(os.path.join(dirpath, name))
+    for group in sorted(set(captions) - set(images)):
+        skips.add("missing image", os.path.relpath(captions[group][0], root))
+    chosen: list[tuple[str, tuple[str, str]]] = []
+    for group, paths in images.items():
+        if group not in captions:
+            # Not a sample (thumbnails, masks, pictures without text), but say how many there were.
+            ignored["image files without a caption file"] += len(paths)
+            continue
+        # Prefer a raster file when the same picture also exists as SVG (or in another format).
+        paths = sorted(paths, key=lambda p: (p.lower().endswith(".svg"), p))
+        if len(paths) > 1:
+            ignored["other formats of a listed picture"] += len(paths) - 1
+        chosen.append((paths[0], group))
     records: list[tuple[str, str, str]] = []
-    for stem in sorted(stems):
-        if stem not in captions:
-            continue  # an image with no caption file is not a sample (e.g. thumbnails, masks)
-        # Prefer a raster file when the same picture also exists as SVG.
-        exts = sorted(stems[stem], key=lambda e: (e.lower() == ".svg", e))
-        path = stem + exts[0]
+    # Records in the order of their path without extension: the record index feeds the sampler, so
+    # this order is part of what makes a run reproducible.
+    for path, group in sorted(chosen, key=lambda c: os.path.splitext(c[0])[0]):
         rel = os.path.relpath(path, root)
-        text = _first_line(stem + ".txt")
-        if not text:
-            skips.add("empty caption", rel)
+        if len(captions[group]) > 1:
+            names = [os.path.basename(c) for c in captions[group]]
+            skips.add("several caption files (names differ only in case)", rel, ", ".join(names))
+            continue
+        try:
+            with open(captions[group][0], "rb") as f:
+                text, problem = decode_caption(f.read())
+        except OSError as err:
+            text, problem = "", f"unreadable caption file ({type(err).__name__})"
+        if problem:
+            skips.add(problem, rel)
             continue
         top = rel.split(os.sep)[0] if os.sep in rel else ""
         records.append((path, text, top))
@@ -308,38 +571,98 @@ def _list_folder(root: str, skips: SkipLog) -> tuple[list[Record], list[str] | N
     return out, class_names
 
 
-def _list_json(path: str, skips: SkipLog) -> list[Record]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise DataError(f"json data: cannot read {path!r} ({err.strerror or err})") from None
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"json data {path!r} is not valid UTF-8 (byte {err.start}: {err.reason})"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"json data {path!r} is not valid JSON: {err}") from None
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _list_json(path: str, skips: SkipLog, ignored: Counter[str]) -> list[Record]:
+    data = _read_json(path)
     root = os.path.dirname(os.path.abspath(path))
-    items: list[tuple[str, Any]] = []
+    name = os.path.basename(path)
+    # (where, image, [(where, field, caption value)]): ``where`` names the entry in warnings,
+    # e.g. "data.json[3]"; values are type-checked below.
+    items: list[tuple[str, str, list[tuple[str, str, Any]]]] = []
     if isinstance(data, dict) and "images" in data and "annotations" in data:
-        files = {img["id"]: img["file_name"] for img in data["images"]}
-        by_image: dict[Any, list[str]] = {}
-        for ann in data["annotations"]:
-            by_image.setdefault(ann["image_id"], []).append(ann.get("caption", ""))
-        items = [(files[i], caps) for i, caps in by_image.items() if i in files]
+        if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
+            raise DataError(f"json data {path!r}: COCO 'images' and 'annotations' must be lists")
+        files: dict[Any, tuple[str, str]] = {}
+        for n, img in enumerate(data["images"]):
+            where = f"{name}:images[{n}]"
+            if not isinstance(img, dict) or "id" not in img:
+                skips.add("COCO image entry without 'id'", where)
+            elif isinstance(img["id"], (dict, list)):
+                skips.add(f"COCO 'id' must be a number or string, got {_type(img['id'])}", where)
+            elif not isinstance(img.get("file_name"), str) or not img["file_name"]:
+                got = _type(img.get("file_name"))
+                skips.add(f"COCO 'file_name' must be a non-empty string, got {got}", where)
+            else:
+                files[img["id"]] = (where, img["file_name"])
+        by_image: dict[Any, list[tuple[str, str, Any]]] = {}
+        for n, ann in enumerate(data["annotations"]):
+            where = f"{name}:annotations[{n}]"
+            image_id = ann.get("image_id") if isinstance(ann, dict) else None
+            if isinstance(image_id, (dict, list)) or image_id not in files:
+                skips.add("COCO annotation for an unknown image id", where)
+                continue
+            by_image.setdefault(image_id, []).append((where, "caption", ann.get("caption")))
+        ignored["COCO images without annotations"] += len(set(files) - set(by_image))
+        items = [(files[i][0], files[i][1], caps) for i, caps in by_image.items()]
     elif isinstance(data, list):
         for n, entry in enumerate(data):
+            where = f"{name}[{n}]"
             if not isinstance(entry, dict) or "image" not in entry:
-                skips.add("entry without 'image'", f"{path}[{n}]")
+                skips.add("entry without 'image'", where)
                 continue
-            items.append((entry["image"], entry.get("caption", entry.get("captions", ""))))
+            image = entry["image"]
+            if not isinstance(image, str) or not image:
+                skips.add(f"'image' must be a non-empty string, got {_type(image)}", where)
+                continue
+            if "caption" not in entry and "captions" not in entry:
+                skips.add("entry without 'caption' or 'captions'", where)
+                continue
+            key = "caption" if "caption" in entry else "captions"
+            value = entry[key]
+            if isinstance(value, list):
+                caps = [(f"{where}.{key}[{i}]", key, c) for i, c in enumerate(value)]
+            else:
+                caps = [(where, key, value)]
+            items.append((where, image, caps))
     else:
-        raise ValueError(
+        raise DataError(
             f"json data {path!r}: expected a list of {{image, caption}} or a COCO "
             f"captions dict, got {type(data).__name__}"
         )
     records = []
-    for image, caps in items:
+    for where, image, caps in items:
         image_path = image if os.path.isabs(image) else os.path.join(root, image)
         if not os.path.exists(image_path):
-            skips.add("missing image", image)
+            skips.add("missing image", image, where)
             continue
-        for cap in [caps] if isinstance(caps, str) else list(caps):
-            cap = str(cap).strip()
+        for cap_where, key, cap in caps:
+            if not isinstance(cap, str):
+                skips.add(
+                    f"'{key}' must be a string or a list of strings, got {_type(cap)}", cap_where
+                )
+                continue
+            cap = cap.strip()
             if not cap:
-                skips.add("empty caption", image)
+                skips.add("empty caption", cap_where)
                 continue
             records.append(Record(image_path, cap, image))
     return records
@@ -353,38 +676,75 @@ def _pick_column(
         if c in lower:
             return lower[c]
     if required:
-        raise ValueError(
+        raise DataError(
             f"table data {path!r}: no {what} column; header is {list(header)}, expected "
             f"one of {list(candidates)}"
         )
     return None
 
 
+def _valid_utf8(text: str) -> bool:
+    """False when ``text`` holds bytes that were not UTF-8 (read with ``errors="surrogateescape"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _list_table(path: str, delimiter: str, skips: SkipLog) -> tuple[list[Record], list[str] | None]:
     root = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8", newline="") as f:
+    name = os.path.basename(path)
+    # surrogateescape: one row with bad bytes is a skip of that row, not a failure of the file.
+    try:
+        f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    except OSError as err:
+        raise DataError(f"table data: cannot read {path!r} ({err.strerror or err})") from None
+    with f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        header = reader.fieldnames or []
-        image_col = _pick_column(header, IMAGE_COLUMNS, path, "image")
-        caption_col = _pick_column(header, CAPTION_COLUMNS, path, "caption")
-        label_col = _pick_column(header, LABEL_COLUMNS, path, "label", required=False)
-        rows = list(reader)
-    class_names = (
-        sorted({r[label_col].strip() for r in rows if r.get(label_col)}) if label_col else None
-    )
-    records = []
-    for row in rows:
-        image = (row.get(image_col) or "").strip()
+        try:
+            header = reader.fieldnames or []
+            image_col = _pick_column(header, IMAGE_COLUMNS, path, "image")
+            caption_col = _pick_column(header, CAPTION_COLUMNS, path, "caption")
+            label_col = _pick_column(header, LABEL_COLUMNS, path, "label", required=False)
+            # The line number must be read while iterating: after list(reader) it is the last line.
+            rows = [(reader.line_num, row) for row in reader]
+        except csv.Error as err:
+            raise DataError(f"table data {path!r}, line {reader.line_num}: {err}") from None
+
+    def cell(row: dict[str, Any], col: str | None) -> str:
+        value = row.get(col) if col else None
+        return value.strip() if isinstance(value, str) else ""
+
+    good: list[tuple[str, str, str, str]] = []
+    for line, row in rows:
+        where = f"{name} line {line}"
+        image, cap, lab = cell(row, image_col), cell(row, caption_col), cell(row, label_col)
+        if not image:
+            skips.add("empty image cell", where)
+            continue
         image_path = image if os.path.isabs(image) else os.path.join(root, image)
-        if not image or not os.path.exists(image_path):
-            skips.add("missing image", image or f"{path}:row{reader.line_num}")
+        if not os.path.exists(image_path):
+            skips.add("missing image", where, image)
             continue
-        cap = (row.get(caption_col) or "").strip()
+        if not _valid_utf8(cap):
+            skips.add(BAD_UTF8, where)
+            continue
         if not cap:
-            skips.add("empty caption", image)
+            skips.add("empty caption", where)
             continue
-        lab = (row.get(label_col) or "").strip() if label_col else ""
-        records.append(Record(image_path, cap, image, class_names.index(lab) if lab else -1))
+        if not _valid_utf8(lab):
+            skips.add("label not valid UTF-8", where)
+            continue
+        good.append((image_path, cap, image, lab))
+    # Classes from every row's label (as before skipping): a class whose images were all skipped
+    # still takes part in zero-shot classification.
+    labels = {cell(row, label_col) for _, row in rows} if label_col else set()
+    class_names = sorted(lab for lab in labels if lab and _valid_utf8(lab)) if label_col else None
+    records = [
+        Record(p, c, image, class_names.index(lab) if class_names and lab else -1)
+        for p, c, image, lab in good
+    ]
     return records, class_names or None
 
 
@@ -404,36 +764,68 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for option in options for p in expand_braces(head + option + tail)]
 
 
+def _scan_shard(path: str) -> tuple[list[tarfile.TarInfo], dict[str, bytes], str | None, bool]:
+    """A shard's file members, the raw bytes of its ``txt`` members, why it is incomplete (or None),
+    and whether it is compressed (told by its content, not its name).
+
+    A shard is complete when it is read to an end-of-archive block. A truncated shard keeps the
+    members that lie wholly before the cut; the reason says where the cut is.
+    """
+    members: list[tarfile.TarInfo] = []
+    texts: dict[str, bytes] = {}
+    problem: str | None = None
+    size = os.path.getsize(path)
+    with tarfile.open(path, "r:*") as tar:
+        compressed = not isinstance(tar.fileobj, io.BufferedReader)  # else gzip / bz2 / xz file
+        try:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if not compressed and info.offset_data + info.size > size:
+                    raise tarfile.ReadError("unexpected end of data")
+                if os.path.basename(info.name).partition(".")[2].lower() == "txt":
+                    member = tar.extractfile(info)
+                    texts[info.name] = member.read() if member else b""
+                members.append(info)
+            # tarfile stops quietly at a missing or cut header; a whole archive ends with zero blocks.
+            tar.fileobj.seek(tar.offset)
+            end = tar.fileobj.read(tarfile.BLOCKSIZE)
+            if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                problem = f"no end-of-archive block after byte {tar.offset}"
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+            # The member being read when the data ran out is incomplete; the ones before are whole.
+            if members and (compressed or members[-1].offset_data + members[-1].size > size):
+                members.pop()
+            whole = {m.name for m in members}
+            texts = {k: v for k, v in texts.items() if k in whole}
+            problem = f"{type(err).__name__}: {err}"
+    return members, texts, problem, compressed
+
+
 def _list_wds(pattern: str, skips: SkipLog) -> list[Record]:
     paths: list[str] = []
     for p in expand_braces(pattern):
         found = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
         paths.extend(found)
     if not paths:
-        raise ValueError(f"wds data: pattern {pattern!r} matches no files")
+        raise DataError(f"wds data: pattern {pattern!r} matches no files")
     records = []
     for path in paths:
         if not os.path.exists(path):
             skips.add("missing shard", path)
             continue
-        compressed = not path.endswith(".tar")
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        texts: dict[str, str] = {}
         try:
-            with tarfile.open(path, "r:*") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    dirname, base = os.path.split(info.name)
-                    stem, _, ext = base.partition(".")
-                    key = os.path.join(dirname, stem)
-                    samples.setdefault(key, {})[ext.lower()] = info
-                    if ext.lower() == "txt":
-                        member = tar.extractfile(info)
-                        texts[key] = member.read().decode("utf-8", "replace") if member else ""
+            infos, texts, problem, compressed = _scan_shard(path)
         except (tarfile.TarError, OSError, EOFError) as err:
-            skips.add(f"unreadable shard ({type(err).__name__})", path)
+            skips.add(f"unreadable shard ({type(err).__name__})", path, str(err))
             continue
+        if problem:
+            skips.add("truncated shard", path, f"{problem}; read {len(infos)} whole members")
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for info in infos:
+            dirname, base = os.path.split(info.name)
+            stem, _, ext = base.partition(".")
+            samples.setdefault(os.path.join(dirname, stem), {})[ext.lower()] = info
         for key in sorted(samples):
             members = samples[key]
             image_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
@@ -441,13 +833,16 @@ def _list_wds(pattern: str, skips: SkipLog) -> list[Record]:
             if image_ext is None:
                 skips.add("missing image", name)
                 continue
-            text = texts.get(key, "").strip().splitlines()
-            if not text or not text[0].strip():
-                skips.add("empty caption", name)
+            if "txt" not in members:
+                skips.add("missing caption", name)
+                continue
+            text, reason = decode_caption(texts.get(members["txt"].name, b""))
+            if reason:
+                skips.add(reason, name)
                 continue
             info = members[image_ext]
-            ref = TarMember(path, info.name, -1 if compressed else info.offset_data, info.size)
-            records.append(Record(ref, text[0].strip(), name))
+            ref = TarMember(path, info.name, info.offset_data, info.size, compressed)
+            records.append(Record(ref, text, name))
     return records
 
 
@@ -458,25 +853,26 @@ _TAR_CACHE: dict[tuple[int, str], tarfile.TarFile] = {}
 def load_image(ref: ImageRef) -> Image.Image:
     """Load an image reference (file path, tar member or synthetic scene) as a decoded PIL image.
 
-    Raises OSError / ValueError on a missing or corrupt image (the dataset turns this into a skip).
+    Raises one of :data:`DECODE_ERRORS` on a missing, corrupt or oversized image, and
+    :class:`MissingDecoder` when an optional decoder is not installed (the dataset turns these into
+    skips; :func:`image_error_reason` names them).
     """
     if isinstance(ref, SyntheticRef):
         return synthetic.render(ref.seed, ref.split, ref.index, ref.size)
     if isinstance(ref, TarMember):
-        if ref.offset >= 0:
-            with open(ref.path, "rb") as f:
-                f.seek(ref.offset)
-                data = f.read(ref.size)
-            if len(data) != ref.size:
-                raise OSError(f"truncated tar member {ref.name}")
-        else:
+        if ref.compressed:
             cache_key = (os.getpid(), ref.path)
             if cache_key not in _TAR_CACHE:
                 _TAR_CACHE[cache_key] = tarfile.open(ref.path, "r:*")
-            member = _TAR_CACHE[cache_key].extractfile(ref.name)
-            if member is None:
-                raise OSError(f"no member {ref.name} in {ref.path}")
-            data = member.read()
+            stream = _TAR_CACHE[cache_key].fileobj  # seekable decompressed view of the tar
+            stream.seek(ref.offset)
+            data = stream.read(ref.size)
+        else:
+            with open(ref.path, "rb") as f:
+                f.seek(ref.offset)
+                data = f.read(ref.size)
+        if len(data) != ref.size:
+            raise OSError(f"truncated tar member {ref.name}")
         image = Image.open(io.BytesIO(data))
     elif ref.lower().endswith(".svg"):
         image = _rasterise_svg(ref)
@@ -486,11 +882,22 @@ def load_image(ref: ImageRef) -> Image.Image:
     return image
 
 
-def _rasterise_svg(path: str, size: int = 384) -> Image.Image:
+def decode_failure(ref: ImageRef) -> str | None:
+    """Try to decode ``ref``: None when it loads, else the skip reason (:func:`image_error_reason`)."""
     try:
-        import cairosvg  # optional: SVGs are skipped (and counted) without it
-    except ImportError:
-        raise ValueError("SVG needs the optional 'cairosvg' package") from None
+        load_image(ref)
+    except DECODE_ERRORS as err:
+        return image_error_reason(err)
+    return None
+
+
+def _rasterise_svg(path: str, size: int = 384) -> Image.Image:
+    problem = svg_decoder_problem()
+    if problem is not None:
+        raise MissingDecoder(problem)
+    import cairosvg
+
+    # cairosvg >= 2.7 neither resolves XML entities nor fetches external resources unless unsafe=True.
     return Image.open(io.BytesIO(cairosvg.svg2png(url=path, output_width=size)))
 
 
@@ -500,7 +907,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     Augmentation randomness comes from ``sample_rng(seed, epoch, index)`` only, so it does not depend on
     worker count, worker assignment, or whether the run was resumed. A sample whose image cannot be
-    loaded comes back as ``{"bad": reason, "key": key}``; :class:`Collator` drops it.
+    loaded comes back as ``{"bad": reason, "key": key}`` (reason from :func:`image_error_reason`);
+    :class:`Collator` drops it.
     """
 
     def __init__(self, records: Sequence[Record], transform, seed: int = 0) -> None:
@@ -519,8 +927,8 @@ class PairDataset(torch.utils.data.Dataset):
             tensor, caption = self.transform(
                 image, record.caption, sample_rng(self.seed, epoch, index)
             )
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            return {"bad": f"unreadable image ({type(err).__name__}: {err})", "key": record.key}
+        except DECODE_ERRORS as err:
+            return {"bad": image_error_reason(err), "key": record.key}
         return {"image": tensor, "caption": caption, "index": index, "label": record.label}
 
 

@@ -30,7 +30,7 @@ def itc_loss(
     sim_t2i: torch.Tensor,
     sim_i2t_m: torch.Tensor,
     sim_t2i_m: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ALBEF contrastive loss with momentum distillation.
@@ -97,7 +97,10 @@ def sample_hard_negatives(
 
 
 def mlm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, logits_m: torch.Tensor, alpha: float
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    logits_m: torch.Tensor,
+    alpha: float | torch.Tensor,
 ) -> torch.Tensor:
     """(1−α)·CE(labels) + α·CE(softmax(momentum logits)), averaged over predicted tokens.
 
@@ -120,7 +123,7 @@ def agreement_loss(
     teacher: torch.Tensor,
     center: torch.Tensor,
     student_temp: float,
-    teacher_temp: float,
+    teacher_temp: float | torch.Tensor,
 ) -> torch.Tensor:
     """DINO/iBOT cross-entropy between a centred, sharpened teacher and the student.
 

@@ -25,6 +25,12 @@ def _nothing_masked(batch: int, num_patches: int, device: torch.device | str) ->
     return keep_idx, mask_idx, torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
 
 
+def _noise(seed: int | None, shape: tuple[int, int], device) -> torch.Tensor:
+    if seed is None:
+        raise ValueError("seed: pass a seed or the noise (B, P) itself, got neither")
+    return kernels.gumbel_noise(shape, seed=seed, device=device)
+
+
 @torch.no_grad()
 def text_guided_mask(
     patch_feat: torch.Tensor,
@@ -32,13 +38,16 @@ def text_guided_mask(
     num_masked: int,
     *,
     tau: float,
-    seed: int,
+    seed: int | None = None,
+    noise: torch.Tensor | None = None,
     ops: OpCalls | None = None,
 ) -> ImageMask:
     """Mask the top-M patches by s_i / tau + Gumbel noise, s_i = cos(patch_feat_i, text_feat).
 
     patch_feat (B, P, d), text_feat (B, d); tau = 0 means no noise (hard top-M of s).
-    Deterministic given ``seed``. ``ops``: the model's :class:`~semmim.layers.OpCalls`
+    Deterministic given ``seed`` (the noise is ``kernels.gumbel_noise((B, P), seed=seed)``), or
+    pass that noise (B, P) drawn earlier as ``noise`` (the model draws all its random numbers
+    at the start of a step, so torch.compile's graphs do not depend on the seed). ``ops``: the model's :class:`~semmim.layers.OpCalls`
     (backend and validation of the top-k op; default: automatic dispatch, validating).
     Returns keep_idx (B, P−M), mask_idx (B, M), mask (B, P).
     """
@@ -46,9 +55,10 @@ def text_guided_mask(
     B, P, _ = patch_feat.shape
     if num_masked == 0:
         return _nothing_masked(B, P, patch_feat.device)
-    noise = None
-    if tau > 0:
-        noise = kernels.gumbel_noise((B, P), seed=seed, device=patch_feat.device)
+    if tau == 0:
+        noise = None
+    elif noise is None:
+        noise = _noise(seed, (B, P), patch_feat.device)
     return ops.topk_mask(
         patch_feat, text_feat, num_masked, noise=noise, tau=tau if tau > 0 else 1.0
     )
@@ -56,15 +66,24 @@ def text_guided_mask(
 
 @torch.no_grad()
 def random_mask(
-    batch: int, num_patches: int, num_masked: int, *, seed: int, device: torch.device | str
+    batch: int,
+    num_patches: int,
+    num_masked: int,
+    *,
+    seed: int | None = None,
+    noise: torch.Tensor | None = None,
+    device: torch.device | str,
 ) -> ImageMask:
     """Uniformly random M-subset per image (the ``masking.strategy=random`` ablation).
 
-    Deterministic given ``seed``. Returns keep_idx (B, P−M), mask_idx (B, M), mask (B, P).
+    Deterministic given ``seed``, or given ``noise`` = ``kernels.gumbel_noise((B, P), seed=...)``
+    drawn earlier (as :func:`text_guided_mask`). Returns keep_idx (B, P−M), mask_idx (B, M),
+    mask (B, P).
     """
     if num_masked == 0:
         return _nothing_masked(batch, num_patches, device)
-    noise = kernels.gumbel_noise((batch, num_patches), seed=seed, device=device)
+    if noise is None:
+        noise = _noise(seed, (batch, num_patches), device)
     order = noise.argsort(dim=1, descending=True)  # (B, P), a random permutation per row
     mask_idx = order[:, :num_masked].sort(dim=1).values
     keep_idx = order[:, num_masked:].sort(dim=1).values

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from semmim import kernels
 from semmim.config import SemMIMConfig
 from semmim.layers import (
     FusionEncoder,
@@ -241,7 +242,11 @@ class SemMIM(nn.Module):
         self.mask_token_id = tok.mask_token_id
         special = [tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id]
         self.register_buffer("special_ids", torch.tensor(special), persistent=False)
-        self.progress = 0.0
+        # the schedules' current values as 0-d tensors for forward: a compiled forward reads
+        # them as inputs instead of baking each step's float in (a recompile per step)
+        self.register_buffer("_alpha", torch.tensor(0.0), persistent=False)
+        self.register_buffer("_mim_teacher_temp", torch.tensor(0.0), persistent=False)
+        self.set_progress(0.0)
 
     def train(self, mode: bool = True) -> SemMIM:
         """Train/eval mode for ``net``; the EMA copy stays in eval mode, so its features (ITC
@@ -268,7 +273,14 @@ class SemMIM(nn.Module):
         """
         if total_steps <= 0:
             raise ValueError(f"total_steps: must be > 0, got {total_steps}")
-        self.progress = min(max(step / total_steps, 0.0), 1.0)
+        self.set_progress(step / total_steps)
+
+    @torch.no_grad()
+    def set_progress(self, progress: float) -> None:
+        """Set training progress ∈ [0, 1] directly (clamped); see :meth:`set_step`."""
+        self.progress = min(max(float(progress), 0.0), 1.0)
+        self._alpha.fill_(self.alpha)  # no host read: Python floats into device tensors
+        self._mim_teacher_temp.fill_(self.mim_teacher_temp)
 
     @property
     def alpha(self) -> float:
@@ -469,8 +481,11 @@ class SemMIM(nn.Module):
             raise ValueError("images: ITM hard negatives need a batch of at least 2 pairs")
         if seed is None:
             seed = int(torch.randint(2**62, ()))
+        # Every random draw of the step comes from `seed`, here at the start: a compiled
+        # forward breaks its graph at each generator, and no later graph reads the seed.
         gen = torch.Generator(device=images.device).manual_seed(seed + 1)
-        alpha = self.alpha
+        mask_noise = self._mask_noise(B, seed, images.device)  # (B, P) or None
+        alpha = self._alpha
         key_mask = attention_mask.bool()
         same = _matching_pairs(input_ids, key_mask, image_ids)  # (B, B) bool, diagonal True
 
@@ -502,7 +517,7 @@ class SemMIM(nn.Module):
         # would invalidate the resumed graph every step and recompile it.
         keep_idx = mask_idx = mask = None
         if cfg.mim.enabled and (w.glob > 0 or w.mim > 0):
-            keep_idx, mask_idx, mask = self._image_mask(image_embeds_m, text_feat_m, seed)
+            keep_idx, mask_idx, mask = self._image_mask(image_embeds_m, text_feat_m, mask_noise)
             image_losses = self._masked_image(
                 images, keep_idx, mask_idx, mask, text_embeds, key_mask, image_embeds_m,
                 text_embeds_m,
@@ -522,7 +537,7 @@ class SemMIM(nn.Module):
         text_feat: torch.Tensor,
         image_feat_m: torch.Tensor,
         text_feat_m: torch.Tensor,
-        alpha: float,
+        alpha: torch.Tensor,
         same: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image–text contrastive loss against [momentum batch | queue] keys (float32 features
@@ -577,7 +592,7 @@ class SemMIM(nn.Module):
         attention_mask: torch.Tensor,
         image_embeds: torch.Tensor,
         image_embeds_m: torch.Tensor,
-        alpha: float,
+        alpha: torch.Tensor,
         gen: torch.Generator,
     ) -> torch.Tensor:
         """Masked language modelling through the fusion encoder, distilled from the EMA."""
@@ -605,15 +620,29 @@ class SemMIM(nn.Module):
 
     @torch.no_grad()
     def _image_mask(
-        self, image_embeds_m: torch.Tensor, text_feat_m: torch.Tensor, seed: int
+        self,
+        image_embeds_m: torch.Tensor,
+        text_feat_m: torch.Tensor,
+        noise: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """keep_idx (B, R), mask_idx (B, M), mask (B, P) from the configured strategy."""
+        """keep_idx (B, R), mask_idx (B, M), mask (B, P) from the configured strategy, with
+        the Gumbel noise (B, P) of :meth:`_mask_noise`."""
         c, M = self.cfg.masking, self.cfg.num_masked
         if c.strategy == "random":
             B, L, _ = image_embeds_m.shape
-            return random_mask(B, L - 1, M, seed=seed, device=image_embeds_m.device)
+            return random_mask(B, L - 1, M, noise=noise, device=image_embeds_m.device)
         patch_feat_m = self.ema.vision_proj(image_embeds_m[:, 1:])  # (B, P, E) in ITC space
-        return text_guided_mask(patch_feat_m, text_feat_m, M, tau=c.tau, seed=seed, ops=self.ops)
+        return text_guided_mask(patch_feat_m, text_feat_m, M, tau=c.tau, noise=noise, ops=self.ops)
+
+    def _mask_noise(self, B: int, seed: int, device: torch.device) -> torch.Tensor | None:
+        """The image mask's Gumbel noise (B, P) from ``seed`` (None when no mask is drawn or
+        the text-guided mask has tau = 0)."""
+        cfg, M = self.cfg, self.cfg.num_masked
+        if not cfg.mim.enabled or not (cfg.loss.glob > 0 or cfg.loss.mim > 0) or M == 0:
+            return None
+        if cfg.masking.strategy == "text_guided" and cfg.masking.tau == 0:
+            return None
+        return kernels.gumbel_noise((B, cfg.vision.num_patches), seed=seed, device=device)
 
     def _masked_image(
         self,
@@ -693,7 +722,7 @@ class SemMIM(nn.Module):
             teacher = ema.head(v)  # (B, M, K)
         student = net.head(pred)  # (B, M, K)
         per_patch = agreement_loss(
-            student, teacher, self.mim_center, cfg.mim.student_temp, self.mim_teacher_temp
+            student, teacher, self.mim_center, cfg.mim.student_temp, self._mim_teacher_temp
         )  # (B, M)
         if self.training:
             _update_center(self.mim_center, teacher, cfg.mim.center_momentum)
@@ -702,8 +731,9 @@ class SemMIM(nn.Module):
     @torch.no_grad()
     def _enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
         """Write the (all-gathered) momentum features at the ring pointer, on device."""
-        image_feat_m = all_gather_no_grad(image_feat_m)
-        text_feat_m = all_gather_no_grad(text_feat_m)
+        # float32 features into the queue's dtype (a model cast with .half() has fp16 queues)
+        image_feat_m = all_gather_no_grad(image_feat_m.to(self.image_queue.dtype))
+        text_feat_m = all_gather_no_grad(text_feat_m.to(self.text_queue.dtype))
         Q, n = self.image_queue.shape[0], image_feat_m.shape[0]
         idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % Q  # (n,)
         self.image_queue.index_copy_(0, idx, image_feat_m)

@@ -65,7 +65,7 @@ __all__ = [
     "train_step",
     "save",
     "step_seed",
-    "resume_changes",
+    "check_resume",
 ]
 
 log = logging.getLogger("semmim.train")
@@ -390,6 +390,21 @@ def resume_changes(state: dict[str, Any], tcfg: TrainConfig, world_size: int) ->
     ]
 
 
+def check_resume(
+    state: dict[str, Any], path: str, tcfg: TrainConfig, world_size: int, allow_changes: bool
+) -> None:
+    """Refuse (ValueError) a resume that breaks the contract, unless ``allow_changes`` (logged)."""
+    changed = resume_changes(state, tcfg, world_size)
+    if changed and not allow_changes:
+        raise ValueError(
+            f"--resume: refusing to continue {path} with a different {'; '.join(changed)} (the "
+            "remaining steps would see other pairs, or in another order, than the run that "
+            "stopped). Give the saved values, or pass --allow-changes to continue anyway"
+        )
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("resuming with changes (allowed): %s", "; ".join(changed))
+
+
 class _BatchStream:
     """The loader's batches in order, across epochs; tracks the data position (epoch, batch)."""
 
@@ -431,7 +446,8 @@ class Run:
     tcfg: TrainConfig
     info: dist.DistInfo
     model: nn.Module  # the SemMIM module itself (state_dict, EMA, set_step)
-    forward: nn.Module  # what runs the step: model, DDP(model), or torch.compile of either
+    eager: nn.Module  # model or DDP(model): runs the first, checked step of a session
+    forward: nn.Module  # what runs the other steps: ``eager``, or torch.compile of it
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     source: DataSource
@@ -469,7 +485,7 @@ def setup(
     """Build the run: model, optimizer, schedule, data stream; on resume restore the checkpoint.
 
     ``checkpoint`` is an already loaded ``(state, path)`` (else the newest intact checkpoint of
-    ``OUT/checkpoints`` is loaded). A resume that breaks the contract (:func:`resume_changes`)
+    ``OUT/checkpoints`` is loaded). A resume that breaks the contract (:func:`check_resume`)
     raises ValueError naming the changes unless ``allow_changes``. ``task``: what to train
     (default: pre-training); a resume must continue the checkpoint's task.
     """
@@ -490,15 +506,7 @@ def setup(
             raise ValueError(
                 f"--resume: the checkpoint {path} is a {saved_task!r} run, not {task.name!r}"
             )
-        changed = resume_changes(state, tcfg, info.world_size)
-        if changed and not allow_changes:
-            raise ValueError(
-                f"--resume: the run's {', '.join(changed)}; the remaining steps would not be the "
-                f"ones the checkpoint {path} was saved for. Give the saved values, or allow the "
-                "change explicitly (--allow-changes / allow_changes=True)"
-            )
-        if changed and info.is_main:
-            log.warning("resuming with changes (allowed): %s", "; ".join(changed))
+        check_resume(state, path, tcfg, info.world_size, allow_changes)
     if source is None:
         source = task.open_data(tcfg)  # before the model: a task's classes may come from the data
     if state is None:
@@ -531,6 +539,8 @@ def setup(
 
     if info.is_main:
         log.info("data %s", source.describe())
+    # A sample of each split must decode (DataError otherwise): not 0 pairs trained, then a crash.
+    source.verify(held_out=tcfg.eval_at_end)
     max_len = min(tcfg.max_text_len, model_cfg.text.max_len)
     transform = build_transform(tcfg, source, model_cfg.vision.image_size)
     dataset = PairDataset(source.train, transform, tcfg.seed)
@@ -544,16 +554,17 @@ def setup(
     total_steps = tcfg.steps or math.ceil(tcfg.epochs * steps_per_epoch)
     warmup = tcfg.warmup_steps if tcfg.warmup_steps >= 0 else max(1, total_steps // 20)
 
-    forward: nn.Module = model
+    eager: nn.Module = model
     if info.distributed:
-        forward = nn.parallel.DistributedDataParallel(
+        eager = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[info.local_rank] if info.device.type == "cuda" else None,
             broadcast_buffers=False,
             find_unused_parameters=True,
         )
-    if tcfg.compile:
-        forward = torch.compile(forward)
+    # The first step runs eagerly (value checks, true dispatch record); the compiled module
+    # then sees check_inputs=False only, so it compiles once.
+    forward = torch.compile(eager) if tcfg.compile else eager
     optimizer = torch.optim.AdamW(
         param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2)
     )
@@ -581,6 +592,7 @@ def setup(
         tcfg=tcfg,
         info=info,
         model=model,
+        eager=eager,
         forward=forward,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -600,8 +612,8 @@ def setup(
 def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
     """One optimizer step (the unit of commit); returns its losses, pairs, data wait and lr.
 
-    ``check_inputs`` runs the model's value-reading input checks (host syncs); the loop turns them
-    on for the first step of a session only.
+    ``check_inputs`` runs the model's value-reading input checks (host syncs) and the step eagerly
+    (``run.eager``); the loop turns them on for the first step of a session only.
     """
     tcfg, info = run.tcfg, run.info
     run.model.set_step(run.step, run.total_steps)
@@ -618,13 +630,14 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
             continue  # nothing (or a single pair: no negatives) left after skips
         last = micro == tcfg.accum_steps - 1
         no_sync = info.distributed and not last
-        sync = run.forward.no_sync() if no_sync else contextlib.nullcontext()
+        module = run.eager if check_inputs else run.forward
+        sync = run.eager.no_sync() if no_sync else contextlib.nullcontext()
         amp = torch.autocast(
             info.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
         )
         seed = step_seed(tcfg.seed, run.step, micro, info.rank)
         with sync, amp:
-            loss, parts = run.task.loss(run.forward, batch, info.device, seed, check_inputs)
+            loss, parts = run.task.loss(module, batch, info.device, seed, check_inputs)
             (loss / tcfg.accum_steps).backward()
         pairs += len(batch["images"]) * info.world_size
         for k, v in {"loss": loss, **parts}.items():

@@ -44,7 +44,16 @@ def swap_left_right(caption: str) -> str:
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Convert any PIL mode to RGB, compositing transparency onto ``background``."""
+    """Convert any PIL mode to RGB, compositing transparency onto ``background``.
+
+    Integer greyscale (``I;16*`` from 16-bit PNG / TIFF, and ``I``) is scaled from 0..65535 to
+    0..255; Pillow's own ``convert`` would clip every value above 255 to white.
+    """
+    if image.mode.startswith("I"):
+        # 65535 / 257 = 255 exactly; values outside the 16-bit range (mode I is 32-bit) are clipped.
+        wide = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(grey)  # (H, W) uint8 -> mode L
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -122,3 +123,18 @@ def test_sigkill_during_checkpoint_write_keeps_previous_loadable(tmp_path):
     save_checkpoint({"step": 999}, str(ckpt_dir), 999)  # the next save clears stale temp files
     assert not any(n.endswith(".tmp") for n in os.listdir(ckpt_dir))
     assert load_checkpoint(str(ckpt_dir))["step"] == 999
+
+
+def test_checkpoint_holds_plain_data_and_checksum(tmp_path):
+    ckpt_dir = str(tmp_path / "checkpoints")
+    gen = torch.Generator().manual_seed(3)
+    path = save_checkpoint({"step": 1, "rng": rng_state({"g": gen})}, ckpt_dir, 1)
+    sidecar = json.load(open(path + ".json"))
+    assert sidecar["bytes"] == os.path.getsize(path) and len(sidecar["sha256"]) == 64
+    state = torch.load(path, weights_only=True)  # loads with the safe unpickler alone
+    expected = torch.rand(2, generator=gen)
+    set_rng_state(state["rng"], {"g": gen})
+    assert torch.equal(torch.rand(2, generator=gen), expected)
+    with pytest.raises(TypeError, match=r"state\['bad'\]: a Generator"):
+        save_checkpoint({"bad": gen}, ckpt_dir, 2)
+    assert [os.path.basename(p) for p in list_checkpoints(ckpt_dir)] == ["step_00000001.pt"]

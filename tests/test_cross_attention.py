@@ -259,6 +259,55 @@ def test_bad_inputs_raise_value_error(change, match, backend):
         )
 
 
+# ------------------------------------------------------------------ masked slots hold garbage
+def check_garbage_in_masked_slots(backend, dtype=torch.float32, device="cpu", Lq=6, Lk=11, Dh=32):
+    """NaN / inf stored in masked-out key AND value slots (issue 10 §8) take no part in the
+    math: output and gradients equal those of the same inputs with zeros there, padded keys get
+    zero gradients, and a row with no real key still outputs zeros."""
+    q, k, v, mask = make_inputs(3, Lq, Lk, 2, Dh, dtype, masked=True, empty_row=True, device=device)
+    mask[0, 2] = False  # a hole between real keys
+    junk = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    results = []
+    for fill in (None, "nan", "inf", "-inf"):
+        kk, vv = k.clone(), v.clone()
+        if fill is not None:
+            kk[~mask] = junk[fill]
+            vv[~mask] = junk[fill] if fill != "inf" else float("nan")
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, kk, vv))
+        out = cross_attention(qg, kg, vg, mask, backend=backend)
+        out.backward(do)
+        results.append((fill, out, qg.grad, kg.grad, vg.grad))
+    _, *clean = results[0]
+    for fill, *got in results[1:]:
+        for name, g, c in zip(("out", "dq", "dk", "dv"), got, clean):
+            assert bool(g.isfinite().all()), f"{backend} {fill}: {name} not finite"
+            # same inputs after masking: bit-identical, except that on a GPU torch's SDPA
+            # kernels may accumulate in a run-dependent order
+            tol = {} if device == "cuda" and backend != "triton" else {"rtol": 0, "atol": 0}
+            torch.testing.assert_close(g, c, **tol, msg=f"{backend} {fill}: {name}")
+        dk, dv = got[2], got[3]
+        assert (dk[~mask] == 0).all() and (dv[~mask] == 0).all(), "padded keys get zero grads"
+        assert (got[0][-1] == 0).all(), "a row without a real key outputs zeros"
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_garbage_in_masked_key_value_slots(backend, dtype):
+    check_garbage_in_masked_slots(backend, dtype)
+
+
+def test_autocast_mixed_dtypes_are_cast():
+    q, k, v, mask = make_inputs(2, 3, 5, 2, 32, torch.float32, masked=True)
+    with pytest.raises(ValueError, match="share a dtype"):
+        cross_attention(q.bfloat16(), k, v, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cross_attention(q.bfloat16(), k, v, mask)
+    assert out.dtype == torch.bfloat16
+    want = cross_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert torch.equal(out, want)
+
+
 def test_registry_reasons(monkeypatch):
     monkeypatch.delenv("SEMMIM_BACKEND", raising=False)
     q, k, v, mask = make_inputs(2, 3, 5, 2, 32, torch.float32, masked=True)
@@ -466,6 +515,13 @@ def test_triton_interpret_backward_plans_write_every_element(Lq, Lk, Dh, dtype, 
 
 @pytest.mark.interpret
 @needs_interpret
+@pytest.mark.parametrize("Lq,Lk,Dh", [(6, 11, 32), (70, 40, 64), (5, 150, 80)])
+def test_triton_interpret_garbage_in_masked_slots(Lq, Lk, Dh):
+    check_garbage_in_masked_slots("triton", torch.float32, Lq=Lq, Lk=Lk, Dh=Dh)
+
+
+@pytest.mark.interpret
+@needs_interpret
 def test_triton_interpret_lse_and_scale():
     q, k, v, mask = make_inputs(2, 6, 11, 2, 64, torch.float32, masked=True)
     out, lse = ca._fwd_op(q, k, v, mask, 0.3)
@@ -568,6 +624,15 @@ def test_cuda_backward_plans(plan, Lq, Lk, Dh, dtype):
     assert_attention_close("out", out, hi[0], lo[0], dtype, 2)
     for name, got, h, lw in zip(("dq", "dk", "dv"), (dq, dk, dv), hi[1:], lo[1:]):
         assert_attention_close(f"{plan} {name}", got, h, lw, dtype, 3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Lq,Lk,Dh", [(6, 11, 32), (577, 40, 64), (40, 577, 128)])
+def test_cuda_garbage_in_masked_slots(backend, dtype, Lq, Lk, Dh):
+    check_garbage_in_masked_slots(backend, dtype, device="cuda", Lq=Lq, Lk=Lk, Dh=Dh)
 
 
 @pytest.mark.cuda

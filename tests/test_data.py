@@ -10,11 +10,15 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from fault_cases_data import CASES, DataFault, bomb_png, pairs_folder, run_case
 from PIL import Image
 
+from semmim import data as data_module
 from semmim import synthetic
+from semmim.cli import main as cli_main
 from semmim.data import (
     Collator,
+    DataError,
     PairDataset,
     Record,
     ResumableBatchSampler,
@@ -141,7 +145,7 @@ def folder(tmp_path):
 
 
 def test_folder_listing_classes_and_listing_skips(folder):
-    source = open_data(f"folder:{folder}", val_size=2, seed=0)
+    source = open_data(f"folder:{folder}", val_size=2, split_seed=0)
     assert source.class_names == ["animals", "food"]
     assert len(source.train) + len(source.val) == 9  # 8 good + corrupt (found at load time)
     assert len(source.val) == 2
@@ -154,7 +158,7 @@ def test_folder_listing_classes_and_listing_skips(folder):
 
 
 def test_corrupt_image_skipped_and_counted_through_loader(folder):
-    source = open_data(f"folder:{folder}", val_size=0, seed=0)
+    source = open_data(f"folder:{folder}", val_size=0, split_seed=0)
     records = source.train
     dataset = PairDataset(records, TrainTransform(32), seed=0)
     collate = Collator(load_tokenizer(), max_len=16)
@@ -345,3 +349,202 @@ def test_loader_same_batches_with_and_without_workers_and_no_global_rng_use():
 def test_eval_transform_shape():
     x, cap = EvalTransform(48)(Image.new("RGBA", (30, 60)), "c")
     assert x.shape == (3, 48, 48) and cap == "c"
+
+
+# ------------------------------------------------------------------- bad data (issue 10 §7, §9)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_data_is_skipped_and_counted_or_a_clear_error(case: DataFault, tmp_path):
+    run_case(case, tmp_path)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    values = np.linspace(0, 65535, 64 * 16).round().astype(np.uint16).reshape(16, 64)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    image = load_image(str(tmp_path / "deep.png"))
+    assert image.mode.startswith("I")  # Pillow keeps the 16 bits
+    rgb = np.asarray(to_rgb(image)).astype(int)
+    expected = np.rint(values / 257.0).astype(int)
+    assert np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+    assert rgb.min() == 0 and rgb.max() == 255 and len(np.unique(rgb)) > 200
+    assert (rgb == 255).mean() < 0.01  # Pillow's convert("RGB") made 99.6% of these white
+    x, _ = EvalTransform(16)(image, "c")
+    assert x.std() > 0.5  # a gradient, not a white square
+
+
+def test_upper_case_pair_and_ignored_files_are_reported(tmp_path):
+    root = pairs_folder(tmp_path / "d", n=2)
+    (root / "X.PNG").write_bytes((root / "good0.png").read_bytes())
+    (root / "X.TXT").write_text("upper case\n")
+    (root / "thumb.png").write_bytes((root / "good0.png").read_bytes())  # no caption file
+    (root / "good1.svg").write_text("<svg/>")  # second format of a listed picture
+    source = open_data(f"folder:{root}", 0)
+    assert {r.caption for r in source.train} >= {"upper case"}
+    assert [r.key for r in source.train if r.caption == "upper case"] == ["X.PNG"]
+    assert source.ignored == {
+        "image files without a caption file": 1,
+        "other formats of a listed picture": 1,
+    }
+    text = source.describe()
+    assert "1 image files without a caption file" in text and "split seed 0" in text
+
+
+def _svg_folder(root):
+    pairs_folder(root, n=8)
+    for i in range(5):
+        (root / f"vec{i}.svg").write_text(
+            '<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8">'
+            '<rect width="8" height="8" fill="#ff0000"/></svg>'
+        )
+        (root / f"vec{i}.txt").write_text(f"a vector picture {i}\n")
+    return f"folder:{root}"
+
+
+def test_missing_svg_decoder_is_counted_by_split_and_named(tmp_path, monkeypatch):
+    spec = _svg_folder(tmp_path / "d")
+    with_svg = open_data(spec, 4)
+    reason = "SVG image: cairosvg not installed (pip install 'cairosvg>=2.7', semmim's [svg] extra)"
+    monkeypatch.setattr(data_module, "svg_decoder_problem", lambda: reason)
+    source = open_data(spec, 4)
+    svg_keys = {f"vec{i}.svg" for i in range(5)}
+    # The split does not move with the installed packages: the same images, minus the SVGs.
+    assert {r.key for r in source.val} == {r.key for r in with_svg.val} - svg_keys
+    n_val = len(svg_keys & {r.key for r in with_svg.val})
+    assert source.decoder_skips == {reason: {"train": 5 - n_val, "held-out": n_val}}
+    assert source.skips.counts == {reason: 5}
+    assert (
+        f"5 SVG images skipped ({5 - n_val} train, {n_val} held-out): cairosvg not installed "
+        "(pip install 'cairosvg>=2.7', semmim's [svg] extra)"
+    ) in source.describe()
+    assert not {r.key for r in source.train + source.val} & svg_keys
+
+
+def test_svg_decoder_problem_says_what_to_install(monkeypatch):
+    import builtins
+    import sys
+    import types
+
+    real_import = builtins.__import__
+
+    def fake_import(error):
+        def imp(name, *args, **kwargs):
+            if name == "cairosvg":
+                raise error
+            return real_import(name, *args, **kwargs)
+
+        return imp
+
+    monkeypatch.delitem(sys.modules, "cairosvg", raising=False)
+    try:
+        data_module.svg_decoder_problem.cache_clear()
+        monkeypatch.setattr(builtins, "__import__", fake_import(ImportError("no cairosvg")))
+        assert "pip install 'cairosvg>=2.7'" in data_module.svg_decoder_problem()
+        data_module.svg_decoder_problem.cache_clear()
+        monkeypatch.setattr(builtins, "__import__", fake_import(OSError("no library cairo-2")))
+        assert "apt-get install libcairo2" in data_module.svg_decoder_problem()
+        with pytest.raises(data_module.MissingDecoder, match="libcairo2"):
+            load_image("x.svg")
+        data_module.svg_decoder_problem.cache_clear()
+        monkeypatch.setattr(builtins, "__import__", real_import)
+        monkeypatch.setitem(sys.modules, "cairosvg", types.SimpleNamespace(__version__="2.5.2"))
+        assert "cairosvg 2.5.2 is older than 2.7" in data_module.svg_decoder_problem()
+    finally:
+        monkeypatch.undo()
+        data_module.svg_decoder_problem.cache_clear()
+
+
+def test_svg_rasterised_and_entities_refused(tmp_path):
+    problem = data_module.svg_decoder_problem()
+    if problem:
+        pytest.skip(problem)
+    spec = _svg_folder(tmp_path / "d")
+    image = load_image(str(tmp_path / "d" / "vec0.svg"))
+    assert to_rgb(image).getpixel((3, 3)) == (255, 0, 0)
+    assert open_data(spec, 0).decoder_skips == {}
+    hostile = tmp_path / "xxe.svg"
+    hostile.write_text(
+        '<?xml version="1.0"?><!DOCTYPE svg [<!ENTITY x SYSTEM "file:///etc/hostname">]>'
+        '<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><text>&x;</text></svg>'
+    )
+    assert data_module.decode_failure(str(hostile)).startswith("unreadable image")
+
+
+def test_split_has_its_own_seed(tmp_path):
+    root = pairs_folder(tmp_path / "d", n=60)
+    spec = f"folder:{root}"
+    default = {r.key for r in open_data(spec, 0.2).val}
+    assert default == {r.key for r in open_data(spec, 0.2, split_seed=0).val}
+    other = open_data(spec, 0.2, split_seed=1)
+    assert other.split_seed == 1 and "split seed 1" in other.describe()
+    assert {r.key for r in other.val} != default and len(other.val) == len(default) == 12
+    with pytest.raises(DataError, match="split_seed must be an int, got 1.5"):
+        open_data(spec, 0.2, split_seed=1.5)
+    synth = open_data("synthetic:20:5", split_seed=3)
+    assert synth.split_seed == 3 and synth.train[0].image.seed == 3
+    assert [r.caption for r in open_data("synthetic:20:5").val] != [r.caption for r in synth.val]
+
+
+def test_verify_counts_nothing_and_check_counts_everything(folder):
+    source = open_data(f"folder:{folder}", val_size=2)
+    before = dict(source.skips.counts)
+    result = source.verify(sample=4)
+    assert dict(source.skips.counts) == before  # the loader counts the corrupt one when it meets it
+    bad_held_out = "food/corrupt.png" in {r.key for r in source.val}
+    assert result["train"][1] == 4 and result["held-out"] == (2 - bad_held_out, 2)
+    full = source.check()
+    assert full["train"][0] + full["held-out"][0] == 8 and source.skips.total == 3
+
+
+def test_cli_data_check_survives_a_bomb_and_fails_on_all_bad(tmp_path, capsys):
+    root = pairs_folder(tmp_path / "d")
+    (root / "bomb.png").write_bytes(bomb_png())
+    (root / "bomb.txt").write_text("big\n")
+    assert cli_main(["data", f"folder:{root}", "--check", "--val-size", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 3 of 4 images decode" in out and "decompression-bomb" in out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"junk")
+    (bad / "a.txt").write_text("junk\n")
+    assert cli_main(["data", f"folder:{bad}", "--check", "--val-size", "0"]) == 2
+    assert "no training image can be decoded" in capsys.readouterr().err
+
+
+def test_open_data_errors_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        open_data(f"folder:{tmp_path / 'nope'}")
+    with pytest.raises(DataError, match="cannot read"):
+        open_data(f"json:{tmp_path / 'nope.json'}")
+    (tmp_path / "bom.csv").write_bytes("\ufeffimage,caption\nx.png,a\n".encode())
+    pairs_folder(tmp_path, n=1, name="x")
+    (tmp_path / "bom.csv").write_bytes("\ufeffimage,caption\nx0.png,a caption\n".encode())
+    assert [r.caption for r in open_data(f"csv:{tmp_path / 'bom.csv'}", 0).train] == ["a caption"]
+
+
+def test_folder_record_order_is_by_path(tmp_path):
+    # The record index feeds the sampler: the order must stay "sorted by path without extension".
+    root = tmp_path / "d"
+    for rel in ("k/chicken", "k/cartoon/x", "k/a", "k/B"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{rel}.png").write_bytes(b"")
+        (root / f"{rel}.txt").write_text(f"{rel}\n")
+    keys = [r.key for r in open_data(f"folder:{root}", 0).train]
+    assert keys == ["k/B.png", "k/a.png", "k/cartoon/x.png", "k/chicken.png"]
+
+
+def test_wds_compression_is_told_by_content_not_name(tmp_path):
+    _shard(tmp_path / "gz-inside.tar", {"s0": {"png": _png_bytes(), "txt": b"hidden gzip"}}, "w:gz")
+    _shard(tmp_path / "PLAIN.TAR", {"s1": {"PNG": _png_bytes((1, 2, 3)), "TXT": b"upper"}})
+    source = open_data(f"wds:{tmp_path}/*", 0)
+    got = {r.caption: load_image(r.image).convert("RGB").getpixel((0, 0)) for r in source.train}
+    assert got == {"hidden gzip": (10, 200, 10), "upper": (1, 2, 3)}
+    assert [r.image.compressed for r in source.train] == [False, True]
+    assert source.skips.total == 0
+
+
+def test_verify_held_out_only_when_evaluating(tmp_path):
+    from fault_cases_data import _held_out_bad
+
+    source = open_data(_held_out_bad(tmp_path), 2)
+    assert source.verify(held_out=False) == {"train": (4, 4), "held-out": (0, 2)}
+    with pytest.raises(DataError, match=r"none of the 2 held-out images .*--no-eval"):
+        source.verify()

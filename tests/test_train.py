@@ -175,7 +175,23 @@ def test_first_step_logs_the_backends_that_ran(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("opts", [{"amp": "bf16"}, {"compile": True}])
-def test_two_step_run_with_cpu_bf16_autocast_or_compile(opts, tmp_path):
-    summary = train(from_preset("tiny", SMALL), _tcfg(tmp_path, steps=2, **opts))
+def test_two_step_run_with_cpu_bf16_autocast_or_compile(opts, tmp_path, monkeypatch):
+    """Step 1 runs eagerly with checks; under ``compile`` step 2 runs the torch.compile'd model.
+
+    Dynamo traces the whole training step here; the graphs run on the "aot_eager" backend, because
+    Inductor's C++ code generation takes minutes on a 2-core CI machine (the Inductor-compiled step
+    against eager is tests/test_gpu_path.py::test_compiled_training_step_matches_eager).
+    """
+    calls = []
+    real_compile = torch.compile
+
+    def compile_(module, **kw):
+        calls.append(module)
+        return real_compile(module, **{**kw, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    cfg = from_preset("tiny", {**SMALL, "vision.depth": 1, "text.depth": 1, "fusion.depth": 1})
+    summary = train(cfg, _tcfg(tmp_path, steps=2, **opts))
     assert summary["step"] == 2
     assert all(torch.isfinite(torch.tensor(v)) for row in summary["history"] for v in row.values())
+    assert len(calls) == (1 if opts.get("compile") else 0)

@@ -368,7 +368,7 @@ def _resume_configs(args: argparse.Namespace, explicit: dict[str, Any], model_se
     with the run options given now applied and the resume contract checked."""
     from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
     from semmim.config import SemMIMConfig, TrainConfig
-    from semmim.train import resume_changes
+    from semmim.train import check_resume
 
     out = explicit.get("out", TrainConfig.out)
     try:
@@ -385,15 +385,9 @@ def _resume_configs(args: argparse.Namespace, explicit: dict[str, Any], model_se
         )
     saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
     tcfg = saved.override(explicit)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    changed = resume_changes(state, tcfg, world_size)
-    if changed and not args.allow_changes:
-        raise CLIError(
-            f"--resume: refusing to continue {checkpoint[1]} with a different "
-            f"{'; '.join(changed)} (the remaining steps would see other pairs, in another "
-            "order, than the run that was interrupted). Give the saved values, or pass "
-            "--allow-changes to continue anyway"
-        )
+    if not args.allow_changes:  # refuse before the data is opened (train() logs changes)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_resume(state, checkpoint[1], tcfg, world_size, False)
     return checkpoint, model_cfg, tcfg
 
 
@@ -444,6 +438,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``semmim finetune {retrieval,vqa,caption}``."""
     from semmim.config import TrainConfig, from_preset
+    from semmim.data import DataError
     from semmim.downstream.tasks import TaskConfig, init_model_config, make_task
     from semmim.train import train
 
@@ -477,15 +472,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         source = task.open_data(tcfg)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
-    summary = train(
-        model_cfg,
-        tcfg,
-        resume=args.resume,
-        source=source,
-        checkpoint=checkpoint,
-        allow_changes=args.allow_changes,
-        task=task,
-    )
+    try:
+        summary = train(
+            model_cfg,
+            tcfg,
+            resume=args.resume,
+            source=source,
+            checkpoint=checkpoint,
+            allow_changes=args.allow_changes,
+            task=task,
+        )
+    except DataError as err:  # the data checks before the first step
+        raise CLIError(str(err)) from None
     return _report(summary, tcfg)
 
 

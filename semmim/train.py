@@ -66,7 +66,7 @@ __all__ = [
     "train_step",
     "save",
     "step_seed",
-    "resume_changes",
+    "check_resume",
 ]
 
 log = logging.getLogger("semmim.train")
@@ -487,6 +487,21 @@ def resume_changes(state: dict[str, Any], tcfg: TrainConfig, world_size: int) ->
     ]
 
 
+def check_resume(
+    state: dict[str, Any], path: str, tcfg: TrainConfig, world_size: int, allow_changes: bool
+) -> None:
+    """Refuse (ValueError) a resume that breaks the contract, unless ``allow_changes`` (logged)."""
+    changed = resume_changes(state, tcfg, world_size)
+    if changed and not allow_changes:
+        raise ValueError(
+            f"--resume: refusing to continue {path} with a different {'; '.join(changed)} (the "
+            "remaining steps would see other pairs, or in another order, than the run that "
+            "stopped). Give the saved values, or pass --allow-changes to continue anyway"
+        )
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("resuming with changes (allowed): %s", "; ".join(changed))
+
+
 class _BatchStream:
     """The loader's batches in order, across epochs; tracks the data position (epoch, batch)."""
 
@@ -567,7 +582,7 @@ def setup(
     """Build the run: model, optimizer, schedule, data stream; on resume restore the checkpoint.
 
     ``checkpoint`` is an already loaded ``(state, path)`` (else the newest intact checkpoint of
-    ``OUT/checkpoints`` is loaded). A resume that breaks the contract (:func:`resume_changes`)
+    ``OUT/checkpoints`` is loaded). A resume that breaks the contract (:func:`check_resume`)
     raises ValueError naming the changes unless ``allow_changes``. ``task``: what to train
     (default: pre-training); a resume must continue the checkpoint's task.
     """
@@ -588,15 +603,7 @@ def setup(
             raise ValueError(
                 f"--resume: the checkpoint {path} is a {saved_task!r} run, not {task.name!r}"
             )
-        changed = resume_changes(state, tcfg, info.world_size)
-        if changed and not allow_changes:
-            raise ValueError(
-                f"--resume: the run's {', '.join(changed)}; the remaining steps would not be the "
-                f"ones the checkpoint {path} was saved for. Give the saved values, or allow the "
-                "change explicitly (--allow-changes / allow_changes=True)"
-            )
-        if changed and info.is_main:
-            log.warning("resuming with changes (allowed): %s", "; ".join(changed))
+        check_resume(state, path, tcfg, info.world_size, allow_changes)
     if source is None:
         source = task.open_data(tcfg)  # before the model: a task's classes may come from the data
     if state is None:

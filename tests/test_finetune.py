@@ -193,7 +193,13 @@ def test_pretrain_finetune_eval_round_trip(tmp_path, capsys):
     argv = ["finetune", "caption", "--steps", "2", "--out", cap, "--max-gen-len", "6", *common]
     assert main(argv) == 0  # from scratch (no --ckpt): the log says so
     result = json.load(open(os.path.join(cap, "eval.json")))
-    assert result["n_images"] == 8 and "CIDEr" in result and "BLEU-4" in result
+    assert result["n_images"] == 8
+    try:
+        import pycocoevalcap  # noqa: F401
+
+        assert "CIDEr" in result and "BLEU-4" in result
+    except ImportError:
+        assert "pycocoevalcap" in str(result["skipped"])
     assert len(json.load(open(os.path.join(cap, "captions.json")))) == 8
     argv = ["finetune", "caption", "--resume", "--steps", "3", "--out", cap, "--no-eval", *common]
     assert main(argv) == 0

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semmim import kernels
-from semmim.layers import MLP, CrossAttention, MLMHead, _dropout
+from semmim.layers import MLP, CrossAttention, MLMHead, OpCalls, _dropout
 
 __all__ = ["KVCache", "TextDecoder", "generate"]
 
@@ -94,13 +93,14 @@ class DecoderLayer(nn.Module):
         eps: float,
         image_dim: int | None = None,
         dropout: float = 0.0,
+        ops: OpCalls | None = None,
     ) -> None:
         super().__init__()
         self.attn = CausalSelfAttention(dim, heads, dropout)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.cross = self.norm_cross = None
         if image_dim is not None:
-            self.cross = CrossAttention(dim, image_dim, heads, dropout)
+            self.cross = CrossAttention(dim, image_dim, heads, dropout, ops)
             self.norm_cross = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, intermediate, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -122,7 +122,8 @@ class DecoderLayer(nn.Module):
         if self.cross is not None:
             B, t, D = x.shape
             q = self.cross.q(x).view(B, t, self.cross.heads, D // self.cross.heads)
-            y = kernels.cross_attention(q, image_kv[0], image_kv[1], None)  # (B, t, H, Dh)
+            # the layer's OpCalls (the model's backend / validate settings), as CrossAttention
+            y = self.cross.ops.cross_attention(q, image_kv[0], image_kv[1], None)  # (B, t, H, Dh)
             x = self.norm_cross(x + self.cross.drop(self.cross.proj(y.reshape(B, t, D))))
         return self.norm2(x + self.mlp(x)), kv
 
@@ -132,7 +133,8 @@ class TextDecoder(nn.Module):
 
     Args: the text encoder's sizes (``vocab_size``, ``dim``, ``heads``, ``intermediate``,
     ``max_len``, ``type_vocab_size``, ``eps``), ``text_depth`` layers without and
-    ``fusion_depth`` layers with cross-attention to image tokens of width ``image_dim``.
+    ``fusion_depth`` layers with cross-attention to image tokens of width ``image_dim``;
+    ``ops``: the model's :class:`semmim.layers.OpCalls` (how cross-attention calls the kernels).
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class TextDecoder(nn.Module):
         image_dim: int,
         text_dropout: float = 0.0,
         fusion_dropout: float = 0.0,
+        ops: OpCalls | None = None,
     ) -> None:
         super().__init__()
         self.max_len = max_len
@@ -163,7 +166,7 @@ class TextDecoder(nn.Module):
                 for _ in range(text_depth)
             ]
             + [
-                DecoderLayer(dim, heads, intermediate, eps, image_dim, fusion_dropout)
+                DecoderLayer(dim, heads, intermediate, eps, image_dim, fusion_dropout, ops)
                 for _ in range(fusion_depth)
             ]
         )
@@ -191,6 +194,7 @@ class TextDecoder(nn.Module):
             cfg.vision.dim,
             t.dropout,
             cfg.fusion.dropout,
+            fusion.layers[0].cross.ops if len(fusion.layers) else None,  # the model's op calls
         )
         state = {}
         for k, v in text.state_dict().items():

@@ -4,7 +4,6 @@ input checks, the autocast rule, and the ONE output allocator (with its test poi
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 from types import ModuleType
@@ -17,40 +16,52 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.cache
-def extension() -> ModuleType | None:
-    """The compiled module ``semmim._C``, or None when it is not built."""
+# Probed once at import (not per call): dispatch reads plain module globals, so torch.compile
+# traces the backend choice without calling into pybind11 or importing anything.
+def _probe_extension() -> tuple[ModuleType | None, str]:
     try:
         from semmim import _C  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _C
-
-
-@functools.cache
-def limits() -> dict[str, int]:
-    """Size limits owned by the compiled kernels (``semmim._C.limits()``); {} when not built."""
-    ext = extension()
-    return dict(ext.limits()) if ext is not None else {}
-
-
-@functools.cache
-def extension_import_error() -> str:
-    try:
-        from semmim import _C  # type: ignore[attr-defined]  # noqa: F401
     except ImportError as e:
-        return f"semmim._C is not importable ({e})"
-    return ""
+        return None, f"semmim._C is not importable ({e})"
+    return _C, ""
 
 
-@functools.cache
-def triton_import_error() -> str:
+def _probe_triton() -> str:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as e:  # triton may fail with other errors than ImportError on odd setups
         return f"triton is not importable ({type(e).__name__}: {e})"
     return ""
+
+
+_EXT, _EXT_ERROR = _probe_extension()
+_EXT_HAS_CUDA = bool(_EXT.build_info()["cuda"]) if _EXT is not None else False
+_LIMITS = dict(_EXT.limits()) if _EXT is not None else {}
+_TRITON_ERROR = _probe_triton()
+
+
+def extension() -> ModuleType | None:
+    """The compiled module ``semmim._C``, or None when it is not built."""
+    return _EXT
+
+
+def extension_has_cuda() -> bool:
+    """``semmim._C`` was built with its CUDA kernels."""
+    return _EXT_HAS_CUDA
+
+
+def limits() -> dict[str, int]:
+    """Size limits owned by the compiled kernels (``semmim._C.limits()``); {} when not built."""
+    return _LIMITS
+
+
+def extension_import_error() -> str:
+    return _EXT_ERROR
+
+
+def triton_import_error() -> str:
+    return _TRITON_ERROR
 
 
 def interpret_mode() -> bool:
@@ -83,7 +94,7 @@ def cuda_ext_reasons(*args: Any) -> list[str]:
     if ext is None:
         return [extension_import_error()]
     reasons = []
-    if not ext.build_info()["cuda"]:
+    if not extension_has_cuda():
         reasons.append("semmim._C built without CUDA")
     devs = {t.device.type for t in tensors_of(*args)}
     if devs != {"cuda"}:

@@ -4,6 +4,8 @@ Math
     out[b, i, h] = Σ_j softmax_j(scale · q[b, i, h] · k[b, j, h]  over keys j with key_mask[b, j])
                    · v[b, j, h]
     A query whose batch row has no real key gets zeros (never NaN), and zero gradients.
+    Masked-out key slots take no part in the math on any backend: whatever k / v hold there
+    (NaN / inf included) never reaches the output or the gradients, and their dk / dv are zero.
     scale defaults to Dh ** -0.5.
 
 Shapes
@@ -220,17 +222,22 @@ if not triton_import_error():
 
     @triton.jit
     def _load_keys(k_base, v_base, stride_kn, stride_vn, mask_row, n, Lk, offs_d, in_d,
-                   HAS_MASK: tl.constexpr):  # fmt: skip
-        """k, v tiles of keys ``n`` and which of them are real. Padded and masked-out keys load
-        as zeros, so whatever those slots hold (NaN/inf included) takes no part in the math:
-        a masked score is -inf (P = 0) and 0 · V would still be NaN if V were loaded."""
+                   HAS_MASK: tl.constexpr, ZERO_K: tl.constexpr, ZERO_V: tl.constexpr):  # fmt: skip
+        """k, v tiles of keys ``n`` and which of them are real (``valid_n``).
+
+        Masked-out key slots take no part in the math whatever they hold (NaN/inf included):
+        their scores become -inf (P = 0) and dS is zeroed there (:func:`_bwd_block`), but a
+        product with the tile itself (P·V, dS·K) would still turn 0 · NaN into NaN, so the tile
+        a kernel multiplies is loaded with masked slots as zeros (ZERO_K / ZERO_V). Only that
+        one: a data-dependent load mask costs registers (measured with ptxas for sm_90)."""
         valid_n = n < Lk
+        bound = valid_n[:, None] & in_d[None, :]
         if HAS_MASK:
             real = tl.load(mask_row + n, mask=valid_n, other=0)
             valid_n = valid_n & (real != 0)
-        kv_mask = valid_n[:, None] & in_d[None, :]
-        k = _load_rows(k_base, n, stride_kn, offs_d, kv_mask)
-        v = _load_rows(v_base, n, stride_vn, offs_d, kv_mask)
+        real_mask = valid_n[:, None] & in_d[None, :]
+        k = _load_rows(k_base, n, stride_kn, offs_d, real_mask if ZERO_K else bound)
+        v = _load_rows(v_base, n, stride_vn, offs_d, real_mask if ZERO_V else bound)
         return k, v, valid_n
 
     @triton.jit
@@ -241,12 +248,13 @@ if not triton_import_error():
     @triton.jit
     def _bwd_block(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale,
                    DOT_PRECISION: tl.constexpr):  # fmt: skip
-        """P and dS = P ∘ (dO Vᵀ − D) of one (query block, key block): (BLOCK_M, BLOCK_N)."""
+        """P and dS = P ∘ (dO Vᵀ − D) of one (query block, key block): (BLOCK_M, BLOCK_N);
+        both exactly 0 at masked keys and padded queries (whatever K/V hold there)."""
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(in_m[:, None] & valid_n[None, :], p, 0.0)
+        real = in_m[:, None] & valid_n[None, :]
+        p = tl.where(real, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        return p, p * (dp - delta[:, None])
+        return p, tl.where(real, p * (dp - delta[:, None]), 0.0)
 
     @triton.jit
     def _bwd_block_t(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale,
@@ -254,10 +262,10 @@ if not triton_import_error():
         """The same block transposed (rows = keys): Pᵀ, dSᵀ (BLOCK_N, BLOCK_M), for the kernels
         that accumulate dK, dV over query blocks."""
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        p_t = tl.exp2(s_t - lse2[None, :])
-        p_t = tl.where(valid_n[:, None] & in_m[None, :], p_t, 0.0)
+        real = valid_n[:, None] & in_m[None, :]
+        p_t = tl.where(real, tl.exp2(s_t - lse2[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        return p_t, p_t * (dp_t - delta[None, :])
+        return p_t, tl.where(real, p_t * (dp_t - delta[None, :]), 0.0)
 
     @triton.jit
     def _cross_attention_fwd_kernel(
@@ -292,7 +300,8 @@ if not triton_import_error():
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
             k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
-                                       start_n + offs_n, Lk, offs_d, in_d, HAS_MASK)  # fmt: skip
+                                       start_n + offs_n, Lk, offs_d, in_d, HAS_MASK,
+                                       False, True)  # fmt: skip
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             s = tl.where(valid_n[None, :], s, float("-inf"))  # key padding bias
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -357,9 +366,10 @@ if not triton_import_error():
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_d = offs_d < Dh
-        k, v, valid_n = _load_keys(K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
-                                   stride_kn, stride_vn, MASK + b * stride_mb, offs_n, Lk, offs_d,
-                                   in_d, HAS_MASK)  # fmt: skip
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
+                                   offs_n, Lk, offs_d, in_d, HAS_MASK, False, False)  # fmt: skip
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         l_base = b * stride_lb + h * stride_lh
@@ -418,7 +428,8 @@ if not triton_import_error():
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
             k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
-                                       start_n + offs_n, Lk, offs_d, in_d, HAS_MASK)  # fmt: skip
+                                       start_n + offs_n, Lk, offs_d, in_d, HAS_MASK,
+                                       True, False)  # fmt: skip
             p, ds = _bwd_block(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqm, offs_d,
@@ -452,9 +463,10 @@ if not triton_import_error():
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_d = offs_d < Dh
-        k, v, valid_n = _load_keys(K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
-                                   stride_kn, stride_vn, MASK + b * stride_mb, offs_n, Lk, offs_d,
-                                   in_d, HAS_MASK)  # fmt: skip
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
+                                   offs_n, Lk, offs_d, in_d, HAS_MASK, True, False)  # fmt: skip
         q_base = Q + b * stride_qb + h * stride_qh
         o_base = O + b * stride_ob + h * stride_oh
         do_base = DO + b * stride_dob + h * stride_doh
@@ -525,7 +537,7 @@ if not triton_import_error():
         for start_n in range(0, Lk, BLOCK_N):
             n = start_n + offs_n
             k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
-                                       n, Lk, offs_d, in_d, HAS_MASK)  # fmt: skip
+                                       n, Lk, offs_d, in_d, HAS_MASK, True, False)  # fmt: skip
             p, ds = _bwd_block(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
@@ -716,7 +728,7 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, plan=None):
     if plan != "general":
         raise ValueError(f"plan must be 'short_k', 'short_q' or 'general', got {plan!r}")
 
-    delta = torch.empty_like(lse)  # (B, H, Lq) fp32: rowsum(dO ∘ O)
+    delta = new_output(tuple(lse.shape), dtype=torch.float32, device=lse.device)  # rowsum(dO ∘ O)
     pre_m = 64
     _cross_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), H, B)](
         out, do, delta,

@@ -26,8 +26,9 @@ Validation (the op contract, ``kernels/README.md``)
     for both). ``validate=False`` skips that; then the result for an invalid index is
     unspecified, but no backend reads or writes out of bounds, and: the C++ CPU kernels check
     every entry anyway and raise ValueError (out of range, or duplicate where the inverse map
-    is built: scatter forward, gather backward); the CUDA gather writes NaN rows for
-    out-of-range entries. Under autocast, ``pos`` / ``fill`` in another float dtype are cast to
+    is built: scatter forward, gather backward); the CUDA and Triton gathers write NaN rows
+    for out-of-range entries and the Triton inverse map ignores them (no host sync to report
+    them). Under autocast, ``pos`` / ``fill`` in another float dtype are cast to
     the input's dtype (outside autocast a mismatch is a ValueError).
 
 Layouts
@@ -196,7 +197,7 @@ if not triton_import_error():
     @triton.jit
     def _masked_gather_fwd_kernel(
         x_ptr, idx_ptr, pos_ptr, out_ptr,
-        n_rows, R, D, stride_xb, stride_xp, stride_xd,
+        n_rows, P, R, D, stride_xb, stride_xp, stride_xd,
         HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # rows are flattened (b, r) pairs; each program moves BLOCK_R rows x BLOCK_D columns.
@@ -207,12 +208,15 @@ if not triton_import_error():
         p = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         b = rows.to(tl.int64) // R
         m = row_ok[:, None] & (cols[None, :] < D)
+        # an out-of-range entry (possible only with validate=False) gives a NaN row, never an
+        # out-of-bounds read (as the CUDA kernel does)
+        ld = m & ((p >= 0) & (p < P))[:, None]
         src = (
             b[:, None] * stride_xb + p[:, None] * stride_xp + cols.to(tl.int64)[None, :] * stride_xd
         )
-        v = tl.load(x_ptr + src, mask=m)
+        v = tl.load(x_ptr + src, mask=ld, other=float("nan"))
         if HAS_POS:
-            w = tl.load(pos_ptr + p[:, None] * D + cols[None, :], mask=m)
+            w = tl.load(pos_ptr + p[:, None] * D + cols[None, :], mask=ld, other=float("nan"))
             v = (v.to(tl.float32) + w.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v, mask=m)
 
@@ -357,16 +361,20 @@ class _TritonKernels(_Kernels):
         grid = (triton.cdiv(B * R, br), triton.cdiv(D, bd))
         _masked_gather_fwd_kernel[grid](
             x, index, pos if pos is not None else x, out,
-            B * R, R, D, x.stride(0), x.stride(1), x.stride(2),
+            B * R, P, R, D, x.stride(0), x.stride(1), x.stride(2),
             HAS_POS=pos is not None, BLOCK_R=br, BLOCK_D=bd,
         )  # fmt: skip
         return out
 
     def inverse(self, index, P):
+        # out-of-range entries (possible only with validate=False) land in a spare column P
+        # that is dropped: never an out-of-bounds write
         B, R = index.shape
-        inv = torch.full((B, P), -1, dtype=torch.int32, device=index.device)
+        inv = torch.full((B, P + 1), -1, dtype=torch.int32, device=index.device)
         ar = torch.arange(R, dtype=torch.int32, device=index.device).expand(B, R)
-        return inv.scatter_(1, index.long(), ar)
+        idx = index.long()
+        idx = torch.where((idx >= 0) & (idx < P), idx, P)
+        return inv.scatter_(1, idx, ar)[:, :P].contiguous()
 
     def scatter_rows(self, y, inv, fill, pos):
         B, R, D = y.shape

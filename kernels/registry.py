@@ -33,7 +33,9 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda", "cpu", "sdpa")
+# every backend name any op may register (SEMMIM_BACKEND must be one of them); "chunked" is
+# prototype_cross_entropy's blockwise PyTorch backend
+BACKENDS = ("reference", "triton", "cuda", "cpu", "sdpa", "chunked")
 ENV_VAR = "SEMMIM_BACKEND"
 
 Prepared = tuple[tuple, dict]

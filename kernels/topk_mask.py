@@ -12,7 +12,8 @@ Math
     backend recomputes that score with patch[b,p] and text[b] pre-scaled by powers of two
     2^-e, e = clamp(floor(log2 max|x|), 0, 126) (exact; the cosine is scale invariant and the EPS
     floors scale along), so finite inputs of any magnitude get their true score (rare path: a
-    second pass over that row, no cost otherwise).
+    second pass over that patch row, no cost otherwise; triton recomputes the whole row b, which
+    for the other patches gives the same value up to subnormal rounding).
 
 Shapes
     patch (B, P, d)  float32/float16/bfloat16; fused backends need the last dim contiguous (other
@@ -315,6 +316,7 @@ if not triton_import_error():
         patch_ptr, text_ptr, noise_ptr, keep_ptr, mask_idx_ptr, mask_ptr, nonfinite_ptr,
         P, D, M, stride_pb, stride_pp, stride_tb, stride_nb, stride_np, tau, eps,
         HAS_NOISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+        RESCUE_D: tl.constexpr,
     ):  # fmt: skip
         """One program per row b: scores of all P patches in registers, then top-M selection."""
         b = tl.program_id(0).to(tl.int64)
@@ -342,15 +344,15 @@ if not triton_import_error():
         s = tl.math.div_rn(dot, denom)
         # plain fp32 overflowed (|x| >~ 1e19 squares to inf; NaN/inf inputs land here too):
         # recompute those patches with both vectors pre-scaled by powers of two (rare path)
+        # the whole row then (not just those patches: nothing of the plain pass stays live
+        # through the rescue; for the others the pre-scaled formula gives the same value up to
+        # subnormal rounding). Narrower tiles there keep the rare path under the hot path's
+        # register count.
         ovf = valid & ~(_tl_finite(dot) & _tl_finite(ss) & _tl_finite(denom) & _tl_finite(t_norm))
         if tl.sum(ovf.to(tl.int32), axis=0) > 0:
-            s = tl.where(
-                ovf,
-                _tl_rescued_cosine(
-                    patch_ptr + b * stride_pb, row_off, valid, text_ptr + b * stride_tb, D, eps,
-                    BLOCK_P, BLOCK_D,
-                ),
-                s,
+            s = _tl_rescued_cosine(
+                patch_ptr + b * stride_pb, row_off, valid, text_ptr + b * stride_tb, D, eps,
+                BLOCK_P, RESCUE_D,
             )  # fmt: skip
         if HAS_NOISE:
             nz = tl.load(noise_ptr + b * stride_nb + offs_p.to(tl.int64) * stride_np,
@@ -397,6 +399,11 @@ def _triton_tiles(P: int, d: int) -> tuple[int, int, int]:
     return block_p, block_d, num_warps
 
 
+def _rescue_d(block_d: int) -> int:
+    """BLOCK_D of the rare overflow pass: a quarter of the hot pass's (fewer registers)."""
+    return max(1, block_d // 4)
+
+
 def _run_triton(patch, text, num_masked, noise, tau) -> TopkMaskOut:
     B, P, d = patch.shape
     keep_idx, mask_idx, mask, nonfinite = out = _alloc_outputs(patch, num_masked)
@@ -411,7 +418,8 @@ def _run_triton(patch, text, num_masked, noise, tau) -> TopkMaskOut:
         P, d, num_masked, patch.stride(0), patch.stride(1), t32.stride(0),
         n32.stride(0) if n32 is not None else 0, n32.stride(1) if n32 is not None else 0,
         float(tau), EPS,
-        HAS_NOISE=n32 is not None, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_NOISE=n32 is not None, BLOCK_P=block_p, BLOCK_D=block_d,
+        RESCUE_D=_rescue_d(block_d), num_warps=num_warps,
     )  # fmt: skip
     return out
 

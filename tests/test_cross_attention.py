@@ -282,7 +282,10 @@ def check_garbage_in_masked_slots(backend, dtype=torch.float32, device="cpu", Lq
     for fill, *got in results[1:]:
         for name, g, c in zip(("out", "dq", "dk", "dv"), got, clean):
             assert bool(g.isfinite().all()), f"{backend} {fill}: {name} not finite"
-            torch.testing.assert_close(g, c, rtol=0, atol=0, msg=f"{backend} {fill}: {name}")
+            # same inputs after masking: bit-identical, except that on a GPU torch's SDPA
+            # kernels may accumulate in a run-dependent order
+            tol = {} if device == "cuda" and backend != "triton" else {"rtol": 0, "atol": 0}
+            torch.testing.assert_close(g, c, **tol, msg=f"{backend} {fill}: {name}")
         dk, dv = got[2], got[3]
         assert (dk[~mask] == 0).all() and (dv[~mask] == 0).all(), "padded keys get zero grads"
         assert (got[0][-1] == 0).all(), "a row without a real key outputs zeros"

@@ -490,6 +490,20 @@ def test_triton_takes_the_patch_embedding_layout_interpreted(monkeypatch):
 
 
 @pytest.mark.interpret
+def test_triton_custom_ops_out_of_range_are_safe_interpreted(poison):
+    """Called directly (no validation), the Triton ops never read or write out of bounds: an
+    out-of-range gather entry gives a NaN row, an out-of-range scatter entry is dropped."""
+    x, y, fill = torch.randn(2, 8, 4), torch.randn(2, 3, 4), torch.randn(4)
+    bad = torch.tensor([[0, 8, 2], [1, -1, 3]])
+    out = torch.ops.semmim.masked_gather_triton(x, bad, None)
+    assert out[0, 1].isnan().all() and out[1, 1].isnan().all()
+    assert torch.equal(out[0, 0], x[0, 0]) and torch.equal(out[1, 2], x[1, 3])
+    full = torch.ops.semmim.masked_scatter_fill_triton(y, bad, fill, 8, None)
+    assert torch.equal(full[0, 0], y[0, 0]) and torch.equal(full[1, 3], y[1, 2])
+    assert torch.equal(full[0, 1], fill) and not full.isnan().any()
+
+
+@pytest.mark.interpret
 def test_triton_empty_batch_backward_interpreted(poison):
     check_empty_batch("triton")
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
+import re
+import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -473,6 +477,19 @@ def test_registry_reasons_for_large_P_and_layout():
 
 
 @needs_ext
+def test_limits_are_read_from_the_extension(monkeypatch):
+    """max P (cpu, cuda) and max d (cuda) are owned by csrc/topk_mask.h and read from
+    semmim._C.limits(), not duplicated in Python."""
+    assert tm.extension().limits() == {"topk_mask_max_p": 1024, "topk_mask_max_d_cuda": 8192}
+    patch, text = random_inputs(1, 40, 16)
+    assert tm.supports_cpu(patch, text, 2) == []
+    monkeypatch.setattr(tm, "limits", lambda: {"topk_mask_max_p": 32, "topk_mask_max_d_cuda": 8})
+    assert any("P=40 > 32" in r for r in tm.supports_cpu(patch, text, 2))
+    assert any("d=16 > 8" in r for r in tm.supports_cuda(patch, text, 2))
+    assert not any("P=40" in r for r in tm.supports_triton(patch, text, 2))  # triton's own
+
+
+@needs_ext
 def test_auto_dispatch_and_env_override(monkeypatch):
     patch, text = random_inputs(2, 49, 72)
     op = K.get_op("topk_mask")
@@ -553,7 +570,7 @@ def test_fuzz_cpu_vs_reference(B, P, d, m_frac, dtype, noisy, dup, seed):
 
 @pytest.mark.skipif(tm.triton_import_error() != "", reason="triton is not importable")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("P,d", [(576, 768), (49, 72)])
+@pytest.mark.parametrize("P,d", [(576, 768), (196, 256), (49, 72), (1024, 72)])
 def test_triton_kernel_compiles_for_sm90(P, d, dtype):
     """Ahead-of-time compile for an H100 target (no GPU needed): catches GPU-only lowering errors
     the interpreter cannot, and checks the score math uses IEEE division/sqrt (Triton's default
@@ -568,12 +585,14 @@ def test_triton_kernel_compiles_for_sm90(P, d, dtype):
     kinds = {"patch_ptr": f"*{dtype}", "text_ptr": "*fp32", "noise_ptr": "*fp32",
              "keep_ptr": "*i64", "mask_idx_ptr": "*i64", "mask_ptr": "*u8",
              "nonfinite_ptr": "*i32", "tau": "fp32", "eps": "fp32",
-             "HAS_NOISE": "constexpr", "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"}  # fmt: skip
+             "HAS_NOISE": "constexpr", "BLOCK_P": "constexpr", "BLOCK_D": "constexpr",
+             "RESCUE_D": "constexpr"}  # fmt: skip
     sig = {n: kinds.get(n, "i32") for n in kernel.arg_names}
     block_p, block_d, num_warps = tm._triton_tiles(P, d)
     src = ASTSource(
         fn=kernel, signature=sig,
-        constexprs={"HAS_NOISE": True, "BLOCK_P": block_p, "BLOCK_D": block_d},
+        constexprs={"HAS_NOISE": True, "BLOCK_P": block_p, "BLOCK_D": block_d,
+                    "RESCUE_D": tm._rescue_d(block_d)},
     )  # fmt: skip
     try:
         c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -585,6 +604,17 @@ def test_triton_kernel_compiles_for_sm90(P, d, dtype):
     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
     assert "div.full.f32" not in ptx and "sqrt.approx.f32" not in ptx
     assert len(c.asm["cubin"]) > 0
+    # no register spills (the rare overflow pass must not push the hot path over the limit)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    if os.path.exists(tool):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(c.asm["cubin"])
+            f.flush()
+            usage = subprocess.run(
+                [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
+            ).stdout
+        stack = [int(v) for v in re.findall(r"STACK:(\d+)", usage)]
+        assert stack and max(stack) == 0, usage
 
 
 # ------------------------------------------------------------------ interpret tier (Triton)

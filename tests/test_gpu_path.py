@@ -406,10 +406,9 @@ def test_no_host_reads_in_training_steps_after_the_first(overrides):
 
 
 # ---------------------------------------------------------------- torch.compile
-# Graph breaks that remain (torch._dynamo.explain on the default tiny forward, torch 2.13): 37
-# in 38 graphs, 15 from semmim._C.build_info()/limits() called in the ops' backend checks and
-# the rest from the explicit torch.Generator RNG (ITM negatives, MLM masking, mask noise):
-# the table with reasons is in docs/GPU_PATH.md.
+# Graph breaks that remain (torch._dynamo.explain on the default tiny forward, torch 2.13): 13
+# in 14 graphs, all from the explicit torch.Generator RNG (ITM negatives, MLM masking, the
+# mask noise): dynamo cannot put a Generator in a graph. Table with reasons: docs/GPU_PATH.md.
 
 # one layer per tower: Inductor's C++ build time grows with the graph, the graph with depth
 COMPILE_MODEL = {"vision.depth": 1, "text.depth": 1, "fusion.depth": 1}

@@ -217,12 +217,13 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
-def _fits(path: str, B: int, args) -> bool:
+def _fits(run: TrainStep, B: int, args) -> bool:
+    """Two training steps of ``run``'s model at batch B fit in memory (the model, its EMA and
+    the optimizer state are built once for the whole search)."""
     import torch
 
-    run = None
     try:
-        run = TrainStep(path, B, args.tokens, args.preset, args.image_size)
+        run.batch = _batch(run.cfg, B, args.tokens, "cuda")
         for _ in range(2):
             run.step()
         torch.cuda.synchronize()
@@ -230,15 +231,17 @@ def _fits(path: str, B: int, args) -> bool:
     except torch.OutOfMemoryError:
         return False
     finally:
-        del run
+        run.batch = None
+        run.opt.zero_grad(set_to_none=True)
         _free()
 
 
 def search_batch(path: str, args) -> int:
     """Largest batch (doubling from --min-batch, then one midpoint) whose steps fit in memory."""
     t0, ok, bad, B = time.time(), 0, 0, args.min_batch
+    run = TrainStep(path, B, args.tokens, args.preset, args.image_size)
     while B <= args.max_batch and time.time() - t0 < args.search_s:
-        fit = _fits(path, B, args)
+        fit = _fits(run, B, args)
         print(f"  batch {B:5d}: {'fits' if fit else 'out of memory'}", flush=True)
         if not fit:
             bad = B
@@ -246,9 +249,11 @@ def search_batch(path: str, args) -> int:
         ok, B = B, 2 * B
     if ok and bad and time.time() - t0 < args.search_s:
         mid = (ok + bad) // 2 // 8 * 8
-        if mid > ok and _fits(path, mid, args):
+        if mid > ok and _fits(run, mid, args):
             print(f"  batch {mid:5d}: fits", flush=True)
             ok = mid
+    del run
+    _free()
     if not ok:
         raise SystemExit(f"e2e {path}: batch {args.min_batch} does not fit")
     return ok
@@ -301,7 +306,10 @@ def section_path(path: str, args) -> None:
 
     print(f"  {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     if path == "fast_compiled":
-        with open(os.path.join(args.out, "e2e_fast.json")) as f:
+        fast = os.path.join(args.out, "e2e_fast.json")
+        if not os.path.exists(fast):
+            raise SystemExit(f"e2e fast_compiled: needs (a)'s result {fast}; run --section fast")
+        with open(fast) as f:
             B = json.load(f)["batch"]  # the same batch as (a): compile once, at that shape
     else:
         B = search_batch(path, args)

@@ -50,10 +50,11 @@ for op in $OPS; do
   sed -n '/semmim speed-up table/,/^$/p' "$OUT/bench_$op.log" | grep -v "^-"
 done
 
-# End to end, each section under its own timeout (seconds; typical times are about half).
+# End to end, each section under its own timeout (seconds, 8 minutes together; never run yet
+# on a GPU, so the typical times are estimates: about half of each).
 E2E="$PY -P benchmarks/e2e_gpu.py --out $OUT"
-for part in fast:${SEMMIM_E2E_FAST_S:-110} fast_compiled:${SEMMIM_E2E_COMPILED_S:-170} \
-            reference:${SEMMIM_E2E_REF_S:-110} train:${SEMMIM_E2E_TRAIN_S:-120}; do
+for part in fast:${SEMMIM_E2E_FAST_S:-120} fast_compiled:${SEMMIM_E2E_COMPILED_S:-150} \
+            reference:${SEMMIM_E2E_REF_S:-120} train:${SEMMIM_E2E_TRAIN_S:-90}; do
   timeout "${part#*:}" $E2E --section "${part%%:*}" 2>&1 | tee "$OUT/e2e_${part%%:*}.log" | tail -4
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "e2e ${part%%:*}: FAILED or timed out"; status=1; }
 done

@@ -309,9 +309,19 @@ class SemMIM(nn.Module):
             return c.momentum
         return 1 - (1 - c.momentum) * (math.cos(math.pi * self.progress) + 1) / 2
 
+    def _temperature(self) -> torch.Tensor:
+        """The ITC temperature: ``temp`` clamped to [itc.temp_min, itc.temp_max] in value, with
+        the gradient of the parameter itself (as ALBEF's in-place clamp before each forward).
+        The forward mutates no parameter (an in-place clamp there gave Inductor a different
+        ``temp`` gradient than eager); :meth:`update_momentum` clamps the parameter."""
+        c = self.cfg.itc
+        return self.temp + (self.temp.clamp(c.temp_min, c.temp_max) - self.temp).detach()
+
     @torch.no_grad()
     def update_momentum(self) -> None:
-        """EMA step, after ``optimizer.step()``: ema ← m·ema + (1−m)·param for every tensor."""
+        """EMA step, after ``optimizer.step()``: ema ← m·ema + (1−m)·param for every tensor;
+        also clamps the ITC temperature parameter into [itc.temp_min, itc.temp_max]."""
+        self.temp.clamp_(self.cfg.itc.temp_min, self.cfg.itc.temp_max)
         m = self.momentum
         ema = list(self.ema.parameters())
         net = list(self.net.parameters())
@@ -507,8 +517,7 @@ class SemMIM(nn.Module):
         key_mask = attention_mask.bool()
         same = _matching_pairs(input_ids, key_mask, image_ids)  # (B, B) bool, diagonal True
 
-        with torch.no_grad():
-            self.temp.clamp_(cfg.itc.temp_min, cfg.itc.temp_max)
+        temp = self._temperature()
         image_embeds = net.vision(images)  # (B, P+1, Dv)
         text_embeds = net.text(input_ids, attention_mask)  # (B, T, Dt)
         image_feat = _unit(net.vision_proj(image_embeds[:, 0]))  # (B, E) float32
@@ -521,10 +530,12 @@ class SemMIM(nn.Module):
 
         losses: dict[str, torch.Tensor] = {}
         if w.itc > 0:
-            losses["itc"] = self._itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha, same)
+            losses["itc"] = self._itc(
+                image_feat, text_feat, image_feat_m, text_feat_m, alpha, temp, same
+            )
         if w.itm > 0:
             losses["itm"] = self._itm(
-                image_embeds, text_embeds, key_mask, image_feat, text_feat, gen, same
+                image_embeds, text_embeds, key_mask, image_feat, text_feat, gen, temp, same
             )
         if w.mlm > 0:
             losses["mlm"] = self._mlm(
@@ -558,6 +569,7 @@ class SemMIM(nn.Module):
         image_feat_m: torch.Tensor,
         text_feat_m: torch.Tensor,
         alpha: torch.Tensor,
+        temp: torch.Tensor,
         same: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image–text contrastive loss against [momentum batch | queue] keys (float32 features
@@ -567,10 +579,10 @@ class SemMIM(nn.Module):
             with torch.no_grad():
                 image_keys = torch.cat([image_feat_m, self.image_queue.clone()])  # (B+Q, E)
                 text_keys = torch.cat([text_feat_m, self.text_queue.clone()])  # (B+Q, E)
-                sim_i2t_m = image_feat_m @ text_keys.T / self.temp
-                sim_t2i_m = text_feat_m @ image_keys.T / self.temp
-            sim_i2t = image_feat @ text_keys.T / self.temp  # (B, B+Q)
-            sim_t2i = text_feat @ image_keys.T / self.temp  # (B, B+Q)
+                sim_i2t_m = image_feat_m @ text_keys.T / temp
+                sim_t2i_m = text_feat_m @ image_keys.T / temp
+            sim_i2t = image_feat @ text_keys.T / temp  # (B, B+Q)
+            sim_t2i = text_feat @ image_keys.T / temp  # (B, B+Q)
             return itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, alpha, same)
 
     def _itm(
@@ -581,6 +593,7 @@ class SemMIM(nn.Module):
         image_feat: torch.Tensor,
         text_feat: torch.Tensor,
         gen: torch.Generator,
+        temp: torch.Tensor,
         same: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ITM over B positives, B (image, hard negative text), B (hard negative image, text).
@@ -591,7 +604,7 @@ class SemMIM(nn.Module):
         """
         B = image_embeds.shape[0]
         with torch.no_grad(), fp32_region(image_feat):
-            sim = image_feat @ text_feat.T / self.temp  # (B, B) float32
+            sim = image_feat @ text_feat.T / temp  # (B, B) float32
             neg_text = sample_hard_negatives(sim, gen, same)  # (B,) per image
             neg_image = sample_hard_negatives(sim.T, gen, same)  # (B,) per text
         images = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])  # (3B, P+1, Dv)

@@ -7,6 +7,7 @@ which backend can run where, and why not.
 
 from .cross_attention import cross_attention
 from .masked_gather import masked_gather, masked_scatter_fill
+from .prototype_cross_entropy import prototype_cross_entropy
 from .registry import BACKENDS, OPS, get_op
 from .topk_mask import gumbel_noise, topk_mask
 
@@ -18,5 +19,6 @@ __all__ = [
     "gumbel_noise",
     "masked_gather",
     "masked_scatter_fill",
+    "prototype_cross_entropy",
     "topk_mask",
 ]

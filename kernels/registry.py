@@ -1,8 +1,9 @@
 """Backend registry shared by every op in :mod:`semmim.kernels`.
 
-Each op registers its backends (``reference``, ``triton``, ``cuda``, ``cpu``, ``sdpa``) with a
-priority and a ``supports(*args, **kwargs) -> list[str]`` function: an empty list means the backend
-can run on these inputs, otherwise each string is a reason why not. The public op dispatches:
+Each op registers its backends (``reference``, ``triton``, ``cuda``, ``cpu``, ``sdpa``,
+``chunked``) with a priority and a ``supports(*args, **kwargs) -> list[str]`` function: an empty
+list means the backend can run on these inputs, otherwise each string is a reason why not. The
+public op dispatches:
 
 1. an explicit ``backend=`` argument;
 2. else the ``SEMMIM_BACKEND`` environment variable, when the op has a backend of that name;
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda", "cpu", "sdpa")
+BACKENDS = ("reference", "triton", "cuda", "cpu", "sdpa", "chunked")
 ENV_VAR = "SEMMIM_BACKEND"
 
 

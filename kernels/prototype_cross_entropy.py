@@ -180,10 +180,11 @@ def _no_autocast(t: torch.Tensor):
 
 def _operands(z, prototypes, prototypes_teacher, center):
     """wn (K, E) in z's dtype (autograd to prototypes), wt (K, E) constant, center constant in
-    the compute dtype."""
+    the compute dtype. center is copied: the fast backends keep it for their backward, and the
+    model updates its centre buffer in place between forward and backward."""
     wn = F.normalize(prototypes, dim=-1).to(z.dtype)
     wt = F.normalize(prototypes_teacher.detach(), dim=-1).to(z.dtype)
-    return wn, wt, center.detach().to(_compute_dtype(z))
+    return wn, wt, center.detach().to(_compute_dtype(z), copy=True)
 
 
 @torch.no_grad()

@@ -171,9 +171,13 @@ class PrototypeHead(nn.Module):
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck))
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) → L2-normalised bottleneck features z (..., bottleneck): what
+        :func:`semmim.kernels.prototype_cross_entropy` takes with the raw ``prototypes``."""
+        return F.normalize(self.mlp(x), dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(z, F.normalize(self.prototypes, dim=-1))
+        return F.linear(self.features(x), F.normalize(self.prototypes, dim=-1))
 
 
 class MLMHead(nn.Module):

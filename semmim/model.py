@@ -6,8 +6,9 @@
     out.loss.backward(); opt.step(); model.update_momentum()
 
 Shape letters: B batch, P patches, R kept, M masked, T tokens, Dv/Dt vision/text width,
-E ITC embedding width, K prototypes. The three hot ops (masked gather/scatter, top-k masking,
-cross-attention) are called only through ``semmim.kernels``.
+E ITC embedding width, K prototypes. The four hot ops (masked gather/scatter, top-k masking,
+cross-attention, the prototype cross-entropy of the agreement and MIM losses) are called only
+through ``semmim.kernels``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from semmim.layers import (
     VisionEncoder,
 )
 from semmim.losses import (
-    agreement_loss,
     itc_loss,
     mlm_loss,
     pixel_targets,
@@ -60,10 +60,11 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _update_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float) -> None:
-    """center (K,) ← m·center + (1−m)·mean of teacher logits (…, K), averaged across ranks."""
-    batch_center = teacher.reshape(-1, teacher.shape[-1]).mean(0)
+def _update_center(center: torch.Tensor, batch_center: torch.Tensor, momentum: float) -> None:
+    """center (K,) ← m·center + (1−m)·batch_center, the batch's mean teacher logits (K,) (the
+    prototype op's ``teacher_logit_mean``), averaged across ranks."""
     if _distributed():
+        batch_center = batch_center.clone()  # all_reduce works in place
         dist.all_reduce(batch_center)
         batch_center /= dist.get_world_size()
     center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
@@ -502,14 +503,16 @@ class SemMIM(nn.Module):
 
         losses = {}
         if cfg.loss.glob > 0:
-            student = net.head(cls_masked)  # (B, K)
+            z = net.head.features(cls_masked)  # (B, bottleneck)
             with torch.no_grad():
-                teacher = ema.head(image_embeds_m[:, 0])  # (B, K)
-            losses["glob"] = agreement_loss(
-                student, teacher, self.glob_center, cfg.glob.student_temp, cfg.glob.teacher_temp
-            ).mean()
+                z_m = ema.head.features(image_embeds_m[:, 0])  # (B, bottleneck)
+            per_image, teacher_mean = kernels.prototype_cross_entropy(  # (B,), (K,)
+                z, z_m, net.head.prototypes, ema.head.prototypes, self.glob_center,
+                cfg.glob.student_temp, cfg.glob.teacher_temp,
+            )  # fmt: skip
+            losses["glob"] = per_image.mean()
             if self.training:
-                _update_center(self.glob_center, teacher, cfg.glob.center_momentum)
+                _update_center(self.glob_center, teacher_mean, cfg.glob.center_momentum)
         if cfg.loss.mim > 0:
             losses["mim"] = (
                 self._mim_loss(
@@ -548,14 +551,16 @@ class SemMIM(nn.Module):
                     text_mask = torch.zeros_like(key_mask)
                     text_mask[:, 0] = True
                 v = ema.predictor.cross_step(v, text_embeds_m, text_mask)  # ψ: (B, M, Dv)
-            teacher = ema.head(v)  # (B, M, K)
-        student = net.head(pred)  # (B, M, K)
-        per_patch = agreement_loss(
-            student, teacher, self.mim_center, cfg.mim.student_temp, self.mim_teacher_temp
-        )  # (B, M)
+            z_m = ema.head.features(v).flatten(0, 1)  # (B·M, bottleneck)
+        B, M = pred.shape[:2]
+        z = net.head.features(pred).flatten(0, 1)  # (B·M, bottleneck)
+        per_patch, teacher_mean = kernels.prototype_cross_entropy(  # (B·M,), (K,)
+            z, z_m, net.head.prototypes, ema.head.prototypes, self.mim_center,
+            cfg.mim.student_temp, self.mim_teacher_temp,
+        )  # fmt: skip
         if self.training:
-            _update_center(self.mim_center, teacher, cfg.mim.center_momentum)
-        return per_patch.mean(1).mean(0)
+            _update_center(self.mim_center, teacher_mean, cfg.mim.center_momentum)
+        return per_patch.view(B, M).mean(1).mean(0)
 
     @torch.no_grad()
     def _enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:

@@ -322,6 +322,92 @@ def test_info_lists_the_op(capsys):
     assert "prototype_cross_entropy" in out and "chunked" in out
 
 
+def test_centre_updated_in_place_between_forward_and_backward():
+    """The model updates its centre buffer after the loss and before backward: the fast
+    backends' recomputation must use the centre the forward saw."""
+    z0, zt, w0, wt, c, up = make_inputs(7, 16, 50)
+    ref = run("reference", z0, zt, w0, wt, c, up)
+    z, w, centre = z0.clone().requires_grad_(), w0.clone().requires_grad_(), c.clone()
+    loss, _ = K.prototype_cross_entropy(z, zt, w, wt, centre, TS, TT, backend="chunked")
+    centre.mul_(0.9).add_(1.0)
+    (loss * up.float()).sum().backward()
+    assert_close("grad z", z.grad, ref[2], torch.float32)
+    assert_close("grad prototypes", w.grad, ref[3], torch.float32)
+
+
+# ------------------------------------------------------------------ the model on the op
+
+MODEL_ABLATIONS = [
+    {},
+    {"mim.target": "pixel"},
+    {"mim.text_in_target": False},
+    {"masking.strategy": "random"},
+    {"mim.enabled": False},
+    {"mim.psi": "text_cls"},
+    {"mim.drop_tokens": False},
+]
+
+
+def _train_step(overrides, backend, monkeypatch):
+    """One SGD step of the tiny model with the prototype op forced to ``backend``: losses,
+    gradients, parameters and buffers afterwards, and how many times the op ran."""
+    from semmim import SemMIM, from_preset
+
+    calls = []
+    public = pce.prototype_cross_entropy
+
+    def forced(*args, backend=None, validate=True):
+        calls.append(forced_backend)
+        return public(*args, backend=forced_backend, validate=validate)
+
+    forced_backend = backend
+    monkeypatch.setattr(K, "prototype_cross_entropy", forced)
+    torch.manual_seed(0)
+    model = SemMIM(from_preset("tiny", overrides))
+    model.set_step(30, 100)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    captions = ["a red square", "a green circle on grass", "blue sky", "a yellow cat"]
+    enc = model.tokenizer(captions, padding=True, return_tensors="pt")
+    S = model.cfg.vision.image_size
+    images = torch.randn(4, 3, S, S, generator=torch.Generator().manual_seed(0))
+    out = model(images, enc["input_ids"], enc["attention_mask"], seed=1)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    model.update_momentum()
+    losses = {k: v.detach() for k, v in out.losses.items()}
+    return losses, grads, dict(model.state_dict()), len(calls)
+
+
+@pytest.mark.parametrize("overrides", MODEL_ABLATIONS, ids=[str(o) for o in MODEL_ABLATIONS])
+def test_model_training_step_chunked_equals_reference(overrides, monkeypatch):
+    ref = _train_step(overrides, "reference", monkeypatch)
+    got = _train_step(overrides, "chunked", monkeypatch)
+    # global agreement + semantic MIM; pixel MIM: agreement only; mim.enabled=false: plain ALBEF
+    calls = (
+        0
+        if not overrides.get("mim.enabled", True)
+        else 1 + (overrides.get("mim.target") != "pixel")
+    )
+    assert ref[3] == got[3] == calls
+    assert ref[0].keys() == got[0].keys()
+    for k in ref[0]:
+        torch.testing.assert_close(
+            got[0][k], ref[0][k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+        )
+    assert ref[1].keys() == got[1].keys()
+    for n in ref[1]:
+        scale = ref[1][n].abs().max().item()
+        torch.testing.assert_close(got[1][n], ref[1][n], rtol=1e-4, atol=1e-5 * scale + 1e-9)
+    for n in ref[2]:  # parameters after the step (lr 0.5 × the gradients' differences), EMA
+        # copy, queues and both centres (the op's teacher_logit_mean)
+        torch.testing.assert_close(
+            got[2][n], ref[2][n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}"
+        )
+    for c in ("glob_center", "mim_center"):
+        torch.testing.assert_close(got[2][c], ref[2][c], rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------ interpret tier (Triton)
 
 INTERPRET_SHAPES = [(1, 64, 1), (7, 20, 130), (7, 64, 1000), (70, 64, 130), (33, 256, 65)]

@@ -4,9 +4,10 @@ and forward+backward, at the MIM head's scale (N = B·M = 64·128 rows, E = 256,
 
 Peak memory is the memory a call needs above its inputs:
 - CPU: each row runs once more in a fresh subprocess (so no other row's pages count) that
-  warms the code paths up on tiny inputs, builds the inputs, reads its resident set size, makes
-  the call and reports peak RSS (``getrusage``) minus that. One thread unless
-  ``SEMMIM_BENCH_THREADS`` says otherwise.
+  warms the code paths up on tiny inputs, builds the inputs, resets its RSS high-water mark,
+  reads its resident set size, makes the call and reports the high-water mark (``VmHWM``) minus
+  that. (Not ``getrusage``'s ``ru_maxrss``: Linux carries it over from the forking parent, here
+  the benchmark process itself.) One thread unless ``SEMMIM_BENCH_THREADS`` says otherwise.
 - CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before the call.
 The table shows it beside the time, with the ratio to the reference row.
 
@@ -68,7 +69,7 @@ def make_inputs(N, E, Kp, dtype, device, grad):
 
 # Runs in a fresh interpreter: argv = backend N E K mode threads; prints peak extra bytes.
 _PEAK_SCRIPT = r"""
-import resource, sys
+import sys
 import torch
 import torch.nn.functional as F
 import semmim.kernels as K
@@ -87,12 +88,20 @@ def call(args):
     if grad:
         loss.mean().backward()
 
+def status(field):  # kB -> bytes, from this process's own memory map (new at exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
 call(inputs(4, 16))  # load the code paths first: their pages are not the op's memory
 args = inputs(N, Kp)
-with open("/proc/self/statm") as f:
-    base = int(f.read().split()[1]) * resource.getpagesize()
+try:  # reset the high-water mark to the current RSS (Linux >= 4.0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+base = status("VmRSS:")
 call(args)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+print(status("VmHWM:") - base)
 """
 
 

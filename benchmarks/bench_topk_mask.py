@@ -4,7 +4,7 @@ keep_idx + mask_idx (int64) + mask (bool) + the per-row non-finite counts writte
 
 On CPU the reference and the C++ cpu backend run at a reduced batch (the id and the group say so;
 one reference call at B=256 takes about a second on 2 cores); GPU rows skip with the reason.
-The calls use the public op with its default ``check_finite=True`` (one host sync per call).
+The calls use the public op with its default ``validate=True`` (one host sync per call).
 """
 
 from __future__ import annotations

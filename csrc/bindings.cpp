@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common.h"
+#include "topk_mask.h"
 
 #ifdef SEMMIM_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -45,11 +46,20 @@ py::dict build_info() {
   return d;
 }
 
+// Size limits the kernels own; Python reads them from here (never duplicates them).
+py::dict limits() {
+  py::dict d;
+  d["topk_mask_max_p"] = semmim::tm::kTopkMaskMaxP;      // cpu and cuda: a row's scores on chip
+  d["topk_mask_max_d_cuda"] = semmim::tm::kTopkMaskMaxDCuda;  // cuda: text row in shared memory
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "semmim compiled kernels (C++ CPU with OpenMP, CUDA when built); no libtorch linkage";
   m.def("build_info", &build_info, "Build configuration: CUDA built or not, archs, compilers.");
+  m.def("limits", &limits, "Size limits of the compiled kernels (e.g. topk_mask_max_p).");
   semmim::bind_masked_gather(m);
   semmim::bind_topk_mask(m);
 }

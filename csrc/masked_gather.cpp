@@ -67,16 +67,31 @@ inline void copy_row(T* dst, const T* src, const T* add, i64 D) {
   for (i64 d = 0; d < D; ++d) dst[d] = from_float<T>(to_float(src[d]) + to_float(add[d]));
 }
 
+[[noreturn]] void fail_out_of_range(const char* fn, i64 bad, i64 B, i64 R, i64 P) {
+  fail(std::string(fn) + ": index entries must lie in [0, " + std::to_string(P) + "), got " +
+       std::to_string(bad) + " out-of-range entr" + (bad == 1 ? "y" : "ies") + " in index (" +
+       std::to_string(B) + ", " + std::to_string(R) + ")");
+}
+
+// Every index entry is bounds-checked (one compare per row: free next to the row copy), so the
+// entry points are safe to call directly: an out-of-range entry raises ValueError after the
+// loop (nothing is read out of bounds; its output row is zero-filled first).
 template <typename T>
 void gather_rows_impl(const T* x, i64 sxb, i64 sxp, const void* idx, int idx_dtype, const T* pos,
                       T* out, i64 B, i64 P, i64 R, i64 D) {
-#pragma omp parallel for schedule(static)
+  i64 bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad)
   for (i64 row = 0; row < B * R; ++row) {
     const i64 b = row / R;
     const i64 p = index_at(idx, idx_dtype, row);
-    if (p < 0 || p >= P) continue;  // validated in Python; never read out of bounds
+    if (p < 0 || p >= P) {
+      std::fill(out + row * D, out + (row + 1) * D, from_float<T>(0.0f));
+      ++bad;
+      continue;
+    }
     copy_row(out + row * D, x + b * sxb + p * sxp, pos ? pos + p * D : nullptr, D);
   }
+  if (bad) fail_out_of_range("masked_gather (cpu)", bad, B, R, P);
 }
 
 template <typename T>
@@ -164,14 +179,26 @@ void build_inverse_cpu(ptr_t idx, int idx_dtype, ptr_t inv, i64 B, i64 P, i64 R)
   check_index_dtype(idx_dtype, "build_inverse_cpu");
   std::int32_t* out = ptr<std::int32_t>(inv);
   const void* ix = ptr<const void>(idx);
-#pragma omp parallel for schedule(static)
+  i64 bad = 0, dup = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad, dup)
   for (i64 b = 0; b < B; ++b) {
     std::fill(out + b * P, out + (b + 1) * P, -1);
     for (i64 r = 0; r < R; ++r) {
       const i64 p = index_at(ix, idx_dtype, b * R + r);
-      if (p >= 0 && p < P) out[b * P + p] = static_cast<std::int32_t>(r);
+      if (p < 0 || p >= P) {
+        ++bad;
+      } else if (out[b * P + p] >= 0) {
+        ++dup;  // this slot is already taken by an earlier entry of the row
+      } else {
+        out[b * P + p] = static_cast<std::int32_t>(r);
+      }
     }
   }
+  // range first: an out-of-range entry is never reported as a duplicate
+  if (bad) fail_out_of_range("masked_scatter_fill / masked_gather backward (cpu)", bad, B, R, P);
+  if (dup)
+    fail("index rows must hold unique entries: " + std::to_string(dup) +
+         " duplicate(s) in index (" + std::to_string(B) + ", " + std::to_string(R) + ")");
 }
 
 void scatter_rows_cpu(ptr_t y, i64 syb, i64 syr, ptr_t inv, ptr_t fill, ptr_t pos, ptr_t out,

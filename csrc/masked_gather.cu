@@ -62,8 +62,15 @@ __global__ void gather_rows_kernel(const T* __restrict__ x, i64 sxb, i64 sxp,
   if (row >= B * R) return;
   const i64 b = row / R;
   const i64 p = static_cast<i64>(idx[row]);
-  if (p < 0 || p >= P) return;  // validated in Python; never read out of bounds
   const i64 nvec = D / VEC;
+  if (p < 0 || p >= P) {
+    // Validated by the public op (validate=True). Without validation an out-of-range entry gives
+    // a NaN row (never an unwritten one, never an out-of-bounds read): checking on the device
+    // and reporting it would need a host sync.
+    T* dst = out + row * D;
+    for (i64 c = threadIdx.x; c < D; c += blockDim.x) dst[c] = from_f<T>(__int_as_float(0x7fc00000));
+    return;
+  }
   const V* src = reinterpret_cast<const V*>(x + b * sxb + p * sxp);
   const V* prow = POS ? reinterpret_cast<const V*>(pos + p * D) : nullptr;
   V* dst = reinterpret_cast<V*>(out + row * D);
@@ -81,6 +88,7 @@ __global__ void build_inverse_kernel(const I* __restrict__ idx, int* __restrict_
   if (i >= B * R) return;
   const i64 b = i / R;
   const i64 p = static_cast<i64>(idx[i]);
+  // out-of-range entries are skipped (validated by the public op; see gather_rows_kernel)
   if (p >= 0 && p < P) inv[b * P + p] = static_cast<int>(i - b * R);
 }
 

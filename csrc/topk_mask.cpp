@@ -206,6 +206,50 @@ RowDotsFn row_dots_for(int dtype) {
   }
 }
 
+// 2^-e with e = clamp(floor(log2(maxabs)), 0, 126): an exact power of two that only scales
+// down, so the scaled vector's largest element lies in [1, 4) (2^-126 is the smallest normal).
+inline float pow2_scale(float maxabs) {
+  const int E = static_cast<int>((f_to_bits(maxabs) >> 23) & 0xFFu);
+  const int e = std::min(std::max(E - 127, 0), 126);
+  return bits_to_f(static_cast<std::uint32_t>(127 - e) << 23);
+}
+
+// True when the plain fp32 evaluation of the cosine overflowed (|x| >~ 1e19 squares to inf):
+// then the score is recomputed by rescued_cosine (NaN/inf inputs also land here and stay NaN).
+inline bool overflowed(float dot, float ss, float t_norm, float eps) {
+  return !std::isfinite(dot) || !std::isfinite(ss) || !std::isfinite(t_norm) ||
+         !std::isfinite(std::max(std::sqrt(ss), eps) * t_norm);
+}
+
+// The same cosine with both vectors pre-scaled by powers of two (exact; cosine is scale
+// invariant and the EPS floors scale along), so finite inputs of any magnitude score correctly.
+// Rare path: scalar code, three passes over the row.
+template <typename T>
+float rescued_cosine(const T* a, const float* t, i64 d, float eps) {
+  float ap = 0.0f, at = 0.0f;
+  for (i64 k = 0; k < d; ++k) {
+    ap = std::max(ap, std::fabs(load_f(a[k])));
+    at = std::max(at, std::fabs(t[k]));
+  }
+  const float sa = pow2_scale(ap), st = pow2_scale(at);
+  float dot = 0.0f, ss = 0.0f, tss = 0.0f;
+  for (i64 k = 0; k < d; ++k) {
+    const float x = load_f(a[k]) * sa, y = t[k] * st;
+    dot += x * y;
+    ss += x * x;
+    tss += y * y;
+  }
+  return dot / (std::max(std::sqrt(ss), eps * sa) * std::max(std::sqrt(tss), eps * st));
+}
+
+float rescued_cosine_any(ptr_t row, int dtype, const float* t, i64 d, float eps) {
+  switch (dtype) {
+    case kFloat32: return rescued_cosine(ptr<const float>(row), t, d, eps);
+    case kFloat16: return rescued_cosine(ptr<const half_t>(row), t, d, eps);
+    default: return rescued_cosine(ptr<const bf16_t>(row), t, d, eps);
+  }
+}
+
 // Order-preserving map float -> uint32 (larger float -> larger key); -0.0 maps like +0.0.
 inline std::uint32_t score_key(float s) {
   std::uint32_t u = f_to_bits(s);
@@ -246,8 +290,11 @@ void topk_mask_rows(ptr_t patch, i64 sb, i64 sp, int dtype, const float* text, i
       row_dots(reinterpret_cast<const char*>(patch) + b * sb * esize, sp, t, P, d, raw.data(),
                norm2.data());
       std::int32_t bad = 0;
+      const char* prow = reinterpret_cast<const char*>(patch) + b * sb * esize;
       for (i64 p = 0; p < P; ++p) {
         float s = raw[p] / (std::max(std::sqrt(norm2[p]), eps) * t_norm);
+        if (overflowed(raw[p], norm2[p], t_norm, eps))
+          s = rescued_cosine_any(reinterpret_cast<ptr_t>(prow + p * sp * esize), dtype, t, d, eps);
         if (noise != nullptr) s = s / tau + noise[b * nsb + p * nsp];
         bad += std::isfinite(s) ? 0 : 1;
         // unique keys: score in the high half, complemented index in the low half (lower wins)
@@ -332,8 +379,6 @@ void bind_topk_mask(py::module_& m) {
         "topk_mask CPU kernel (pointers, strides in elements; see csrc/topk_mask.h)");
   m.def("tm_topk_mask_cuda", &topk_mask_cuda_entry, nogil,
         "topk_mask CUDA kernel (pointers, strides in elements, stream; see csrc/topk_mask.h)");
-  m.attr("tm_max_p") = py::int_(kTopkMaskMaxP);
-  m.attr("tm_max_d_cuda") = py::int_(kTopkMaskMaxDCuda);
 }
 
 }  // namespace semmim

@@ -44,6 +44,51 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+
+// 2^-e with e = clamp(floor(log2(maxabs)), 0, 126): exact, scales down only (as topk_mask.cpp).
+__device__ __forceinline__ float pow2_scale(float maxabs) {
+  const int E = static_cast<int>((__float_as_uint(maxabs) >> 23) & 0xFFu);
+  const int e = min(max(E - 127, 0), 126);
+  return __uint_as_float(static_cast<unsigned>(127 - e) << 23);
+}
+
+// The plain fp32 cosine overflowed (|x| >~ 1e19 squares to inf); NaN/inf inputs land here too.
+__device__ __forceinline__ bool overflowed(float dot, float ss, float t_norm, float eps) {
+  return !isfinite(dot) || !isfinite(ss) || !isfinite(t_norm) ||
+         !isfinite(fmaxf(sqrtf(ss), eps) * t_norm);
+}
+
+// Rare path, one warp: the cosine of row and t with both pre-scaled by powers of two (exact;
+// the EPS floors scale along), so finite inputs of any magnitude score correctly. Every lane
+// returns the same value (lane 0's reductions are broadcast).
+template <typename T>
+__device__ __noinline__ float rescued_cosine(const T* row, const float* t, int d, float eps,
+                                             int lane) {
+  float ap = 0.0f, at = 0.0f;
+  for (int k = lane; k < d; k += 32) {
+    ap = fmaxf(ap, fabsf(to_f(row[k])));
+    at = fmaxf(at, fabsf(t[k]));
+  }
+  const float sa = pow2_scale(warp_max(ap)), st = pow2_scale(warp_max(at));
+  float dot = 0.0f, ss = 0.0f, tss = 0.0f;
+  for (int k = lane; k < d; k += 32) {
+    const float x = to_f(row[k]) * sa, y = t[k] * st;
+    dot += x * y;
+    ss += x * x;
+    tss += y * y;
+  }
+  dot = warp_sum(dot);
+  ss = warp_sum(ss);
+  tss = warp_sum(tss);
+  const float c = dot / (fmaxf(sqrtf(ss), eps * sa) * fmaxf(sqrtf(tss), eps * st));
+  return __shfl_sync(0xFFFFFFFFu, c, 0);
+}
+
 // Order-preserving float -> uint32 (larger float -> larger key); -0.0 maps like +0.0.
 __device__ __forceinline__ unsigned score_key(float s) {
   unsigned u = __float_as_uint(s);
@@ -152,11 +197,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     ss_a = warp_sum(ss_a);
     dot_b = warp_sum(dot_b);
     ss_b = warp_sum(ss_b);
+    float cos_a = dot_a / (fmaxf(sqrtf(ss_a), eps) * t_norm);
+    float cos_b = dot_b / (fmaxf(sqrtf(ss_b), eps) * t_norm);
+    // lane 0 decides for the warp (butterfly sums can differ in the last bit between lanes)
+    if (__shfl_sync(0xFFFFFFFFu, overflowed(dot_a, ss_a, t_norm, eps), 0))
+      cos_a = rescued_cosine(ra, t, d, eps, lane);
+    if (__shfl_sync(0xFFFFFFFFu, overflowed(dot_b, ss_b, t_norm, eps), 0))
+      cos_b = rescued_cosine(rb, t, d, eps, lane);
     if (lane < 2 && (lane == 0 || p1 != p0)) {
       const int p = lane == 0 ? p0 : p1;
-      const float dot = lane == 0 ? dot_a : dot_b;
-      const float ss = lane == 0 ? ss_a : ss_b;
-      float s = dot / (fmaxf(sqrtf(ss), eps) * t_norm);
+      float s = lane == 0 ? cos_a : cos_b;
       if (noise != nullptr) s = s / tau + noise[b * nsb + static_cast<i64>(p) * nsp];
       keys[p] = score_key(s);
       if (!isfinite(s)) atomicAdd(&bad_sh, 1);

@@ -1,9 +1,12 @@
-"""Helpers shared by the op modules: backend reasons, the compiled extension, input checks."""
+"""Helpers shared by the op modules: the compiled extension and its limits, backend reasons,
+input checks, the autocast rule, and the ONE output allocator (with its test poison hook)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -22,6 +25,13 @@ def extension() -> ModuleType | None:
     except ImportError:
         return None
     return _C
+
+
+@functools.cache
+def limits() -> dict[str, int]:
+    """Size limits owned by the compiled kernels (``semmim._C.limits()``); {} when not built."""
+    ext = extension()
+    return dict(ext.limits()) if ext is not None else {}
 
 
 @functools.cache
@@ -113,3 +123,56 @@ def check_float(name: str, t: torch.Tensor, allow_double: bool = False) -> None:
         return
     extra = " (or float64)" if allow_double else ""
     raise ValueError(f"{name} must be float32, float16 or bfloat16{extra}, got {t.dtype}")
+
+
+def check_tensor(name: str, t: Any, dims: str) -> None:
+    """ValueError unless ``t`` is a tensor with ``len(dims.split(','))`` dims, e.g. "B, P, D"."""
+    want = len(dims.split(","))
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a ({dims}) tensor, got {type(t).__name__}")
+    if t.dim() != want:
+        raise ValueError(f"{name} must be ({dims}), got shape {tuple(t.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# the autocast rule
+# --------------------------------------------------------------------------------------------
+def cast_to_input(name: str, t: torch.Tensor | None, ref: torch.Tensor, ref_name: str):
+    """``t`` in ``ref``'s dtype under autocast on ``ref``'s device; else a dtype mismatch is a
+    ValueError. (Autocast leaves parameters such as position embeddings in fp32 while the
+    activations they are added to are bf16/fp16; the cast is differentiable.)"""
+    if t is None or t.dtype == ref.dtype:
+        return t
+    if torch.is_autocast_enabled(ref.device.type) and t.is_floating_point():
+        return t.to(ref.dtype)
+    raise ValueError(f"{name} dtype {t.dtype} != {ref_name} dtype {ref.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# the one output allocator and its poison hook
+# --------------------------------------------------------------------------------------------
+_POISON = [False]
+
+
+def new_output(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output buffer for a fast backend. Every fast backend allocates what its
+    kernels write through this function, so :func:`poisoned_outputs` reaches all of them."""
+    if not _POISON[0]:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if dtype == torch.bool:  # a byte that is neither 0 nor 1: unwritten mask bytes show
+        return torch.full(shape, 2, dtype=torch.uint8, device=device).view(torch.bool)
+    return torch.full(shape, -7, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Test hook: inside, :func:`new_output` returns NaN (floats), -7 (ints) or byte 2 (bool)
+    filled buffers, so an element a kernel forgets to write fails the comparison."""
+    old = _POISON[0]
+    _POISON[0] = True
+    try:
+        yield
+    finally:
+        _POISON[0] = old

@@ -51,8 +51,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import interpret_mode, triton_import_error, triton_reasons
-from .registry import get_op, register, set_check, set_example
+from ._common import interpret_mode, new_output, triton_import_error, triton_reasons
+from .registry import custom_op, define_op
 
 __all__ = [
     "cross_attention",
@@ -71,14 +71,12 @@ TRITON_HEAD_DIMS = (32, 64, 80, 128)
 # --------------------------------------------------------------------------------------------
 # input checks (shared by every backend)
 # --------------------------------------------------------------------------------------------
-def _check_inputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    scale: float | None,
-) -> float:
-    """Validate the arguments and return the effective scale; ValueError names the argument."""
+def _prepare(q, k, v, key_mask=None, *, scale=None, validate: bool = True):
+    """The one validator: shape/dtype/device checks (nothing reads tensor values, so
+    ``validate`` changes nothing here) -> ``(q, k, v, key_mask), {"scale": float}``.
+
+    Under autocast q, k, v of different dtypes are cast to the autocast dtype (as torch's
+    scaled_dot_product_attention is); outside autocast a mismatch is a ValueError."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -96,6 +94,9 @@ def _check_inputs(
         raise ValueError(f"head mismatch: q has H={q.shape[2]}, k has H={k.shape[2]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"head dim mismatch: q has Dh={q.shape[3]}, k has Dh={k.shape[3]}")
+    if not (q.dtype == k.dtype == v.dtype) and torch.is_autocast_enabled(q.device.type):
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     devs = {q.device, k.device, v.device}
@@ -118,15 +119,25 @@ def _check_inputs(
             desc += f", key_mask on {key_mask.device}"
         raise ValueError(f"all tensors must be on one device, got {desc}")
     if scale is None:
-        return q.shape[3] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        scale = q.shape[3] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    return float(scale)
+    return (q, k, v, key_mask), {"scale": float(scale)}
 
 
 # --------------------------------------------------------------------------------------------
 # reference
 # --------------------------------------------------------------------------------------------
+def _zero_masked_keys(k, v, key_mask):
+    """k, v with the masked-out key slots replaced by zeros: whatever they hold (NaN/inf
+    included) takes no part in the math (0 · NaN would still be NaN in P·V), and they get zero
+    gradients."""
+    if key_mask is None:
+        return k, v
+    real = key_mask[:, :, None, None]  # (B, Lk, 1, 1)
+    return torch.where(real, k, 0.0), torch.where(real, v, 0.0)
+
+
 def _attention_math(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,6 +147,7 @@ def _attention_math(
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The reference math in ``compute_dtype`` (tests also run it in low precision)."""
+    k, v = _zero_masked_keys(k, v, key_mask)
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
     s = torch.einsum("bihd,bjhd->bhij", qc, kc) * scale  # (B, H, Lq, Lk)
     empty = None
@@ -151,41 +163,29 @@ def _attention_math(
     return torch.einsum("bhij,bjhd->bihd", p, vc)  # (B, Lq, H, Dh)
 
 
-def cross_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
+def _reference(q, k, v, key_mask, *, scale: float) -> torch.Tensor:
     """Plain PyTorch cross-attention (the specification); fp32 math (fp64 for fp64 inputs).
 
     q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), key_mask (B, Lk) bool or None -> (B, Lq, H, Dh) in q's
     dtype. Differentiable by autograd.
     """
-    sc = _check_inputs(q, k, v, key_mask, scale)
     compute = torch.promote_types(q.dtype, torch.float32)
-    return _attention_math(q, k, v, key_mask, sc, compute).to(q.dtype)
+    return _attention_math(q, k, v, key_mask, scale, compute).to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # sdpa (torch.nn.functional.scaled_dot_product_attention)
 # --------------------------------------------------------------------------------------------
-def cross_attention_sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
+def _sdpa(q, k, v, key_mask, *, scale: float) -> torch.Tensor:
     """Cross-attention through torch's SDPA (whichever of its backends torch picks).
 
     The bool key mask becomes a (B, 1, 1, Lk) attention mask; batch rows with no real key are
     given an all-True dummy mask and then zeroed, because some SDPA backends return NaN for them.
+    Masked-out k/v slots are zeroed first (one copy of k and v): SDPA lets a NaN stored there
+    into the whole row.
     """
-    sc = _check_inputs(q, k, v, key_mask, scale)
+    sc = scale
+    k, v = _zero_masked_keys(k, v, key_mask)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
     if key_mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=sc)
@@ -206,39 +206,74 @@ if not triton_import_error():
     import triton
     import triton.language as tl
 
+    # ---- shared @triton.jit helpers: one copy of each loop body (as flash-attention's Triton
+    # code factors its inner loops), used by the forward and the four backward kernels
+
+    @triton.jit
+    def _load_rows(base, rows, stride_row, offs_d, mask):
+        """(len(rows), BLOCK_D) tile of a (L, Dh) head slice; masked elements read as 0."""
+        return tl.load(base + rows[:, None] * stride_row + offs_d[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _store_rows(base, rows, stride_row, offs_d, value, mask):
+        tl.store(base + rows[:, None] * stride_row + offs_d[None, :], value, mask=mask)
+
+    @triton.jit
+    def _load_keys(k_base, v_base, stride_kn, stride_vn, mask_row, n, Lk, offs_d, in_d,
+                   HAS_MASK: tl.constexpr):  # fmt: skip
+        """k, v tiles of keys ``n`` and which of them are real. Padded and masked-out keys load
+        as zeros, so whatever those slots hold (NaN/inf included) takes no part in the math:
+        a masked score is -inf (P = 0) and 0 · V would still be NaN if V were loaded."""
+        valid_n = n < Lk
+        if HAS_MASK:
+            real = tl.load(mask_row + n, mask=valid_n, other=0)
+            valid_n = valid_n & (real != 0)
+        kv_mask = valid_n[:, None] & in_d[None, :]
+        k = _load_rows(k_base, n, stride_kn, offs_d, kv_mask)
+        v = _load_rows(v_base, n, stride_vn, offs_d, kv_mask)
+        return k, v, valid_n
+
+    @triton.jit
+    def _load_lse2(lse_row, m, in_m):
+        """LSE of queries ``m`` in base 2 (+inf for padding: P = 0 there)."""
+        return tl.load(lse_row + m, mask=in_m, other=float("inf")) * 1.4426950408889634
+
+    @triton.jit
+    def _bwd_block(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale,
+                   DOT_PRECISION: tl.constexpr):  # fmt: skip
+        """P and dS = P ∘ (dO Vᵀ − D) of one (query block, key block): (BLOCK_M, BLOCK_N)."""
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(in_m[:, None] & valid_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        return p, p * (dp - delta[:, None])
+
+    @triton.jit
+    def _bwd_block_t(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale,
+                     DOT_PRECISION: tl.constexpr):  # fmt: skip
+        """The same block transposed (rows = keys): Pᵀ, dSᵀ (BLOCK_N, BLOCK_M), for the kernels
+        that accumulate dK, dV over query blocks."""
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse2[None, :])
+        p_t = tl.where(valid_n[:, None] & in_m[None, :], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        return p_t, p_t * (dp_t - delta[None, :])
+
     @triton.jit
     def _cross_attention_fwd_kernel(
-        Q,
-        K,
-        V,
-        MASK,
-        O,
-        LSE,
-        stride_qb,
-        stride_qm,
-        stride_qh,
-        stride_kb,
-        stride_kn,
-        stride_kh,
-        stride_vb,
-        stride_vn,
-        stride_vh,
-        stride_ob,
-        stride_om,
-        stride_oh,
-        stride_mb,
-        stride_lb,
-        stride_lh,
-        Lq,
-        Lk,
+        Q, K, V, MASK, O, LSE,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_om, stride_oh,
+        stride_mb, stride_lb, stride_lh,
+        Lq, Lk,
         Dh: tl.constexpr,
         qk_scale,  # qk_scale = scale · log2(e): the softmax runs in base 2
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-    ):
+    ):  # fmt: skip
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -247,9 +282,8 @@ if not triton_import_error():
         offs_d = tl.arange(0, BLOCK_D)
         in_m = offs_m < Lq
         in_d = offs_d < Dh
-
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        qm = in_m[:, None] & in_d[None, :]
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, qm)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
 
@@ -257,14 +291,8 @@ if not triton_import_error():
         l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
-            n = start_n + offs_n
-            valid_n = n < Lk
-            kv_mask = valid_n[:, None] & in_d[None, :]
-            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if HAS_MASK:
-                real = tl.load(MASK + b * stride_mb + n, mask=valid_n, other=0)
-                valid_n = valid_n & (real != 0)
+            k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
+                                       start_n + offs_n, Lk, offs_d, in_d, HAS_MASK)  # fmt: skip
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             s = tl.where(valid_n[None, :], s, float("-inf"))  # key padding bias
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -281,91 +309,46 @@ if not triton_import_error():
         lse = tl.where(
             empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634
         )
-        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
+        _store_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d,
+                    acc.to(O.dtype.element_ty), qm)  # fmt: skip
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=in_m)
 
     @triton.jit
     def _cross_attention_bwd_preprocess_kernel(
-        O,
-        DO,
-        DELTA,
-        stride_ob,
-        stride_om,
-        stride_oh,
-        stride_dob,
-        stride_dom,
-        stride_doh,
-        stride_lb,
-        stride_lh,
+        O, DO, DELTA,
+        stride_ob, stride_om, stride_oh,
+        stride_dob, stride_dom, stride_doh,
+        stride_lb, stride_lh,
         Lq,
-        Dh: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
+        Dh: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         msk = (offs_m < Lq)[:, None] & (offs_d < Dh)[None, :]
-        o = tl.load(
-            O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-            mask=msk,
-            other=0.0,
-        ).to(tl.float32)
-        do = tl.load(
-            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-            mask=msk,
-            other=0.0,
-        ).to(tl.float32)
-        tl.store(
-            DELTA + b * stride_lb + h * stride_lh + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq
-        )
+        o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, msk)
+        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, msk)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + b * stride_lb + h * stride_lh + offs_m, delta, mask=offs_m < Lq)
 
     @triton.jit
     def _cross_attention_bwd_dkdv_kernel(
-        Q,
-        K,
-        V,
-        MASK,
-        DO,
-        LSE,
-        DELTA,
-        DK,
-        DV,
-        stride_qb,
-        stride_qm,
-        stride_qh,
-        stride_kb,
-        stride_kn,
-        stride_kh,
-        stride_vb,
-        stride_vn,
-        stride_vh,
-        stride_dob,
-        stride_dom,
-        stride_doh,
-        stride_dkb,
-        stride_dkn,
-        stride_dkh,
-        stride_dvb,
-        stride_dvn,
-        stride_dvh,
-        stride_mb,
-        stride_lb,
-        stride_lh,
-        Lq,
-        Lk,
-        Dh: tl.constexpr,
-        scale,
-        qk_scale,
+        Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dkb, stride_dkn, stride_dkh,
+        stride_dvb, stride_dvn, stride_dvh,
+        stride_mb, stride_lb, stride_lh,
+        Lq, Lk,
+        Dh: tl.constexpr, scale, qk_scale,
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-    ):
+    ):  # fmt: skip
         # one program per (key block, head, batch); loops over all query blocks
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
@@ -374,22 +357,9 @@ if not triton_import_error():
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_d = offs_d < Dh
-        valid_n = offs_n < Lk
-        kv_mask = valid_n[:, None] & in_d[None, :]
-        k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_D)
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if HAS_MASK:
-            real = tl.load(MASK + b * stride_mb + offs_n, mask=valid_n, other=0)
-            valid_n = valid_n & (real != 0)
-
+        k, v, valid_n = _load_keys(K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                                   stride_kn, stride_vn, MASK + b * stride_mb, offs_n, Lk, offs_d,
+                                   in_d, HAS_MASK)  # fmt: skip
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         l_base = b * stride_lb + h * stride_lh
@@ -399,70 +369,35 @@ if not triton_import_error():
             m = start_m + offs_m
             in_m = m < Lq
             qm = in_m[:, None] & in_d[None, :]
-            q = tl.load(q_base + m[:, None] * stride_qm + offs_d[None, :], mask=qm, other=0.0)
-            do = tl.load(do_base + m[:, None] * stride_dom + offs_d[None, :], mask=qm, other=0.0)
-            lse2 = tl.load(LSE + l_base + m, mask=in_m, other=float("inf")) * 1.4426950408889634
+            q = _load_rows(q_base, m, stride_qm, offs_d, qm)
+            do = _load_rows(do_base, m, stride_dom, offs_d, qm)
+            lse2 = _load_lse2(LSE + l_base, m, in_m)
             delta = tl.load(DELTA + l_base + m, mask=in_m, other=0.0)
-            # transposed scores: rows = keys, columns = queries
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BN, BM)
-            p_t = tl.exp2(s_t - lse2[None, :])
-            p_t = tl.where(valid_n[:, None] & in_m[None, :], p_t, 0.0)
+            p_t, ds_t = _bwd_block_t(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale,
+                                     DOT_PRECISION)  # fmt: skip
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BN, BM)
-            ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-        dk = dk * scale
         st_mask = (offs_n < Lk)[:, None] & in_d[None, :]
-        tl.store(
-            DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-            dk.to(DK.dtype.element_ty),
-            mask=st_mask,
-        )
-        tl.store(
-            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=st_mask,
-        )
+        _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkn, offs_d,
+                    (dk * scale).to(DK.dtype.element_ty), st_mask)  # fmt: skip
+        _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d,
+                    dv.to(DV.dtype.element_ty), st_mask)  # fmt: skip
 
     @triton.jit
     def _cross_attention_bwd_dq_kernel(
-        Q,
-        K,
-        V,
-        MASK,
-        DO,
-        LSE,
-        DELTA,
-        DQ,
-        stride_qb,
-        stride_qm,
-        stride_qh,
-        stride_kb,
-        stride_kn,
-        stride_kh,
-        stride_vb,
-        stride_vn,
-        stride_vh,
-        stride_dob,
-        stride_dom,
-        stride_doh,
-        stride_dqb,
-        stride_dqm,
-        stride_dqh,
-        stride_mb,
-        stride_lb,
-        stride_lh,
-        Lq,
-        Lk,
-        Dh: tl.constexpr,
-        scale,
-        qk_scale,
+        Q, K, V, MASK, DO, LSE, DELTA, DQ,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dqb, stride_dqm, stride_dqh,
+        stride_mb, stride_lb, stride_lh,
+        Lq, Lk,
+        Dh: tl.constexpr, scale, qk_scale,
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-    ):
+    ):  # fmt: skip
         # one program per (query block, head, batch); loops over all key blocks
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
@@ -473,94 +408,40 @@ if not triton_import_error():
         in_m = offs_m < Lq
         in_d = offs_d < Dh
         qm = in_m[:, None] & in_d[None, :]
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-            mask=qm,
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-            mask=qm,
-            other=0.0,
-        )
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, qm)
+        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, qm)
         l_base = b * stride_lb + h * stride_lh
-        lse2 = tl.load(LSE + l_base + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
+        lse2 = _load_lse2(LSE + l_base, offs_m, in_m)
         delta = tl.load(DELTA + l_base + offs_m, mask=in_m, other=0.0)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
-            n = start_n + offs_n
-            valid_n = n < Lk
-            kv_mask = valid_n[:, None] & in_d[None, :]
-            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if HAS_MASK:
-                real = tl.load(MASK + b * stride_mb + n, mask=valid_n, other=0)
-                valid_n = valid_n & (real != 0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BM, BN)
-            p = tl.exp2(s - lse2[:, None])
-            p = tl.where(valid_n[None, :] & in_m[:, None], p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
+            k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
+                                       start_n + offs_n, Lk, offs_d, in_d, HAS_MASK)  # fmt: skip
+            p, ds = _bwd_block(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        dq = dq * scale
-        tl.store(
-            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty),
-            mask=qm,
-        )
+        _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqm, offs_d,
+                    (dq * scale).to(DQ.dtype.element_ty), qm)  # fmt: skip
 
     @triton.jit
     def _cross_attention_bwd_short_k_kernel(
-        Q,
-        K,
-        V,
-        MASK,
-        O,
-        DO,
-        LSE,
-        DQ,
-        DK,
-        DV,
-        stride_qb,
-        stride_qm,
-        stride_qh,
-        stride_kb,
-        stride_kn,
-        stride_kh,
-        stride_vb,
-        stride_vn,
-        stride_vh,
-        stride_ob,
-        stride_om,
-        stride_oh,
-        stride_dob,
-        stride_dom,
-        stride_doh,
-        stride_dqb,
-        stride_dqm,
-        stride_dqh,
-        stride_dkb,
-        stride_dkn,
-        stride_dkh,
-        stride_dvb,
-        stride_dvn,
-        stride_dvh,
-        stride_mb,
-        stride_lb,
-        stride_lh,
-        Lq,
-        Lk,
-        Dh: tl.constexpr,
-        scale,
-        qk_scale,
+        Q, K, V, MASK, O, DO, LSE, DQ, DK, DV,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_om, stride_oh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dqb, stride_dqm, stride_dqh,
+        stride_dkb, stride_dkn, stride_dkh,
+        stride_dvb, stride_dvn, stride_dvh,
+        stride_mb, stride_lb, stride_lh,
+        Lq, Lk,
+        Dh: tl.constexpr, scale, qk_scale,
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-    ):
+    ):  # fmt: skip
         # The whole backward in one pass when every key fits in one BLOCK_N tile (image→text,
         # Lk ≈ 40): one program per (head, batch) keeps K, V, dK, dV on chip, walks the query
         # blocks once, computes D = rowsum(dO ∘ O) on the fly and writes each dQ block directly.
@@ -571,22 +452,9 @@ if not triton_import_error():
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_d = offs_d < Dh
-        valid_n = offs_n < Lk
-        kv_mask = valid_n[:, None] & in_d[None, :]
-        k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_D)
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if HAS_MASK:
-            real = tl.load(MASK + b * stride_mb + offs_n, mask=valid_n, other=0)
-            valid_n = valid_n & (real != 0)
-
+        k, v, valid_n = _load_keys(K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                                   stride_kn, stride_vn, MASK + b * stride_mb, offs_n, Lk, offs_d,
+                                   in_d, HAS_MASK)  # fmt: skip
         q_base = Q + b * stride_qb + h * stride_qh
         o_base = O + b * stride_ob + h * stride_oh
         do_base = DO + b * stride_dob + h * stride_doh
@@ -598,86 +466,41 @@ if not triton_import_error():
             m = start_m + offs_m
             in_m = m < Lq
             qm = in_m[:, None] & in_d[None, :]
-            q = tl.load(q_base + m[:, None] * stride_qm + offs_d[None, :], mask=qm, other=0.0)
-            do = tl.load(do_base + m[:, None] * stride_dom + offs_d[None, :], mask=qm, other=0.0)
-            o = tl.load(o_base + m[:, None] * stride_om + offs_d[None, :], mask=qm, other=0.0)
+            q = _load_rows(q_base, m, stride_qm, offs_d, qm)
+            do = _load_rows(do_base, m, stride_dom, offs_d, qm)
+            o = _load_rows(o_base, m, stride_om, offs_d, qm)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
-            lse2 = tl.load(LSE + l_base + m, mask=in_m, other=float("inf")) * 1.4426950408889634
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BN, BM)
-            p_t = tl.exp2(s_t - lse2[None, :])
-            p_t = tl.where(valid_n[:, None] & in_m[None, :], p_t, 0.0)
+            lse2 = _load_lse2(LSE + l_base, m, in_m)
+            p_t, ds_t = _bwd_block_t(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale,
+                                     DOT_PRECISION)  # fmt: skip
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BN, BM)
-            ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
-            tl.store(
-                dq_base + m[:, None] * stride_dqm + offs_d[None, :],
-                dq.to(DQ.dtype.element_ty),
-                mask=qm,
-            )
+            _store_rows(dq_base, m, stride_dqm, offs_d, dq.to(DQ.dtype.element_ty), qm)
         st_mask = (offs_n < Lk)[:, None] & in_d[None, :]
-        tl.store(
-            DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-            (dk * scale).to(DK.dtype.element_ty),
-            mask=st_mask,
-        )
-        tl.store(
-            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=st_mask,
-        )
+        _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkn, offs_d,
+                    (dk * scale).to(DK.dtype.element_ty), st_mask)  # fmt: skip
+        _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d,
+                    dv.to(DV.dtype.element_ty), st_mask)  # fmt: skip
 
     @triton.jit
     def _cross_attention_bwd_short_q_kernel(
-        Q,
-        K,
-        V,
-        MASK,
-        O,
-        DO,
-        LSE,
-        DQ,
-        DK,
-        DV,
-        stride_qb,
-        stride_qm,
-        stride_qh,
-        stride_kb,
-        stride_kn,
-        stride_kh,
-        stride_vb,
-        stride_vn,
-        stride_vh,
-        stride_ob,
-        stride_om,
-        stride_oh,
-        stride_dob,
-        stride_dom,
-        stride_doh,
-        stride_dqb,
-        stride_dqm,
-        stride_dqh,
-        stride_dkb,
-        stride_dkn,
-        stride_dkh,
-        stride_dvb,
-        stride_dvn,
-        stride_dvh,
-        stride_mb,
-        stride_lb,
-        stride_lh,
-        Lq,
-        Lk,
-        Dh: tl.constexpr,
-        scale,
-        qk_scale,
+        Q, K, V, MASK, O, DO, LSE, DQ, DK, DV,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_om, stride_oh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dqb, stride_dqm, stride_dqh,
+        stride_dkb, stride_dkn, stride_dkh,
+        stride_dvb, stride_dvn, stride_dvh,
+        stride_mb, stride_lb, stride_lh,
+        Lq, Lk,
+        Dh: tl.constexpr, scale, qk_scale,
         HAS_MASK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-    ):
+    ):  # fmt: skip
         # The mirror of the short-K kernel when every query fits in one BLOCK_M tile (text→image,
         # Lq ≈ 40): one program per (head, batch) keeps Q, dO, dQ on chip, walks the key blocks
         # once and writes each dK, dV block directly (all queries are in this program).
@@ -689,24 +512,11 @@ if not triton_import_error():
         in_m = offs_m < Lq
         in_d = offs_d < Dh
         qm = in_m[:, None] & in_d[None, :]
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-            mask=qm,
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-            mask=qm,
-            other=0.0,
-        )
-        o = tl.load(
-            O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-            mask=qm,
-            other=0.0,
-        )
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, qm)
+        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, qm)
+        o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, qm)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        l_base = b * stride_lb + h * stride_lh
-        lse2 = tl.load(LSE + l_base + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
+        lse2 = _load_lse2(LSE + b * stride_lb + h * stride_lh, offs_m, in_m)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         dk_base = DK + b * stride_dkb + h * stride_dkh
@@ -714,37 +524,17 @@ if not triton_import_error():
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
             n = start_n + offs_n
-            in_n = n < Lk
-            kv_mask = in_n[:, None] & in_d[None, :]
-            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            valid_n = in_n
-            if HAS_MASK:
-                real = tl.load(MASK + b * stride_mb + n, mask=in_n, other=0)
-                valid_n = valid_n & (real != 0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BM, BN)
-            p = tl.exp2(s - lse2[:, None])
-            p = tl.where(valid_n[None, :] & in_m[:, None], p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
+            k, v, valid_n = _load_keys(k_base, v_base, stride_kn, stride_vn, MASK + b * stride_mb,
+                                       n, Lk, offs_d, in_d, HAS_MASK)  # fmt: skip
+            p, ds = _bwd_block(q, do, lse2, delta, in_m, k, v, valid_n, qk_scale, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * scale
-            tl.store(
-                dk_base + n[:, None] * stride_dkn + offs_d[None, :],
-                dk.to(DK.dtype.element_ty),
-                mask=kv_mask,
-            )
-            tl.store(
-                dv_base + n[:, None] * stride_dvn + offs_d[None, :],
-                dv.to(DV.dtype.element_ty),
-                mask=kv_mask,
-            )
-        tl.store(
-            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-            (dq * scale).to(DQ.dtype.element_ty),
-            mask=qm,
-        )
+            kv_mask = (n < Lk)[:, None] & in_d[None, :]
+            _store_rows(dk_base, n, stride_dkn, offs_d, dk.to(DK.dtype.element_ty), kv_mask)
+            _store_rows(dv_base, n, stride_dvn, offs_d, dv.to(DV.dtype.element_ty), kv_mask)
+        _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqm, offs_d,
+                    (dq * scale).to(DQ.dtype.element_ty), qm)  # fmt: skip
 
 
 def _next_pow2(x: int) -> int:
@@ -805,15 +595,12 @@ def _mask_arg(q: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Ten
     return m, m.stride(0), True
 
 
-def _fwd_impl(q, k, v, key_mask, scale, out=None, lse=None):
-    """Launch the forward; ``out`` (B, Lq, H, Dh) and ``lse`` (B, H, Lq) fp32 may be given
-    (contiguous) so tests can poison them."""
+def _fwd_impl(q, k, v, key_mask, scale):
+    """Launch the forward -> out (B, Lq, H, Dh), lse (B, H, Lq) fp32 (both from new_output)."""
     B, Lq, H, Dh = q.shape
     Lk = k.shape[1]
-    if out is None:
-        out = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    out = new_output((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
+    lse = new_output((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     if Lk == 0:
@@ -881,17 +668,14 @@ def _bwd_plan(B: int, Lq: int, Lk: int, H: int, block_d: int, dtype: torch.dtype
     return "general"
 
 
-def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None, plan=None):
-    """Launch the backward. ``dq``, ``dk``, ``dv`` may be given (contiguous) to poison them in
-    tests; ``plan`` forces "short_k", "short_q" or "general" (default: :func:`_bwd_plan`)."""
+def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, plan=None):
+    """Launch the backward -> (dq, dk, dv) contiguous (from new_output). ``plan`` forces
+    "short_k", "short_q" or "general" (default: :func:`_bwd_plan`)."""
     B, Lq, H, Dh = q.shape
     Lk = k.shape[1]
-    if dq is None:
-        dq = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
-    if dk is None:
-        dk = torch.empty((B, Lk, H, Dh), dtype=k.dtype, device=k.device)
-    if dv is None:
-        dv = torch.empty((B, Lk, H, Dh), dtype=v.dtype, device=v.device)
+    dq = new_output((B, Lq, H, Dh), dtype=q.dtype, device=q.device)
+    dk = new_output((B, Lk, H, Dh), dtype=k.dtype, device=k.device)
+    dv = new_output((B, Lk, H, Dh), dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     # autograd may hand over an expanded (stride 0) or differently-typed gradient
@@ -972,8 +756,7 @@ def _bwd_impl(do, q, k, v, key_mask, out, lse, scale, dq=None, dk=None, dv=None,
     return dq, dk, dv
 
 
-@torch.library.custom_op("semmim::cross_attention_fwd", mutates_args=())
-def _cross_attention_fwd_op(
+def _fwd_op_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -984,17 +767,12 @@ def _cross_attention_fwd_op(
     return _fwd_impl(q, k, v, key_mask, scale)
 
 
-@_cross_attention_fwd_op.register_fake
-def _(q, k, v, key_mask, scale):
+def _fwd_op_fake(q, k, v, key_mask, scale):
     B, Lq, H, Dh = q.shape
-    return (
-        q.new_empty((B, Lq, H, Dh)),
-        q.new_empty((B, H, Lq), dtype=torch.float32),
-    )
+    return q.new_empty((B, Lq, H, Dh)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("semmim::cross_attention_bwd", mutates_args=())
-def _cross_attention_bwd_op(
+def _bwd_op_impl(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1008,9 +786,11 @@ def _cross_attention_bwd_op(
     return _bwd_impl(do, q, k, v, key_mask, out, lse, scale)
 
 
-@_cross_attention_bwd_op.register_fake
-def _(do, q, k, v, key_mask, out, lse, scale):
+def _bwd_op_fake(do, q, k, v, key_mask, out, lse, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_bwd_op = custom_op("cross_attention_bwd_triton", _bwd_op_impl, fake=_bwd_op_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -1023,24 +803,22 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, key_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = _cross_attention_bwd_op(dout, q, k, v, key_mask, out, lse, ctx.scale)
+    dq, dk, dv = _bwd_op(dout, q, k, v, key_mask, out, lse, ctx.scale)
     return dq, dk, dv, None, None
 
 
-_cross_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op = custom_op(
+    "cross_attention_triton",
+    _fwd_op_impl,
+    fake=_fwd_op_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+)
 
 
-def cross_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
+def _triton(q, k, v, key_mask, *, scale: float) -> torch.Tensor:
     """Flash cross-attention in Triton (forward and backward kernels); see the module docstring."""
-    sc = _check_inputs(q, k, v, key_mask, scale)
-    return _cross_attention_fwd_op(q, k, v, key_mask, sc)[0]
+    return _fwd_op(q, k, v, key_mask, scale)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1079,6 +857,7 @@ def cross_attention(
     *,
     scale: float | None = None,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Multi-head cross-attention with a key padding mask (no Lq × Lk matrix on the fast path).
 
@@ -1091,18 +870,15 @@ def cross_attention(
         scale: softmax scale, default Dh ** -0.5.
         backend: "reference" | "sdpa" | "triton"; default: ``SEMMIM_BACKEND`` or the fastest
             that can run (triton on CUDA, sdpa on CPU).
+        validate: accepted for the common op contract; this op reads no tensor values on the
+            host, so it changes nothing.
 
     Returns:
         (B, Lq, H, Dh) in q's dtype: ``softmax(scale · q kᵀ + mask bias) v`` per head; a query
         whose batch row has no real key gets zeros (and zero gradients), never NaN.
         Differentiable in q, k, v.
     """
-    _check_inputs(q, k, v, key_mask, scale)
-    return _OP(q, k, v, key_mask, scale=scale, backend=backend)
-
-
-def _check_for_registry(q, k, v, key_mask=None, *, scale=None) -> None:
-    _check_inputs(q, k, v, key_mask, scale)
+    return OP(q, k, v, key_mask, scale=scale, backend=backend, validate=validate)
 
 
 def _example(device: torch.device) -> tuple[tuple, dict]:
@@ -1114,9 +890,21 @@ def _example(device: torch.device) -> tuple[tuple, dict]:
     return (q, k, v, mask), {}
 
 
-register("cross_attention", "reference", cross_attention_reference, supports_reference, 0)
-register("cross_attention", "sdpa", cross_attention_sdpa, supports_sdpa, 10)
-register("cross_attention", "triton", cross_attention_triton, supports_triton, 20)
-set_example("cross_attention", _example)
-set_check("cross_attention", _check_for_registry)
-_OP = get_op("cross_attention")
+OP = define_op("cross_attention", prepare=_prepare, example=_example)
+OP.register("reference", _reference, supports_reference, 0)
+OP.register("sdpa", _sdpa, supports_sdpa, 10)
+OP.register("triton", _triton, supports_triton, 20)
+
+
+def _on(backend: str):
+    def fn(q, k, v, key_mask=None, *, scale=None, validate: bool = True):
+        return cross_attention(q, k, v, key_mask, scale=scale, backend=backend, validate=validate)
+
+    fn.__name__ = f"cross_attention_{backend}"
+    fn.__doc__ = f"``cross_attention(..., backend={backend!r})`` (same contract)."
+    return fn
+
+
+cross_attention_reference = _on("reference")
+cross_attention_sdpa = _on("sdpa")
+cross_attention_triton = _on("triton")

@@ -9,21 +9,31 @@ Math
     sequence with [MASK] + position embedding at the dropped slots.
 
 Shapes
-    x (B, P, D) with a contiguous last dim (any other strides), index (B, R) int32/int64 whose rows
-    hold unique entries in [0, P), pos (P, D) or None, y (B, R, D), fill (D,), out as above.
+    x (B, P, D) any strides (e.g. the patch embedding, a transposed conv output with strides
+    (P·D, 1, P)), index (B, R) int32/int64 whose rows hold unique entries in [0, P), pos (P, D)
+    or None, y (B, R, D) any strides, fill (D,), out as above (contiguous).
 
 Backward
     gather:  grad_x = scatter of grad_out with zeros elsewhere (exact data movement);
              grad_pos[p] = sum over b of grad_x[b, p] (fp32 accumulation in batch order).
     scatter: grad_y = gather of grad_out (exact); grad_pos = sum over b of grad_out[b, p];
              grad_fill = sum of grad_out over the dropped slots (fp32 accumulation).
-    Indices get no gradient.
+    Indices get no gradient. An empty batch (B = 0) gives zero grad_pos / grad_fill.
 
-Limits
-    The compiled/Triton backends need the last dim of x / y contiguous (the reference takes any
-    layout). Index rows must be unique: checked where it matters (scatter forward, gather
-    backward) from the inverse map, raising ValueError. Every call checks the index range on the
-    host (one device sync).
+Validation (the op contract, ``kernels/README.md``)
+    Shapes, dtypes and devices are always checked. ``validate=True`` (default) also checks on
+    the host that every index entry lies in [0, P) and that rows are unique (one device sync
+    for both). ``validate=False`` skips that; then the result for an invalid index is
+    unspecified, but no backend reads or writes out of bounds, and: the C++ CPU kernels check
+    every entry anyway and raise ValueError (out of range, or duplicate where the inverse map
+    is built: scatter forward, gather backward); the CUDA gather writes NaN rows for
+    out-of-range entries. Under autocast, ``pos`` / ``fill`` in another float dtype are cast to
+    the input's dtype (outside autocast a mismatch is a ValueError).
+
+Layouts
+    triton reads x / y through their three strides (no copy). The cpu and cuda backends read
+    rows with a contiguous last dim; other layouts are copied once with ``.contiguous()``.
+    index, pos and fill are made dense by the public op (small).
 
 Differences vs reference
     Forward outputs and grad_x / grad_y are bit-identical to the reference in every dtype (the
@@ -32,7 +42,9 @@ Differences vs reference
     grad_pos and grad_fill are sums whose order differs from the reference's index_put/sum
     order: the difference is bounded by B * eps(dtype) * sum|grad| per element (fp32
     accumulation, one final rounding; the reference accumulates float16/bfloat16 grad_pos in its
-    own order) and tested against that bound.
+    own order) and tested against that bound. The triton backend declines bfloat16 under
+    TRITON_INTERPRET=1 (the interpreter truncates fp32 -> bf16 casts, so ``+ pos`` is not
+    bit-exact there).
 """
 
 from __future__ import annotations
@@ -41,16 +53,20 @@ import torch
 
 from ._common import (
     DTYPE_CODE,
+    cast_to_input,
     check_float,
     check_same_device,
+    check_tensor,
     cpu_ext_reasons,
     cuda_ext_reasons,
     extension,
+    interpret_mode,
+    new_output,
     stream_of,
     triton_import_error,
     triton_reasons,
 )
-from .registry import get_op, register, set_check, set_example
+from .registry import custom_op, define_op, no_grad_placeholder
 
 __all__ = [
     "masked_gather",
@@ -65,14 +81,14 @@ __all__ = [
     "masked_scatter_fill_cpu",
 ]
 
-# --------------------------------------------------------------------------------------------
-# input checks (shared by every backend; the reference is the specification and checks too)
-# --------------------------------------------------------------------------------------------
 
-
-def _check_index(index: torch.Tensor, batch: int, num_patches: int, rows_name: str) -> None:
+# --------------------------------------------------------------------------------------------
+# prepare: the one validator (+ autocast rule, dense small operands)
+# --------------------------------------------------------------------------------------------
+def _check_index(index, batch: int, num_patches: int, rows_name: str) -> None:
+    """Shape/dtype checks of index (free)."""
     if not isinstance(index, torch.Tensor):
-        raise ValueError(f"index must be a tensor, got {type(index).__name__}")
+        raise ValueError(f"index must be a (B, R) int32/int64 tensor, got {type(index).__name__}")
     if index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"index must be int32 or int64, got {index.dtype}")
     if index.dim() != 2:
@@ -84,81 +100,74 @@ def _check_index(index: torch.Tensor, batch: int, num_patches: int, rows_name: s
         )
     if index.shape[1] > num_patches:
         raise ValueError(f"index has R={index.shape[1]} entries per row but P={num_patches}")
-    if index.numel():
-        lo, hi = (int(v) for v in torch.stack(torch.aminmax(index)).tolist())
-        if lo < 0 or hi >= num_patches:
-            raise ValueError(
-                f"index entries must lie in [0, {num_patches}), got min {lo}, max {hi} "
-                f"(index {tuple(index.shape)})"
-            )
 
 
-def _check_pos(pos: torch.Tensor | None, num_patches: int, dim: int, ref: torch.Tensor) -> None:
-    if pos is None:
+def _check_index_values(index: torch.Tensor, num_patches: int) -> None:
+    """Range and per-row uniqueness, read on the host in ONE sync (the validate=True part)."""
+    if index.numel() == 0:
         return
-    if pos.dim() != 2 or tuple(pos.shape) != (num_patches, dim):
-        raise ValueError(f"pos must be (P, D) = ({num_patches}, {dim}), got {tuple(pos.shape)}")
-    if pos.dtype != ref.dtype:
-        raise ValueError(f"pos dtype {pos.dtype} != input dtype {ref.dtype}")
+    lo, hi = torch.aminmax(index)
+    srt = index.sort(dim=1).values
+    dup = (srt[:, 1:] == srt[:, :-1]).sum()
+    lo, hi, dup = (int(v) for v in torch.stack([lo.long(), hi.long(), dup.long()]).tolist())
+    if lo < 0 or hi >= num_patches:
+        raise ValueError(
+            f"index entries must lie in [0, {num_patches}), got min {lo}, max {hi} "
+            f"(index {tuple(index.shape)})"
+        )
+    if dup:
+        raise ValueError(
+            f"index rows must hold unique entries: {dup} duplicate(s) in index {tuple(index.shape)}"
+        )
 
 
-def _check_gather(x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None = None) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be (B, P, D), got {shape}")
+def _prepare_pos(pos, num_patches: int, dim: int, ref: torch.Tensor, ref_name: str):
+    if pos is None:
+        return None
+    if not isinstance(pos, torch.Tensor) or tuple(pos.shape) != (num_patches, dim):
+        shape = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
+        raise ValueError(f"pos must be (P, D) = ({num_patches}, {dim}), got {shape}")
+    return cast_to_input("pos", pos, ref, ref_name).contiguous()
+
+
+def _prepare_gather(x, index, pos=None, *, validate: bool = True):
+    check_tensor("x", x, "B, P, D")
     check_float("x", x, allow_double=True)
-    check_same_device(x=x, index=index, pos=pos)
     _check_index(index, x.shape[0], x.shape[1], "x")
-    _check_pos(pos, x.shape[1], x.shape[2], x)
+    check_same_device(x=x, index=index, pos=pos if isinstance(pos, torch.Tensor) else None)
+    pos = _prepare_pos(pos, x.shape[1], x.shape[2], x, "input")
+    if validate:
+        _check_index_values(index, x.shape[1])
+    return (x, index.contiguous(), pos), {}
 
 
-def _check_scatter(
-    y: torch.Tensor,
-    index: torch.Tensor,
-    fill: torch.Tensor,
-    num_patches: int,
-    pos: torch.Tensor | None = None,
-) -> None:
-    if not isinstance(y, torch.Tensor) or y.dim() != 3:
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"y must be (B, R, D), got {shape}")
+def _prepare_scatter(y, index, fill, num_patches, pos=None, *, validate: bool = True):
+    check_tensor("y", y, "B, R, D")
     check_float("y", y, allow_double=True)
     if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"num_patches must be a positive int, got {num_patches!r}")
     if not isinstance(fill, torch.Tensor) or tuple(fill.shape) != (y.shape[2],):
         shape = tuple(fill.shape) if isinstance(fill, torch.Tensor) else type(fill).__name__
         raise ValueError(f"fill must be (D,) = ({y.shape[2]},), got {shape}")
-    if fill.dtype != y.dtype:
-        raise ValueError(f"fill dtype {fill.dtype} != y dtype {y.dtype}")
-    check_same_device(y=y, index=index, fill=fill, pos=pos)
     _check_index(index, y.shape[0], num_patches, "y")
     if index.shape[1] != y.shape[1]:
         raise ValueError(
             f"index (B, R) = {tuple(index.shape)} does not match y (B, R, D) = {tuple(y.shape)}"
         )
-    _check_pos(pos, num_patches, y.shape[2], y)
-
-
-def _check_unique(inv: torch.Tensor, index: torch.Tensor) -> None:
-    """inv is the (B, P) inverse map built from index: duplicates leave fewer filled slots."""
-    filled = int((inv >= 0).sum())
-    if filled != index.numel():
-        raise ValueError(
-            f"index rows must hold unique entries: {index.numel() - filled} duplicate(s) "
-            f"in index {tuple(index.shape)}"
-        )
+    check_same_device(
+        y=y, index=index, fill=fill, pos=pos if isinstance(pos, torch.Tensor) else None
+    )
+    fill = cast_to_input("fill", fill, y, "y").contiguous()
+    pos = _prepare_pos(pos, num_patches, y.shape[2], y, "input")
+    if validate:
+        _check_index_values(index, num_patches)
+    return (y, index.contiguous(), fill, num_patches, pos), {}
 
 
 # --------------------------------------------------------------------------------------------
 # reference (plain PyTorch: the specification; differentiable through autograd)
 # --------------------------------------------------------------------------------------------
-
-
-def masked_gather_reference(
-    x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None = None
-) -> torch.Tensor:
-    """out[b, r] = x[b, index[b, r]] (+ pos[index[b, r]]).  x (B,P,D), index (B,R) -> (B,R,D)."""
-    _check_gather(x, index, pos)
+def _gather_reference(x, index, pos):
     idx = index.long()
     out = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2]))  # (B, R, D)
     if pos is not None:
@@ -166,22 +175,10 @@ def masked_gather_reference(
     return out
 
 
-def masked_scatter_fill_reference(
-    y: torch.Tensor,
-    index: torch.Tensor,
-    fill: torch.Tensor,
-    num_patches: int,
-    pos: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Full (B, P, D) sequence: y's rows at ``index``, ``fill`` elsewhere, then + pos[p]."""
-    _check_scatter(y, index, fill, num_patches, pos)
+def _scatter_reference(y, index, fill, num_patches, pos):
     B, R, D = y.shape
     base = fill.expand(B, num_patches, D)  # (B, P, D) view, no copy
     idx = index.long()[:, :, None].expand(B, R, D)
-    inv_count = torch.zeros(B, num_patches, dtype=torch.int32, device=y.device)
-    inv_count.scatter_add_(1, index.long(), torch.ones_like(index, dtype=torch.int32))
-    if bool((inv_count > 1).any()):
-        raise ValueError(f"index rows must hold unique entries (index {tuple(index.shape)})")
     out = base.scatter(1, idx, y)
     if pos is not None:
         out = out + pos
@@ -199,17 +196,21 @@ if not triton_import_error():
     @triton.jit
     def _masked_gather_fwd_kernel(
         x_ptr, idx_ptr, pos_ptr, out_ptr,
-        n_rows, R, D, stride_xb, stride_xp,
+        n_rows, R, D, stride_xb, stride_xp, stride_xd,
         HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        # rows are flattened (b, r) pairs; each program moves BLOCK_R rows x BLOCK_D columns
+        # rows are flattened (b, r) pairs; each program moves BLOCK_R rows x BLOCK_D columns.
+        # x is read through all three strides (the patch embedding has stride_xd = P).
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         row_ok = rows < n_rows
         p = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         b = rows.to(tl.int64) // R
         m = row_ok[:, None] & (cols[None, :] < D)
-        v = tl.load(x_ptr + b[:, None] * stride_xb + p[:, None] * stride_xp + cols[None, :], mask=m)
+        src = (
+            b[:, None] * stride_xb + p[:, None] * stride_xp + cols.to(tl.int64)[None, :] * stride_xd
+        )
+        v = tl.load(x_ptr + src, mask=m)
         if HAS_POS:
             w = tl.load(pos_ptr + p[:, None] * D + cols[None, :], mask=m)
             v = (v.to(tl.float32) + w.to(tl.float32)).to(out_ptr.dtype.element_ty)
@@ -218,7 +219,7 @@ if not triton_import_error():
     @triton.jit
     def _masked_scatter_fill_fwd_kernel(
         y_ptr, inv_ptr, fill_ptr, pos_ptr, out_ptr,
-        n_rows, P, D, stride_yb, stride_yr,
+        n_rows, P, D, stride_yb, stride_yr, stride_yd,
         HAS_FILL: tl.constexpr, HAS_POS: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -233,11 +234,10 @@ if not triton_import_error():
         p = rows64 - b * P
         hit = r >= 0
         m = row_ok[:, None] & col_ok[None, :]
-        v = tl.load(
-            y_ptr + b[:, None] * stride_yb + r[:, None] * stride_yr + cols[None, :],
-            mask=m & hit[:, None],
-            other=0.0,
+        src = (
+            b[:, None] * stride_yb + r[:, None] * stride_yr + cols.to(tl.int64)[None, :] * stride_yd
         )
+        v = tl.load(y_ptr + src, mask=m & hit[:, None], other=0.0)
         if HAS_FILL:
             f = tl.load(fill_ptr + cols, mask=col_ok, other=0.0)
             v = tl.where(hit[:, None], v, f[None, :])
@@ -295,11 +295,6 @@ def _row_blocks(D: int) -> tuple[int, int]:
     return max(1, 4096 // block_d), block_d
 
 
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None):
-    """Output allocation; tests replace it to poison outputs so unwritten elements show."""
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-
-
 def _num_chunks(B: int, P: int, D: int, device: torch.device) -> int:
     """Batch chunks of the backward column pass: enough parallel work, few fp32 partials."""
     if device.type != "cuda":
@@ -310,8 +305,13 @@ def _num_chunks(B: int, P: int, D: int, device: torch.device) -> int:
     return int(max(1, min(B, 64, -(-want_threads // per_chunk))))
 
 
-class _Impl:
-    """The four primitives a compiled backend provides; the op logic on top is shared."""
+def _out(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None):
+    return new_output(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+class _Kernels:
+    """The four primitives a fast backend provides; the op logic on top (forward, backward,
+    custom ops) is shared by triton, cuda and cpu."""
 
     name = ""
 
@@ -332,27 +332,32 @@ class _Impl:
         B, P = inv.shape
         D = g.shape[2]
         nchunk = _num_chunks(B, P, D, g.device)
-        gx = _new_output((B, P, D), g) if want_x else None
-        pp = _new_output((nchunk, P, D), g, torch.float32) if want_pos else None
-        pf = _new_output((nchunk, P, D), g, torch.float32) if want_fill else None
+        gx = _out((B, P, D), g) if want_x else None
+        pp = _out((nchunk, P, D), g, torch.float32) if want_pos else None
+        pf = _out((nchunk, P, D), g, torch.float32) if want_fill else None
+        if B == 0:  # no rows to sum: the partial sums are zero (the kernels write nothing)
+            for t in (pp, pf):
+                if t is not None:
+                    t.zero_()
+            return gx, pp, pf
         self.column_pass(g, inv, compact, gx, pp, pf, nchunk)
         return gx, pp, pf
 
 
-class _TritonImpl(_Impl):
+class _TritonKernels(_Kernels):
     name = "triton"
 
     def gather_rows(self, x, index, pos):
         B, P, D = x.shape
         R = index.shape[1]
-        out = _new_output((B, R, D), x)
+        out = _out((B, R, D), x)
         if out.numel() == 0:
             return out
         br, bd = _row_blocks(D)
         grid = (triton.cdiv(B * R, br), triton.cdiv(D, bd))
         _masked_gather_fwd_kernel[grid](
             x, index, pos if pos is not None else x, out,
-            B * R, R, D, x.stride(0), x.stride(1),
+            B * R, R, D, x.stride(0), x.stride(1), x.stride(2),
             HAS_POS=pos is not None, BLOCK_R=br, BLOCK_D=bd,
         )  # fmt: skip
         return out
@@ -366,14 +371,14 @@ class _TritonImpl(_Impl):
     def scatter_rows(self, y, inv, fill, pos):
         B, R, D = y.shape
         P = inv.shape[1]
-        out = _new_output((B, P, D), y)
+        out = _out((B, P, D), y)
         if out.numel() == 0:
             return out
         br, bd = _row_blocks(D)
         grid = (triton.cdiv(B * P, br), triton.cdiv(D, bd))
         _masked_scatter_fill_fwd_kernel[grid](
             y, inv, fill if fill is not None else y, pos if pos is not None else y, out,
-            B * P, P, D, y.stride(0), y.stride(1),
+            B * P, P, D, y.stride(0), y.stride(1), y.stride(2),
             HAS_FILL=fill is not None, HAS_POS=pos is not None, BLOCK_R=br, BLOCK_D=bd,
         )  # fmt: skip
         return out
@@ -411,7 +416,12 @@ def _vec_width(*tensors: torch.Tensor | None, D: int, strides: tuple[int, ...] =
     return 1
 
 
-class _CompiledImpl(_Impl):
+def _rows_layout(t: torch.Tensor) -> torch.Tensor:
+    """The compiled kernels read rows with a contiguous last dim: copy other layouts once."""
+    return t if t.stride(2) == 1 or t.shape[2] <= 1 else t.contiguous()
+
+
+class _CompiledKernels(_Kernels):
     """Shared by the C++ CPU and CUDA backends of semmim._C (same entry points, suffixed)."""
 
     def __init__(self, name: str) -> None:
@@ -424,9 +434,10 @@ class _CompiledImpl(_Impl):
         return (vec, stream_of(ref)) if self.name == "cuda" else ()
 
     def gather_rows(self, x, index, pos):
+        x = _rows_layout(x)
         B, P, D = x.shape
         R = index.shape[1]
-        out = _new_output((B, R, D), x)
+        out = _out((B, R, D), x)
         vec = _vec_width(x, pos, out, D=D, strides=(x.stride(0), x.stride(1)))
         self._fn("gather_rows")(
             x.data_ptr(), x.stride(0), x.stride(1), index.data_ptr(), DTYPE_CODE[index.dtype],
@@ -437,15 +448,16 @@ class _CompiledImpl(_Impl):
 
     def inverse(self, index, P):
         B, R = index.shape
-        inv = torch.empty((B, P), dtype=torch.int32, device=index.device)
+        inv = _out((B, P), index, torch.int32)
         args = (index.data_ptr(), DTYPE_CODE[index.dtype], inv.data_ptr(), B, P, R)
         self._fn("build_inverse")(*args, *((stream_of(index),) if self.name == "cuda" else ()))
         return inv
 
     def scatter_rows(self, y, inv, fill, pos):
+        y = _rows_layout(y)
         B, R, D = y.shape
         P = inv.shape[1]
-        out = _new_output((B, P, D), y)
+        out = _out((B, P, D), y)
         vec = _vec_width(y, fill, pos, out, D=D, strides=(y.stride(0), y.stride(1)))
         self._fn("scatter_rows")(
             y.data_ptr(), y.stride(0), y.stride(1), inv.data_ptr(),
@@ -466,40 +478,32 @@ class _CompiledImpl(_Impl):
         )  # fmt: skip
 
 
-_IMPLS: dict[str, _Impl] = {"triton": _TritonImpl(), "cuda": _CompiledImpl("cuda"),
-                            "cpu": _CompiledImpl("cpu")}  # fmt: skip
+_KERNELS: dict[str, _Kernels] = {"triton": _TritonKernels(), "cuda": _CompiledKernels("cuda"),
+                                 "cpu": _CompiledKernels("cpu")}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
-# op logic shared by the fast backends + torch.library custom ops with fake and autograd
+# op logic shared by the fast backends, as custom ops (fake impl + autograd) from the factory
 # --------------------------------------------------------------------------------------------
-
-
-def _empty_like_none(ref: torch.Tensor) -> torch.Tensor:
-    """Custom ops cannot return None: a 0-element tensor stands for "no gradient"."""
-    return ref.new_empty((0,))
-
-
-def _gather_bwd(impl: _Impl, g, index, P: int, need_x: bool, need_pos: bool):
-    g = g.contiguous()
-    inv = impl.inverse(index, P)
-    _check_unique(inv, index)
+def _gather_bwd(kern: _Kernels, g, index, P: int, need_x: bool, need_pos: bool):
+    g = g.contiguous()  # autograd may hand over an expanded (stride 0) gradient
+    inv = kern.inverse(index, P)
     grad_x = grad_pos = None
     if need_pos:
-        grad_x, part_pos, _ = impl.partials(g, inv, True, need_x, True, False)
+        grad_x, part_pos, _ = kern.partials(g, inv, True, need_x, True, False)
         grad_pos = part_pos.sum(0).to(g.dtype)
     elif need_x:
-        grad_x = impl.scatter_rows(g, inv, None, None)
+        grad_x = kern.scatter_rows(g, inv, None, None)
     return grad_x, grad_pos
 
 
-def _scatter_bwd(impl: _Impl, g, index, need_y: bool, need_fill: bool, need_pos: bool):
+def _scatter_bwd(kern: _Kernels, g, index, need_y: bool, need_fill: bool, need_pos: bool):
     g = g.contiguous()
-    grad_y = impl.gather_rows(g, index, None) if need_y else None
+    grad_y = kern.gather_rows(g, index, None) if need_y else None
     grad_fill = grad_pos = None
     if need_fill or need_pos:
-        inv = impl.inverse(index, g.shape[1])
-        _, part_pos, part_fill = impl.partials(g, inv, False, False, need_pos, need_fill)
+        inv = kern.inverse(index, g.shape[1])
+        _, part_pos, part_fill = kern.partials(g, inv, False, False, need_pos, need_fill)
         if need_pos:
             grad_pos = part_pos.sum(0).to(g.dtype)
         if need_fill:
@@ -507,31 +511,30 @@ def _scatter_bwd(impl: _Impl, g, index, need_y: bool, need_fill: bool, need_pos:
     return grad_y, grad_fill, grad_pos
 
 
-def _make_custom_ops(impl: _Impl):
-    """Register semmim::masked_gather_<backend> and semmim::masked_scatter_fill_<backend>."""
-    b = impl.name
-    none = _empty_like_none
+def _make_custom_ops(kern: _Kernels):
+    """semmim::masked_gather_<backend> and semmim::masked_scatter_fill_<backend> (+ their
+    backward ops), through the one factory :func:`semmim.kernels.registry.custom_op`."""
+    b = kern.name
+    none = no_grad_placeholder
 
-    @torch.library.custom_op(f"semmim::masked_gather_{b}", mutates_args=())
-    def gather_op(x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        return impl.gather_rows(x, index, pos)
+    def gather_impl(x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        return kern.gather_rows(x, index, pos)
 
-    @gather_op.register_fake
-    def _(x, index, pos):
+    def gather_fake(x, index, pos):
         return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
 
-    @torch.library.custom_op(f"semmim::masked_gather_bwd_{b}", mutates_args=())
-    def gather_bwd_op(
+    def gather_bwd_impl(
         g: torch.Tensor, index: torch.Tensor, num_patches: int, need_x: bool, need_pos: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        gx, gp = _gather_bwd(impl, g, index, num_patches, need_x, need_pos)
+        gx, gp = _gather_bwd(kern, g, index, num_patches, need_x, need_pos)
         return (gx if gx is not None else none(g), gp if gp is not None else none(g))
 
-    @gather_bwd_op.register_fake
-    def _(g, index, num_patches, need_x, need_pos):
+    def gather_bwd_fake(g, index, num_patches, need_x, need_pos):
         B, _, D = g.shape
         gx = g.new_empty((B, num_patches, D)) if need_x else none(g)
         return gx, (g.new_empty((num_patches, D)) if need_pos else none(g))
+
+    gather_bwd_op = custom_op(f"masked_gather_bwd_{b}", gather_bwd_impl, fake=gather_bwd_fake)
 
     def gather_setup(ctx, inputs, output):
         x, index, pos = inputs
@@ -546,37 +549,41 @@ def _make_custom_ops(impl: _Impl):
         gx, gp = gather_bwd_op(grad, index, ctx.num_patches, need_x, need_pos)
         return (gx if need_x else None, None, gp if need_pos else None)
 
-    gather_op.register_autograd(gather_backward, setup_context=gather_setup)
+    gather_op = custom_op(
+        f"masked_gather_{b}",
+        gather_impl,
+        fake=gather_fake,
+        backward=gather_backward,
+        setup_context=gather_setup,
+    )
 
-    @torch.library.custom_op(f"semmim::masked_scatter_fill_{b}", mutates_args=())
-    def scatter_op(
+    def scatter_impl(
         y: torch.Tensor,
         index: torch.Tensor,
         fill: torch.Tensor,
         num_patches: int,
         pos: torch.Tensor | None,
     ) -> torch.Tensor:
-        inv = impl.inverse(index, num_patches)
-        _check_unique(inv, index)
-        return impl.scatter_rows(y, inv, fill, pos)
+        return kern.scatter_rows(y, kern.inverse(index, num_patches), fill, pos)
 
-    @scatter_op.register_fake
-    def _(y, index, fill, num_patches, pos):
+    def scatter_fake(y, index, fill, num_patches, pos):
         return y.new_empty((y.shape[0], num_patches, y.shape[2]))
 
-    @torch.library.custom_op(f"semmim::masked_scatter_fill_bwd_{b}", mutates_args=())
-    def scatter_bwd_op(
+    def scatter_bwd_impl(
         g: torch.Tensor, index: torch.Tensor, need_y: bool, need_fill: bool, need_pos: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gy, gf, gp = _scatter_bwd(impl, g, index, need_y, need_fill, need_pos)
+        gy, gf, gp = _scatter_bwd(kern, g, index, need_y, need_fill, need_pos)
         return tuple(t if t is not None else none(g) for t in (gy, gf, gp))
 
-    @scatter_bwd_op.register_fake
-    def _(g, index, need_y, need_fill, need_pos):
+    def scatter_bwd_fake(g, index, need_y, need_fill, need_pos):
         B, P, D = g.shape
         gy = g.new_empty((B, index.shape[1], D)) if need_y else none(g)
         gf = g.new_empty((D,)) if need_fill else none(g)
         return gy, gf, (g.new_empty((P, D)) if need_pos else none(g))
+
+    scatter_bwd_op = custom_op(
+        f"masked_scatter_fill_bwd_{b}", scatter_bwd_impl, fake=scatter_bwd_fake
+    )
 
     def scatter_setup(ctx, inputs, output):
         _, index, _, _, pos = inputs
@@ -596,102 +603,45 @@ def _make_custom_ops(impl: _Impl):
             gp if need_pos else None,
         )
 
-    scatter_op.register_autograd(scatter_backward, setup_context=scatter_setup)
+    scatter_op = custom_op(
+        f"masked_scatter_fill_{b}",
+        scatter_impl,
+        fake=scatter_fake,
+        backward=scatter_backward,
+        setup_context=scatter_setup,
+    )
     return gather_op, scatter_op
 
 
-_CUSTOM_OPS = {name: _make_custom_ops(impl) for name, impl in _IMPLS.items()}
-
-
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.contiguous() if t is not None else None
-
-
-def _gather_via(name: str, x, index, pos):
-    # x keeps its strides; the small operands (index, pos) are made dense for the kernels
-    _check_gather(x, index, pos)
-    return _CUSTOM_OPS[name][0](x, index.contiguous(), _contiguous(pos))
-
-
-def _scatter_via(name: str, y, index, fill, num_patches, pos):
-    _check_scatter(y, index, fill, num_patches, pos)
-    return _CUSTOM_OPS[name][1](
-        y, index.contiguous(), fill.contiguous(), num_patches, _contiguous(pos)
-    )
-
-
-def masked_gather_triton(x, index, pos=None):
-    """Triton backend of :func:`masked_gather` (same contract)."""
-    return _gather_via("triton", x, index, pos)
-
-
-def masked_scatter_fill_triton(y, index, fill, num_patches, pos=None):
-    """Triton backend of :func:`masked_scatter_fill` (same contract)."""
-    return _scatter_via("triton", y, index, fill, num_patches, pos)
+_CUSTOM_OPS = {name: _make_custom_ops(kern) for name, kern in _KERNELS.items()}
 
 
 # --------------------------------------------------------------------------------------------
-# compiled backends over semmim._C
+# supports: what decides whether a backend can run (prepared arguments only)
 # --------------------------------------------------------------------------------------------
-
-
-def masked_gather_cuda(x, index, pos=None):
-    """CUDA backend (semmim._C) of :func:`masked_gather`."""
-    return _gather_via("cuda", x, index, pos)
-
-
-def masked_scatter_fill_cuda(y, index, fill, num_patches, pos=None):
-    """CUDA backend (semmim._C) of :func:`masked_scatter_fill`."""
-    return _scatter_via("cuda", y, index, fill, num_patches, pos)
-
-
-def masked_gather_cpu(x, index, pos=None):
-    """C++ CPU (OpenMP) backend (semmim._C) of :func:`masked_gather`."""
-    return _gather_via("cpu", x, index, pos)
-
-
-def masked_scatter_fill_cpu(y, index, fill, num_patches, pos=None):
-    """C++ CPU (OpenMP) backend (semmim._C) of :func:`masked_scatter_fill`."""
-    return _scatter_via("cpu", y, index, fill, num_patches, pos)
-
-
-# --------------------------------------------------------------------------------------------
-# supports_*: cheap reasons a backend cannot run (empty list = can run)
-# --------------------------------------------------------------------------------------------
-
-
-def _layout_reasons(name: str, t) -> list[str]:
-    if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] > 1 and t.stride(-1) != 1:
-        return [f"{name} needs a contiguous last dim, got strides {tuple(t.stride())}"]
-    return []
-
-
-def _dtype_reasons(t) -> list[str]:
-    if isinstance(t, torch.Tensor) and t.dtype not in DTYPE_CODE:
+def _dtype_reasons(t: torch.Tensor, backend: str) -> list[str]:
+    if t.dtype not in DTYPE_CODE:
         return [f"unsupported dtype {t.dtype}"]
+    if backend == "triton" and t.dtype == torch.bfloat16 and interpret_mode():
+        return ["the Triton interpreter truncates fp32 -> bf16 casts (bf16 + pos not exact)"]
     return []
 
 
-def _supports_gather(device_reasons):
+_DEVICE_REASONS = {"triton": triton_reasons, "cuda": cuda_ext_reasons, "cpu": cpu_ext_reasons}
+
+
+def _supports_gather(backend: str):
     def supports(x, index, pos=None) -> list[str]:
-        return device_reasons(x, index, pos) + _layout_reasons("x", x) + _dtype_reasons(x)
+        return _DEVICE_REASONS[backend](x, index, pos) + _dtype_reasons(x, backend)
 
     return supports
 
 
-def _supports_scatter(device_reasons):
+def _supports_scatter(backend: str):
     def supports(y, index, fill, num_patches, pos=None) -> list[str]:
-        return device_reasons(y, index, fill, pos) + _layout_reasons("y", y) + _dtype_reasons(y)
+        return _DEVICE_REASONS[backend](y, index, fill, pos) + _dtype_reasons(y, backend)
 
     return supports
-
-
-supports_triton_gather = _supports_gather(triton_reasons)
-supports_cuda_gather = _supports_gather(cuda_ext_reasons)
-supports_cpu_gather = _supports_gather(cpu_ext_reasons)
-supports_triton_scatter = _supports_scatter(triton_reasons)
-supports_cuda_scatter = _supports_scatter(cuda_ext_reasons)
-supports_cpu_scatter = _supports_scatter(cpu_ext_reasons)
 
 
 def supports_reference(*args, **kwargs) -> list[str]:
@@ -699,19 +649,8 @@ def supports_reference(*args, **kwargs) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# registration and public ops
+# the ops, their backends and the public functions
 # --------------------------------------------------------------------------------------------
-
-register("masked_gather", "cuda", masked_gather_cuda, supports_cuda_gather, 40)
-register("masked_gather", "triton", masked_gather_triton, supports_triton_gather, 30)
-register("masked_gather", "cpu", masked_gather_cpu, supports_cpu_gather, 20)
-register("masked_gather", "reference", masked_gather_reference, supports_reference, 0)
-register("masked_scatter_fill", "cuda", masked_scatter_fill_cuda, supports_cuda_scatter, 40)
-register("masked_scatter_fill", "triton", masked_scatter_fill_triton, supports_triton_scatter, 30)
-register("masked_scatter_fill", "cpu", masked_scatter_fill_cpu, supports_cpu_scatter, 20)
-register("masked_scatter_fill", "reference", masked_scatter_fill_reference, supports_reference, 0)
-
-
 def _example_gather(device: torch.device):
     x = torch.randn(2, 8, 16, device=device)
     index = torch.tensor([[0, 3, 5], [1, 2, 7]], device=device)
@@ -724,10 +663,14 @@ def _example_scatter(device: torch.device):
     return (y, index, torch.randn(16, device=device), 8, torch.randn(8, 16, device=device)), {}
 
 
-set_check("masked_gather", _check_gather)
-set_check("masked_scatter_fill", _check_scatter)
-set_example("masked_gather", _example_gather)
-set_example("masked_scatter_fill", _example_scatter)
+GATHER = define_op("masked_gather", prepare=_prepare_gather, example=_example_gather)
+SCATTER = define_op("masked_scatter_fill", prepare=_prepare_scatter, example=_example_scatter)
+_PRIORITY = {"cuda": 40, "triton": 30, "cpu": 20}
+for _name, (_gather_op, _scatter_op) in _CUSTOM_OPS.items():
+    GATHER.register(_name, _gather_op, _supports_gather(_name), _PRIORITY[_name])
+    SCATTER.register(_name, _scatter_op, _supports_scatter(_name), _PRIORITY[_name])
+GATHER.register("reference", _gather_reference, supports_reference, 0)
+SCATTER.register("reference", _scatter_reference, supports_reference, 0)
 
 
 def masked_gather(
@@ -736,21 +679,24 @@ def masked_gather(
     pos: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Gather kept patches, adding their position embeddings in the same pass.
 
     Args:
-        x: (B, P, D) float32/float16/bfloat16 patch tokens (any strides; the fast backends need
-            the last dim contiguous).
+        x: (B, P, D) float32/float16/bfloat16 patch tokens, any strides (float64: reference).
         index: (B, R) int32/int64, each row's entries unique and in [0, P).
-        pos: optional (P, D) position embeddings, same dtype as x.
+        pos: optional (P, D) position embeddings, same dtype as x (under autocast any float
+            dtype: cast to x's).
         backend: "reference" | "triton" | "cuda" | "cpu"; default: ``SEMMIM_BACKEND`` or the
             fastest that can run.
+        validate: check index range and uniqueness on the host (one device sync); False skips
+            it (shape/dtype/device checks always run).
 
     Returns:
         (B, R, D): ``out[b, r] = x[b, index[b, r]] + pos[index[b, r]]``. Differentiable in x, pos.
     """
-    return get_op("masked_gather")(x, index, pos, backend=backend)
+    return GATHER(x, index, pos, backend=backend, validate=validate)
 
 
 def masked_scatter_fill(
@@ -761,18 +707,49 @@ def masked_scatter_fill(
     pos: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Rebuild the full (B, P, D) sequence from kept rows ``y`` placed at ``index``.
 
     Args:
-        y: (B, R, D) kept-token features.
+        y: (B, R, D) kept-token features, any strides.
         index: (B, R) int32/int64 slots of y's rows, unique per row, in [0, num_patches).
         fill: (D,) value of every other slot (e.g. the [MASK] embedding).
         num_patches: P, the length of the output sequence.
         pos: optional (P, D) added to every output row.
-        backend: as for :func:`masked_gather`.
+        backend, validate: as for :func:`masked_gather`.
 
     Returns:
         (B, P, D). Differentiable in y, fill and pos.
     """
-    return get_op("masked_scatter_fill")(y, index, fill, num_patches, pos, backend=backend)
+    return SCATTER(y, index, fill, num_patches, pos, backend=backend, validate=validate)
+
+
+def _gather_on(backend: str):
+    def fn(x, index, pos=None, *, validate: bool = True):
+        return masked_gather(x, index, pos, backend=backend, validate=validate)
+
+    fn.__name__ = f"masked_gather_{backend}"
+    fn.__doc__ = f"``masked_gather(..., backend={backend!r})`` (same contract)."
+    return fn
+
+
+def _scatter_on(backend: str):
+    def fn(y, index, fill, num_patches, pos=None, *, validate: bool = True):
+        return masked_scatter_fill(
+            y, index, fill, num_patches, pos, backend=backend, validate=validate
+        )
+
+    fn.__name__ = f"masked_scatter_fill_{backend}"
+    fn.__doc__ = f"``masked_scatter_fill(..., backend={backend!r})`` (same contract)."
+    return fn
+
+
+masked_gather_reference = _gather_on("reference")
+masked_gather_triton = _gather_on("triton")
+masked_gather_cuda = _gather_on("cuda")
+masked_gather_cpu = _gather_on("cpu")
+masked_scatter_fill_reference = _scatter_on("reference")
+masked_scatter_fill_triton = _scatter_on("triton")
+masked_scatter_fill_cuda = _scatter_on("cuda")
+masked_scatter_fill_cpu = _scatter_on("cpu")

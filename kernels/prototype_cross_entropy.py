@@ -14,10 +14,11 @@ Math
 
 Where the normalisations run
     z and z_teacher arrive L2-normalised (the head's feature normalisation belongs to the head).
-    The prototypes arrive raw and are normalised here, in the public op, by ``F.normalize``
-    under autograd, before the fused kernel: the head's weight norm (g fixed to 1) is exactly
-    this, and its gradient (a (K, E) projection, cheap) is left to autograd instead of being
-    written into every backend. The fused kernels take the normalised matrix.
+    The prototypes arrive raw and are normalised here, once for every backend, in the op's
+    ``_prepare`` (``F.normalize`` under autograd): the head's weight norm (g fixed to 1) is
+    exactly this, and its gradient (a (K, E) projection, cheap) is left to autograd instead of
+    being written into every backend. The backends and the fused kernels take the normalised
+    matrices.
 
 Shapes
     z, z_teacher (N, E); prototypes, prototypes_teacher (K, E); center (K,)
@@ -50,7 +51,9 @@ Precision
     statistic, used in the compute dtype).
 
 Limits
-    N, K, E ≥ 1. triton: E ≤ 512, fp32/fp16/bf16 (bf16 declined under the Triton interpreter,
+    N, K, E ≥ 1. ``validate=False`` skips the finiteness check of the five tensors (the one
+    value check: a device→host sync); shapes, dtypes, devices and temperatures are always
+    checked. triton: E ≤ 512, fp32/fp16/bf16 (bf16 declined under the Triton interpreter,
     which computes bf16 dot products wrongly), last dims made contiguous. Tiles come from a small
     table (``_tiles``), not autotuned (no GPU has run them yet).
 
@@ -70,13 +73,16 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
+    cast_to_input,
     check_float,
     check_same_device,
+    check_tensor,
     interpret_mode,
+    new_output,
     triton_import_error,
     triton_reasons,
 )
-from .registry import get_op, register, set_check, set_example
+from .registry import custom_op, define_op, no_grad_placeholder
 
 __all__ = [
     "prototype_cross_entropy",
@@ -94,25 +100,24 @@ _FLOAT16 = (torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
-# input checks (once, in the public op)
+# the one validator, which also prepares the call for every backend
 # --------------------------------------------------------------------------------------------
 
 
-def _autocast_on(t: torch.Tensor) -> bool:
-    return torch.is_autocast_enabled(t.device.type)
-
-
-def _check_inputs(
+def _prepare(
     z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp, *,
     validate: bool = True,
-) -> None:  # fmt: skip
-    """ValueError naming the argument; value (finiteness) checks only when ``validate``."""
-    for name, t in (("z", z), ("z_teacher", z_teacher), ("prototypes", prototypes),
+):  # fmt: skip
+    """ValueError naming the argument (the finiteness check only when ``validate``), then the
+    call as every backend takes it: ``(z, z_teacher, wn, wt, center, τs, τt), {}`` with
+    wn = normalise(prototypes) under autograd in z's dtype (the autocast rule),
+    wt = normalise(prototypes_teacher) and a copy of center in the compute dtype (constants),
+    z_teacher detached, the temperatures as floats."""
+    for name, t in (("z_teacher", z_teacher), ("prototypes", prototypes),
                     ("prototypes_teacher", prototypes_teacher), ("center", center)):  # fmt: skip
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if z.dim() != 2:
-        raise ValueError(f"z must be (N, E), got shape {tuple(z.shape)}")
+    check_tensor("z", z, "N, E")
     N, E = z.shape
     if N < 1 or E < 1:
         raise ValueError(f"z must have N >= 1 rows and E >= 1 columns, got {tuple(z.shape)}")
@@ -140,12 +145,7 @@ def _check_inputs(
         raise ValueError(f"z_teacher dtype {z_teacher.dtype} != z dtype {z.dtype}")
     for name, w in (("prototypes", prototypes), ("prototypes_teacher", prototypes_teacher)):
         check_float(name, w, allow_double=True)
-        wider = w.dtype.itemsize >= z.dtype.itemsize
-        if w.dtype != z.dtype and not (_autocast_on(z) and wider):
-            raise ValueError(
-                f"{name} dtype {w.dtype} != z dtype {z.dtype} (a wider dtype is cast to z's "
-                "only under autocast)"
-            )
+        cast_to_input(name, w[:0], z, "z")  # the autocast rule, checked before any math
     if not center.dtype.is_floating_point:
         raise ValueError(f"center must be a float tensor, got {center.dtype}")
     check_same_device(
@@ -163,10 +163,18 @@ def _check_inputs(
         bad = [name for (name, _), ok in zip(named, finite) if not ok]
         if bad:
             raise ValueError(f"non-finite values (NaN or inf) in {', '.join(bad)}")
+    with _no_autocast(z):
+        # normalised in the prototypes' own dtype, then (under autocast: checked above) cast
+        wn = F.normalize(prototypes, dim=-1).to(z.dtype)
+        wt = F.normalize(prototypes_teacher.detach(), dim=-1).to(z.dtype)
+    # a copy: the fast backends keep center for their backward, and the model updates its
+    # centre buffer in place between forward and backward
+    c = center.detach().to(_compute_dtype(z), copy=True)
+    return (z, z_teacher.detach(), wn, wt, c, float(student_temp), float(teacher_temp)), {}
 
 
 # --------------------------------------------------------------------------------------------
-# shared pieces: operands, compute dtype, the centre statistic
+# shared pieces: compute dtype, autocast off, the centre statistic
 # --------------------------------------------------------------------------------------------
 
 
@@ -176,15 +184,6 @@ def _compute_dtype(z: torch.Tensor) -> torch.dtype:
 
 def _no_autocast(t: torch.Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
-
-
-def _operands(z, prototypes, prototypes_teacher, center):
-    """wn (K, E) in z's dtype (autograd to prototypes), wt (K, E) constant, center constant in
-    the compute dtype. center is copied: the fast backends keep it for their backward, and the
-    model updates its centre buffer in place between forward and backward."""
-    wn = F.normalize(prototypes, dim=-1).to(z.dtype)
-    wt = F.normalize(prototypes_teacher.detach(), dim=-1).to(z.dtype)
-    return wn, wt, center.detach().to(_compute_dtype(z), copy=True)
 
 
 @torch.no_grad()
@@ -199,20 +198,15 @@ def _teacher_logit_mean(z_teacher: torch.Tensor, wt: torch.Tensor) -> torch.Tens
 # --------------------------------------------------------------------------------------------
 
 
-def prototype_cross_entropy_reference(
-    z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp
-):
-    """Plain PyTorch, as the model computed it before the fused op: see the module docstring.
-
-    Returns (loss (N,), teacher_logit_mean (K,)) in the compute dtype (fp32, fp64 for fp64).
-    """
+def _reference(z, z_teacher, wn, wt, center, student_temp, teacher_temp):
+    """Plain PyTorch on the prepared arguments, as the model computed it before the op:
+    (loss (N,), teacher_logit_mean (K,)) in the compute dtype (fp32; fp64 for fp64)."""
     with _no_autocast(z):
         cd = _compute_dtype(z)
-        wn, wt, c = _operands(z, prototypes, prototypes_teacher, center)
         s = F.linear(z.to(cd), wn.to(cd))  # (N, K)
         with torch.no_grad():
-            t = F.linear(z_teacher.detach().to(cd), wt.to(cd))  # (N, K)
-            q = F.softmax((t - c) / teacher_temp, dim=-1)
+            t = F.linear(z_teacher.to(cd), wt.to(cd))  # (N, K)
+            q = F.softmax((t - center) / teacher_temp, dim=-1)
         loss = -(q * F.log_softmax(s / student_temp, dim=-1)).sum(-1)
         return loss, t.mean(0)
 
@@ -227,12 +221,6 @@ CHUNK_BYTES = 4 << 20
 
 def _chunk_rows(N: int, K: int, dtype: torch.dtype) -> int:
     return max(1, min(N, CHUNK_BYTES // (K * dtype.itemsize)))
-
-
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None):
-    """Output allocation of the fast backends; tests replace it to poison outputs (NaN) so an
-    element a kernel forgets to write fails the comparison."""
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 class _ChunkedImpl:
@@ -252,9 +240,9 @@ class _ChunkedImpl:
     def forward(self, z, zt, wn, wt, center, student_temp, teacher_temp):
         N, K = z.shape[0], wn.shape[0]
         cd, ws, wts, cb = self._scaled(z, zt, wn, wt, center, student_temp, teacher_temp)
-        loss = _new_output((N,), z, cd)
-        lse_s = _new_output((N,), z, cd)
-        lse_t = _new_output((N,), z, cd)
+        loss = new_output((N,), dtype=cd, device=z.device)
+        lse_s = new_output((N,), dtype=cd, device=z.device)
+        lse_t = new_output((N,), dtype=cd, device=z.device)
         rows = _chunk_rows(N, K, cd)
         s_buf = z.new_empty((rows, K), dtype=cd)
         u_buf = z.new_empty((rows, K), dtype=cd)
@@ -275,7 +263,7 @@ class _ChunkedImpl:
         N, K = z.shape[0], wn.shape[0]
         cd, ws, wts, cb = self._scaled(z, zt, wn, wt, center, student_temp, teacher_temp)
         g = g.to(cd)
-        dz = _new_output(tuple(z.shape), z) if need_z else None
+        dz = new_output(tuple(z.shape), dtype=z.dtype, device=z.device) if need_z else None
         dws = torch.zeros_like(ws) if need_w else None  # Σ g(p - q)ᵀ z, then / τs
         rows = _chunk_rows(N, K, cd)
         s_buf = z.new_empty((rows, K), dtype=cd)
@@ -453,9 +441,9 @@ class _TritonImpl:
     def forward(self, z, zt, wn, wt, center, student_temp, teacher_temp):
         N, E = z.shape
         K = wn.shape[0]
-        loss = _new_output((N,), z, torch.float32)
-        lse_s = _new_output((N,), z, torch.float32)
-        lse_t = _new_output((N,), z, torch.float32)
+        loss = new_output((N,), dtype=torch.float32, device=z.device)
+        lse_s = new_output((N,), dtype=torch.float32, device=z.device)
+        lse_t = new_output((N,), dtype=torch.float32, device=z.device)
         bn, bk, be, warps = _tiles(E, z.dtype)
         _pce_fwd_kernel[(triton.cdiv(N, bn),)](
             z, zt, wn, wt, center, loss, lse_s, lse_t,
@@ -480,12 +468,12 @@ class _TritonImpl:
         )  # fmt: skip
         dz = dw = None
         if need_z:
-            dz = _new_output((N, E), z)
+            dz = new_output((N, E), dtype=z.dtype, device=z.device)
             _pce_bwd_dz_kernel[(triton.cdiv(N, bn),)](
                 *args, dz, *sizes, dz.stride(0), 1.0 / student_temp, 1.0 / teacher_temp, **meta
             )
         if need_w:
-            dw = _new_output((K, E), wn)
+            dw = new_output((K, E), dtype=wn.dtype, device=wn.device)
             _pce_bwd_dw_kernel[(triton.cdiv(K, bk),)](
                 *args, dw, *sizes, dw.stride(0), 1.0 / student_temp, 1.0 / teacher_temp, **meta
             )
@@ -499,11 +487,11 @@ class _TritonImpl:
 
 def _make_custom_op(impl):
     """semmim::prototype_cross_entropy_<backend>(z, zt, wn, wt, center, τs, τt) ->
-    (loss, lse_s, lse_t), differentiable in z and wn; its backward is a second custom op."""
+    (loss, lse_s, lse_t), differentiable in z and wn; its backward is the custom op
+    semmim::prototype_cross_entropy_bwd_<backend>."""
     b = impl.name
 
-    @torch.library.custom_op(f"semmim::prototype_cross_entropy_{b}", mutates_args=())
-    def fwd_op(
+    def fwd_impl(
         z: torch.Tensor,
         z_teacher: torch.Tensor,
         wn: torch.Tensor,
@@ -515,13 +503,11 @@ def _make_custom_op(impl):
         with _no_autocast(z):
             return impl.forward(z, z_teacher, wn, wt, center, student_temp, teacher_temp)
 
-    @fwd_op.register_fake
-    def _(z, z_teacher, wn, wt, center, student_temp, teacher_temp):
+    def fwd_fake(z, z_teacher, wn, wt, center, student_temp, teacher_temp):
         stat = z.new_empty((z.shape[0],), dtype=_compute_dtype(z))
         return stat, torch.empty_like(stat), torch.empty_like(stat)
 
-    @torch.library.custom_op(f"semmim::prototype_cross_entropy_bwd_{b}", mutates_args=())
-    def bwd_op(
+    def bwd_impl(
         g: torch.Tensor,
         z: torch.Tensor,
         z_teacher: torch.Tensor,
@@ -540,15 +526,15 @@ def _make_custom_op(impl):
                 g, z, z_teacher, wn, wt, center, lse_s, lse_t, student_temp, teacher_temp,
                 need_z, need_w,
             )  # fmt: skip
-        # custom ops cannot return None: a 0-element tensor stands for "not needed"
-        return (dz if dz is not None else z.new_empty((0,)),
-                dw if dw is not None else wn.new_empty((0,)))  # fmt: skip
+        return (dz if dz is not None else no_grad_placeholder(z),
+                dw if dw is not None else no_grad_placeholder(wn))  # fmt: skip
 
-    @bwd_op.register_fake
-    def _(g, z, z_teacher, wn, wt, center, lse_s, lse_t, student_temp, teacher_temp, need_z,
-          need_w):  # fmt: skip
-        return (z.new_empty(z.shape) if need_z else z.new_empty((0,)),
-                wn.new_empty(wn.shape) if need_w else wn.new_empty((0,)))  # fmt: skip
+    def bwd_fake(g, z, z_teacher, wn, wt, center, lse_s, lse_t, student_temp, teacher_temp,
+                 need_z, need_w):  # fmt: skip
+        return (z.new_empty(z.shape) if need_z else no_grad_placeholder(z),
+                wn.new_empty(wn.shape) if need_w else no_grad_placeholder(wn))  # fmt: skip
+
+    bwd_op = custom_op(f"prototype_cross_entropy_bwd_{b}", bwd_impl, fake=bwd_fake)
 
     def setup_context(ctx, inputs, output):
         z, z_teacher, wn, wt, center, student_temp, teacher_temp = inputs
@@ -565,8 +551,10 @@ def _make_custom_op(impl):
         )
         return (dz if need_z else None, None, dw if need_w else None, None, None, None, None)
 
-    fwd_op.register_autograd(backward, setup_context=setup_context)
-    return fwd_op
+    return custom_op(
+        f"prototype_cross_entropy_{b}", fwd_impl, fake=fwd_fake, backward=backward,
+        setup_context=setup_context,
+    )  # fmt: skip
 
 
 _IMPLS = {"chunked": _ChunkedImpl()}
@@ -579,38 +567,21 @@ def _contiguous_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _fused(name, z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp):
-    with _no_autocast(z):
-        wn, wt, c = _operands(z, prototypes, prototypes_teacher, center)
-        zt = z_teacher.detach()
-        if name == "triton":  # the kernels take a row stride, unit column stride
-            z, zt, wn, wt, c = (_contiguous_rows(t) for t in (z, zt, wn, wt, c.contiguous()))
-        loss, _, _ = _CUSTOM_OPS[name](z, zt, wn, wt, c, float(student_temp), float(teacher_temp))
-        return loss, _teacher_logit_mean(zt, wt)
+def _fused(name: str):
+    """The backend function of custom op ``name``: (loss (N,), teacher_logit_mean (K,))."""
 
+    def fn(z, z_teacher, wn, wt, center, student_temp, teacher_temp):
+        if name == "triton":  # the kernels take a row stride and a unit column stride
+            z, z_teacher, wn, wt = (_contiguous_rows(t) for t in (z, z_teacher, wn, wt))
+        with _no_autocast(z):
+            loss, _, _ = _CUSTOM_OPS[name](z, z_teacher, wn, wt, center, student_temp, teacher_temp)
+            return loss, _teacher_logit_mean(z_teacher, wt)
 
-def prototype_cross_entropy_chunked(
-    z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp
-):
-    """Chunked PyTorch backend of :func:`prototype_cross_entropy` (same contract)."""
-    return _fused(
-        "chunked", z, z_teacher, prototypes, prototypes_teacher, center, student_temp,
-        teacher_temp,
-    )  # fmt: skip
-
-
-def prototype_cross_entropy_triton(
-    z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp
-):
-    """Triton backend of :func:`prototype_cross_entropy` (same contract)."""
-    return _fused(
-        "triton", z, z_teacher, prototypes, prototypes_teacher, center, student_temp,
-        teacher_temp,
-    )  # fmt: skip
+    return fn
 
 
 # --------------------------------------------------------------------------------------------
-# supports_*: cheap reasons a backend cannot run (empty list = can run)
+# supports_*: cheap reasons a backend cannot run on the prepared arguments (empty = can run)
 # --------------------------------------------------------------------------------------------
 
 
@@ -622,27 +593,20 @@ def supports_chunked(*args, **kwargs) -> list[str]:
     return []
 
 
-def supports_triton(
-    z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp
-) -> list[str]:
-    reasons = triton_reasons(z, z_teacher, prototypes, prototypes_teacher, center)
-    if isinstance(z, torch.Tensor) and z.dim() == 2:
-        if z.dtype not in (torch.float32, *_FLOAT16):
-            reasons.append(f"dtype {z.dtype} not in (float32, float16, bfloat16)")
-        elif z.dtype == torch.bfloat16 and interpret_mode():
-            reasons.append("the Triton interpreter computes bf16 dot products wrongly")
-        if z.shape[1] > TRITON_MAX_E:
-            reasons.append(f"E={z.shape[1]} > {TRITON_MAX_E}")
+def supports_triton(z, z_teacher, wn, wt, center, student_temp, teacher_temp) -> list[str]:
+    reasons = triton_reasons(z, z_teacher, wn, wt, center)
+    if z.dtype not in (torch.float32, *_FLOAT16):
+        reasons.append(f"dtype {z.dtype} not in (float32, float16, bfloat16)")
+    elif z.dtype == torch.bfloat16 and interpret_mode():
+        reasons.append("the Triton interpreter computes bf16 dot products wrongly")
+    if z.shape[1] > TRITON_MAX_E:
+        reasons.append(f"E={z.shape[1]} > {TRITON_MAX_E}")
     return reasons
 
 
 # --------------------------------------------------------------------------------------------
 # registration and the public op
 # --------------------------------------------------------------------------------------------
-
-register(OP_NAME, "triton", prototype_cross_entropy_triton, supports_triton, 30)
-register(OP_NAME, "chunked", prototype_cross_entropy_chunked, supports_chunked, 20)
-register(OP_NAME, "reference", prototype_cross_entropy_reference, supports_reference, 0)
 
 
 def _example(device: torch.device) -> tuple[tuple, dict]:
@@ -654,9 +618,10 @@ def _example(device: torch.device) -> tuple[tuple, dict]:
     return (z, zt, w, wt, torch.zeros(40, device=device), 0.1, 0.04), {}
 
 
-set_check(OP_NAME, _check_inputs)
-set_example(OP_NAME, _example)
-_OP = get_op(OP_NAME)
+OP = define_op(OP_NAME, prepare=_prepare, example=_example)
+OP.register("triton", _fused("triton"), supports_triton, 30)
+OP.register("chunked", _fused("chunked"), supports_chunked, 20)
+OP.register("reference", _reference, supports_reference, 0)
 
 
 def prototype_cross_entropy(
@@ -678,7 +643,8 @@ def prototype_cross_entropy(
             reference and chunked backends).
         z_teacher: (N, E) L2-normalised teacher features, z's dtype (no gradient).
         prototypes: (K, E) student prototypes, raw: normalised here (row-wise, under autograd).
-        prototypes_teacher: (K, E) teacher prototypes, raw (no gradient).
+            z's dtype; under autocast a different float dtype is cast to z's.
+        prototypes_teacher: (K, E) teacher prototypes, raw (no gradient), as prototypes.
         center: (K,) teacher centre, any float dtype (no gradient).
         student_temp, teacher_temp: temperatures τs, τt > 0.
         backend: "reference" | "chunked" | "triton"; default: ``SEMMIM_BACKEND`` or the fastest
@@ -692,6 +658,25 @@ def prototype_cross_entropy(
         teacher_logit_mean (K,): mean of t over the rows (for the centre update). Both fp32
         (fp64 for fp64 inputs). Differentiable in z and prototypes.
     """
-    args = (z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp)
-    _check_inputs(*args, validate=validate)
-    return _OP.select(backend, *args).fn(*args)
+    return OP(
+        z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp,
+        backend=backend, validate=validate,
+    )  # fmt: skip
+
+
+def _on(backend: str):
+    def fn(z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp, *,
+           validate: bool = True):  # fmt: skip
+        return prototype_cross_entropy(
+            z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp,
+            backend=backend, validate=validate,
+        )  # fmt: skip
+
+    fn.__name__ = f"prototype_cross_entropy_{backend}"
+    fn.__doc__ = f"``prototype_cross_entropy(..., backend={backend!r})`` (same contract)."
+    return fn
+
+
+prototype_cross_entropy_reference = _on("reference")
+prototype_cross_entropy_chunked = _on("chunked")
+prototype_cross_entropy_triton = _on("triton")

@@ -1,22 +1,33 @@
-"""Backend registry shared by every op in :mod:`semmim.kernels`.
+"""The op contract shared by every op in :mod:`semmim.kernels` (see ``kernels/README.md``).
 
-Each op registers its backends (``reference``, ``triton``, ``cuda``, ``cpu``, ``sdpa``,
-``chunked``) with a priority and a ``supports(*args, **kwargs) -> list[str]`` function: an empty
-list means the backend can run on these inputs, otherwise each string is a reason why not. The
-public op dispatches:
+An :class:`Op` is one public op. A call ``op(*args, backend=None, validate=True, **kwargs)``:
 
-1. an explicit ``backend=`` argument;
-2. else the ``SEMMIM_BACKEND`` environment variable, when the op has a backend of that name;
-3. else the highest-priority backend whose reasons list is empty.
+1. ``prepare(*args, validate=..., **kwargs) -> (args, kwargs)`` — the op's ONE validator. Shape,
+   dtype and device checks always run (they cost nothing); checks that read tensor VALUES on the
+   host (index range, uniqueness, ...: a device->host sync each) run only when ``validate``. It
+   also normalises the call: the autocast rule (``cast_to_input``), dense small operands, the
+   default scale, ... The backends receive exactly what ``prepare`` returns and never validate.
+2. Backend selection (:meth:`Op.select`): an explicit ``backend=`` argument; else the
+   ``SEMMIM_BACKEND`` environment variable when the op has a backend of that name (a name that
+   is no backend of any op is a ValueError listing the valid names); else the highest-priority
+   backend whose ``supports(*args, **kwargs)`` returns no reasons. ``supports`` gets only the
+   prepared arguments, i.e. what decides capability (no per-call options such as ``validate``).
+   An explicitly requested backend that cannot run raises NotImplementedError with the inputs
+   and the reasons, never a silent fallback.
+3. ``backend.fn(*args, **kwargs)``, then optionally ``finish(out, args, kwargs, validate)``
+   (e.g. topk_mask's finiteness check, which reads a per-row count the kernel computed).
 
-An explicitly requested backend (1 or 2) that cannot run raises :class:`NotImplementedError` with a
-description of the inputs and the reasons, never a silent fallback.
+Every call is reported to the active :func:`record_dispatch` contexts. The fast backends run as
+``torch.library`` custom ops made by :func:`custom_op` (fake impl for torch.compile, optional
+autograd), and allocate their outputs with :func:`semmim.kernels._common.new_output` (the one
+allocator, which tests poison through :func:`semmim.kernels._common.poisoned_outputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +35,8 @@ import torch
 
 BACKENDS = ("reference", "triton", "cuda", "cpu", "sdpa", "chunked")
 ENV_VAR = "SEMMIM_BACKEND"
+
+Prepared = tuple[tuple, dict]
 
 
 def describe(*args: Any, **kwargs: Any) -> str:
@@ -40,9 +53,50 @@ def describe(*args: Any, **kwargs: Any) -> str:
     return ", ".join(parts)
 
 
+# --------------------------------------------------------------------------------------------
+# record_dispatch
+# --------------------------------------------------------------------------------------------
+_RECORDERS: list[dict[str, set[str]]] = []
+
+
+@contextlib.contextmanager
+def record_dispatch() -> Iterator[dict[str, set[str]]]:
+    """Record which backend each op ran: ``with record_dispatch() as ran: ...`` and afterwards
+    ``ran == {"masked_gather": {"cpu"}, "cross_attention": {"sdpa"}, ...}``.
+
+    Nested contexts each see every call. Dispatch happens in Python, so under ``torch.compile``
+    calls are recorded while the graph is traced, not on each replay of a compiled graph.
+    """
+    ran: dict[str, set[str]] = {}
+    _RECORDERS.append(ran)
+    try:
+        yield ran
+    finally:
+        _RECORDERS.remove(ran)
+
+
+def _record(op: str, backend: str) -> None:
+    for ran in _RECORDERS:
+        ran.setdefault(op, set()).add(backend)
+
+
+def env_backend() -> str | None:
+    """The ``SEMMIM_BACKEND`` value, or None when unset/empty; ValueError for an unknown name."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if not env:
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {list(BACKENDS)} (or unset), got {env!r}")
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# ops and backends
+# --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of an op. ``fn`` has the public op's signature without ``backend``."""
+    """One implementation of an op: ``fn(*args, **kwargs)`` and ``supports(*args, **kwargs)``
+    both take the prepared arguments (see :class:`Op`)."""
 
     name: str
     fn: Callable[..., Any]
@@ -50,21 +104,25 @@ class Backend:
     priority: int
 
 
+def _no_prepare(*args: Any, validate: bool = True, **kwargs: Any) -> Prepared:
+    return args, kwargs
+
+
 @dataclass
 class Op:
-    """A public op and its registered backends."""
+    """A public op: its validator, its backends, optional post-processing and example inputs."""
 
     name: str
-    backends: dict[str, Backend] = field(default_factory=dict)
+    prepare: Callable[..., Prepared] = _no_prepare
+    finish: Callable[[Any, tuple, dict, bool], Any] | None = None
     # device -> (args, kwargs): small valid inputs, used by `python -m semmim.kernels.info`
-    example: Callable[[torch.device], tuple[tuple, dict]] | None = None
-    # input validation raising ValueError; run before reporting that no backend can run, so bad
-    # inputs get a ValueError naming the argument rather than a list of backend reasons
-    check: Callable[..., None] | None = None
+    example: Callable[[torch.device], Prepared] | None = None
+    backends: dict[str, Backend] = field(default_factory=dict)
 
     def register(
         self, name: str, fn: Callable[..., Any], supports: Callable[..., list[str]], priority: int
     ) -> None:
+        """Add backend ``name``; higher priority is tried first by auto-dispatch."""
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
         self.backends[name] = Backend(name, fn, supports, priority)
@@ -73,14 +131,35 @@ class Op:
         return sorted(self.backends.values(), key=lambda b: -b.priority)
 
     def reasons(self, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
-        """Backend name -> reasons it cannot run on these inputs (empty list = can run)."""
+        """Backend name -> reasons it cannot run on these (raw) inputs (empty list = can run).
+
+        The inputs are prepared first (without value checks), as a call would prepare them."""
+        args, kwargs = self.prepare(*args, validate=False, **kwargs)
         return {b.name: list(b.supports(*args, **kwargs)) for b in self.ordered()}
 
+    def explain(self, *args: Any, **kwargs: Any) -> tuple[str | None, list[str]]:
+        """(backend auto-dispatch would pick now or None, ["higher: reason; reason", ...]).
+
+        Honours ``SEMMIM_BACKEND`` like a call does."""
+        args, kwargs = self.prepare(*args, validate=False, **kwargs)
+        env = env_backend()
+        if env is not None and env in self.backends:
+            why = self.backends[env].supports(*args, **kwargs)
+            return (None, [f"{ENV_VAR}={env}: {'; '.join(why)}"]) if why else (env, [])
+        skipped = []
+        for b in self.ordered():
+            why = b.supports(*args, **kwargs)
+            if not why:
+                return b.name, skipped
+            skipped.append(f"{b.name}: {'; '.join(why)}")
+        return None, skipped
+
     def select(self, backend: str | None, *args: Any, **kwargs: Any) -> Backend:
+        """The backend that runs on these PREPARED arguments (see the module docstring)."""
         requested = backend
         if requested is None:
-            env = os.environ.get(ENV_VAR, "").strip()
-            if env and env in self.backends:
+            env = env_backend()
+            if env is not None and env in self.backends:
                 requested = env
         if requested is not None:
             if requested not in self.backends:
@@ -90,8 +169,6 @@ class Op:
             chosen = self.backends[requested]
             why = chosen.supports(*args, **kwargs)
             if why:
-                if self.check is not None:
-                    self.check(*args, **kwargs)
                 raise NotImplementedError(
                     f"{self.name}: backend {requested!r} cannot run on ({describe(*args, **kwargs)}): "
                     + "; ".join(why)
@@ -103,39 +180,81 @@ class Op:
             if not why:
                 return b
             tried.append(f"{b.name}: {'; '.join(why)}")
-        if self.check is not None:
-            self.check(*args, **kwargs)
         raise NotImplementedError(
             f"{self.name}: no backend can run on ({describe(*args, **kwargs)}): "
             + " | ".join(tried)
         )
 
-    def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
-        return self.select(backend, *args, **kwargs).fn(*args, **kwargs)
+    def __call__(
+        self, *args: Any, backend: str | None = None, validate: bool = True, **kwargs: Any
+    ) -> Any:
+        if backend is not None and not isinstance(backend, str):
+            raise ValueError(f"backend must be a str or None, got {type(backend).__name__}")
+        if not isinstance(validate, bool):
+            raise ValueError(f"validate must be a bool, got {type(validate).__name__}")
+        args, kwargs = self.prepare(*args, validate=validate, **kwargs)
+        chosen = self.select(backend, *args, **kwargs)
+        _record(self.name, chosen.name)
+        out = chosen.fn(*args, **kwargs)
+        if self.finish is not None:
+            out = self.finish(out, args, kwargs, validate)
+        return out
 
 
 OPS: dict[str, Op] = {}
 
 
-def get_op(name: str) -> Op:
-    """The op named ``name``, created on first use."""
-    if name not in OPS:
-        OPS[name] = Op(name)
+def define_op(
+    name: str,
+    *,
+    prepare: Callable[..., Prepared],
+    finish: Callable[[Any, tuple, dict, bool], Any] | None = None,
+    example: Callable[[torch.device], Prepared] | None = None,
+) -> Op:
+    """Create and register the public op ``name`` (once per process)."""
+    if name in OPS:
+        raise ValueError(f"op {name!r} is already defined")
+    OPS[name] = Op(name, prepare=prepare, finish=finish, example=example)
     return OPS[name]
 
 
-def register(
-    op: str, backend: str, fn: Callable[..., Any], supports: Callable[..., list[str]], priority: int
-) -> None:
-    """Register ``fn`` as ``backend`` of ``op``; higher priority is tried first by auto-dispatch."""
-    get_op(op).register(backend, fn, supports, priority)
+def get_op(name: str) -> Op:
+    """The op named ``name``; KeyError listing the ops when there is none."""
+    if name not in OPS:
+        raise KeyError(f"no op named {name!r}; ops: {sorted(OPS)}")
+    return OPS[name]
 
 
-def set_example(op: str, fn: Callable[[torch.device], tuple[tuple, dict]]) -> None:
-    """Register ``fn(device) -> (args, kwargs)``, small valid inputs of ``op`` for the info table."""
-    get_op(op).example = fn
+# --------------------------------------------------------------------------------------------
+# the custom-op factory
+# --------------------------------------------------------------------------------------------
+def custom_op(
+    name: str,
+    impl: Callable[..., Any],
+    *,
+    fake: Callable[..., Any],
+    backward: Callable[..., Any] | None = None,
+    setup_context: Callable[..., None] | None = None,
+) -> Any:
+    """Register ``impl`` as the torch.library custom op ``semmim::<name>`` and return it.
+
+    ``impl`` carries type annotations (torch infers the schema from them) and must not mutate
+    its inputs. ``fake(*same args)`` returns empty outputs of the right shapes/dtypes (what
+    torch.compile and meta tensors see). ``backward(ctx, *grads)`` with
+    ``setup_context(ctx, inputs, output)`` make the op differentiable; without them it has no
+    autograd formula (fine for integer outputs or ops that are called on detached inputs).
+    Custom ops cannot return None: return ``no_grad_placeholder(ref)`` instead.
+    """
+    op = torch.library.custom_op(f"semmim::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+    elif setup_context is not None:
+        raise ValueError("setup_context without backward")
+    return op
 
 
-def set_check(op: str, fn: Callable[..., None]) -> None:
-    """Register ``fn(*args, **kwargs)``, raising ValueError on invalid inputs of ``op``."""
-    get_op(op).check = fn
+def no_grad_placeholder(ref: torch.Tensor) -> torch.Tensor:
+    """The 0-element tensor a custom op returns where its result is "none" (it cannot return
+    None)."""
+    return ref.new_empty((0,))

@@ -8,6 +8,11 @@ Math
     or text vector gets score 0, never NaN). With ``noise`` (B, P): s = s / tau + noise.
     The M = ``num_masked`` largest s per row are masked; among exactly equal scores the lower patch
     index is masked first (-0.0 and +0.0 count as equal).
+    Huge inputs: where the plain fp32 evaluation overflows (|x| ≳ 1e19 squares to inf), every
+    backend recomputes that score with patch[b,p] and text[b] pre-scaled by powers of two
+    2^-e, e = clamp(floor(log2 max|x|), 0, 126) (exact; the cosine is scale invariant and the EPS
+    floors scale along), so finite inputs of any magnitude get their true score (rare path: a
+    second pass over that row, no cost otherwise).
 
 Shapes
     patch (B, P, d)  float32/float16/bfloat16; fused backends need the last dim contiguous (other
@@ -24,15 +29,15 @@ Backward
 
 Limits
     1 <= M <= P-1. Fused backends (triton, cuda, cpu): P <= 1024 (the whole row's scores live in
-    registers / shared memory); the reference runs on any P. cuda: d <= 8192 (text row in shared
-    memory). Inputs must be finite: NaN/inf anywhere in patch[b], text[b] or noise[b] makes some
-    score of row b NaN/inf, so every backend also returns a per-row count of non-finite scores
-    (computed in the same pass, no second read of patch) and ``check_finite=True`` (default)
-    raises ValueError naming the offending argument when a count is nonzero. That check is a host
-    sync (reading B int32s, once per call); ``check_finite=False`` skips it, and then the
-    selection for rows with non-finite scores is unspecified (invariants still hold, no backend
-    reads or writes out of bounds). Finite inputs whose scores overflow (|x| ≳ 1e19 in fp32, or
-    a tiny tau) also raise ValueError.
+    registers / shared memory; the cpu/cuda limits come from ``semmim._C.limits()``); the
+    reference runs on any P. cuda: d <= 8192 (text row in shared memory). Inputs must be finite:
+    NaN/inf anywhere in patch[b], text[b] or noise[b] makes some score of row b NaN/inf, so every
+    backend also returns a per-row count of non-finite scores (computed in the same pass, no
+    second read of patch) and ``validate=True`` (default) raises ValueError naming the offending
+    argument when a count is nonzero. That check is a host sync (reading B int32s, once per
+    call); ``validate=False`` skips it, and then the selection for rows with non-finite scores
+    is unspecified (invariants still hold, no backend reads or writes out of bounds). Finite
+    inputs whose noisy scores overflow (a tiny tau) also raise ValueError.
 
 Differences vs reference
     Every backend computes s with the same fp32 formula, but the summation order of the dot
@@ -48,8 +53,8 @@ Differences vs reference
 
 torch.compile
     ``semmim::topk_mask_{cpu,cuda,triton}`` are torch.library custom ops with fake (meta)
-    implementations, so they trace without graph breaks. The public op's ``check_finite`` host
-    sync does break a graph: inside compiled regions pass ``check_finite=False``.
+    implementations, so they trace without graph breaks. The public op's finiteness check (a host
+    sync) does break a graph: inside compiled regions pass ``validate=False``.
 
 Backends: reference (PyTorch), triton, cuda (semmim._C), cpu (semmim._C, C++ OpenMP over rows).
 """
@@ -68,15 +73,17 @@ from ._common import (
     cpu_ext_reasons,
     cuda_ext_reasons,
     extension,
+    limits,
+    new_output,
     stream_of,
     triton_import_error,
     triton_reasons,
 )
-from .registry import get_op, register, set_example
+from .registry import custom_op, define_op
 
 EPS = 1e-12  # normalisation floor: x / max(|x|, EPS), identical in every backend
-MAX_P_FUSED = 1024  # fused backends keep one row's P scores on chip
-MAX_D_CUDA = 8192  # cuda backend keeps one text row (fp32) in shared memory
+MAX_P_TRITON = 1024  # the Triton kernel keeps one row's P scores in registers
+# the cpu / cuda limits (P, and d for cuda) are owned by csrc/topk_mask.h: semmim._C.limits()
 
 TopkMaskOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -91,15 +98,13 @@ __all__ = [
     "topk_mask_triton",
 ]
 
-_OP = get_op("topk_mask")
-
 
 # ---------------------------------------------------------------------------------------------
-# input validation (shared by every backend entry point and the public op)
+# prepare: the one validator
 # ---------------------------------------------------------------------------------------------
-def _check_shapes(
-    patch: torch.Tensor, text: torch.Tensor, num_masked: int, noise: torch.Tensor | None, tau: float
-) -> None:
+def _prepare(patch, text, num_masked, *, noise=None, tau=1.0, validate: bool = True):
+    """Shape/dtype/device checks (always; nothing here reads tensor values) -> the detached call
+    ``(patch, text, num_masked), {noise, tau}`` every backend gets."""
     if not isinstance(patch, torch.Tensor) or patch.dim() != 3:
         raise ValueError(
             f"patch must be a (B, P, d) tensor, got "
@@ -134,9 +139,16 @@ def _check_shapes(
                 f"got {tuple(noise.shape) if isinstance(noise, torch.Tensor) else noise!r}"
             )
         check_float("noise", noise)
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+    if (
+        isinstance(tau, bool)
+        or not isinstance(tau, (int, float))
+        or not math.isfinite(tau)
+        or not tau > 0
+    ):
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
     check_same_device(patch=patch, text=text, noise=noise)
+    noise = noise.detach() if noise is not None else None
+    return (patch.detach(), text.detach(), num_masked), {"noise": noise, "tau": float(tau)}
 
 
 def _raise_non_finite(patch, text, noise, tau, rows: list[int]) -> None:
@@ -149,16 +161,18 @@ def _raise_non_finite(patch, text, noise, tau, rows: list[int]) -> None:
             )
     raise ValueError(
         f"topk_mask: scores overflow to inf in rows {rows[:8]} although the inputs are finite "
-        f"(tau={tau} too small, or |patch| too large for fp32)"
+        f"(tau={tau} too small)"
     )
 
 
-def _finish(out, patch, text, noise, tau, check_finite: bool) -> TopkMaskOut:
-    """(keep_idx, mask_idx, mask, nonfinite) -> the public triple, raising on non-finite scores."""
+def _finish(out, args: tuple, kwargs: dict, validate: bool) -> TopkMaskOut:
+    """(keep_idx, mask_idx, mask, nonfinite) -> the public triple; with ``validate`` raise on
+    non-finite scores (reads the B per-row counts the kernel wrote: one host sync)."""
     keep_idx, mask_idx, mask, nonfinite = out
-    if check_finite and nonfinite.numel() and bool(nonfinite.any()):  # the host sync
+    if validate and nonfinite.numel() and bool(nonfinite.any()):  # the host sync
         rows = nonfinite.nonzero().flatten().tolist()
-        _raise_non_finite(patch, text, noise, tau, rows)
+        patch, text, _ = args
+        _raise_non_finite(patch, text, kwargs["noise"], kwargs["tau"], rows)
     return keep_idx, mask_idx, mask
 
 
@@ -166,26 +180,49 @@ def _alloc_outputs(patch: torch.Tensor, num_masked: int):
     """keep_idx (B, R) int64, mask_idx (B, M) int64, mask (B, P) bool, nonfinite (B,) int32."""
     B, P, _ = patch.shape
     dev = patch.device
-    keep_idx = torch.empty(B, P - num_masked, dtype=torch.int64, device=dev)
-    mask_idx = torch.empty(B, num_masked, dtype=torch.int64, device=dev)
-    mask = torch.empty(B, P, dtype=torch.bool, device=dev)
-    nonfinite = torch.empty(B, dtype=torch.int32, device=dev)
+    keep_idx = new_output((B, P - num_masked), dtype=torch.int64, device=dev)
+    mask_idx = new_output((B, num_masked), dtype=torch.int64, device=dev)
+    mask = new_output((B, P), dtype=torch.bool, device=dev)
+    nonfinite = new_output((B,), dtype=torch.int32, device=dev)
     return keep_idx, mask_idx, mask, nonfinite
 
 
 # ---------------------------------------------------------------------------------------------
 # reference
 # ---------------------------------------------------------------------------------------------
+def _pow2_scale(maxabs: torch.Tensor) -> torch.Tensor:
+    """2^-e, e = clamp(floor(log2(maxabs)), 0, 126): exact powers of two that only scale down."""
+    e = ((maxabs.view(torch.int32) >> 23) & 0xFF) - 127
+    return torch.ldexp(torch.ones_like(maxabs), -e.clamp(0, 126))
+
+
+def _cosine(p32, t32, eps_p=EPS, eps_t=EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) fp32 cosine with the EPS floors, and where the plain fp32 evaluation overflowed."""
+    dot = torch.bmm(p32, t32.unsqueeze(-1)).squeeze(-1)  # (B, P)
+    ss = (p32 * p32).sum(-1)  # (B, P)
+    p_norm = torch.linalg.vector_norm(p32, dim=-1)  # (B, P)
+    t_norm = torch.linalg.vector_norm(t32, dim=-1, keepdim=True)  # (B, 1)
+    denom = torch.maximum(p_norm, torch.as_tensor(eps_p)) * torch.maximum(
+        t_norm, torch.as_tensor(eps_t)
+    )
+    ovf = ~(dot.isfinite() & ss.isfinite() & (t_norm * t_norm).isfinite() & denom.isfinite())
+    return dot / denom, ovf
+
+
 def topk_mask_scores(
     patch: torch.Tensor, text: torch.Tensor, noise: torch.Tensor | None = None, tau: float = 1.0
 ) -> torch.Tensor:
     """The fp32 scores s (B, P) that every backend ranks (see the module docstring)."""
     p32 = patch.detach().float()  # (B, P, d)
     t32 = text.detach().float()  # (B, d)
-    dot = torch.bmm(p32, t32.unsqueeze(-1)).squeeze(-1)  # (B, P)
-    p_norm = torch.linalg.vector_norm(p32, dim=-1).clamp_min(EPS)  # (B, P)
-    t_norm = torch.linalg.vector_norm(t32, dim=-1, keepdim=True).clamp_min(EPS)  # (B, 1)
-    s = dot / (p_norm * t_norm)
+    s, ovf = _cosine(p32, t32)
+    # where the plain evaluation overflowed (|x| >~ 1e19): both vectors pre-scaled by powers of
+    # two (computed everywhere, no data-dependent branch: the reference reads no values on the
+    # host either)
+    sa = _pow2_scale(p32.abs().amax(dim=-1))  # (B, P)
+    st = _pow2_scale(t32.abs().amax(dim=-1))  # (B,)
+    rescued, _ = _cosine(p32 * sa[..., None], t32 * st[:, None], EPS * sa, EPS * st[:, None])
+    s = torch.where(ovf, rescued, s)
     if noise is not None:
         s = s / tau + noise.detach().float()
     return s
@@ -195,8 +232,8 @@ def _topk_mask_reference_impl(
     patch: torch.Tensor,
     text: torch.Tensor,
     num_masked: int,
-    noise: torch.Tensor | None = None,
-    tau: float = 1.0,
+    noise: torch.Tensor | None,
+    tau: float,
 ):
     """-> keep_idx, mask_idx, mask, nonfinite (B,) int32 (per-row count of NaN/inf scores)."""
     B, P, _ = patch.shape
@@ -213,31 +250,65 @@ def _topk_mask_reference_impl(
     return keep_idx, mask_idx, mask, nonfinite
 
 
-def topk_mask_reference(
-    patch: torch.Tensor,
-    text: torch.Tensor,
-    num_masked: int,
-    *,
-    noise: torch.Tensor | None = None,
-    tau: float = 1.0,
-    check_finite: bool = True,
-) -> TopkMaskOut:
-    """Readable PyTorch specification: normalise + bmm + sort + scatter.
-
-    patch (B, P, d), text (B, d), noise (B, P) or None
-    -> keep_idx (B, P-M) int64, mask_idx (B, M) int64, mask (B, P) bool.
-    """
-    _check_shapes(patch, text, num_masked, noise, tau)
-    out = _topk_mask_reference_impl(patch, text, num_masked, noise, tau)
-    return _finish(out, patch, text, noise, tau, check_finite)
-
-
 # ---------------------------------------------------------------------------------------------
 # Triton
 # ---------------------------------------------------------------------------------------------
 if not triton_import_error():
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _tl_finite(x):
+        return (x.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
+
+    @triton.jit
+    def _tl_pow2_scale(maxabs):
+        # 2^-e, e = clamp(floor(log2(maxabs)), 0, 126): exact, scales down only (as the C++)
+        e = ((maxabs.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.minimum(tl.maximum(e, 0), 126)
+        return ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _tl_rescued_cosine(
+        row_ptr, row_off, valid, t_ptr, D, eps, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
+        """(BLOCK_P,) cosines of the patch rows and the text with both pre-scaled by powers of
+        two (cosine is scale invariant, the EPS floors scale along): finite at any magnitude."""
+        ap = tl.zeros([BLOCK_P], dtype=tl.float32)
+        at = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            t = tl.load(t_ptr + offs_d, mask=d_ok, other=0.0)
+            x = tl.load(
+                row_ptr + row_off[:, None] + offs_d[None, :],
+                mask=valid[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            ap = tl.maximum(ap, tl.max(tl.abs(x), axis=1))
+            at = tl.maximum(at, tl.abs(t))
+        sa = _tl_pow2_scale(ap)  # (BLOCK_P,)
+        st = _tl_pow2_scale(tl.max(at, axis=0))
+        dot = tl.zeros([BLOCK_P], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_P], dtype=tl.float32)
+        tss = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            t = tl.load(t_ptr + offs_d, mask=d_ok, other=0.0) * st
+            x = (
+                tl.load(
+                    row_ptr + row_off[:, None] + offs_d[None, :],
+                    mask=valid[:, None] & d_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                * sa[:, None]
+            )
+            dot += tl.sum(x * t[None, :], axis=1)
+            ss += tl.sum(x * x, axis=1)
+            tss += t * t
+        t_norm = tl.maximum(tl.sqrt_rn(tl.sum(tss, axis=0)), eps * st)
+        return tl.math.div_rn(dot, tl.maximum(tl.sqrt_rn(ss), eps * sa) * t_norm)
 
     @triton.jit
     def _topk_mask_fwd_kernel(
@@ -267,7 +338,20 @@ if not triton_import_error():
             tss += t * t
         t_norm = tl.maximum(tl.sqrt_rn(tl.sum(tss, axis=0)), eps)
         # IEEE sqrt / division (Triton's default fp32 `/` and tl.sqrt are approximate on GPU)
-        s = tl.math.div_rn(dot, tl.maximum(tl.sqrt_rn(ss), eps) * t_norm)
+        denom = tl.maximum(tl.sqrt_rn(ss), eps) * t_norm
+        s = tl.math.div_rn(dot, denom)
+        # plain fp32 overflowed (|x| >~ 1e19 squares to inf; NaN/inf inputs land here too):
+        # recompute those patches with both vectors pre-scaled by powers of two (rare path)
+        ovf = valid & ~(_tl_finite(dot) & _tl_finite(ss) & _tl_finite(denom) & _tl_finite(t_norm))
+        if tl.sum(ovf.to(tl.int32), axis=0) > 0:
+            s = tl.where(
+                ovf,
+                _tl_rescued_cosine(
+                    patch_ptr + b * stride_pb, row_off, valid, text_ptr + b * stride_tb, D, eps,
+                    BLOCK_P, BLOCK_D,
+                ),
+                s,
+            )  # fmt: skip
         if HAS_NOISE:
             nz = tl.load(noise_ptr + b * stride_nb + offs_p.to(tl.int64) * stride_np,
                          mask=valid, other=0.0)  # fmt: skip
@@ -375,18 +459,17 @@ _RUNNERS = {
 
 
 def _make_custom_op(name: str):
-    """semmim::topk_mask_<name>: a torch.library op (fake impl -> composes with torch.compile)."""
+    """semmim::topk_mask_<name> through the factory (fake impl -> composes with torch.compile).
+    No autograd: the outputs are integer/bool and the public op detaches the inputs."""
     run = _RUNNERS[name]
 
-    @torch.library.custom_op(f"semmim::topk_mask_{name}", mutates_args=())
-    def op(
+    def impl(
         patch: torch.Tensor, text: torch.Tensor, num_masked: int, noise: torch.Tensor | None,
         tau: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         return run(patch, text, num_masked, noise, tau)
 
-    @op.register_fake
-    def _(patch, text, num_masked, noise, tau):
+    def fake(patch, text, num_masked, noise, tau):
         B, P, _ = patch.shape
         return (
             patch.new_empty((B, P - num_masked), dtype=torch.int64),
@@ -395,60 +478,34 @@ def _make_custom_op(name: str):
             patch.new_empty((B,), dtype=torch.int32),
         )
 
-    # No register_autograd: the outputs are integer/bool (never differentiable) and the inputs
-    # are detached before the call.
-    return op
+    return custom_op(f"topk_mask_{name}", impl, fake=fake)
 
 
 _CUSTOM_OPS = {name: _make_custom_op(name) for name in _RUNNERS}
 
 
-def _via(name: str):
-    """Registry entry (shapes already checked by the public op): custom op + non-finite check."""
+def _backend_fn(name: str):
+    """Registry entry: the custom op with the prepared (keyword) arguments."""
     op = _CUSTOM_OPS[name]
 
-    def fn(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True) -> TopkMaskOut:
-        noise = noise.detach() if noise is not None else None
-        out = op(patch.detach(), text.detach(), int(num_masked), noise, float(tau))
-        return _finish(out, patch, text, noise, tau, check_finite)
+    def fn(patch, text, num_masked, *, noise, tau):
+        return op(patch, text, num_masked, noise, tau)
 
     return fn
-
-
-def topk_mask_triton(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True):
-    """Triton backend of :func:`topk_mask` (same contract)."""
-    _check_shapes(patch, text, num_masked, noise, tau)
-    return _via("triton")(patch, text, num_masked, noise=noise, tau=tau, check_finite=check_finite)
-
-
-def topk_mask_cuda(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True):
-    """CUDA backend (semmim._C) of :func:`topk_mask` (same contract)."""
-    _check_shapes(patch, text, num_masked, noise, tau)
-    return _via("cuda")(patch, text, num_masked, noise=noise, tau=tau, check_finite=check_finite)
-
-
-def topk_mask_cpu(patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True):
-    """C++ CPU (OpenMP) backend (semmim._C) of :func:`topk_mask` (same contract)."""
-    _check_shapes(patch, text, num_masked, noise, tau)
-    return _via("cpu")(patch, text, num_masked, noise=noise, tau=tau, check_finite=check_finite)
 
 
 # ---------------------------------------------------------------------------------------------
 # supports_*: cheap reasons a backend cannot run (empty list = can run)
 # ---------------------------------------------------------------------------------------------
-def _fused_reasons(patch, text, num_masked, noise, max_d: int | None = None) -> list[str]:
+def _fused_reasons(patch, max_p: int | None, max_d: int | None = None) -> list[str]:
     reasons = []
-    if not isinstance(patch, torch.Tensor) or patch.dim() != 3:
-        return ["patch must be a (B, P, d) tensor"]
     B, P, d = patch.shape
-    if P > MAX_P_FUSED:
-        reasons.append(f"P={P} > {MAX_P_FUSED} (fused kernels keep a row's scores on chip)")
+    if max_p is not None and P > max_p:
+        reasons.append(f"P={P} > {max_p} (fused kernels keep a row's scores on chip)")
     if max_d is not None and d > max_d:
         reasons.append(f"d={d} > {max_d} (text row kept in shared memory)")
     if d > 1 and patch.stride(2) != 1:
         reasons.append(f"patch needs a contiguous last dim, got strides {tuple(patch.stride())}")
-    if patch.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"unsupported dtype {patch.dtype}")
     return reasons
 
 
@@ -457,33 +514,27 @@ def supports_reference(patch, text, num_masked, *, noise=None, tau=1.0) -> list[
 
 
 def supports_triton(patch, text, num_masked, *, noise=None, tau=1.0) -> list[str]:
-    return triton_reasons(patch, text, noise) + _fused_reasons(patch, text, num_masked, noise)
+    return triton_reasons(patch, text, noise) + _fused_reasons(patch, MAX_P_TRITON)
 
 
 def supports_cuda(patch, text, num_masked, *, noise=None, tau=1.0) -> list[str]:
+    lim = limits()
     return cuda_ext_reasons(patch, text, noise) + _fused_reasons(
-        patch, text, num_masked, noise, max_d=MAX_D_CUDA
+        patch, lim.get("topk_mask_max_p"), lim.get("topk_mask_max_d_cuda")
     )
 
 
 def supports_cpu(patch, text, num_masked, *, noise=None, tau=1.0) -> list[str]:
-    return cpu_ext_reasons(patch, text, noise) + _fused_reasons(patch, text, num_masked, noise)
+    return cpu_ext_reasons(patch, text, noise) + _fused_reasons(
+        patch, limits().get("topk_mask_max_p")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # registration, noise and the public op
 # ---------------------------------------------------------------------------------------------
-def _reference_backend(
-    patch, text, num_masked, *, noise=None, tau=1.0, check_finite=True
-) -> TopkMaskOut:
-    out = _topk_mask_reference_impl(patch, text, num_masked, noise, tau)
-    return _finish(out, patch, text, noise, tau, check_finite)
-
-
-register("topk_mask", "cuda", _via("cuda"), supports_cuda, 40)
-register("topk_mask", "triton", _via("triton"), supports_triton, 30)
-register("topk_mask", "cpu", _via("cpu"), supports_cpu, 20)
-register("topk_mask", "reference", _reference_backend, supports_reference, 0)
+def _reference_backend(patch, text, num_masked, *, noise, tau):
+    return _topk_mask_reference_impl(patch, text, num_masked, noise, tau)
 
 
 def _example(device: torch.device) -> tuple[tuple, dict]:
@@ -493,7 +544,11 @@ def _example(device: torch.device) -> tuple[tuple, dict]:
     return (patch, text, 24), {"noise": gumbel_noise((2, 49), seed=0, device=device)}
 
 
-set_example("topk_mask", _example)
+OP = define_op("topk_mask", prepare=_prepare, finish=_finish, example=_example)
+OP.register("cuda", _backend_fn("cuda"), supports_cuda, 40)
+OP.register("triton", _backend_fn("triton"), supports_triton, 30)
+OP.register("cpu", _backend_fn("cpu"), supports_cpu, 20)
+OP.register("reference", _reference_backend, supports_reference, 0)
 
 
 def gumbel_noise(
@@ -501,13 +556,20 @@ def gumbel_noise(
 ) -> torch.Tensor:
     """Reproducible fp32 Gumbel(0, 1) samples of ``shape`` (e.g. (B, P)) for :func:`topk_mask`.
 
-    Uses a ``torch.Generator`` on ``device`` seeded with ``seed``: the same (seed, shape, device
-    type) gives the same values, but CPU and CUDA generators produce different streams, so values
+    ``shape`` is a sequence of non-negative ints; ``seed`` an int in [0, 2**63). Uses a
+    ``torch.Generator`` on ``device`` seeded with ``seed``: the same (seed, shape, device type)
+    gives the same values, but CPU and CUDA generators produce different streams, so values
     differ between devices. Always finite: uniforms are clamped to [tiny, 1).
     """
+    if isinstance(shape, (int, str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
+        raise ValueError(f"shape must be a sequence of ints such as (B, P), got {shape!r}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"shape must hold non-negative ints, got {tuple(shape)!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     device = torch.device(device)
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
+    gen.manual_seed(seed)
     u = torch.rand(tuple(shape), generator=gen, device=device, dtype=torch.float32)
     u = u.clamp_min(torch.finfo(torch.float32).tiny)
     return -torch.log(-torch.log(u))
@@ -521,7 +583,7 @@ def topk_mask(
     noise: torch.Tensor | None = None,
     tau: float = 1.0,
     backend: str | None = None,
-    check_finite: bool = True,
+    validate: bool = True,
 ) -> TopkMaskOut:
     """Mask the ``num_masked`` patches per image most similar to the text (no gradient).
 
@@ -534,14 +596,30 @@ def topk_mask(
         tau: temperature > 0; scores become s / tau + noise (ignored without noise).
         backend: "reference" | "triton" | "cuda" | "cpu"; default: ``SEMMIM_BACKEND`` or the
             fastest that can run.
-        check_finite: raise ValueError when a score is NaN/inf, i.e. on NaN/inf inputs (a host
-            sync reading B int32 flags that the kernel computes in its single pass).
+        validate: raise ValueError when a score is NaN/inf, i.e. on NaN/inf inputs (a host
+            sync reading B int32 counts that the kernel computes in its single pass). False
+            skips it: then the selection in such rows is unspecified (still a partition).
 
     Returns:
         keep_idx (B, P-M) int64 ascending, mask_idx (B, M) int64 ascending, mask (B, P) bool
         (True = masked). Scores s = cos(patch, text) [/ tau + noise]; ties mask the lower patch
         index first. Not differentiable (inputs that require grad are detached).
     """
-    _check_shapes(patch, text, num_masked, noise, tau)
-    chosen = _OP.select(backend, patch, text, num_masked, noise=noise, tau=tau)
-    return chosen.fn(patch, text, num_masked, noise=noise, tau=tau, check_finite=check_finite)
+    return OP(patch, text, num_masked, noise=noise, tau=tau, backend=backend, validate=validate)
+
+
+def _topk_on(backend: str):
+    def fn(patch, text, num_masked, *, noise=None, tau=1.0, validate: bool = True):
+        return topk_mask(
+            patch, text, num_masked, noise=noise, tau=tau, backend=backend, validate=validate
+        )
+
+    fn.__name__ = f"topk_mask_{backend}"
+    fn.__doc__ = f"``topk_mask(..., backend={backend!r})`` (same contract)."
+    return fn
+
+
+topk_mask_reference = _topk_on("reference")
+topk_mask_triton = _topk_on("triton")
+topk_mask_cuda = _topk_on("cuda")
+topk_mask_cpu = _topk_on("cpu")

@@ -26,21 +26,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def poison(monkeypatch):
-    """Make the fast backends allocate NaN-filled (or -7 for ints) outputs, so an element a
-    kernel forgets to write fails the comparison instead of matching by chance."""
-    import importlib
+def poison():
+    """Make every fast backend of every op allocate NaN-filled (floats), -7 (ints) or byte-2
+    (bool) outputs through the one allocator, so an element a kernel forgets to write fails the
+    comparison instead of matching by chance."""
+    from semmim.kernels._common import poisoned_outputs
 
-    def poisoned(shape, like, dtype=None):
-        dtype = dtype or like.dtype
-        value = float("nan") if dtype.is_floating_point else -7
-        return torch.full(shape, value, dtype=dtype, device=like.device)
-
-    for module in ("masked_gather", "prototype_cross_entropy"):
-        monkeypatch.setattr(
-            importlib.import_module(f"semmim.kernels.{module}"), "_new_output", poisoned
-        )
-    return poisoned
+    with poisoned_outputs():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from semmim.kernels import cross_attention
-from semmim.kernels._common import interpret_mode
+from semmim.kernels._common import interpret_mode, poisoned_outputs
 from semmim.kernels.registry import get_op
 
 ca = importlib.import_module("semmim.kernels.cross_attention")
@@ -259,6 +259,52 @@ def test_bad_inputs_raise_value_error(change, match, backend):
         )
 
 
+# ------------------------------------------------------------------ masked slots hold garbage
+def check_garbage_in_masked_slots(backend, dtype=torch.float32, device="cpu", Lq=6, Lk=11, Dh=32):
+    """NaN / inf stored in masked-out key AND value slots (issue 10 §8) take no part in the
+    math: output and gradients equal those of the same inputs with zeros there, padded keys get
+    zero gradients, and a row with no real key still outputs zeros."""
+    q, k, v, mask = make_inputs(3, Lq, Lk, 2, Dh, dtype, masked=True, empty_row=True, device=device)
+    mask[0, 2] = False  # a hole between real keys
+    junk = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    results = []
+    for fill in (None, "nan", "inf", "-inf"):
+        kk, vv = k.clone(), v.clone()
+        if fill is not None:
+            kk[~mask] = junk[fill]
+            vv[~mask] = junk[fill] if fill != "inf" else float("nan")
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, kk, vv))
+        out = cross_attention(qg, kg, vg, mask, backend=backend)
+        out.backward(do)
+        results.append((fill, out, qg.grad, kg.grad, vg.grad))
+    _, *clean = results[0]
+    for fill, *got in results[1:]:
+        for name, g, c in zip(("out", "dq", "dk", "dv"), got, clean):
+            assert bool(g.isfinite().all()), f"{backend} {fill}: {name} not finite"
+            torch.testing.assert_close(g, c, rtol=0, atol=0, msg=f"{backend} {fill}: {name}")
+        dk, dv = got[2], got[3]
+        assert (dk[~mask] == 0).all() and (dv[~mask] == 0).all(), "padded keys get zero grads"
+        assert (got[0][-1] == 0).all(), "a row without a real key outputs zeros"
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_garbage_in_masked_key_value_slots(backend, dtype):
+    check_garbage_in_masked_slots(backend, dtype)
+
+
+def test_autocast_mixed_dtypes_are_cast():
+    q, k, v, mask = make_inputs(2, 3, 5, 2, 32, torch.float32, masked=True)
+    with pytest.raises(ValueError, match="share a dtype"):
+        cross_attention(q.bfloat16(), k, v, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cross_attention(q.bfloat16(), k, v, mask)
+    assert out.dtype == torch.bfloat16
+    want = cross_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert torch.equal(out, want)
+
+
 def test_registry_reasons(monkeypatch):
     monkeypatch.delenv("SEMMIM_BACKEND", raising=False)
     q, k, v, mask = make_inputs(2, 3, 5, 2, 32, torch.float32, masked=True)
@@ -447,14 +493,14 @@ def test_triton_interpret_backward_plans_write_every_element(Lq, Lk, Dh, dtype, 
     mask[0, 1] = False  # a padded key between real ones
     B, H = q.shape[0], q.shape[2]
     scale = Dh**-0.5
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((B, H, Lq), float("nan"))
-    ca._fwd_impl(q, k, v, mask, scale, out=out, lse=lse)
+    with poisoned_outputs():  # NaN-filled buffers: every element must be written
+        out, lse = ca._fwd_impl(q, k, v, mask, scale)
+    assert out.shape == q.shape and lse.shape == (B, H, Lq)
     assert not out.isnan().any() and not lse.isnan().any()
     assert torch.isinf(lse[-1]).all() and (out[-1] == 0).all()
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    ca._bwd_impl(do, q, k, v, mask, out, lse, scale, dq=dq, dk=dk, dv=dv, plan=plan)
+    with poisoned_outputs():
+        dq, dk, dv = ca._bwd_impl(do, q, k, v, mask, out, lse, scale, plan=plan)
     hi = ref_and_grads(q, k, v, mask, scale, do, torch.float64)
     lo = ref_and_grads(q, k, v, mask, scale, do, dtype)
     assert_attention_close("out", out, hi[0], lo[0], dtype, 2)
@@ -466,9 +512,16 @@ def test_triton_interpret_backward_plans_write_every_element(Lq, Lk, Dh, dtype, 
 
 @pytest.mark.interpret
 @needs_interpret
+@pytest.mark.parametrize("Lq,Lk,Dh", [(6, 11, 32), (70, 40, 64), (5, 150, 80)])
+def test_triton_interpret_garbage_in_masked_slots(Lq, Lk, Dh):
+    check_garbage_in_masked_slots("triton", torch.float32, Lq=Lq, Lk=Lk, Dh=Dh)
+
+
+@pytest.mark.interpret
+@needs_interpret
 def test_triton_interpret_lse_and_scale():
     q, k, v, mask = make_inputs(2, 6, 11, 2, 64, torch.float32, masked=True)
-    out, lse = ca._cross_attention_fwd_op(q, k, v, mask, 0.3)
+    out, lse = ca._fwd_op(q, k, v, mask, 0.3)
     s = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * 0.3
     s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
@@ -481,12 +534,10 @@ def test_triton_interpret_lse_and_scale():
 def test_triton_interpret_opcheck():
     q, k, v, mask = make_inputs(2, 5, 7, 2, 32, torch.float32, masked=True, empty_row=True)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(ca._cross_attention_fwd_op, (qg, kg, vg, mask, 0.2))
-    torch.library.opcheck(ca._cross_attention_fwd_op, (qg, kg, vg, None, 0.2))
-    out, lse = ca._cross_attention_fwd_op(q, k, v, mask, 0.2)
-    torch.library.opcheck(
-        ca._cross_attention_bwd_op, (torch.randn_like(out), q, k, v, mask, out, lse, 0.2)
-    )
+    torch.library.opcheck(ca._fwd_op, (qg, kg, vg, mask, 0.2))
+    torch.library.opcheck(ca._fwd_op, (qg, kg, vg, None, 0.2))
+    out, lse = ca._fwd_op(q, k, v, mask, 0.2)
+    torch.library.opcheck(ca._bwd_op, (torch.randn_like(out), q, k, v, mask, out, lse, 0.2))
 
 
 @pytest.mark.interpret
@@ -563,13 +614,22 @@ def test_cuda_backward_plans(plan, Lq, Lk, Dh, dtype):
     scale = Dh**-0.5
     out, lse = ca._fwd_impl(q, k, v, mask, scale)
     do = torch.randn_like(q)
-    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    ca._bwd_impl(do, q, k, v, mask, out, lse, scale, dq=dq, dk=dk, dv=dv, plan=plan)
+    with poisoned_outputs():
+        dq, dk, dv = ca._bwd_impl(do, q, k, v, mask, out, lse, scale, plan=plan)
     hi = ref_and_grads(q, k, v, mask, scale, do, torch.float64)
     lo = ref_and_grads(q, k, v, mask, scale, do, dtype)
     assert_attention_close("out", out, hi[0], lo[0], dtype, 2)
     for name, got, h, lw in zip(("dq", "dk", "dv"), (dq, dk, dv), hi[1:], lo[1:]):
         assert_attention_close(f"{plan} {name}", got, h, lw, dtype, 3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Lq,Lk,Dh", [(6, 11, 32), (577, 40, 64), (40, 577, 128)])
+def test_cuda_garbage_in_masked_slots(backend, dtype, Lq, Lk, Dh):
+    check_garbage_in_masked_slots(backend, dtype, device="cuda", Lq=Lq, Lk=Lk, Dh=Dh)
 
 
 @pytest.mark.cuda
@@ -593,11 +653,9 @@ def test_cuda_strided_views(dtype):
 def test_cuda_opcheck_and_compile():
     q, k, v, mask = make_inputs(2, 40, 197, 4, 64, torch.float16, masked=True, device="cuda")
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(ca._cross_attention_fwd_op, (qg, kg, vg, mask, 0.125))
-    out, lse = ca._cross_attention_fwd_op(q, k, v, mask, 0.125)
-    torch.library.opcheck(
-        ca._cross_attention_bwd_op, (torch.randn_like(out), q, k, v, mask, out, lse, 0.125)
-    )
+    torch.library.opcheck(ca._fwd_op, (qg, kg, vg, mask, 0.125))
+    out, lse = ca._fwd_op(q, k, v, mask, 0.125)
+    torch.library.opcheck(ca._bwd_op, (torch.randn_like(out), q, k, v, mask, out, lse, 0.125))
     f = torch.compile(
         lambda q, k, v: cross_attention(q, k, v, mask, backend="triton"), fullgraph=True
     )

@@ -103,7 +103,10 @@ def test_reference_gradcheck():
 
 def check_backend(backend, dtype, idx_dtype, B, P, D, R, device="cpu", strided=False):
     """Forward bit-exact; grad_x / grad_y bit-exact; grad_pos / grad_fill within sum_bound."""
-    if strided:  # last dim contiguous, other strides not: a slice of a wider, longer tensor
+    if strided == "conv":  # the patch embedding: a (B, D, P) conv output transposed, (PD, 1, P)
+        x0 = torch.randn(B, D, P, dtype=dtype, device=device).transpose(1, 2)
+        y0 = torch.randn(B, D, R, dtype=dtype, device=device).transpose(1, 2)
+    elif strided:  # last dim contiguous, other strides not: a slice of a wider, longer tensor
         x0 = torch.randn(B, P + 3, D + 5, dtype=dtype, device=device)[:, 2 : 2 + P, 1 : 1 + D]
         y0 = torch.randn(B, R + 2, D + 7, dtype=dtype, device=device)[:, 1 : 1 + R, :D]
     else:
@@ -157,8 +160,32 @@ def test_cpu_backend_matches_reference(P, D, R, dtype, idx_dtype, poison):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpu_backend_strided_inputs(dtype, poison):
-    check_backend("cpu", dtype, torch.int64, 3, 49, 72, 20, strided=True)
+@pytest.mark.parametrize("strided", [True, "conv"])
+def test_cpu_backend_strided_inputs(dtype, strided, poison):
+    check_backend("cpu", dtype, torch.int64, 3, 49, 72, 20, strided=strided)
+
+
+def test_empty_batch_backward_gives_zero_grads(poison):
+    """B = 0: grad_pos and grad_fill are zeros (no rows to sum), never uninitialised memory."""
+    check_empty_batch("cpu")
+
+
+def check_empty_batch(backend, device="cpu"):
+    x = torch.randn(0, 9, 4, device=device, requires_grad=True)
+    pos = torch.randn(9, 4, device=device, requires_grad=True)
+    idx = torch.zeros(0, 5, dtype=torch.int64, device=device)
+    out = K.masked_gather(x, idx, pos, backend=backend)
+    assert out.shape == (0, 5, 4)
+    out.sum().backward()
+    assert torch.equal(pos.grad, torch.zeros_like(pos)) and x.grad.shape == x.shape
+    y = torch.randn(0, 5, 4, device=device, requires_grad=True)
+    fill = torch.randn(4, device=device, requires_grad=True)
+    pos2 = pos.detach().clone().requires_grad_()
+    out2 = K.masked_scatter_fill(y, idx, fill, 9, pos2, backend=backend)
+    assert out2.shape == (0, 9, 4)
+    out2.sum().backward()
+    assert torch.equal(fill.grad, torch.zeros_like(fill))
+    assert torch.equal(pos2.grad, torch.zeros_like(pos2))
 
 
 @settings(max_examples=25, deadline=None)
@@ -222,6 +249,8 @@ def test_bad_inputs_raise_value_error(backend):
         ((x, idx, pos.half()), "dtype"),
         ((x.int(), idx), "float32, float16 or bfloat16"),
         ((x, idx.to("meta")), "one device"),
+        ((x, [[0, 1], [2, 3]]), "index must be a .*tensor, got list"),
+        ((x, idx, [[0.0] * 4] * 8), "pos must be"),
     ]
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):
@@ -236,18 +265,126 @@ def test_bad_inputs_raise_value_error(backend):
         ((y, idx[:, :2], fill, 8), "does not match"),
         ((y, idx, fill, 8, torch.randn(8, 5)), "pos must be"),
         ((y, torch.tensor([[1, 1, 2], [0, 1, 2]]), fill, 8), "unique"),
+        ((y, torch.tensor([[1, 9, 2], [0, 1, 2]]), fill, 8), r"\[0, 8\)"),
+        ((y, [[0, 1, 2]] * 2, fill, 8), "index must be"),
+        ((y, idx, 1.0, 8), "fill must be"),
     ]
     for args, msg in scases:
         with pytest.raises(ValueError, match=msg):
             K.masked_scatter_fill(*args, backend=backend)
 
 
-def test_duplicate_index_detected_in_gather_backward():
+def test_duplicate_index_detected():
+    """validate=True rejects duplicates up front (one host sync with the range check); with
+    validate=False the C++ CPU kernels still detect them where the inverse map is built (gather
+    backward, scatter forward), so the gradient is never silently wrong."""
     x = torch.randn(2, 8, 4, requires_grad=True)
     idx = torch.tensor([[1, 1, 2], [0, 1, 2]])
-    out = K.masked_gather(x, idx, backend="cpu")  # forward is well defined
+    for be in ("reference", "cpu"):
+        with pytest.raises(ValueError, match="unique"):
+            K.masked_gather(x, idx, backend=be)
+    out = K.masked_gather(x, idx, backend="cpu", validate=False)  # forward is well defined
+    assert torch.equal(out, mg._gather_reference(x, idx, None))
     with pytest.raises(ValueError, match="unique"):
         out.sum().backward()
+    y, fill = torch.randn(2, 3, 4), torch.randn(4)
+    with pytest.raises(ValueError, match="unique"):
+        K.masked_scatter_fill(y, idx, fill, 8, backend="cpu", validate=False)
+
+
+def test_custom_ops_called_directly_check_the_index():
+    """torch.ops.semmim.*_cpu skip the public op's validation, so the C++ kernels bounds-check
+    every entry: out of range raises (never uninitialised rows), and the scatter op reports it as
+    out of range, not as a duplicate."""
+    x, y, fill = torch.randn(2, 8, 4), torch.randn(2, 3, 4), torch.randn(4)
+    for bad in (torch.tensor([[0, 8, 2], [1, 2, 3]]), torch.tensor([[0, 1, 2], [-1, 2, 3]])):
+        with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):
+            torch.ops.semmim.masked_gather_cpu(x, bad, None)
+        with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):
+            torch.ops.semmim.masked_scatter_fill_cpu(y, bad, fill, 8, None)
+        for be in ("cpu", "reference"):
+            with pytest.raises(ValueError, match=r"\[0, 8\)"):
+                K.masked_gather(x, bad, backend=be)
+        with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):  # validate=False: C++
+            K.masked_gather(x, bad, backend="cpu", validate=False)
+    dup = torch.tensor([[0, 0, 2], [1, 2, 3]])
+    with pytest.raises(ValueError, match="unique"):
+        torch.ops.semmim.masked_scatter_fill_cpu(y, dup, fill, 8, None)
+
+
+def test_validate_false_reads_no_tensor_values(monkeypatch):
+    """COMMON §1: validate=False makes no device->host read (tolist/item/int/bool/float/nonzero)
+    in any op, forward and backward; validate=True does read (the checks are real)."""
+    x = torch.randn(2, 8, 4, requires_grad=True)
+    pos = torch.randn(8, 4, requires_grad=True)
+    idx = make_index(2, 8, 3)
+    y, fill = torch.randn(2, 3, 4, requires_grad=True), torch.randn(4, requires_grad=True)
+    patch, text = torch.randn(2, 10, 8), torch.randn(2, 8)
+    q, kv = torch.randn(2, 3, 2, 32, requires_grad=True), torch.randn(2, 5, 2, 32)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+
+    def run_all(validate, backends):
+        for be in backends:
+            out = K.masked_gather(x, idx, pos, backend=be, validate=validate)
+            out2 = K.masked_scatter_fill(y, idx, fill, 8, pos, backend=be, validate=validate)
+            (out.sum() + out2.sum()).backward()
+            K.topk_mask(patch, text, 3, backend=be, validate=validate)
+        for be in ("reference", "sdpa"):
+            K.cross_attention(q, kv, kv, mask, backend=be, validate=validate).sum().backward()
+
+    reads = []
+
+    def host_read(name):
+        def f(self, *a, **k):
+            reads.append(name)
+            raise AssertionError(f"host read: Tensor.{name}")
+
+        return f
+
+    backends = ["reference"] + (["cpu"] if mg.extension() is not None else [])
+    names = ("tolist", "item", "__int__", "__bool__", "__float__", "__index__", "nonzero")
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, host_read(name))
+    run_all(False, backends)
+    assert reads == []
+    with pytest.raises(AssertionError, match="host read"):
+        K.masked_gather(x, idx, pos, backend="reference")  # validate=True reads the range
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_autocast_casts_pos_and_fill(backend):
+    """COMMON §3: under autocast pos/fill (fp32 parameters) are cast to the input's dtype,
+    differentiably; outside autocast a mismatch stays a ValueError."""
+    x = torch.randn(2, 8, 4).bfloat16()
+    pos = torch.randn(8, 4, requires_grad=True)
+    fill = torch.randn(4, requires_grad=True)
+    idx = make_index(2, 8, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = K.masked_gather(x, idx, pos, backend=backend)
+        out2 = K.masked_scatter_fill(out, idx, fill, 8, pos, backend=backend)
+    assert out.dtype == out2.dtype == torch.bfloat16
+    assert torch.equal(out, K.masked_gather(x, idx, pos.bfloat16(), backend=backend))
+    out2.float().sum().backward()
+    assert pos.grad.dtype == fill.grad.dtype == torch.float32
+    assert torch.equal(fill.grad, torch.full((4,), 2.0 * 5))  # 2 rows x 5 dropped slots
+    with pytest.raises(ValueError, match="pos dtype torch.float32 != input dtype"):
+        K.masked_gather(x, idx, pos, backend=backend)
+    with pytest.raises(ValueError, match="fill dtype torch.float32 != y dtype"):
+        K.masked_scatter_fill(out, idx, fill, 8, backend=backend)
+
+
+def test_record_dispatch_nested():
+    x, idx = torch.randn(2, 8, 4), make_index(2, 8, 3)
+    with K.record_dispatch() as outer:
+        K.masked_gather(x, idx, backend="reference")
+        with K.record_dispatch() as inner:
+            K.masked_gather(x, idx, backend="cpu")
+            K.masked_scatter_fill(x[:, :3], idx, torch.zeros(4), 8, backend="reference")
+    assert inner == {"masked_gather": {"cpu"}, "masked_scatter_fill": {"reference"}}
+    assert outer == {"masked_gather": {"reference", "cpu"}, "masked_scatter_fill": {"reference"}}
+    K.masked_gather(x, idx)  # outside: recorded nowhere
+    assert outer["masked_gather"] == {"reference", "cpu"}
 
 
 # ------------------------------------------------------------------ registry and custom ops
@@ -273,13 +410,21 @@ def test_registry_dispatch_and_reasons(monkeypatch):
         K.masked_gather(x, idx)
     monkeypatch.setenv("SEMMIM_BACKEND", "sdpa")  # not a backend of this op: auto-dispatch
     assert op.select(None, x, idx).name == "cpu"
+    monkeypatch.setenv("SEMMIM_BACKEND", "trition")  # a typo is an error listing the names
+    with pytest.raises(ValueError, match=r"SEMMIM_BACKEND must be one of.*'triton'.*'trition'"):
+        K.masked_gather(x, idx)
 
 
-def test_non_contiguous_last_dim_is_a_reason():
-    x = torch.randn(2, 4, 8).transpose(1, 2)  # (2, 8, 4) with last-dim stride 8
+def test_non_contiguous_last_dim_runs_on_the_fast_backend():
+    """The patch embedding is a transposed conv output, (B, P, D) with strides (P*D, 1, P): the
+    fast backends take it (no silent fallback to the reference)."""
+    x = torch.randn(2, 4, 8).transpose(1, 2)  # (2, 8, 4) with strides (32, 1, 8)
     idx = make_index(2, 8, 3)
-    assert any("contiguous last dim" in r for r in K.get_op("masked_gather").reasons(x, idx)["cpu"])
-    assert torch.equal(K.masked_gather(x, idx), mg.masked_gather_reference(x, idx))
+    assert K.get_op("masked_gather").reasons(x, idx)["cpu"] == []
+    with K.record_dispatch() as ran:
+        got = K.masked_gather(x, idx)
+    assert ran == {"masked_gather": {"cpu"}}
+    assert torch.equal(got, mg.masked_gather_reference(x, idx))
 
 
 def test_opcheck_cpu_custom_ops():
@@ -303,6 +448,10 @@ def test_info_lists_every_op_and_backend(capsys):
     for name in ("masked_gather", "masked_scatter_fill"):
         assert name in out
     assert "needs CUDA tensors" in out
+    # which backend each op picks now on its example inputs, and why not the higher ones
+    assert "masked_gather -> cpu" in out and "cross_attention -> sdpa" in out
+    assert "topk_mask -> cpu" in out
+    assert "(not cuda:" in out and "(not triton:" in out
 
 
 # ------------------------------------------------------------------ interpret tier (Triton)
@@ -316,9 +465,33 @@ def test_triton_matches_reference_interpreted(P, D, R, dtype, poison):
 
 
 @pytest.mark.interpret
-def test_triton_strided_and_chunked_interpreted(monkeypatch, poison):
+@pytest.mark.parametrize("strided", [True, "conv"])
+def test_triton_strided_and_chunked_interpreted(monkeypatch, strided, poison):
     monkeypatch.setattr(mg, "_num_chunks", lambda B, P, D, device: 2)
-    check_backend("triton", torch.float32, torch.int64, 3, 49, 72, 20, strided=True)
+    check_backend("triton", torch.float32, torch.int64, 3, 49, 72, 20, strided=strided)
+
+
+@pytest.mark.interpret
+def test_triton_takes_the_patch_embedding_layout_interpreted(monkeypatch):
+    """Auto-dispatch sends the transposed conv output to triton (no fallback), bf16 is declined
+    under the interpreter with a reason, and B = 0 gives zero grad_pos / grad_fill."""
+    monkeypatch.delenv("SEMMIM_BACKEND", raising=False)
+    x = torch.randn(2, 16, 49).transpose(1, 2)  # (B, P, D) = (2, 49, 16), strides (784, 1, 49)
+    idx = make_index(2, 49, 10)
+    with K.record_dispatch() as ran:
+        got = K.masked_gather(x, idx, torch.randn(49, 16))
+    assert ran == {"masked_gather": {"triton"}} and got.shape == (2, 10, 16)
+    why = K.get_op("masked_gather").reasons(x.bfloat16(), idx)["triton"]
+    assert any("interpreter" in r and "bf16" in r for r in why), why
+    why = K.get_op("masked_scatter_fill").reasons(
+        got.bfloat16(), idx, torch.zeros(16).bfloat16(), 49
+    )
+    assert any("interpreter" in r for r in why["triton"]), why
+
+
+@pytest.mark.interpret
+def test_triton_empty_batch_backward_interpreted(poison):
+    check_empty_batch("triton")
 
 
 # ------------------------------------------------------------------ cuda tier
@@ -336,8 +509,27 @@ def test_gpu_backends_match_reference(backend, dtype, idx_dtype, P, D, R, poison
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_backends_strided(backend, dtype, poison):
-    check_backend(backend, dtype, torch.int64, 8, 196, 768, 98, device="cuda", strided=True)
+@pytest.mark.parametrize("strided", [True, "conv"])
+def test_gpu_backends_strided(backend, dtype, strided, poison):
+    check_backend(backend, dtype, torch.int64, 8, 196, 768, 98, device="cuda", strided=strided)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_empty_batch_backward(backend, poison):
+    check_empty_batch(backend, device="cuda")
+
+
+@pytest.mark.cuda
+def test_gpu_gather_out_of_range_unvalidated_gives_nan_rows():
+    """validate=False on CUDA: an out-of-range entry yields a NaN row (no host sync to report
+    it), never an unwritten row or an out-of-bounds read; validate=True raises."""
+    x = torch.randn(2, 8, 4, device="cuda")
+    bad = torch.tensor([[0, 8, 2], [1, 2, 3]], device="cuda")
+    out = K.masked_gather(x, bad, backend="cuda", validate=False)
+    assert out[0, 1].isnan().all() and not out[0, 0].isnan().any()
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        K.masked_gather(x, bad, backend="cuda")
 
 
 @pytest.mark.cuda

@@ -126,27 +126,6 @@ def assert_matches_reference(out, ref, scores: torch.Tensor, M: int, tol: float)
             assert torch.allclose(got, want, atol=tol, rtol=0), f"row {b}: selected scores"
 
 
-def poison_outputs(monkeypatch):
-    """Fast backends allocate -7 index outputs / row counts and a mask of byte 2, so unwritten
-    elements fail."""
-
-    def poisoned(patch, num_masked):
-        keep, midx, mask, nonfinite = tm.__dict__["_alloc_outputs_orig"](patch, num_masked)
-        keep.fill_(-7)
-        midx.fill_(-7)
-        mask.view(torch.uint8).fill_(2)
-        nonfinite.fill_(-7)  # an unwritten row count reads as "non-finite" and raises
-        return keep, midx, mask, nonfinite
-
-    tm.__dict__.setdefault("_alloc_outputs_orig", tm._alloc_outputs)
-    monkeypatch.setattr(tm, "_alloc_outputs", poisoned)
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    poison_outputs(monkeypatch)
-
-
 # ------------------------------------------------------------------ reference is the spec
 
 
@@ -378,7 +357,7 @@ def test_non_finite_unchecked_keeps_invariants(backend):
     patch, text = random_inputs(3, 10, 8)
     patch[0, 4, 1] = float("nan")
     text[1, 2] = float("inf")
-    out = K.topk_mask(patch, text, 3, backend=backend, check_finite=False)
+    out = K.topk_mask(patch, text, 3, backend=backend, validate=False)
     check_invariants(out, 3, 10, 3)  # selection unspecified in rows 0 and 1; still a partition
     ref = tm.topk_mask_reference(patch[2:], text[2:], 3)
     assert_same([t[2] for t in out], [t[0] for t in ref])
@@ -390,6 +369,46 @@ def test_score_overflow_raises(backend):
     noise = torch.zeros(2, 10)
     with pytest.raises(ValueError, match="overflow"):
         K.topk_mask(patch, text, 3, noise=noise, tau=1e-39, backend=backend)
+
+
+# ------------------------------------------------------------------ huge finite inputs (issue 10 §8)
+# (patch scale, text scale): squares overflow fp32 (|x| > ~1.8e19) in patch, text, both, or only
+# the norm product; 3.4e38 / 8 sits near the fp32 / bf16 maximum
+HUGE_SCALES = [(1e30, 1.0), (1.0, 1e30), (1e30, 1e30), (3.4e38 / 8, 1e-20), (1e20, 1e20)]
+
+
+def check_huge_inputs(backend: str, dtype=torch.float32, device="cpu", P=49, d=72, M=20) -> None:
+    """Finite inputs near 1e30 (issue 10 §8): the cosine is scale invariant, so the selection must
+    be that of the unscaled inputs (separated scores: the true top-M is unambiguous)."""
+    patch, text, top = separated_inputs(3, P, d, M)
+    for scale_p, scale_t in HUGE_SCALES:
+        if dtype == torch.float16:  # float16 cannot hold these: only the fp32 text is huge
+            scale_p = 1.0
+        p = (patch.double() * scale_p).to(dtype=dtype, device=device)
+        t = (text.double() * scale_t).to(dtype=torch.float32, device=device)
+        assert bool(p.isfinite().all()) and bool(t.isfinite().all())
+        keep, midx, mask = K.topk_mask(p, t, M, backend=backend)
+        assert torch.equal(mask.cpu(), top), f"{backend} {dtype} scale ({scale_p:g}, {scale_t:g})"
+        check_invariants((keep.cpu(), midx.cpu(), mask.cpu()), 3, P, M)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_finite_inputs_select_correctly(backend, dtype, poison):
+    check_huge_inputs(backend, dtype)
+    s = tm.topk_mask_scores(*random_inputs(2, 10, 8))
+    s_big = tm.topk_mask_scores(random_inputs(2, 10, 8)[0] * 1e30, random_inputs(2, 10, 8)[1])
+    torch.testing.assert_close(s_big, s, rtol=1e-6, atol=1e-6)  # same scores, not all ±0
+
+
+def test_gumbel_noise_bad_arguments_name_them():
+    for shape in (5, "ab", (2, -1), (2, 1.5), None):
+        with pytest.raises(ValueError, match="shape"):
+            K.gumbel_noise(shape, seed=0)
+    for seed in (2**64, 2**63, -1, 1.7, True, "3"):
+        with pytest.raises(ValueError, match="seed"):
+            K.gumbel_noise((2, 3), seed=seed)
+    assert K.gumbel_noise((2, 3), seed=2**63 - 1).shape == (2, 3)
 
 
 @pytest.mark.parametrize(
@@ -614,7 +633,13 @@ def test_triton_interpret_ties_zero_norm_strided(poison):
     patch[1, 7, 3] = float("nan")
     with pytest.raises(ValueError, match="patch .*NaN or inf"):
         tm.topk_mask_triton(patch, text[:, :d], 20)
-    check_invariants(tm.topk_mask_triton(patch, text[:, :d], 20, check_finite=False), B, P, 20)
+    check_invariants(tm.topk_mask_triton(patch, text[:, :d], 20, validate=False), B, P, 20)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_interpret_huge_finite_inputs(dtype, poison):
+    check_huge_inputs("triton", dtype)
 
 
 @pytest.mark.interpret
@@ -681,6 +706,13 @@ def test_gpu_ties_zero_norm_strided(backend, dtype, poison):
     noise[1, 5] = float("inf")
     with pytest.raises(ValueError, match="noise .*NaN or inf"):
         K.topk_mask(patch, text[:, :d], 150, noise=noise, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_huge_finite_inputs(backend, dtype, poison):
+    check_huge_inputs(backend, dtype, device="cuda")
 
 
 @pytest.mark.cuda

@@ -7,7 +7,7 @@ Peak memory is the memory a call needs above its inputs:
   warms the code paths up on tiny inputs, builds the inputs, resets its RSS high-water mark,
   reads its resident set size, makes the call and reports the high-water mark (``VmHWM``) minus
   that. (Not ``getrusage``'s ``ru_maxrss``: Linux carries it over from the forking parent, here
-  the benchmark process itself.) One thread unless ``SEMMIM_BENCH_THREADS`` says otherwise.
+  the benchmark process itself.) At ``SEMMIM_BENCH_THREADS`` threads, like the timed rows.
 - CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before the call.
 The table shows it beside the time, with the ratio to the reference row.
 
@@ -35,7 +35,7 @@ import semmim.kernels as K
 GPU = torch.cuda.is_available()
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_DTYPES = [_DT[s.strip()] for s in os.environ.get("SEMMIM_BENCH_DTYPES", "bf16").split(",")]
-THREADS = int(os.environ.get("SEMMIM_BENCH_THREADS", "1"))
+THREADS = int(os.environ.get("SEMMIM_BENCH_THREADS", "1"))  # as conftest.py sets for this process
 TS, TT = 0.1, 0.04
 
 # (name, N, E, K)
@@ -182,24 +182,19 @@ def test_prototype_cross_entropy(bench, request, device, backend, shape, dtype, 
             with torch.no_grad():
                 call()
 
-    threads = torch.get_num_threads()
     if device == "cpu":
-        torch.set_num_threads(THREADS)
         # a subprocess costs seconds: the smoke pass measures one row, to exercise the code
         measure = not smoke or (backend, mode) == ("chunked", "fwd+bwd")
         peak = cpu_peak_extra(backend, N, E, Kp, mode) if measure else None
     else:
         fn()  # compile / autotune outside the measurement
         peak = cuda_peak_extra(fn)
-    try:
-        bench(
-            fn,
-            group=f"prototype_cross_entropy {mode} {name} {str(dtype)[6:]} {device}",
-            backend=backend,
-            device=device,
-            flops=2 * N * E * Kp * (4 if grad else 2),  # the reference's matmuls
-            peer=backend in PEERS,
-            peak_bytes=peak,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    bench(
+        fn,
+        group=f"prototype_cross_entropy {mode} {name} {str(dtype)[6:]} {device}",
+        backend=backend,
+        device=device,
+        flops=2 * N * E * Kp * (4 if grad else 2),  # the reference's matmuls
+        peer=backend in PEERS,
+        peak_bytes=peak,
+    )

@@ -8,17 +8,52 @@ best ``peer`` row (torch SDPA backends, flash-attn, xformers where present), and
 from the bytes / flops each benchmark declares (its hardware floor); where a benchmark passes
 ``peak_bytes`` (memory a call needs above its inputs), that too, with how many times less than the
 reference row.
+
+Benchmarks that agree with themselves:
+
+- CPU rows run at ``SEMMIM_BENCH_THREADS`` threads (default 1: torch's intra-op pool and the
+  OpenMP runtime of semmim._C), set before any benchmark module loads; the table says how many.
+- Rows interleave with their reference in rounds: tests are ordered so that each group's
+  ``reference`` row runs first and the group's other rows right after it; each other row then
+  times one reference call before each of its own rounds (pytest-benchmark's untimed ``setup``),
+  and its "vs ref" is the ratio of the two medians taken in the same rounds, so a machine that
+  slows down between rows moves both sides alike.
+- The summary prints last, after pytest-benchmark's own tables and pytest's summary lines.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from collections import defaultdict
 
-import pytest
-import torch
+THREADS = int(os.environ.get("SEMMIM_BENCH_THREADS", "1"))
+# before torch / semmim._C start their thread pools (OpenMP reads this once, at load)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(THREADS)
 
 INNER_CUDA = int(os.environ.get("SEMMIM_BENCH_INNER", "20"))
+# the latest group's reference row: group -> callable running one reference round
+_REFERENCE: dict[str, object] = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Group rows together, reference first: sort (stably) by the test's parameters without
+    ``backend``, then reference before the rest (see the module docstring)."""
+
+    def key(item):
+        spec = getattr(item, "callspec", None)
+        if spec is None or "backend" not in spec.params:
+            return (str(item.path), item.originalname, "", True)
+        rest = ",".join(f"{k}={v}" for k, v in sorted(spec.params.items()) if k != "backend")
+        return (str(item.path), item.originalname, rest, spec.params["backend"] != "reference")
+
+    items.sort(key=key)
 
 
 class Bench:
@@ -55,9 +90,33 @@ class Bench:
 
             fn()  # warm-up: compilation, autotuning, allocator
             torch.cuda.synchronize()
-            return b.pedantic(body, rounds=rounds or 30, iterations=1, warmup_rounds=2)
-        fn()
-        return b.pedantic(fn, rounds=rounds or 5, iterations=1, warmup_rounds=1)
+        else:
+            body = fn
+            fn()
+        ref_times: list[float] = []
+        setup = None
+        if backend == "reference":
+            _REFERENCE.clear()
+            _REFERENCE[group] = body
+        elif group in _REFERENCE and not b.disabled:
+            ref_body = _REFERENCE[group]
+
+            def setup():  # untimed by pytest-benchmark: one reference round before each round
+                t0 = time.perf_counter()
+                ref_body()
+                ref_times.append(time.perf_counter() - t0)
+
+        result = b.pedantic(
+            body,
+            setup=setup,
+            rounds=rounds or (30 if cuda else 5),
+            iterations=1,
+            warmup_rounds=2 if cuda else 1,
+        )
+        if ref_times:
+            b.extra_info["ref_interleaved"] = statistics.median(ref_times)
+        b.extra_info["threads"] = None if cuda else THREADS
+        return result
 
 
 @pytest.fixture
@@ -73,16 +132,20 @@ def _fmt_time(s: float) -> str:
     return f"{s:8.2f} s "
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
+def pytest_unconfigure(config):
+    """The summary, after everything pytest and pytest-benchmark print (so it is last)."""
+    tr = config.pluginmanager.get_plugin("terminalreporter")
     session = getattr(config, "_benchmarksession", None)
     benches = [b for b in getattr(session, "benchmarks", []) or [] if b.stats is not None]
-    if not benches:
+    if tr is None or not benches:
         return
     groups = defaultdict(list)
     for b in benches:
         groups[b.group].append(b)
-    tr = terminalreporter
-    tr.section("semmim speed-up table (median per call)")
+    tr.section(
+        f"semmim speed-up table (median per call; CPU rows at {THREADS} thread(s), "
+        f"SEMMIM_BENCH_THREADS; vs ref from interleaved rounds)"
+    )
     tr.write_line(
         f"{'group':<58} {'backend':<22} {'time':>11} {'vs ref':>7} {'vs peer':>8} {'rate':>14}"
     )
@@ -93,12 +156,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             t = b.stats.median / max(1, info.get("inner", 1))
             rows.append((info.get("backend", b.name), t, info))
         ref = next((t for name, t, _ in rows if name == "reference"), None)
-        ref_info = next((info for name, _, info in rows if name == "reference"), {})
-        ref_peak = ref_info.get("peak_bytes")
+        ref_peak = next((i.get("peak_bytes") for name, _, i in rows if name == "reference"), None)
         peers = [t for _, t, info in rows if info.get("peer")]
         best_peer = min(peers) if peers else None
         for name, t, info in sorted(rows, key=lambda r: r[1]):
-            vs_ref = f"{ref / t:6.2f}x" if ref else "      -"
+            paired = info.get("ref_interleaved")
+            if paired:
+                paired /= max(1, info.get("inner", 1))
+            base = paired or ref
+            vs_ref = f"{base / t:6.2f}x" if base else "      -"
             vs_peer = f"{best_peer / t:7.2f}x" if best_peer and not info.get("peer") else "       -"
             if info.get("flops"):
                 rate = f"{info['flops'] / t / 1e12:8.1f} TFLOP/s"

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (a few minutes on one H100/H200): build semmim._C with CUDA, run the
-# cuda test tier of every op in fp32/fp16/bf16, then the GPU benchmark table.
+# cuda test tier of every op in fp32/fp16/bf16 and of the model (tests/test_gpu_path.py), the GPU
+# benchmark tables, then the end-to-end section (benchmarks/e2e_gpu.py): `base` at 224 px, the
+# fast path eager and compiled vs the reference path (pairs/s, peak memory, MFU) and a 200-step
+# `small` training that must lower its loss.
 #   usage (on the GPU machine, repo root):  bash benchmarks/gpu_check.sh
 # Logs go to $OUT (or /tmp/semmim-gpu); the speed-up table is printed last.
 set -uo pipefail
@@ -39,7 +42,20 @@ for op in $OPS; do
     --benchmark-json="$OUT/bench_$op.json" >"$OUT/bench_$op.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/bench_$op.log" | head -5
 done
+echo "== cuda tier: the model (bf16 / fp16 + GradScaler steps, no syncs)"
+timeout "${SEMMIM_TEST_TIMEOUT:-200}" $PY -P -m pytest tests/test_gpu_path.py -m cuda -q \
+  -p no:cacheprovider -o addopts="" -rfE 2>&1 | tee "$OUT/tests_gpu_path.log" | tail -8
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 for op in $OPS; do
   sed -n '/semmim speed-up table/,/^$/p' "$OUT/bench_$op.log" | grep -v "^-"
 done
+
+# End to end, each section under its own timeout (seconds; typical times are about half).
+E2E="$PY -P benchmarks/e2e_gpu.py --out $OUT"
+for part in fast:${SEMMIM_E2E_FAST_S:-110} fast_compiled:${SEMMIM_E2E_COMPILED_S:-170} \
+            reference:${SEMMIM_E2E_REF_S:-110} train:${SEMMIM_E2E_TRAIN_S:-120}; do
+  timeout "${part#*:}" $E2E --section "${part%%:*}" 2>&1 | tee "$OUT/e2e_${part%%:*}.log" | tail -4
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "e2e ${part%%:*}: FAILED or timed out"; status=1; }
+done
+$E2E --section table | tee "$OUT/e2e_table.txt"
 exit $status

@@ -30,6 +30,7 @@ __all__ = [
     "MaskingConfig",
     "MomentumConfig",
     "LossWeights",
+    "KernelsConfig",
     "SemMIMConfig",
     "PRESETS",
     "from_preset",
@@ -319,6 +320,73 @@ class LossWeights:
                 raise ValueError(f"{f.name}: must be >= 0, got {getattr(self, f.name)}")
 
 
+KERNEL_OPS = (
+    "masked_gather",
+    "masked_scatter_fill",
+    "topk_mask",
+    "cross_attention",
+    "prototype_cross_entropy",
+)
+
+
+def _op_backends(op: str) -> list[str]:
+    """Backend names ``op`` registers in :mod:`semmim.kernels` (every known name for an op this
+    version does not register yet)."""
+    import semmim.kernels as K  # lazy: importing the config builds no op
+
+    registered = K.OPS.get(op)
+    return sorted(registered.backends if registered and registered.backends else K.BACKENDS)
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    """Which :mod:`semmim.kernels` backend each op call of the model uses, and whether ops check
+    tensor values.
+
+    backend: for every op, "auto" (the op's own dispatch: ``SEMMIM_BACKEND`` or the fastest
+        backend that can run) or a backend name ("reference", "triton", "cuda", "cpu", "sdpa",
+        ...). An op without a backend of that name dispatches automatically (as with
+        ``SEMMIM_BACKEND``); training logs at its first step which backend each op ran.
+    masked_gather, masked_scatter_fill, topk_mask, cross_attention, prototype_cross_entropy:
+        per-op override ("auto" = follow ``backend``); must be a backend that op has.
+    validate: ops check values on the host (index ranges, uniqueness, finiteness; each check
+        is a device→host sync). ``SemMIM.forward(check_inputs=False)`` turns them off for one
+        call whatever this says; shape/dtype/device checks always run.
+    """
+
+    backend: str = "auto"
+    masked_gather: str = "auto"
+    masked_scatter_fill: str = "auto"
+    topk_mask: str = "auto"
+    cross_attention: str = "auto"
+    prototype_cross_entropy: str = "auto"
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        import semmim.kernels as K
+
+        every = sorted(K.BACKENDS)
+        if self.backend != "auto" and self.backend not in every:
+            raise ValueError(
+                f"backend: unknown backend {self.backend!r}; valid: {['auto', *every]}"
+            )
+        for op in KERNEL_OPS:
+            name = getattr(self, op)
+            valid = _op_backends(op)
+            if name != "auto" and name not in valid:
+                raise ValueError(f"{op}: unknown backend {name!r}; valid: {['auto', *valid]}")
+
+    def backend_for(self, op: str) -> str | None:
+        """The ``backend=`` argument for ``op``: None = the op dispatches automatically."""
+        name = getattr(self, op)
+        if name == "auto":
+            name = self.backend
+            if name != "auto" and name not in _op_backends(op):
+                return None
+        return None if name == "auto" else name
+
+
 @dataclass(frozen=True)
 class SemMIMConfig:
     """The whole model. Sections are frozen dataclasses; change them with :func:`from_preset`."""
@@ -334,6 +402,7 @@ class SemMIMConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
     loss: LossWeights = field(default_factory=LossWeights)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -356,7 +425,8 @@ class SemMIMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SemMIMConfig:
-        """Inverse of :meth:`to_dict`; unknown sections or keys raise ValueError naming them."""
+        """Inverse of :meth:`to_dict`; unknown sections or keys raise ValueError naming them.
+        A missing section (e.g. ``kernels`` in a checkpoint older than it) takes its default."""
         if not isinstance(d, dict):
             raise ValueError(f"config: expected a dict, got {type(d).__name__}")
         sections = {f.name: f for f in fields(cls)}

@@ -1,7 +1,7 @@
 """Transformer building blocks: ViT (pre-LN), BERT (post-LN), fusion and MIM-predictor layers.
 
-Cross-attention goes through ``semmim.kernels.cross_attention`` so faster backends drop in;
-self-attention uses PyTorch's SDPA.
+Cross-attention and the kept-patch gather go through :class:`OpCalls`, the model's one way of
+calling ``semmim.kernels`` (so faster backends drop in); self-attention uses PyTorch's SDPA.
 """
 
 from __future__ import annotations
@@ -11,6 +11,122 @@ import torch.nn.functional as F
 from torch import nn
 
 from semmim import kernels
+from semmim.config import KERNEL_OPS, KernelsConfig
+
+__all__ = [
+    "OpCalls",
+    "fp32_region",
+    "SelfAttention",
+    "CrossAttention",
+    "PrototypeHead",
+    "VisionEncoder",
+    "TextEncoder",
+    "FusionEncoder",
+    "Predictor",
+    "MLMHead",
+]
+
+
+class OpCalls:
+    """How one model calls :mod:`semmim.kernels`: each op's ``backend=`` (from
+    :class:`~semmim.config.KernelsConfig`) and the ``validate=`` flag, passed to every call.
+
+    The model owns one instance and hands it to each layer that calls an op (its EMA copy
+    shares it), so settings belong to a model, never to the process. ``validate`` is what the
+    ops get now: :meth:`semmim.SemMIM.forward` sets it to False for a ``check_inputs=False``
+    call (no value checks, so no device→host sync) and restores it afterwards.
+    """
+
+    def __init__(self, cfg: KernelsConfig | None = None) -> None:
+        cfg = cfg if cfg is not None else KernelsConfig()
+        self.backends: dict[str, str | None] = {op: cfg.backend_for(op) for op in KERNEL_OPS}
+        self.validate: bool = cfg.validate
+
+    def __repr__(self) -> str:
+        chosen = {k: v for k, v in self.backends.items() if v is not None}
+        return f"OpCalls(backends={chosen or 'auto'}, validate={self.validate})"
+
+    def masked_gather(
+        self, x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:func:`semmim.kernels.masked_gather`: x (B, P, D), index (B, R) → (B, R, D)."""
+        return kernels.masked_gather(
+            x, index, pos, backend=self.backends["masked_gather"], validate=self.validate
+        )
+
+    def masked_scatter_fill(
+        self,
+        y: torch.Tensor,
+        index: torch.Tensor,
+        fill: torch.Tensor,
+        num_patches: int,
+        pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:func:`semmim.kernels.masked_scatter_fill`: y (B, R, D) → (B, P, D)."""
+        return kernels.masked_scatter_fill(
+            y,
+            index,
+            fill,
+            num_patches,
+            pos,
+            backend=self.backends["masked_scatter_fill"],
+            validate=self.validate,
+        )
+
+    def topk_mask(
+        self,
+        patch: torch.Tensor,
+        text: torch.Tensor,
+        num_masked: int,
+        *,
+        noise: torch.Tensor | None = None,
+        tau: float = 1.0,
+    ):
+        """:func:`semmim.kernels.topk_mask`: → keep_idx (B, R), mask_idx (B, M), mask (B, P)."""
+        return kernels.topk_mask(
+            patch,
+            text,
+            num_masked,
+            noise=noise,
+            tau=tau,
+            backend=self.backends["topk_mask"],
+            validate=self.validate,
+        )
+
+    def cross_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:func:`semmim.kernels.cross_attention`: (B, Lq, H, Dh) → (B, Lq, H, Dh)."""
+        return kernels.cross_attention(
+            q, k, v, key_mask, backend=self.backends["cross_attention"], validate=self.validate
+        )
+
+    def prototype_cross_entropy(
+        self,
+        z: torch.Tensor,
+        z_teacher: torch.Tensor,
+        prototypes: torch.Tensor,
+        prototypes_teacher: torch.Tensor,
+        center: torch.Tensor,
+        student_temp: float,
+        teacher_temp: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`semmim.kernels.prototype_cross_entropy`: z, z_teacher (N, E), prototypes (K, E)
+        → loss (N,), teacher_logit_mean (K,)."""
+        return kernels.prototype_cross_entropy(
+            z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp,
+            backend=self.backends["prototype_cross_entropy"], validate=self.validate,
+        )  # fmt: skip
+
+
+def fp32_region(x: torch.Tensor):
+    """Context that turns autocast off on ``x``'s device: softmax, log-softmax and
+    L2-normalisation of logits run in float32 inside it (callers cast with ``.float()``)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 class SelfAttention(nn.Module):
@@ -41,9 +157,10 @@ class CrossAttention(nn.Module):
     Returns (B, Lq, Dq).
     """
 
-    def __init__(self, dim: int, ctx_dim: int, heads: int) -> None:
+    def __init__(self, dim: int, ctx_dim: int, heads: int, ops: OpCalls | None = None) -> None:
         super().__init__()
         self.heads = heads
+        self.ops = ops if ops is not None else OpCalls()
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(ctx_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -55,7 +172,7 @@ class CrossAttention(nn.Module):
         Lk, H = ctx.shape[1], self.heads
         q = self.q(x).view(B, Lq, H, D // H)
         k, v = self.kv(ctx).view(B, Lk, 2, H, D // H).unbind(2)  # strided views (B,Lk,H,Dh)
-        y = kernels.cross_attention(q, k, v, key_mask)  # (B,Lq,H,Dh)
+        y = self.ops.cross_attention(q, k, v, key_mask)  # (B,Lq,H,Dh)
         return self.proj(y.reshape(B, Lq, D))
 
 
@@ -87,12 +204,14 @@ class PredictorBlock(nn.Module):
     x (B, P+1, Dv), text (B, T, Dt), text_mask (B, T) bool → (B, P+1, Dv).
     """
 
-    def __init__(self, dim: int, text_dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(
+        self, dim: int, text_dim: int, heads: int, mlp_ratio: float, ops: OpCalls | None = None
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = SelfAttention(dim, heads)
         self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
-        self.cross = CrossAttention(dim, text_dim, heads)
+        self.cross = CrossAttention(dim, text_dim, heads, ops)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
@@ -131,11 +250,19 @@ class FusionLayer(nn.Module):
     x (B, T, Dt), text_mask (B, T), image (B, Li, Dv), image_mask (B, Li) or None → (B, T, Dt).
     """
 
-    def __init__(self, dim: int, image_dim: int, heads: int, intermediate: int, eps: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        image_dim: int,
+        heads: int,
+        intermediate: int,
+        eps: float,
+        ops: OpCalls | None = None,
+    ) -> None:
         super().__init__()
         self.attn = SelfAttention(dim, heads)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.cross = CrossAttention(dim, image_dim, heads)
+        self.cross = CrossAttention(dim, image_dim, heads, ops)
         self.norm_cross = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, intermediate)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -156,7 +283,11 @@ class PrototypeHead(nn.Module):
     """h: MLP dim→hidden→hidden→bottleneck, L2-normalise, weight-normalised linear →K, no bias.
 
     The last layer's weight rows are normalised (weight norm with g fixed to 1, as DINO's
-    default), so logits are cosines. x (..., dim) → (..., K).
+    default), so logits are cosines. x (..., dim) → float32 logits (..., K).
+
+    Under autocast the MLP runs in the low precision; the L2-normalisations and the cosine
+    logits run in float32, because the losses divide them by temperatures as small as 0.04:
+    a bfloat16 cosine (spacing 2^-8 near 1) would move a logit by up to 0.1 before the softmax.
     """
 
     def __init__(self, dim: int, hidden: int, bottleneck: int, num_prototypes: int) -> None:
@@ -172,12 +303,17 @@ class PrototypeHead(nn.Module):
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., dim) → L2-normalised bottleneck features z (..., bottleneck): what
-        :func:`semmim.kernels.prototype_cross_entropy` takes with the raw ``prototypes``."""
-        return F.normalize(self.mlp(x), dim=-1)
+        """x (..., dim) → float32 L2-normalised bottleneck features z (..., bottleneck): what
+        :func:`semmim.kernels.prototype_cross_entropy` takes with the raw ``prototypes`` (the
+        model's losses call the op; :meth:`forward` gives the logits themselves)."""
+        h = self.mlp(x)
+        with fp32_region(h):
+            return F.normalize(h.float(), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.features(x), F.normalize(self.prototypes, dim=-1))
+        z = self.features(x)
+        with fp32_region(z):
+            return F.linear(z, F.normalize(self.prototypes.float(), dim=-1))
 
 
 class MLMHead(nn.Module):
@@ -216,8 +352,10 @@ class VisionEncoder(nn.Module):
         heads: int,
         mlp_ratio: float,
         mask_token: bool,
+        ops: OpCalls | None = None,
     ) -> None:
         super().__init__()
+        self.ops = ops if ops is not None else OpCalls()
         self.num_patches = (image_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -253,7 +391,7 @@ class VisionEncoder(nn.Module):
 
     def forward_kept(self, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """keep_idx (B, R) sorted → (B, R+1, D); positions are added inside the gather."""
-        x = kernels.masked_gather(self.patchify(images), keep_idx, self.pos_embed[0, 1:])
+        x = self.ops.masked_gather(self.patchify(images), keep_idx, self.pos_embed[0, 1:])
         return self._run(x)
 
 
@@ -305,11 +443,18 @@ class FusionEncoder(nn.Module):
     """
 
     def __init__(
-        self, dim: int, image_dim: int, depth: int, heads: int, intermediate: int, eps: float
+        self,
+        dim: int,
+        image_dim: int,
+        depth: int,
+        heads: int,
+        intermediate: int,
+        eps: float,
+        ops: OpCalls | None = None,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            FusionLayer(dim, image_dim, heads, intermediate, eps) for _ in range(depth)
+            FusionLayer(dim, image_dim, heads, intermediate, eps, ops) for _ in range(depth)
         )
 
     def forward(
@@ -332,10 +477,18 @@ class Predictor(nn.Module):
     ``cross_step`` (the first layer's cross-attention residual step) is ψ's building block.
     """
 
-    def __init__(self, dim: int, text_dim: int, depth: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        text_dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        ops: OpCalls | None = None,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            PredictorBlock(dim, text_dim, heads, mlp_ratio) for _ in range(depth)
+            PredictorBlock(dim, text_dim, heads, mlp_ratio, ops) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 

@@ -1,6 +1,8 @@
 """The objectives as plain functions of tensors (the model wires them up).
 
 None of these synchronise with the host: no ``.item()``, no data-dependent Python branches.
+Softmax, log-softmax and the cross-entropies run in float32 whatever the logits' dtype (inputs
+are upcast), so bfloat16/float16 autocast changes only the matrix products before them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ __all__ = [
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """−Σ_k target_k · log_softmax(logits)_k over the last dim → shape logits.shape[:-1]."""
-    return -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+    """−Σ_k target_k · log_softmax(logits)_k over the last dim → float32 logits.shape[:-1]."""
+    return -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
 
 
 def itc_loss(
@@ -36,11 +38,12 @@ def itc_loss(
     row b is column b. *_m are the momentum model's similarities. Targets mix the momentum
     softmax (weight alpha) with the one-hot positives. Returns a scalar.
     """
-    B = sim_i2t.shape[0]
-    onehot = torch.zeros_like(sim_i2t)
-    onehot[:, :B].fill_diagonal_(1.0)
-    t_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * onehot
-    t_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * onehot
+    B, N = sim_i2t.shape
+    cols = torch.arange(N, device=sim_i2t.device)
+    # built without mutating a view, so torch.compile can trace it
+    onehot = (cols[None, :] == cols[:B, None]).float()  # (B, B+Q), 1 at column b of row b
+    t_i2t = alpha * F.softmax(sim_i2t_m.float(), dim=1) + (1 - alpha) * onehot
+    t_t2i = alpha * F.softmax(sim_t2i_m.float(), dim=1) + (1 - alpha) * onehot
     return (
         soft_cross_entropy(sim_i2t, t_i2t).mean() + soft_cross_entropy(sim_t2i, t_t2i).mean()
     ) / 2
@@ -69,8 +72,11 @@ def mlm_loss(
     """(1−α)·CE(labels) + α·CE(softmax(momentum logits)), averaged over predicted tokens.
 
     logits, logits_m (B, N, V); labels (B, N) with −100 = ignore. A batch without any
-    predicted token gives 0 (no host sync to check).
+    predicted token gives 0 (no host sync to check). Under autocast the vocabulary logits
+    come in the low precision (as in BERT/LLM mixed-precision training: the (B, N, V)
+    product is the costly one); the softmaxes here are float32.
     """
+    logits, logits_m = logits.float(), logits_m.float()
     valid = labels >= 0  # (B, N)
     hard = F.cross_entropy(logits.flatten(0, 1), labels.flatten().clamp_min(0), reduction="none")
     soft = soft_cross_entropy(logits, F.softmax(logits_m, dim=-1)).flatten()
@@ -88,11 +94,11 @@ def agreement_loss(
 ) -> torch.Tensor:
     """DINO/iBOT cross-entropy between a centred, sharpened teacher and the student.
 
-    student, teacher (..., K) logits; center (K,) or broadcastable. Returns the per-row
-    loss, shape student.shape[:-1]; the caller decides how to average.
+    student, teacher (..., K) logits; center (K,) or broadcastable. Returns the float32
+    per-row loss, shape student.shape[:-1]; the caller decides how to average.
     """
-    q = F.softmax((teacher - center) / teacher_temp, dim=-1)
-    return soft_cross_entropy(student / student_temp, q)
+    q = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    return soft_cross_entropy(student.float() / student_temp, q)
 
 
 def pixel_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import math
 import torch
 
 from semmim import kernels
+from semmim.layers import OpCalls
 
 __all__ = ["text_guided_mask", "random_mask", "mlm_mask", "mlm_positions"]
 
@@ -26,20 +27,29 @@ def _nothing_masked(batch: int, num_patches: int, device: torch.device | str) ->
 
 @torch.no_grad()
 def text_guided_mask(
-    patch_feat: torch.Tensor, text_feat: torch.Tensor, num_masked: int, *, tau: float, seed: int
+    patch_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    num_masked: int,
+    *,
+    tau: float,
+    seed: int,
+    ops: OpCalls | None = None,
 ) -> ImageMask:
     """Mask the top-M patches by s_i / tau + Gumbel noise, s_i = cos(patch_feat_i, text_feat).
 
     patch_feat (B, P, d), text_feat (B, d); tau = 0 means no noise (hard top-M of s).
-    Deterministic given ``seed``. Returns keep_idx (B, P−M), mask_idx (B, M), mask (B, P).
+    Deterministic given ``seed``. ``ops``: the model's :class:`~semmim.layers.OpCalls`
+    (backend and validation of the top-k op; default: automatic dispatch, validating).
+    Returns keep_idx (B, P−M), mask_idx (B, M), mask (B, P).
     """
+    ops = ops if ops is not None else OpCalls()
     B, P, _ = patch_feat.shape
     if num_masked == 0:
         return _nothing_masked(B, P, patch_feat.device)
     noise = None
     if tau > 0:
         noise = kernels.gumbel_noise((B, P), seed=seed, device=patch_feat.device)
-    return kernels.topk_mask(
+    return ops.topk_mask(
         patch_feat, text_feat, num_masked, noise=noise, tau=tau if tau > 0 else 1.0
     )
 

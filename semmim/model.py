@@ -8,7 +8,12 @@
 Shape letters: B batch, P patches, R kept, M masked, T tokens, Dv/Dt vision/text width,
 E ITC embedding width, K prototypes. The four hot ops (masked gather/scatter, top-k masking,
 cross-attention, the prototype cross-entropy of the agreement and MIM losses) are called only
-through ``semmim.kernels``.
+through the model's :class:`~semmim.layers.OpCalls` (``model.ops``), which passes
+``cfg.kernels``' backend and the ``validate`` flag to every call.
+
+Mixed precision: under ``torch.autocast`` the encoders run in the low precision; ITC
+similarities, prototype logits and every softmax / log-softmax / L2-normalisation that feeds a
+loss run in float32 (see :func:`~semmim.layers.fp32_region`).
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from semmim import kernels
 from semmim.config import SemMIMConfig
 from semmim.layers import (
     FusionEncoder,
     MLMHead,
+    OpCalls,
     Predictor,
     PrototypeHead,
     TextEncoder,
     VisionEncoder,
+    fp32_region,
 )
 from semmim.losses import (
     itc_loss,
@@ -70,6 +76,12 @@ def _update_center(center: torch.Tensor, batch_center: torch.Tensor, momentum: f
     center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the last dim in float32 (also under autocast): (..., E) → float32 (..., E)."""
+    with fp32_region(x):
+        return F.normalize(x.float(), dim=-1)
+
+
 def _init_weights(module: nn.Module) -> None:
     # Linear: std = fan_in^-0.5 (≈0.02–0.036 at D=768, as BERT/ViT's 0.02); a fixed 0.02 leaves
     # narrow models (tiny, D=64) on a long plateau where fusion ignores the image.
@@ -89,7 +101,7 @@ class Towers(nn.Module):
     heads. Parts an ablation does not use are not built (so every built parameter trains).
     """
 
-    def __init__(self, cfg: SemMIMConfig) -> None:
+    def __init__(self, cfg: SemMIMConfig, ops: OpCalls | None = None) -> None:
         super().__init__()
         v, t, mim = cfg.vision, cfg.text, cfg.mim
         self.vision = VisionEncoder(
@@ -100,6 +112,7 @@ class Towers(nn.Module):
             v.heads,
             v.mlp_ratio,
             mask_token=mim.enabled and not mim.drop_tokens,
+            ops=ops,
         )
         self.text = TextEncoder(
             t.vocab_size,
@@ -112,7 +125,7 @@ class Towers(nn.Module):
             t.layer_norm_eps,
         )
         self.fusion = FusionEncoder(
-            t.dim, v.dim, cfg.fusion.depth, t.heads, t.intermediate, t.layer_norm_eps
+            t.dim, v.dim, cfg.fusion.depth, t.heads, t.intermediate, t.layer_norm_eps, ops
         )
         self.vision_proj = nn.Linear(v.dim, cfg.itc.embed_dim)
         self.text_proj = nn.Linear(t.dim, cfg.itc.embed_dim)
@@ -121,7 +134,7 @@ class Towers(nn.Module):
         self.predictor = self.predictor_pos = self.predictor_mask_token = None
         self.head = self.pixel_head = None
         if mim.enabled:
-            self.predictor = Predictor(v.dim, t.dim, mim.predictor_depth, v.heads, v.mlp_ratio)
+            self.predictor = Predictor(v.dim, t.dim, mim.predictor_depth, v.heads, v.mlp_ratio, ops)
             self.predictor_pos = nn.Parameter(torch.zeros(1, v.num_patches + 1, v.dim))
             if mim.drop_tokens:
                 self.predictor_mask_token = nn.Parameter(torch.zeros(v.dim))
@@ -162,10 +175,11 @@ class SemMIM(nn.Module):
         if not isinstance(cfg, SemMIMConfig):
             raise ValueError(f"cfg: expected SemMIMConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.net = Towers(cfg)
+        self.ops = OpCalls(cfg.kernels)  # shared by net and ema (the deepcopy keeps it)
+        self.net = Towers(cfg, self.ops)
         if cfg.text.pretrained:
             load_bert_into(self.net.text, cfg.text.pretrained, cfg.text)
-        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.ema = copy.deepcopy(self.net, {id(self.ops): self.ops}).requires_grad_(False)
         self.temp = nn.Parameter(torch.tensor(cfg.itc.temp))
 
         E, Q, K = cfg.itc.embed_dim, cfg.itc.queue_size, cfg.head.num_prototypes
@@ -235,9 +249,12 @@ class SemMIM(nn.Module):
         images: torch.Tensor | None,
         input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
+        *,
+        read_values: bool = True,
     ) -> None:
-        """Raise ValueError naming the bad argument. The empty-caption check reads values
-        (one device→host sync); pass ``check_inputs=False`` to forward to skip all checks."""
+        """Raise ValueError naming the bad argument. Shapes and dtypes cost nothing; the
+        empty-caption and token-range checks read values (one device→host sync) and run only
+        with ``read_values`` (``forward(check_inputs=False)`` passes False)."""
         S = self.cfg.vision.image_size
         if images is not None:
             if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
@@ -272,6 +289,8 @@ class SemMIM(nn.Module):
             raise ValueError(
                 f"input_ids: {input_ids.shape[1]} tokens > text.max_len={self.cfg.text.max_len}"
             )
+        if not read_values:
+            return
         content = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
         empty = ~content.any(1)
         bad_id = (input_ids < 0) | (input_ids >= self.cfg.text.vocab_size)
@@ -294,13 +313,13 @@ class SemMIM(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → L2-normalised ITC image features (B, E)."""
         self.check_inputs(images, None, None)
-        return F.normalize(self.net.vision_proj(self.net.vision(images)[:, 0]), dim=-1)
+        return _unit(self.net.vision_proj(self.net.vision(images)[:, 0]))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T), (B, T) → L2-normalised ITC text features (B, E)."""
         self.check_inputs(None, input_ids, attention_mask)
         text = self.net.text(input_ids, attention_mask)
-        return F.normalize(self.net.text_proj(text[:, 0]), dim=-1)
+        return _unit(self.net.text_proj(text[:, 0]))
 
     def itm_score(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -337,11 +356,29 @@ class SemMIM(nn.Module):
 
         images (B, 3, S, S) float; input_ids, attention_mask (B, T). ``seed`` makes every
         random choice (image mask, MLM mask, ITM negatives) deterministic; None draws one from
-        torch's global CPU generator. In training mode the ITC queue and the centres update;
-        in eval mode nothing is mutated.
+        torch's global CPU generator (a host read: training passes a seed per step). In
+        training mode the ITC queue and the centres update; in eval mode nothing is mutated.
+
+        check_inputs: True runs the model's value checks (empty captions, token-id range) and
+        calls the ops with ``validate=cfg.kernels.validate``; False skips every check that
+        reads tensor values (ops get ``validate=False``), so the call makes no device→host
+        sync. Shape, dtype and device checks run either way.
         """
-        if check_inputs:
-            self.check_inputs(images, input_ids, attention_mask)
+        self.check_inputs(images, input_ids, attention_mask, read_values=check_inputs)
+        saved = self.ops.validate
+        self.ops.validate = self.cfg.kernels.validate and check_inputs
+        try:
+            return self._forward(images, input_ids, attention_mask, seed)
+        finally:
+            self.ops.validate = saved
+
+    def _forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        seed: int | None,
+    ) -> SemMIMOutput:
         cfg, w, net, ema = self.cfg, self.cfg.loss, self.net, self.ema
         B = images.shape[0]
         if w.itm > 0 and B < 2:
@@ -356,13 +393,13 @@ class SemMIM(nn.Module):
             self.temp.clamp_(cfg.itc.temp_min, cfg.itc.temp_max)
         image_embeds = net.vision(images)  # (B, P+1, Dv)
         text_embeds = net.text(input_ids, attention_mask)  # (B, T, Dt)
-        image_feat = F.normalize(net.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
-        text_feat = F.normalize(net.text_proj(text_embeds[:, 0]), dim=-1)  # (B, E)
+        image_feat = _unit(net.vision_proj(image_embeds[:, 0]))  # (B, E) float32
+        text_feat = _unit(net.text_proj(text_embeds[:, 0]))  # (B, E) float32
         with torch.no_grad():
             image_embeds_m = ema.vision(images)
             text_embeds_m = ema.text(input_ids, attention_mask)
-            image_feat_m = F.normalize(ema.vision_proj(image_embeds_m[:, 0]), dim=-1)
-            text_feat_m = F.normalize(ema.text_proj(text_embeds_m[:, 0]), dim=-1)
+            image_feat_m = _unit(ema.vision_proj(image_embeds_m[:, 0]))
+            text_feat_m = _unit(ema.text_proj(text_embeds_m[:, 0]))
 
         losses: dict[str, torch.Tensor] = {}
         if w.itc > 0:
@@ -375,22 +412,24 @@ class SemMIM(nn.Module):
             losses["mlm"] = self._mlm(
                 input_ids, attention_mask, image_embeds, image_embeds_m, alpha, gen
             )
-        out = SemMIMOutput(loss=images.new_zeros(()))
+        # Plain locals only across calls that may break a torch.compile graph (the RNG draws):
+        # a per-call object held on the stack there (a bound method, an output dataclass)
+        # would invalidate the resumed graph every step and recompile it.
+        keep_idx = mask_idx = mask = None
         if cfg.mim.enabled and (w.glob > 0 or w.mim > 0):
-            out.keep_idx, out.mask_idx, out.mask = self._image_mask(
-                image_embeds_m, text_feat_m, seed
-            )
-            losses.update(
-                self._masked_image(
-                    images, out, text_embeds, key_mask, image_embeds_m, text_embeds_m
-                )
-            )
+            keep_idx, mask_idx, mask = self._image_mask(image_embeds_m, text_feat_m, seed)
+            image_losses = self._masked_image(
+                images, keep_idx, mask_idx, mask, text_embeds, key_mask, image_embeds_m,
+                text_embeds_m,
+            )  # fmt: skip
+            for k, v in image_losses.items():
+                losses[k] = v
         if self.training and w.itc > 0 and cfg.itc.queue_size > 0:
             self._enqueue(image_feat_m, text_feat_m)
-
-        out.losses = losses
-        out.loss = sum(getattr(w, k) * v for k, v in losses.items())
-        return out
+        loss = images.new_zeros((), dtype=torch.float32)
+        for k, v in losses.items():
+            loss = loss + getattr(w, k) * v
+        return SemMIMOutput(loss, losses, keep_idx, mask_idx, mask)
 
     def _itc(
         self,
@@ -400,15 +439,17 @@ class SemMIM(nn.Module):
         text_feat_m: torch.Tensor,
         alpha: float,
     ) -> torch.Tensor:
-        """Image–text contrastive loss against [momentum batch | queue] keys."""
-        with torch.no_grad():
-            image_keys = torch.cat([image_feat_m, self.image_queue.clone()])  # (B+Q, E)
-            text_keys = torch.cat([text_feat_m, self.text_queue.clone()])  # (B+Q, E)
-            sim_i2t_m = image_feat_m @ text_keys.T / self.temp
-            sim_t2i_m = text_feat_m @ image_keys.T / self.temp
-        sim_i2t = image_feat @ text_keys.T / self.temp  # (B, B+Q)
-        sim_t2i = text_feat @ image_keys.T / self.temp  # (B, B+Q)
-        return itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, alpha)
+        """Image–text contrastive loss against [momentum batch | queue] keys (float32 features
+        and similarities: they are divided by a temperature near 0.07)."""
+        with fp32_region(image_feat):
+            with torch.no_grad():
+                image_keys = torch.cat([image_feat_m, self.image_queue.clone()])  # (B+Q, E)
+                text_keys = torch.cat([text_feat_m, self.text_queue.clone()])  # (B+Q, E)
+                sim_i2t_m = image_feat_m @ text_keys.T / self.temp
+                sim_t2i_m = text_feat_m @ image_keys.T / self.temp
+            sim_i2t = image_feat @ text_keys.T / self.temp  # (B, B+Q)
+            sim_t2i = text_feat @ image_keys.T / self.temp  # (B, B+Q)
+            return itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, alpha)
 
     def _itm(
         self,
@@ -421,17 +462,17 @@ class SemMIM(nn.Module):
     ) -> torch.Tensor:
         """ITM over B positives, B (image, hard negative text), B (hard negative image, text)."""
         B = image_embeds.shape[0]
-        with torch.no_grad():
-            sim = image_feat @ text_feat.T / self.temp  # (B, B)
+        with torch.no_grad(), fp32_region(image_feat):
+            sim = image_feat @ text_feat.T / self.temp  # (B, B) float32
             neg_text = sample_hard_negatives(sim, gen)  # (B,) per image
             neg_image = sample_hard_negatives(sim.T, gen)  # (B,) per text
         images = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])  # (3B, P+1, Dv)
         texts = torch.cat([text_embeds, text_embeds[neg_text], text_embeds])  # (3B, T, Dt)
         masks = torch.cat([key_mask, key_mask[neg_text], key_mask])  # (3B, T)
         fused = self.net.fusion(texts, masks, images)[:, 0]  # (3B, Dt)
-        labels = torch.zeros(3 * B, dtype=torch.long, device=fused.device)
-        labels[:B] = 1  # rows: positives, then the two kinds of negatives
-        return F.cross_entropy(self.net.itm_head(fused), labels)
+        # rows: B positives (label 1), then the two kinds of negatives (label 0)
+        labels = (torch.arange(3 * B, device=fused.device) < B).long()
+        return F.cross_entropy(self.net.itm_head(fused).float(), labels)
 
     def _mlm(
         self,
@@ -459,10 +500,10 @@ class SemMIM(nn.Module):
         labels = labels.gather(1, pos)  # (B, N)
         net, ema = self.net, self.ema
         fused = net.fusion(net.text(ids, attention_mask), attention_mask, image_embeds)
-        logits = net.mlm_head(kernels.masked_gather(fused, pos))  # (B, N, V)
+        logits = net.mlm_head(self.ops.masked_gather(fused, pos))  # (B, N, V)
         with torch.no_grad():
             fused_m = ema.fusion(ema.text(ids, attention_mask), attention_mask, image_embeds_m)
-            logits_m = ema.mlm_head(kernels.masked_gather(fused_m, pos))
+            logits_m = ema.mlm_head(self.ops.masked_gather(fused_m, pos))
         return mlm_loss(logits, labels, logits_m, alpha)
 
     @torch.no_grad()
@@ -475,29 +516,32 @@ class SemMIM(nn.Module):
             B, L, _ = image_embeds_m.shape
             return random_mask(B, L - 1, M, seed=seed, device=image_embeds_m.device)
         patch_feat_m = self.ema.vision_proj(image_embeds_m[:, 1:])  # (B, P, E) in ITC space
-        return text_guided_mask(patch_feat_m, text_feat_m, M, tau=c.tau, seed=seed)
+        return text_guided_mask(patch_feat_m, text_feat_m, M, tau=c.tau, seed=seed, ops=self.ops)
 
     def _masked_image(
         self,
         images: torch.Tensor,
-        out: SemMIMOutput,
+        keep_idx: torch.Tensor,
+        mask_idx: torch.Tensor,
+        mask: torch.Tensor,
         text_embeds: torch.Tensor,
         key_mask: torch.Tensor,
         image_embeds_m: torch.Tensor,
         text_embeds_m: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Global agreement and MIM on the masked view."""
+        """Global agreement and MIM on the masked view (keep_idx (B, R), mask_idx (B, M),
+        mask (B, P) from :meth:`_image_mask`)."""
         cfg, net, ema = self.cfg, self.net, self.ema
         P, M = cfg.vision.num_patches, cfg.num_masked
         if cfg.mim.drop_tokens:
-            kept = net.vision.forward_kept(images, out.keep_idx)  # (B, R+1, Dv)
+            kept = net.vision.forward_kept(images, keep_idx)  # (B, R+1, Dv)
             cls_masked = kept[:, 0]
-            patches = kernels.masked_scatter_fill(  # (B, P, Dv), [MASK]+pos at masked slots
-                kept[:, 1:], out.keep_idx, net.predictor_mask_token, P, pos=net.predictor_pos[0, 1:]
+            patches = self.ops.masked_scatter_fill(  # (B, P, Dv), [MASK]+pos at masked slots
+                kept[:, 1:], keep_idx, net.predictor_mask_token, P, pos=net.predictor_pos[0, 1:]
             )
             x = torch.cat([kept[:, :1] + net.predictor_pos[:, :1], patches], dim=1)
         else:
-            full = net.vision.forward_masked(images, out.mask)  # (B, P+1, Dv)
+            full = net.vision.forward_masked(images, mask)  # (B, P+1, Dv)
             cls_masked = full[:, 0]
             x = full + net.predictor_pos  # (B, P+1, Dv)
 
@@ -506,7 +550,7 @@ class SemMIM(nn.Module):
             z = net.head.features(cls_masked)  # (B, bottleneck)
             with torch.no_grad():
                 z_m = ema.head.features(image_embeds_m[:, 0])  # (B, bottleneck)
-            per_image, teacher_mean = kernels.prototype_cross_entropy(  # (B,), (K,)
+            per_image, teacher_mean = self.ops.prototype_cross_entropy(  # (B,), (K,)
                 z, z_m, net.head.prototypes, ema.head.prototypes, self.glob_center,
                 cfg.glob.student_temp, cfg.glob.teacher_temp,
             )  # fmt: skip
@@ -516,7 +560,7 @@ class SemMIM(nn.Module):
         if cfg.loss.mim > 0:
             losses["mim"] = (
                 self._mim_loss(
-                    images, x, out.mask_idx, text_embeds, key_mask, image_embeds_m, text_embeds_m
+                    images, x, mask_idx, text_embeds, key_mask, image_embeds_m, text_embeds_m
                 )
                 if M > 0
                 else images.new_zeros(())
@@ -536,15 +580,15 @@ class SemMIM(nn.Module):
         """Mean over images of the mean over that image's masked patches of the MIM loss."""
         cfg, net, ema = self.cfg, self.net, self.ema
         pred = net.predictor(x, text_embeds, key_mask)  # (B, P+1, Dv)
-        pred = kernels.masked_gather(pred[:, 1:], mask_idx)  # (B, M, Dv)
+        pred = self.ops.masked_gather(pred[:, 1:], mask_idx)  # (B, M, Dv)
         if cfg.mim.target == "pixel":
-            target = kernels.masked_gather(
+            target = self.ops.masked_gather(
                 pixel_targets(images, cfg.vision.patch_size), mask_idx
             )  # (B, M, 3·p·p)
-            per_patch = (net.pixel_head(pred) - target).pow(2).mean(-1)  # (B, M)
+            per_patch = (net.pixel_head(pred).float() - target.float()).pow(2).mean(-1)  # (B, M)
             return per_patch.mean(1).mean(0)
         with torch.no_grad():
-            v = kernels.masked_gather(image_embeds_m[:, 1:], mask_idx)  # (B, M, Dv)
+            v = self.ops.masked_gather(image_embeds_m[:, 1:], mask_idx)  # (B, M, Dv)
             if cfg.mim.text_in_target:
                 text_mask = key_mask
                 if cfg.mim.psi == "text_cls":  # a single key: adds the projected text CLS
@@ -554,7 +598,7 @@ class SemMIM(nn.Module):
             z_m = ema.head.features(v).flatten(0, 1)  # (B·M, bottleneck)
         B, M = pred.shape[:2]
         z = net.head.features(pred).flatten(0, 1)  # (B·M, bottleneck)
-        per_patch, teacher_mean = kernels.prototype_cross_entropy(  # (B·M,), (K,)
+        per_patch, teacher_mean = self.ops.prototype_cross_entropy(  # (B·M,), (K,)
             z, z_m, net.head.prototypes, ema.head.prototypes, self.mim_center,
             cfg.mim.student_temp, self.mim_teacher_temp,
         )  # fmt: skip
@@ -565,8 +609,9 @@ class SemMIM(nn.Module):
     @torch.no_grad()
     def _enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
         """Write the (all-gathered) momentum features at the ring pointer, on device."""
-        image_feat_m = all_gather_no_grad(image_feat_m)
-        text_feat_m = all_gather_no_grad(text_feat_m)
+        # float32 features into the queue's dtype (a model cast with .half() has fp16 queues)
+        image_feat_m = all_gather_no_grad(image_feat_m.to(self.image_queue.dtype))
+        text_feat_m = all_gather_no_grad(text_feat_m.to(self.text_queue.dtype))
         Q, n = self.image_queue.shape[0], image_feat_m.shape[0]
         idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % Q  # (n,)
         self.image_queue.index_copy_(0, idx, image_feat_m)

@@ -351,28 +351,30 @@ MODEL_ABLATIONS = [
 
 
 def _train_step(overrides, backend, monkeypatch):
-    """One SGD step of the tiny model with the prototype op forced to ``backend``: losses,
+    """One SGD step of the tiny model with ``kernels.prototype_cross_entropy=backend``: losses,
     gradients, parameters and buffers afterwards, and how many times the op ran."""
     from semmim import SemMIM, from_preset
 
     calls = []
-    public = pce.prototype_cross_entropy
+    public = K.prototype_cross_entropy
 
-    def forced(*args, backend=None, validate=True):
-        calls.append(forced_backend)
-        return public(*args, backend=forced_backend, validate=validate)
+    def counted(*args, **kwargs):
+        calls.append(kwargs["backend"])
+        return public(*args, **kwargs)
 
-    forced_backend = backend
-    monkeypatch.setattr(K, "prototype_cross_entropy", forced)
+    monkeypatch.setattr(K, "prototype_cross_entropy", counted)
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", overrides))
+    model = SemMIM(from_preset("tiny", {**overrides, "kernels.prototype_cross_entropy": backend}))
     model.set_step(30, 100)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     captions = ["a red square", "a green circle on grass", "blue sky", "a yellow cat"]
     enc = model.tokenizer(captions, padding=True, return_tensors="pt")
     S = model.cfg.vision.image_size
     images = torch.randn(4, 3, S, S, generator=torch.Generator().manual_seed(0))
-    out = model(images, enc["input_ids"], enc["attention_mask"], seed=1)
+    with K.record_dispatch() as ran:
+        out = model(images, enc["input_ids"], enc["attention_mask"], seed=1)
+    assert set(calls) <= {backend}
+    assert ran.get("prototype_cross_entropy", {backend}) == {backend}
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     opt.step()

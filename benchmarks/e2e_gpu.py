@@ -1,0 +1,444 @@
+#!/usr/bin/env python3
+"""End-to-end GPU check (issue 9 §7): the headline numbers of a whole SemMIM training step.
+
+Run by ``benchmarks/gpu_check.sh`` after the kernel tables, one section per call (each under its
+own ``timeout``), then ``--section table``:
+
+    python -P benchmarks/e2e_gpu.py --section fast            # (a) default backends, token dropping, bf16
+    python -P benchmarks/e2e_gpu.py --section fast_compiled   # (b) (a) under torch.compile, (a)'s batch
+    python -P benchmarks/e2e_gpu.py --section reference       # (c) reference backends, [MASK] path, fp32
+    python -P benchmarks/e2e_gpu.py --section train           # `small`, 200 steps, embedded data, bf16
+    python -P benchmarks/e2e_gpu.py --section table           # one table: pairs/s, peak memory, MFU, ratios
+
+Without ``--section`` every section runs in order in one process. (a)-(c) use the ``base`` preset at
+224 px (P = 196) and T = 32 caption tokens; each finds the largest batch that fits (doubling from
+``--min-batch``, then one step between the last fit and the first failure), then times
+``--steps`` training steps (forward with an explicit seed and ``check_inputs=False`` after a
+validating first step, backward, clip, fused AdamW, EMA) after warm-up, with CUDA events.
+
+MFU counts the model's matrix-product FLOPs analytically (:func:`train_flops`: 2·m·n·k per
+product; backward = 2× forward for the trained model; the EMA model runs forward only) over the
+time, against the H200's dense bf16 peak (989 TFLOP/s, datasheet; a measured 8192³ bf16 product
+ran at 770-800 TFLOP/s on these machines, /work/.library/device/KINDS.md). The fp32 reference
+path is reported against the same bf16 peak (what the card could do), so its MFU is low by design.
+
+On a machine without a CUDA GPU every measuring section prints its plan and stops at its first
+GPU step with exit code 3 and a message saying so (the default test tier checks this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PEAK_BF16 = 989e12  # FLOP/s: H200 SXM dense bf16, datasheet
+NO_GPU_EXIT = 3
+SECTIONS = ("fast", "fast_compiled", "reference", "train", "table")
+PATHS = {
+    "fast": {
+        "label": "(a) fast: default backends + token dropping, bf16",
+        "overrides": {"mim.drop_tokens": True},
+        "amp": True,
+        "compile": False,
+    },
+    "fast_compiled": {
+        "label": "(b) fast, torch.compile",
+        "overrides": {"mim.drop_tokens": True},
+        "amp": True,
+        "compile": True,
+    },
+    "reference": {
+        "label": "(c) reference: reference backends, [MASK] tokens, fp32",
+        "overrides": {"mim.drop_tokens": False, "kernels.backend": "reference"},
+        "amp": False,
+        "compile": False,
+    },
+}
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def _self_layer(L: int, D: int, F: int) -> float:
+    """Self-attention transformer layer on L tokens: qkv, QKᵀ, AV, proj, MLP (D→F→D)."""
+    return 2 * L * (4 * D * D + 2 * D * F) + 4 * L * L * D
+
+
+def _cross(Lq: int, Lk: int, D: int, Dk: int) -> float:
+    """Cross-attention: q and out projections (D×D), kv projection of the context (Dk→2D)."""
+    return 4 * Lq * D * D + 4 * Lk * Dk * D + 4 * Lq * Lk * D
+
+
+def train_flops(cfg, B: int, T: int) -> dict[str, float]:
+    """Matrix-product FLOPs of one training step of ``cfg`` at batch B, T caption tokens.
+
+    Returns {"student_fwd", "ema_fwd", "total"}; total = 3·student_fwd + ema_fwd.
+    """
+    v, t, h = cfg.vision, cfg.text, cfg.head
+    P, Dv, Dt, E = v.num_patches, v.dim, t.dim, cfg.itc.embed_dim
+    Fv, Q, M = int(Dv * v.mlp_ratio), cfg.itc.queue_size, cfg.num_masked
+    N = max(1, math.ceil(cfg.mlm.prob * T))
+    patch = 2 * P * 3 * v.patch_size**2 * Dv
+
+    def vit(L: int) -> float:
+        return patch + v.depth * _self_layer(L, Dv, Fv)
+
+    bert = t.depth * _self_layer(T, Dt, t.intermediate)
+    fusion = cfg.fusion.depth * (_self_layer(T, Dt, t.intermediate) + _cross(T, P + 1, Dt, Dv))
+    mlm_head = N * (2 * Dt * Dt + 2 * Dt * t.vocab_size)
+    itc = B * 2 * (Dv + Dt) * E + 2 * 2 * B * (B + Q) * E
+
+    def head(rows: int) -> float:
+        return 2 * rows * (Dv * h.hidden + h.hidden**2 + h.hidden * h.bottleneck)
+
+    def logits(rows: int) -> float:
+        return 2 * rows * h.bottleneck * h.num_prototypes
+
+    w, mim = cfg.loss, cfg.mim
+    student = B * vit(P + 1) + B * bert + itc
+    ema = B * vit(P + 1) + B * bert + itc
+    if w.itm > 0:
+        student += 3 * B * fusion
+    if w.mlm > 0:
+        student += B * (bert + fusion + mlm_head)
+        ema += B * (bert + fusion + mlm_head)
+    if mim.enabled:
+        L = P - M + 1 if mim.drop_tokens else P + 1
+        student += B * vit(L)
+        ema += B * P * 2 * Dv * E  # text-guided masking scores in ITC space
+        if w.glob > 0:
+            student += head(B) + logits(B)
+            ema += head(B) + logits(B)
+        if w.mim > 0:
+            pred = mim.predictor_depth * (_self_layer(P + 1, Dv, Fv) + _cross(P + 1, T, Dv, Dt))
+            student += B * pred
+            if mim.target == "pixel":
+                student += 2 * B * M * Dv * 3 * v.patch_size**2
+            else:
+                student += head(B * M) + logits(B * M)
+                ema += head(B * M) + logits(B * M)
+                if mim.text_in_target:
+                    ema += B * _cross(M, T, Dv, Dt)
+    return {"student_fwd": student, "ema_fwd": ema, "total": 3 * student + ema}
+
+
+# ---------------------------------------------------------------- steps on the GPU
+
+
+def _need_gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        print(
+            "e2e: no CUDA GPU on this machine (torch.cuda.is_available() is False): the "
+            "end-to-end section needs one; nothing was measured.",
+            flush=True,
+        )
+        sys.exit(NO_GPU_EXIT)
+
+
+def _batch(cfg, B: int, T: int, device: str, seed: int = 0):
+    """Random pixels and captions of T tokens ([CLS] w_1 .. w_{T-2} [SEP]), all real."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    S = cfg.vision.image_size
+    images = torch.randn(B, 3, S, S, generator=g)
+    ids = torch.randint(1000, 20000, (B, T), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    am = torch.ones(B, T, dtype=torch.long)
+    return images.to(device), ids.to(device), am.to(device)
+
+
+class TrainStep:
+    """One model + fused AdamW; :meth:`step` is one whole training step as training runs it:
+    forward (explicit seed; value checks at the first step only), backward, clip, AdamW, EMA.
+
+    path: a key of :data:`PATHS` (overrides, autocast, compile; ``compile`` overrides the
+    latter); also used by ``benchmarks/bench_model.py`` on CPU, where it runs fp32 (autocast
+    is applied on CUDA only).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        B: int,
+        T: int,
+        preset: str,
+        image_size: int,
+        device: str = "cuda",
+        compile: bool | None = None,
+    ):
+        import torch
+
+        from semmim import SemMIM, from_preset
+
+        spec = PATHS[path]
+        self.cfg = from_preset(preset, {"vision.image_size": image_size, **spec["overrides"]})
+        torch.manual_seed(0)
+        self.model = SemMIM(self.cfg).to(device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.05, fused=True)
+        compile = spec["compile"] if compile is None else compile
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.device_type = torch.device(device).type
+        self.amp = spec["amp"] and self.device_type == "cuda"
+        self.batch = _batch(self.cfg, B, T, device)
+        self.n = 0
+
+    def step(self) -> None:
+        import torch
+
+        self.model.set_step(self.n, 10_000)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.forward(*self.batch, seed=self.n, check_inputs=self.n == 0)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.model.update_momentum()
+        self.n += 1
+
+
+def _free() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _fits(path: str, B: int, args) -> bool:
+    import torch
+
+    run = None
+    try:
+        run = TrainStep(path, B, args.tokens, args.preset, args.image_size)
+        for _ in range(2):
+            run.step()
+        torch.cuda.synchronize()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        del run
+        _free()
+
+
+def search_batch(path: str, args) -> int:
+    """Largest batch (doubling from --min-batch, then one midpoint) whose steps fit in memory."""
+    t0, ok, bad, B = time.time(), 0, 0, args.min_batch
+    while B <= args.max_batch and time.time() - t0 < args.search_s:
+        fit = _fits(path, B, args)
+        print(f"  batch {B:5d}: {'fits' if fit else 'out of memory'}", flush=True)
+        if not fit:
+            bad = B
+            break
+        ok, B = B, 2 * B
+    if ok and bad and time.time() - t0 < args.search_s:
+        mid = (ok + bad) // 2 // 8 * 8
+        if mid > ok and _fits(path, mid, args):
+            print(f"  batch {mid:5d}: fits", flush=True)
+            ok = mid
+    if not ok:
+        raise SystemExit(f"e2e {path}: batch {args.min_batch} does not fit")
+    return ok
+
+
+def measure(path: str, B: int, args) -> dict:
+    """Warm-up (compile included), then ``args.steps`` timed steps with CUDA events."""
+    import torch
+
+    _free()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    run = TrainStep(path, B, args.tokens, args.preset, args.image_size)
+    for _ in range(args.warmup):
+        run.step()
+    torch.cuda.synchronize()
+    warm_s = time.time() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.steps):
+        run.step()
+    end.record()
+    torch.cuda.synchronize()
+    step_s = start.elapsed_time(end) / 1e3 / args.steps
+    flops = train_flops(run.cfg, B, args.tokens)["total"]
+    return {
+        "path": path,
+        "label": PATHS[path]["label"],
+        "batch": B,
+        "steps": args.steps,
+        "step_s": step_s,
+        "pairs_per_s": B / step_s,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "flops_per_step": flops,
+        "mfu": flops / step_s / PEAK_BF16,
+        "warmup_s": warm_s,
+    }
+
+
+def _write(args, name: str, result: dict) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"e2e_{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def section_path(path: str, args) -> None:
+    print(f"== e2e {PATHS[path]['label']}", flush=True)
+    _need_gpu()
+    import torch
+
+    print(f"  {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if path == "fast_compiled":
+        with open(os.path.join(args.out, "e2e_fast.json")) as f:
+            B = json.load(f)["batch"]  # the same batch as (a): compile once, at that shape
+    else:
+        B = search_batch(path, args)
+    result = measure(path, B, args)
+    if path == "reference":
+        # the memory target compares the two paths at one batch: (a) at (c)'s batch
+        _free()
+        torch.cuda.reset_peak_memory_stats()
+        run = TrainStep("fast", B, args.tokens, args.preset, args.image_size)
+        for _ in range(2):
+            run.step()
+        torch.cuda.synchronize()
+        result["fast_peak_gib_at_this_batch"] = torch.cuda.max_memory_allocated() / 2**30
+        del run
+    print(
+        f"  batch {B}: {result['step_s'] * 1e3:.1f} ms/step, {result['pairs_per_s']:.1f} pairs/s,"
+        f" peak {result['peak_gib']:.1f} GiB, MFU {100 * result['mfu']:.1f}%",
+        flush=True,
+    )
+    _write(args, path, result)
+
+
+def section_train(args) -> int:
+    """200 steps of `small` on the embedded data under bf16 (the CLI's CUDA default); the mean
+    loss of the last 20 logged steps must be below that of the first 20."""
+    print("== e2e small training, embedded data, bf16", flush=True)
+    _need_gpu()
+    out = os.path.join(args.out, "train_small")
+    cmd = [
+        sys.executable, "-P", "-m", "semmim", "train", "--preset", "small",
+        "--steps", str(args.train_steps), "--out", out, "--log-every", "1",
+        "--set", "train.eval_at_end=false", "--set", "train.amp=true",
+    ]  # fmt: skip
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (open(os.path.join(args.out, "train_small.log"), "w")).write(proc.stdout + proc.stderr)
+    if proc.returncode:
+        print(proc.stdout[-2000:] + proc.stderr[-2000:])
+        print(f"  training FAILED (exit {proc.returncode})")
+        return 1
+    logs = glob.glob(os.path.join(out, "**", "log.csv"), recursive=True)
+    with open(logs[0]) as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
+    first, last = statistics.mean(losses[:20]), statistics.mean(losses[-20:])
+    fell = last < first
+    result = {
+        "steps": len(losses),
+        "first20": first,
+        "last20": last,
+        "fell": fell,
+        "wall_s": time.time() - t0,
+    }
+    _write(args, "train", result)
+    print(
+        f"  {len(losses)} steps in {result['wall_s']:.0f} s: loss {first:.3f} (first 20) -> "
+        f"{last:.3f} (last 20): {'falls' if fell else 'DOES NOT FALL'}",
+        flush=True,
+    )
+    return 0 if fell else 1
+
+
+def section_table(args) -> None:
+    rows = {}
+    for name in ("fast", "fast_compiled", "reference"):
+        p = os.path.join(args.out, f"e2e_{name}.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                rows[name] = json.load(f)
+    print(f"== e2e table: {args.preset} {args.image_size} px, T={args.tokens}, {args.steps} steps")
+    print(f"{'path':<58} {'batch':>5} {'ms/step':>8} {'pairs/s':>8} {'peak GiB':>8} {'MFU':>6}")
+    for r in rows.values():
+        print(
+            f"{r['label']:<58} {r['batch']:>5} {r['step_s'] * 1e3:>8.1f} {r['pairs_per_s']:>8.1f}"
+            f" {r['peak_gib']:>8.1f} {100 * r['mfu']:>5.1f}%"
+        )
+    if not rows:
+        print("(no results: every measuring section failed or was skipped)")
+    a, b, c = rows.get("fast"), rows.get("fast_compiled"), rows.get("reference")
+    if a and c:
+        mem = c.get("fast_peak_gib_at_this_batch")
+        print(
+            f"fast / reference: {a['pairs_per_s'] / c['pairs_per_s']:.2f}x pairs/s (target >= 3x);"
+            f" peak memory at the reference's batch {c['batch']}: "
+            + (f"{mem / c['peak_gib']:.2f}x (target <= 0.6x)" if mem else "not measured")
+        )
+        print(f"fast MFU {100 * a['mfu']:.1f}% (target >= 40%)")
+    if a and b:
+        print(f"compiled / eager fast: {b['pairs_per_s'] / a['pairs_per_s']:.2f}x pairs/s")
+    p = os.path.join(args.out, "e2e_train.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            t = json.load(f)
+        print(
+            f"small training: loss {t['first20']:.3f} -> {t['last20']:.3f} over {t['steps']} "
+            f"steps ({'falls' if t['fell'] else 'DOES NOT FALL'})"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--section", choices=SECTIONS, default=None, help="default: all, in order")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/semmim-gpu"))
+    ap.add_argument("--preset", default="base")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--tokens", type=int, default=32, help="caption length T")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per path")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--min-batch", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=1024)
+    ap.add_argument("--search-s", type=float, default=60.0, help="time cap of a batch search")
+    ap.add_argument("--train-steps", type=int, default=200)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+
+    from semmim import from_preset
+
+    cfg = from_preset(args.preset, {"vision.image_size": args.image_size})
+    f64 = train_flops(cfg, 64, args.tokens)["total"]
+    print(
+        f"plan: {args.preset} at {args.image_size} px (P={cfg.vision.num_patches}, "
+        f"M={cfg.num_masked}), T={args.tokens}; paths {', '.join(PATHS)}: batch search from "
+        f"{args.min_batch}, {args.warmup} warm-up + {args.steps} timed steps each; small "
+        f"training {args.train_steps} steps; {f64 / 64 / 1e9:.1f} GFLOP per pair per step "
+        f"(matrix products); results in {args.out}",
+        flush=True,
+    )
+    sections = [args.section] if args.section else list(SECTIONS)
+    status = 0
+    for s in sections:
+        if s in PATHS:
+            section_path(s, args)
+        elif s == "train":
+            status |= section_train(args)
+        else:
+            section_table(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

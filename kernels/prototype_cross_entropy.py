@@ -167,9 +167,7 @@ def _prepare(
         # normalised in the prototypes' own dtype, then (under autocast: checked above) cast
         wn = F.normalize(prototypes, dim=-1).to(z.dtype)
         wt = F.normalize(prototypes_teacher.detach(), dim=-1).to(z.dtype)
-    # a copy: the fast backends keep center for their backward, and the model updates its
-    # centre buffer in place between forward and backward
-    c = center.detach().to(_compute_dtype(z), copy=True)
+    c = center.detach().to(_compute_dtype(z)).contiguous()
     return (z, z_teacher.detach(), wn, wt, c, float(student_temp), float(teacher_temp)), {}
 
 
@@ -487,8 +485,13 @@ class _TritonImpl:
 
 def _make_custom_op(impl):
     """semmim::prototype_cross_entropy_<backend>(z, zt, wn, wt, center, τs, τt) ->
-    (loss, lse_s, lse_t), differentiable in z and wn; its backward is the custom op
-    semmim::prototype_cross_entropy_bwd_<backend>."""
+    (loss, lse_s, lse_t, center copy), differentiable in z and wn; its backward is the custom op
+    semmim::prototype_cross_entropy_bwd_<backend>.
+
+    The backward recomputes the teacher's softmax, so it needs the centre the forward saw. The
+    model updates its centre buffer in place after the loss, before backward, and under
+    torch.compile the partitioner may recompute a copy made outside the op from that buffer:
+    so the op returns its own copy (K values) and the backward saves that output."""
     b = impl.name
 
     def fwd_impl(
@@ -499,13 +502,16 @@ def _make_custom_op(impl):
         center: torch.Tensor,
         student_temp: float,
         teacher_temp: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with _no_autocast(z):
-            return impl.forward(z, z_teacher, wn, wt, center, student_temp, teacher_temp)
+            loss, lse_s, lse_t = impl.forward(
+                z, z_teacher, wn, wt, center, student_temp, teacher_temp
+            )
+        return loss, lse_s, lse_t, center.clone()
 
     def fwd_fake(z, z_teacher, wn, wt, center, student_temp, teacher_temp):
         stat = z.new_empty((z.shape[0],), dtype=_compute_dtype(z))
-        return stat, torch.empty_like(stat), torch.empty_like(stat)
+        return stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(center)
 
     def bwd_impl(
         g: torch.Tensor,
@@ -537,13 +543,13 @@ def _make_custom_op(impl):
     bwd_op = custom_op(f"prototype_cross_entropy_bwd_{b}", bwd_impl, fake=bwd_fake)
 
     def setup_context(ctx, inputs, output):
-        z, z_teacher, wn, wt, center, student_temp, teacher_temp = inputs
-        _, lse_s, lse_t = output
+        z, z_teacher, wn, wt, _, student_temp, teacher_temp = inputs
+        _, lse_s, lse_t, center = output
         ctx.save_for_backward(z, z_teacher, wn, wt, center, lse_s, lse_t)
         ctx.temps = (student_temp, teacher_temp)
-        ctx.mark_non_differentiable(lse_s, lse_t)
+        ctx.mark_non_differentiable(lse_s, lse_t, center)
 
-    def backward(ctx, g_loss, g_lse_s, g_lse_t):
+    def backward(ctx, g_loss, g_lse_s, g_lse_t, g_center):
         z, z_teacher, wn, wt, center, lse_s, lse_t = ctx.saved_tensors
         need_z, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         dz, dw = bwd_op(
@@ -574,7 +580,7 @@ def _fused(name: str):
         if name == "triton":  # the kernels take a row stride and a unit column stride
             z, z_teacher, wn, wt = (_contiguous_rows(t) for t in (z, z_teacher, wn, wt))
         with _no_autocast(z):
-            loss, _, _ = _CUSTOM_OPS[name](z, z_teacher, wn, wt, center, student_temp, teacher_temp)
+            loss = _CUSTOM_OPS[name](z, z_teacher, wn, wt, center, student_temp, teacher_temp)[0]
             return loss, _teacher_logit_mean(z_teacher, wt)
 
     return fn

@@ -287,7 +287,7 @@ def test_opcheck_chunked_custom_ops():
     fwd = pce._CUSTOM_OPS["chunked"]
     torch.library.opcheck(fwd, (zg, zt, wn, wt, c, TS, TT))
     torch.library.opcheck(fwd, (z, zt, wn.detach(), wt, c, TS, TT))
-    _, lse_s, lse_t = fwd(z, zt, wn.detach(), wt, c, TS, TT)
+    _, lse_s, lse_t, _ = fwd(z, zt, wn.detach(), wt, c, TS, TT)
     bwd = torch.ops.semmim.prototype_cross_entropy_bwd_chunked.default
     for need in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(
@@ -296,24 +296,30 @@ def test_opcheck_chunked_custom_ops():
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    z0, zt, w0, wt, c, up = make_inputs(7, 16, 50)
+    """As the model uses it: the loss, then the centre buffer updated in place from
+    teacher_logit_mean, then backward (which must still see the centre the forward saw)."""
+    z0, zt, w0, wt, c0, up = make_inputs(7, 16, 50)
 
-    def step(z, w):
+    def step(z, w, centre):
         loss, mean = K.prototype_cross_entropy(
-            z, zt, w, wt, c, TS, TT, backend="chunked", validate=False
+            z, zt, w, wt, centre, TS, TT, backend="chunked", validate=False
         )
-        return (loss * up.float()).sum(), mean
+        centre.mul_(0.9).add_(mean, alpha=0.1)
+        return (loss * up.float()).sum()
 
     compiled = torch.compile(step, fullgraph=True)
     outs = []
     for fn in (step, compiled):
         z = z0.clone().requires_grad_()
         w = w0.clone().requires_grad_()
-        total, mean = fn(z, w)
+        centre = c0.clone()
+        total = fn(z, w, centre)
         total.backward()
-        outs.append((total.detach(), mean, z.grad, w.grad))
-    for name, a, b in zip(("loss", "mean", "grad z", "grad w"), *outs):
+        outs.append((total.detach(), centre, z.grad, w.grad))
+    for name, a, b in zip(("loss", "centre", "grad z", "grad w"), *outs):
         assert_close(f"compiled {name}", b, a, torch.float32)
+    ref = run("reference", z0, zt, w0, wt, c0, up)
+    assert_close("grad z vs reference", outs[1][2], ref[2], torch.float32)
 
 
 def test_info_lists_the_op(capsys):

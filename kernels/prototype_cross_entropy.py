@@ -34,9 +34,9 @@ Backward
 
 Backends
     reference  the materialising math, the specification (plain PyTorch and autograd).
-    chunked    pure PyTorch custom op: rows in chunks, s and t recomputed in backward; peak extra
-               memory O(chunk · K). Runs anywhere (any device, float64 too): the CPU backend and
-               the fallback.
+    chunked    pure PyTorch custom op: rows in chunks (4 MiB per (chunk, K) buffer, at least 128
+               rows), s and t recomputed in backward; peak extra memory O(chunk · K + K · E).
+               Runs anywhere (any device, float64 too): the CPU backend and the fallback.
     triton     custom op: forward = one pass over K tiles with online softmaxes of s and t;
                backward = a dz kernel (rows × K tiles) and a dprototypes kernel (K tiles × rows),
                both recomputing s and t; no (N, K) tensor, no atomics (deterministic).
@@ -46,9 +46,10 @@ Precision
     products accumulate in fp32; the softmaxes, log-sum-exps and the loss are fp32 (fp64 for
     fp64 inputs): logits are never rounded to 16 bits. loss and teacher_logit_mean are returned
     in that compute dtype. The op turns autocast off inside itself. Under autocast, prototypes
-    and prototypes_teacher may be in a wider float dtype than z (the autocast rule: cast to z's
-    dtype); outside autocast a dtype mismatch is a ValueError. center may be any float dtype (a
-    statistic, used in the compute dtype).
+    and prototypes_teacher may be in another float dtype than z (the autocast rule: normalised
+    in their dtype, then cast to z's); outside autocast a dtype mismatch is a ValueError. center
+    may be any float dtype (a statistic, used in the compute dtype). The model hands fp32
+    features and fp32 prototypes, so its products are fp32 under autocast too.
 
 Limits
     N, K, E ≥ 1. ``validate=False`` skips the finiteness check of the five tensors (the one
@@ -58,9 +59,9 @@ Limits
     table (``_tiles``), not autotuned (no GPU has run them yet).
 
 Differences vs reference
-    chunked computes s/τs as z @ (wn/τs)ᵀ and (t − c)/τt as one addmm, and teacher_logit_mean as
-    (mean_n z_teacher) @ wtᵀ (linear, so equal in exact arithmetic): fp32 rounding-level
-    differences. triton rounds ds to the input dtype before the gradient products (as flash
+    chunked computes s/τs as z @ (wn/τs)ᵀ and (t − c)/τt as one addmm; chunked and triton compute
+    teacher_logit_mean as (mean_n z_teacher) @ wtᵀ (linear, so equal in exact arithmetic): fp32
+    rounding-level differences. triton rounds ds to the input dtype before the gradient products (as flash
     attention rounds P); 16-bit gradients differ from the reference by about that rounding.
 """
 
@@ -213,12 +214,16 @@ def _reference(z, z_teacher, wn, wt, center, student_temp, teacher_temp):
 # chunked (pure PyTorch, rows in chunks, recomputation in backward)
 # --------------------------------------------------------------------------------------------
 
-# one (chunk, K) compute-dtype buffer of about this many bytes: small enough to stay in cache
+# one (chunk, K) compute-dtype buffer of about this many bytes: small enough to stay in cache,
 CHUNK_BYTES = 4 << 20
+# but at least this many rows: every chunk re-reads the (K, E) prototypes (and the backward
+# updates the (K, E) gradient accumulator), ~rows/2 flop per byte moved; 16-row chunks at
+# K = 65536 made fwd+bwd 1.4x slower than 128-row ones on CPU
+MIN_CHUNK_ROWS = 128
 
 
 def _chunk_rows(N: int, K: int, dtype: torch.dtype) -> int:
-    return max(1, min(N, CHUNK_BYTES // (K * dtype.itemsize)))
+    return max(1, min(N, max(MIN_CHUNK_ROWS, CHUNK_BYTES // (K * dtype.itemsize))))
 
 
 class _ChunkedImpl:
@@ -317,7 +322,8 @@ if not triton_import_error():
 
     @triton.jit
     def _pce_ds(s, u, lse_s, lse_t, gs, n_ok):
-        """τs-scaled softmax difference times g/τs: ds (rows, K tile), 0 at padded rows/cols."""
+        """ds = (softmax(s/τs) − q) · g/τs for one block (gs = g/τs); 0 at padded rows (padded
+        prototypes give exp(-inf) = 0 already)."""
         ds = (tl.exp(s - lse_s[:, None]) - tl.exp(u - lse_t[:, None])) * gs[:, None]
         return tl.where(n_ok[:, None], ds, 0.0)
 

@@ -133,6 +133,7 @@ def test_chunked_matches_reference(N, E, Kp, dtype, poison):
 def test_chunked_chunk_sizes(monkeypatch, chunk_bytes, poison):
     """One row per chunk, 3 rows (a ragged last chunk of 7), and every row in one chunk."""
     monkeypatch.setattr(pce, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(pce, "MIN_CHUNK_ROWS", 1)
     check_backend("chunked", 7, 64, 1000, torch.float32)
 
 

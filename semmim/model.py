@@ -550,8 +550,9 @@ class SemMIM(nn.Module):
             z = net.head.features(cls_masked)  # (B, bottleneck)
             with torch.no_grad():
                 z_m = ema.head.features(image_embeds_m[:, 0])  # (B, bottleneck)
+            # fp32 features and prototypes, whatever the model's dtype (PrototypeHead docstring)
             per_image, teacher_mean = self.ops.prototype_cross_entropy(  # (B,), (K,)
-                z, z_m, net.head.prototypes, ema.head.prototypes, self.glob_center,
+                z, z_m, net.head.prototypes.float(), ema.head.prototypes.float(), self.glob_center,
                 cfg.glob.student_temp, cfg.glob.teacher_temp,
             )  # fmt: skip
             losses["glob"] = per_image.mean()
@@ -599,7 +600,7 @@ class SemMIM(nn.Module):
         B, M = pred.shape[:2]
         z = net.head.features(pred).flatten(0, 1)  # (B·M, bottleneck)
         per_patch, teacher_mean = self.ops.prototype_cross_entropy(  # (B·M,), (K,)
-            z, z_m, net.head.prototypes, ema.head.prototypes, self.mim_center,
+            z, z_m, net.head.prototypes.float(), ema.head.prototypes.float(), self.mim_center,
             cfg.mim.student_temp, self.mim_teacher_temp,
         )  # fmt: skip
         if self.training:

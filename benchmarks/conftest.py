@@ -5,7 +5,9 @@ On CUDA the timed body runs ``fn`` ``INNER`` times and synchronises once, so lau
 not counted once per call; the summary divides by ``INNER``. The table prints, per group (op, mode,
 shape, dtype): the median time per call, the speed-up vs the ``reference`` row, the speed-up vs the
 best ``peer`` row (torch SDPA backends, flash-attn, xformers where present), and GB/s or TFLOP/s
-from the bytes / flops each benchmark declares (its hardware floor).
+from the bytes / flops each benchmark declares (its hardware floor); where a benchmark passes
+``peak_bytes`` (memory a call needs above its inputs), that too, with how many times less than the
+reference row.
 
 Benchmarks that agree with themselves:
 
@@ -69,14 +71,16 @@ class Bench:
         flops: float | None = None,
         peer: bool = False,
         rounds: int | None = None,
+        peak_bytes: float | None = None,
     ):
         b = self.benchmark
         b.group = group
         cuda = torch.device(device).type == "cuda"
         inner = INNER_CUDA if cuda else 1
         b.extra_info.update(
-            backend=backend, inner=inner, bytes=bytes, flops=flops, peer=peer, device=str(device)
-        )
+            backend=backend, inner=inner, bytes=bytes, flops=flops, peer=peer, device=str(device),
+            peak_bytes=peak_bytes,
+        )  # fmt: skip
         if cuda:
 
             def body():
@@ -152,6 +156,7 @@ def pytest_unconfigure(config):
             t = b.stats.median / max(1, info.get("inner", 1))
             rows.append((info.get("backend", b.name), t, info))
         ref = next((t for name, t, _ in rows if name == "reference"), None)
+        ref_peak = next((i.get("peak_bytes") for name, _, i in rows if name == "reference"), None)
         peers = [t for _, t, info in rows if info.get("peer")]
         best_peer = min(peers) if peers else None
         for name, t, info in sorted(rows, key=lambda r: r[1]):
@@ -167,6 +172,12 @@ def pytest_unconfigure(config):
                 rate = f"{info['bytes'] / t / 1e9:9.1f} GB/s"
             else:
                 rate = ""
+            peak = ""
+            if info.get("peak_bytes") is not None:  # memory above the inputs, and ref / this
+                peak = f" {info['peak_bytes'] / 2**20:9.1f} MiB"
+                if ref_peak and info["peak_bytes"] > 0:
+                    peak += f" ({ref_peak / info['peak_bytes']:5.1f}x less)"
             tr.write_line(
                 f"{str(group):<58} {name:<22} {_fmt_time(t):>11} {vs_ref:>7} {vs_peer:>8} {rate:>14}"
+                + peak
             )

@@ -28,7 +28,7 @@ $PY -P -m semmim.kernels.info | tee "$OUT/info.txt"
 
 # Each op gets its own cuda-tier run and benchmark run (with timeouts), so one failure or hang
 # leaves the others' results; the last lines printed are the speed-up tables.
-OPS=${SEMMIM_OPS:-"masked_gather topk_mask cross_attention"}
+OPS=${SEMMIM_OPS:-"masked_gather topk_mask cross_attention prototype_cross_entropy"}
 for op in $OPS; do
   echo "== cuda tier: $op (fp32/fp16/bf16)"
   timeout "${SEMMIM_TEST_TIMEOUT:-200}" $PY -P -m pytest "tests/test_$op.py" -m cuda -q \

@@ -9,6 +9,7 @@ prints which backend can run where, which one each op would pick now, and why.
 
 from .cross_attention import cross_attention
 from .masked_gather import masked_gather, masked_scatter_fill
+from .prototype_cross_entropy import prototype_cross_entropy
 from .registry import BACKENDS, OPS, get_op, record_dispatch
 from .topk_mask import gumbel_noise, topk_mask
 
@@ -20,6 +21,7 @@ __all__ = [
     "gumbel_noise",
     "masked_gather",
     "masked_scatter_fill",
+    "prototype_cross_entropy",
     "record_dispatch",
     "topk_mask",
 ]

@@ -111,6 +111,23 @@ class OpCalls:
             q, k, v, key_mask, backend=self.backends["cross_attention"], validate=self.validate
         )
 
+    def prototype_cross_entropy(
+        self,
+        z: torch.Tensor,
+        z_teacher: torch.Tensor,
+        prototypes: torch.Tensor,
+        prototypes_teacher: torch.Tensor,
+        center: torch.Tensor,
+        student_temp: float,
+        teacher_temp: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`semmim.kernels.prototype_cross_entropy`: z, z_teacher (N, E), prototypes (K, E)
+        → loss (N,), teacher_logit_mean (K,)."""
+        return kernels.prototype_cross_entropy(
+            z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp,
+            backend=self.backends["prototype_cross_entropy"], validate=self.validate,
+        )  # fmt: skip
+
 
 def fp32_region(x: torch.Tensor):
     """Context that turns autocast off on ``x``'s device: softmax, log-softmax and
@@ -314,11 +331,21 @@ class PrototypeHead(nn.Module):
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck))
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) → float32 L2-normalised bottleneck features z (..., bottleneck): what
+        :func:`semmim.kernels.prototype_cross_entropy` takes with the raw ``prototypes`` (the
+        model's losses call the op; :meth:`forward` gives the logits themselves)."""
         h = self.mlp(x)
         with fp32_region(h):
-            z = F.normalize(h.float(), dim=-1)
+            return F.normalize(h.float(), dim=-1)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Features z (..., bottleneck) from :meth:`features` → float32 cosine logits (..., K)."""
+        with fp32_region(z):
             return F.linear(z, F.normalize(self.prototypes.float(), dim=-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(x))
 
 
 class MLMHead(nn.Module):

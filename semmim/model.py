@@ -6,9 +6,10 @@
     out.loss.backward(); opt.step(); model.update_momentum()
 
 Shape letters: B batch, P patches, R kept, M masked, T tokens, Dv/Dt vision/text width,
-E ITC embedding width, K prototypes. The three hot ops (masked gather/scatter, top-k masking,
-cross-attention) are called only through the model's :class:`~semmim.layers.OpCalls`
-(``model.ops``), which passes ``cfg.kernels``' backend and the ``validate`` flag to every call.
+E ITC embedding width, K prototypes. The four hot ops (masked gather/scatter, top-k masking,
+cross-attention, the prototype cross-entropy of the agreement and MIM losses) are called only
+through the model's :class:`~semmim.layers.OpCalls` (``model.ops``), which passes
+``cfg.kernels``' backend and the ``validate`` flag to every call.
 
 Mixed precision: under ``torch.autocast`` the encoders run in the low precision; ITC
 similarities, prototype logits and every softmax / log-softmax / L2-normalisation that feeds a
@@ -40,7 +41,6 @@ from semmim.layers import (
     fp32_region,
 )
 from semmim.losses import (
-    agreement_loss,
     itc_loss,
     mlm_loss,
     pixel_targets,
@@ -68,10 +68,11 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _update_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float) -> None:
-    """center (K,) ← m·center + (1−m)·mean of teacher logits (…, K), averaged across ranks."""
-    batch_center = teacher.reshape(-1, teacher.shape[-1]).mean(0)
+def _update_center(center: torch.Tensor, batch_center: torch.Tensor, momentum: float) -> None:
+    """center (K,) ← m·center + (1−m)·batch_center, the batch's mean teacher logits (K,) (the
+    prototype op's ``teacher_logit_mean``), averaged across ranks."""
     if _distributed():
+        batch_center = batch_center.clone()  # all_reduce works in place
         dist.all_reduce(batch_center)
         batch_center /= dist.get_world_size()
     center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
@@ -707,20 +708,28 @@ class SemMIM(nn.Module):
 
         losses = {}
         if cfg.loss.glob > 0:
-            student = net.head(cls_masked)  # (B, K)
+            z = net.head.features(cls_masked)  # (B, bottleneck)
             with torch.no_grad():
-                teacher = ema.head(image_embeds_m[:, 0])  # (B, K)
-            losses["glob"] = agreement_loss(
-                student, teacher, self.glob_center, cfg.glob.student_temp, cfg.glob.teacher_temp
-            ).mean()
-            if diag is not None:
-                diag.update(
-                    head_diagnostics(
-                        "glob", student, teacher, self.glob_center, cfg.glob.teacher_temp
+                z_m = ema.head.features(image_embeds_m[:, 0])  # (B, bottleneck)
+            # fp32 features and prototypes, whatever the model's dtype (PrototypeHead docstring)
+            per_image, teacher_mean = self.ops.prototype_cross_entropy(  # (B,), (K,)
+                z, z_m, net.head.prototypes.float(), ema.head.prototypes.float(), self.glob_center,
+                cfg.glob.student_temp, cfg.glob.teacher_temp,
+            )  # fmt: skip
+            losses["glob"] = per_image.mean()
+            if diag is not None:  # diagnostic steps only: the (B, K) logits themselves
+                with torch.no_grad():
+                    diag.update(
+                        head_diagnostics(
+                            "glob",
+                            net.head.logits(z),
+                            ema.head.logits(z_m),
+                            self.glob_center,
+                            cfg.glob.teacher_temp,
+                        )
                     )
-                )
             if self.training:
-                _update_center(self.glob_center, teacher, cfg.glob.center_momentum)
+                _update_center(self.glob_center, teacher_mean, cfg.glob.center_momentum)
         if cfg.loss.mim > 0:
             losses["mim"] = (
                 self._mim_loss(
@@ -762,19 +771,30 @@ class SemMIM(nn.Module):
         with torch.no_grad():
             v = self.ops.masked_gather(image_embeds_m[:, 1:], mask_idx)  # (B, M, Dv)
             v = self._teacher_inputs(v, text_embeds_m, key_mask)  # ψ: (B, M, Dv)
-            teacher = ema.head(v)  # (B, M, K)
-        student = net.head(pred)  # (B, M, K)
-        per_patch = agreement_loss(
-            student, teacher, self.mim_center, cfg.mim.student_temp, self._mim_teacher_temp
-        )  # (B, M)
-        if diag is not None:
-            diag.update(
-                head_diagnostics("mim", student, teacher, self.mim_center, self._mim_teacher_temp)
-            )
+            z_m = ema.head.features(v).flatten(0, 1)  # (B·M, bottleneck)
+        B, M = pred.shape[:2]
+        z = net.head.features(pred).flatten(0, 1)  # (B·M, bottleneck)
+        per_patch, teacher_mean = self.ops.prototype_cross_entropy(  # (B·M,), (K,)
+            z, z_m, net.head.prototypes.float(), ema.head.prototypes.float(), self.mim_center,
+            cfg.mim.student_temp, self.mim_teacher_temp,
+        )  # fmt: skip
+        if diag is not None:  # diagnostic steps only: the (B·M, K) logits themselves
+            with torch.no_grad():
+                diag.update(
+                    head_diagnostics(
+                        "mim",
+                        net.head.logits(z),
+                        ema.head.logits(z_m),
+                        self.mim_center,
+                        self._mim_teacher_temp,
+                    )
+                )
         if self.training:
-            batch_center = self._mim_batch_center(teacher, image_embeds_m, text_embeds_m, key_mask)
+            batch_center = self._mim_batch_center(
+                teacher_mean, image_embeds_m, text_embeds_m, key_mask
+            )
             _update_center(self.mim_center, batch_center, cfg.mim.center_momentum)
-        return per_patch.mean(1).mean(0)
+        return per_patch.view(B, M).mean(1).mean(0)
 
     @torch.no_grad()
     def _teacher_inputs(

@@ -170,7 +170,9 @@ def test_ops_get_the_configured_backend_and_validate_flag(monkeypatch):
     assert model.net.fusion.layers[0].cross.ops is model.ops
     assert model.ema.predictor.blocks[0].cross.ops is model.ops
     calls = []
-    for name in ["masked_gather", "masked_scatter_fill", "topk_mask", "cross_attention"]:
+    every = ["masked_gather", "masked_scatter_fill", "topk_mask", "cross_attention",
+             "prototype_cross_entropy"]  # fmt: skip
+    for name in every:
         real = getattr(K, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -181,7 +183,7 @@ def test_ops_get_the_configured_backend_and_validate_flag(monkeypatch):
     batch = make_batch(model)
     model(*batch, seed=0)
     ops = {c[0] for c in calls}
-    assert ops == {"masked_gather", "masked_scatter_fill", "topk_mask", "cross_attention"}
+    assert ops == set(every)
     assert all(c[1] == "reference" and c[2] is True for c in calls), calls
     n = len(calls)
     model(*batch, seed=0, check_inputs=False)
@@ -199,6 +201,7 @@ def test_record_dispatch_sees_the_configured_backends():
         "masked_scatter_fill": {"reference"},
         "topk_mask": {"reference"},
         "cross_attention": {"sdpa"},
+        "prototype_cross_entropy": {"reference"},
     }
 
 

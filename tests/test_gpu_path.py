@@ -486,13 +486,11 @@ def test_inductor_training_step_runs_and_matches_eager_losses(inductor_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: under Inductor (torch 2.13, CPU) the first step's losses equal eager's but "
-    "66 parameter gradients differ by up to ~40% (aot_eager and every loss match; the "
-    "reference backends show the same): open, see docs/GPU_PATH.md",
-)
 def test_inductor_gradients_match_eager(inductor_run):
+    """The first step's gradients under Inductor equal eager's within 1e-4 of each tensor's
+    largest magnitude. (They differed by up to ~40% while the prototype op's backward read the
+    centre buffer that the forward updates in place: Inductor's partitioner recomputed from the
+    mutated buffer. The op now saves its own copy; see kernels/prototype_cross_entropy.py.)"""
     e, c = inductor_run["eager"], inductor_run["compiled"]
     for n, g in e["grads"].items():
         _close(c["grads"][n], g, 1e-4, f"grad {n}")

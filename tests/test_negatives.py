@@ -130,7 +130,16 @@ def test_itm_rows_without_any_negative_are_left_out():
         fi = F.normalize(net.vision_proj(v[:, 0]), dim=-1)
         ft = F.normalize(net.text_proj(t[:, 0]), dim=-1)
         everything = torch.ones(6, 6, dtype=torch.bool)
-        loss = model._itm(v, t, am.bool(), fi, ft, torch.Generator().manual_seed(0), everything)
+        loss = model._itm(
+            v,
+            t,
+            am.bool(),
+            fi,
+            ft,
+            torch.Generator().manual_seed(0),
+            model._temperature(),
+            everything,
+        )
         positives = net.itm_head(net.fusion(t, am, v)[:, 0])
         ref = F.cross_entropy(positives, torch.ones(6, dtype=torch.long))
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)

@@ -357,6 +357,13 @@ def _cell(stat: dict[str, Any], signed: bool = False, digits: int = 1) -> str:
     return f"{mean} ± {std}"
 
 
+def _split_name(grid: dict[str, Any]) -> str:
+    """What the grid evaluated on: the held-out split, or the validation split it carved."""
+    if grid.get("eval_split") == "validation":
+        return f"evaluated on the validation split carved from the training data (validation={grid['validation']}):"
+    return "held-out"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The grid's report as markdown text: header, cells (mean ± std over seeds), paired
     differences vs the reference, and every run's values."""
@@ -365,11 +372,12 @@ def format_table(report: dict[str, Any]) -> str:
     digits = {"train_s": 0}
     lines = [
         f"ablation grid: preset {g['preset']}, data {g['data']}, {g['steps']} steps × batch "
-        f"{g['batch_size']}, seeds {' '.join(map(str, g['seeds']))}; held-out "
-        f"{g['heldout_pairs']} pairs ({g['heldout_images']} images), split seed {g['split_seed']} "
+        f"{g['batch_size']}, seeds {' '.join(map(str, g['seeds']))}; "
+        f"{_split_name(g)} {g['heldout_pairs']} pairs ({g['heldout_images']} images), split seed {g['split_seed']} "
         f"(the same for every run); ranking {g.get('ranking', '?')}; chance ITC mean R "
         f"{_fmt(g.get('chance_mean_recall'))}",
-        f"grid --set: {g['sets'] or '—'}",
+        f"grid --set: {g['sets'] or '—'}"
+        + (f"; {g['jobs']} runs trained at once" if g.get("jobs", 1) > 1 else ""),
     ]
     if not report["runs"]:
         pending = ", ".join(f"{r['variant']} seed {r['seed']}" for r in report["pending"])
@@ -508,12 +516,105 @@ def plot_grid(report: dict[str, Any], png_path: str) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(
         f"{g['preset']} on {g['data']}: {g['steps']} steps, seeds {' '.join(map(str, seeds))}, "
-        f"split seed {g['split_seed']} (bar: mean ± std)",
+        f"split seed {g['split_seed']}, {g.get('eval_split', 'held-out')} split (bar: mean ± std)",
         fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------- parallel runs
+RUN_SPEC = "ablate_run.json"  # what a child process trains: plain JSON configs, nothing pickled
+RUN_LOG = "ablate_run.log"  # the child's stdout and stderr (appended across resumes)
+
+
+class _GridStop:
+    """The grid's SIGINT/SIGTERM handler while child runs train (``--jobs`` > 1).
+
+    Children run in their own sessions, so a terminal's Ctrl-C reaches only this process, which
+    forwards one SIGTERM to each child (a child checkpoints and stops after its current step,
+    exactly as ``semmim train`` does) and starts no further run. A second SIGINT kills the
+    children without checkpoints and raises KeyboardInterrupt.
+    """
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.requested = False
+        self.children: list[Any] = []
+        self._sigints = 0
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self._sigints += signum == signal.SIGINT
+        if self._sigints > 1:
+            for child in self.children:
+                if child.poll() is None:
+                    child.kill()
+            raise KeyboardInterrupt("second SIGINT: runs killed without checkpoints")
+        if not self.requested:
+            self.requested = True
+            log.warning("ablate: stop requested; each running run stops with a checkpoint")
+            for child in self.children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+
+    def restore(self) -> None:
+        import signal
+
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _start_child(plan: RunPlan, resume: bool):
+    """Start ``python -P -m semmim.ablate --run SPEC`` for one plan, output to its RUN_LOG."""
+    import subprocess
+
+    os.makedirs(plan.out, exist_ok=True)
+    spec_path = os.path.join(plan.out, RUN_SPEC)
+    with open(spec_path, "w") as f:
+        json.dump(
+            {"model": plan.model_cfg.to_dict(), "train": plan.tcfg.to_dict(), "resume": resume},
+            f,
+            indent=1,
+        )
+    with open(os.path.join(plan.out, RUN_LOG), "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-P", "-m", "semmim.ablate", "--run", spec_path],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+
+
+def _log_tail(plan: RunPlan, lines: int = 15) -> str:
+    path = os.path.join(plan.out, RUN_LOG)
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_child(spec_path: str) -> int:
+    """A child run of a parallel grid: train the spec's configs (exit 0, or 130 if stopped)."""
+    from semmim.config import SemMIMConfig, TrainConfig
+    from semmim.train import open_run_data, train
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    model_cfg = SemMIMConfig.from_dict(spec["model"])
+    tcfg = TrainConfig.from_dict(spec["train"])
+    summary = train(model_cfg, tcfg, resume=bool(spec["resume"]), source=open_run_data(tcfg))
+    return 130 if summary["interrupted"] else 0
 
 
 def run_grid(
@@ -524,21 +625,26 @@ def run_grid(
     base,
     command: str = "",
     progress: bool = True,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run (or resume) the grid and write its outputs under ``base.out``; returns the report.
 
-    ``report["interrupted"]`` is True when a run was stopped by SIGINT/SIGTERM (its checkpoint is
-    written; the same call again resumes it); the outputs then hold the finished runs.
+    ``jobs`` > 1 trains that many runs at once, each in its own process (``python -P -m
+    semmim.ablate --run``, its output in the run's ``ablate_run.log``); 1 trains them one after
+    another in this process. ``report["interrupted"]`` is True when a run was stopped by
+    SIGINT/SIGTERM (its checkpoint is written; the same call again resumes it); the outputs
+    then hold the finished runs.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs: must be an integer >= 1, got {jobs!r}")
     from tqdm.auto import tqdm
 
-    from semmim.data import open_data
-    from semmim.train import train
+    from semmim.train import open_run_data, train
 
     started = time.perf_counter()
     plans = plan_grid(variants, seeds, preset, model_sets, base)
     states = {id(p): run_state(p) for p in plans}  # checks every directory before any work
-    source = open_data(base.data or None, base.val_size, base.split_seed)
+    source = open_run_data(base)
     log.info("ablate: data %s", source.describe())
     os.makedirs(base.out, exist_ok=True)
     reference = "default" if any(v.name == "default" for v in variants) else variants[0].name
@@ -550,6 +656,8 @@ def run_grid(
         "batch_size": base.batch_size,
         "seeds": list(seeds),
         "split_seed": base.split_seed,
+        "eval_split": source.eval_split,
+        "validation": base.validation,
         "heldout_pairs": len(source.val),
         "heldout_images": len({r.key for r in source.val}),
         "train_pairs": len(source.train),
@@ -560,6 +668,7 @@ def run_grid(
             for v in variants
         ],
         "command": command,
+        "jobs": jobs,
     }
     interrupted = False
     ran_s = 0.0
@@ -589,9 +698,25 @@ def run_grid(
     bar = tqdm(
         total=len(plans), desc="ablate", disable=not progress, file=sys.stderr, dynamic_ncols=True
     )
+
+    def finished(plan: RunPlan) -> None:
+        results[(plan.variant.name, plan.seed)] = run_metrics(plan.out)
+        if "ranking" not in grid:
+            ev = _read_json(os.path.join(plan.out, "eval.json")) or {}
+            grid["ranking"] = ev.get("ranking")
+            grid["chance_mean_recall"] = (ev.get("chance") or {}).get("mean_recall")
+        bar.update(1)
+
+    if jobs > 1:
+        try:
+            interrupted, ran_s = _run_parallel(plans, states, jobs, finished, report, base.out)
+        finally:
+            bar.close()
+        rep = report(plans)
+        _write_outputs(rep, base.out)
+        return rep
     try:
         for i, plan in enumerate(plans):
-            key = (plan.variant.name, plan.seed)
             state = states[id(plan)]
             bar.set_postfix_str(plan.label, refresh=True)
             if state == "done":
@@ -611,12 +736,7 @@ def run_grid(
                 if summary["interrupted"]:
                     interrupted = True
                     break
-            results[key] = run_metrics(plan.out)
-            if "ranking" not in grid:
-                ev = _read_json(os.path.join(plan.out, "eval.json")) or {}
-                grid["ranking"] = ev.get("ranking")
-                grid["chance_mean_recall"] = (ev.get("chance") or {}).get("mean_recall")
-            bar.update(1)
+            finished(plan)
             if state != "done":  # the table so far, after each run trained now
                 _write_outputs(report(plans), base.out)
     finally:
@@ -624,3 +744,71 @@ def run_grid(
     rep = report(plans)
     _write_outputs(rep, base.out)
     return rep
+
+
+def _run_parallel(plans, states, jobs, finished, report, out) -> tuple[bool, float]:
+    """Train the grid's unfinished runs ``jobs`` at a time in child processes, in plan order;
+    returns (interrupted, summed training seconds). A failed run stops the grid after the
+    running ones end (RuntimeError with its log's tail); a stop request is forwarded."""
+    for plan in plans:
+        if states[id(plan)] == "done":
+            log.info("%s: finished before, not redone", plan.label)
+            finished(plan)
+    queue = [p for p in plans if states[id(p)] != "done"]
+    running: dict[Any, tuple[RunPlan, float]] = {}
+    stop = _GridStop()
+    failed: list[str] = []
+    interrupted, ran_s = False, 0.0
+    try:
+        while queue or running:
+            while queue and len(running) < jobs and not stop.requested and not failed:
+                plan = queue.pop(0)
+                resume = states[id(plan)] == "partial"
+                child = _start_child(plan, resume)
+                stop.children.append(child)
+                running[child] = (plan, time.perf_counter())
+                log.info(
+                    "ablate: started %s (%s): %s, log %s",
+                    plan.label,
+                    plan.variant.describe(),
+                    "resuming from its checkpoint" if resume else "training",
+                    os.path.join(plan.out, RUN_LOG),
+                )
+            if not running:
+                break
+            time.sleep(0.5)
+            for child in [c for c in running if c.poll() is not None]:
+                plan, t0 = running.pop(child)
+                ran_s += time.perf_counter() - t0
+                rc = child.returncode
+                if rc == 0 and run_state(plan) == "done":
+                    finished(plan)
+                    log.info("ablate: %s finished", plan.label)
+                    _write_outputs(report(plans), out)
+                elif rc == 130 or stop.requested:
+                    interrupted = True
+                    log.warning(
+                        "ablate: %s stopped with a checkpoint (resume: same command)", plan.label
+                    )
+                else:
+                    failed.append(
+                        f"{plan.label} failed (exit status {rc}); the end of "
+                        f"{os.path.join(plan.out, RUN_LOG)}:\n{_log_tail(plan)}"
+                    )
+            if stop.requested:
+                interrupted = True
+    finally:
+        stop.restore()
+    if failed:
+        raise RuntimeError("; ".join(failed))
+    return interrupted, ran_s
+
+
+if __name__ == "__main__":  # a child run of a parallel grid (run_grid with jobs > 1)
+    import argparse
+
+    _parser = argparse.ArgumentParser(prog="python -m semmim.ablate")
+    _parser.add_argument("--run", required=True, metavar="SPEC", help="ablate_run.json of a run")
+    _args = _parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.exit(run_child(_args.run))

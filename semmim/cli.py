@@ -325,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the grid's rows (see above; default: all six built-in variants)",
     )
     ab.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs trained at once, each in its own process with its output in the run's "
+        "ablate_run.log (default 1: one after another in this process); with N > 1 and no "
+        "--threads each run gets (CPU cores // N) intra-op threads",
+    )
+    ab.add_argument(
         "--seeds",
         nargs="+",
         type=int,
@@ -405,8 +414,8 @@ def _report(summary: dict[str, Any], tcfg) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """``semmim train``."""
     from semmim.config import TrainConfig, from_preset
-    from semmim.data import DataError, open_data
-    from semmim.train import train
+    from semmim.data import DataError
+    from semmim.train import open_run_data, train
 
     model_sets, train_sets = parse_sets(args.sets)
     explicit = train_overrides(args)
@@ -418,7 +427,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             model_cfg = from_preset(args.preset or DEFAULT_PRESET, model_sets)
             tcfg = TrainConfig().override(explicit)
-        source = open_data(tcfg.data or None, tcfg.val_size, tcfg.split_seed)
+        source = open_run_data(tcfg)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
     try:
@@ -440,7 +449,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from semmim.config import TrainConfig, from_preset
     from semmim.data import DataError
     from semmim.downstream.tasks import TaskConfig, init_model_config, make_task
-    from semmim.train import train
+    from semmim.train import open_run_data, train
 
     model_sets, train_sets = parse_sets(args.sets)
     explicit = train_overrides(args)
@@ -469,7 +478,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 logging.getLogger("semmim").warning(
                     "--preset ignored: the model config is the --ckpt checkpoint's"
                 )
-        source = task.open_data(tcfg)
+        source = open_run_data(tcfg, task)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
     try:
@@ -633,6 +642,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     explicit.setdefault("out", "runs/ablate")
     try:
         variants = parse_variants(args.variants)
+        if args.jobs > 1 and not explicit.get("threads"):
+            explicit["threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
         base = TrainConfig().override(explicit)
         report = run_grid(
             variants,
@@ -641,8 +652,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             model_sets,
             base,
             command=" ".join(["semmim", *getattr(args, "argv", [])]),
+            jobs=args.jobs,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise CLIError(str(err)) from None
     print(format_table(report))
     print(

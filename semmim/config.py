@@ -613,6 +613,13 @@ class TrainConfig:
         "held-out images: fraction (<1) or count (at most 1000; the embedded data holds out V)",
         "X",
     )
+    validation: float = _opt(
+        0.0,
+        "carve this many training images (fraction <1 or count) into a validation split and "
+        "evaluate on it instead of the held-out split, which the run then never reads: for "
+        "choosing settings (0 = off)",
+        "X",
+    )
     max_text_len: int = _opt(40, "caption tokens kept (capped by the model's text.max_len)", "T")
     crop_scale_min: float = _opt(
         -1.0, "random-resized-crop minimum area in (0, 1] (-1 = the data's choice)", "X"
@@ -655,6 +662,7 @@ class TrainConfig:
             "grad_clip",
             "eval_rerank_k",
             "val_size",
+            "validation",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")

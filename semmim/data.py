@@ -29,6 +29,7 @@ split before training and raises :class:`DataError` when none of it can be read.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -231,6 +232,24 @@ class DataSource:
     split_seed: int = DEFAULT_SPLIT_SEED
     ignored: Counter[str] = field(default_factory=Counter)
     decoder_skips: dict[str, dict[str, int]] = field(default_factory=dict)
+    # What ``val`` is: the "held-out" split, or a "validation" split carved from the training
+    # pairs (:meth:`carve_validation`; the held-out pairs are then not in this source at all).
+    eval_split: str = "held-out"
+
+    def carve_validation(self, size: float, seed: int) -> DataSource:
+        """This source with ``size`` training images (a fraction < 1 or a count) moved into a
+        validation split that replaces the held-out one: train on the rest, choose settings on
+        the validation pairs, and the held-out pairs stay unseen until the settings are fixed.
+
+        By image key (all captions of an image on one side), by a hash salted apart from the
+        held-out split's, so it is fixed for a given ``seed`` whatever the training seed.
+        """
+        if self.eval_split != "held-out":
+            raise DataError("carve_validation: this source already evaluates on a validation split")
+        train, val = split_records(self.train, size, seed, salt="validation")
+        if not val:
+            raise DataError(f"validation={size} carves no images from {len(self.train)} pairs")
+        return dataclasses.replace(self, train=train, val=val, eval_split="validation")
 
     def describe(self) -> str:
         """One line: spec, pair/image counts, classes, split seed, skipped, missing decoders, ignored."""
@@ -244,9 +263,11 @@ class DataSource:
                 for r, n in sorted(self.skips.counts.items())
             ]
             skipped += f" ({', '.join(parts)})"
+        carved = " carved from the training data" if self.eval_split == "validation" else ""
         text = (
-            f"{self.spec}: {len(self.train)} train pairs ({n_img[0]} images), {len(self.val)} held-out "
-            f"pairs ({n_img[1]} images){classes}, split seed {self.split_seed}; {skipped}"
+            f"{self.spec}: {len(self.train)} train pairs ({n_img[0]} images), {len(self.val)} "
+            f"{self.eval_split} pairs ({n_img[1]} images){carved}{classes}, split seed "
+            f"{self.split_seed}; {skipped}"
         )
         for reason, by_split in sorted(self.decoder_skips.items()):
             what, _, why = reason.partition(": ")
@@ -472,11 +493,12 @@ def _open_synthetic(spec: str, seed: int) -> DataSource:
 
 
 def split_records(
-    records: Sequence[Record], val_size: float, seed: int, max_val: int = 1000
+    records: Sequence[Record], val_size: float, seed: int, max_val: int = 1000, salt: str = ""
 ) -> tuple[list[Record], list[Record]]:
     """Split by image key (all captions of an image on one side), deterministically by hash.
 
-    ``seed`` is the split seed (see :func:`open_data`).
+    ``seed`` is the split seed (see :func:`open_data`); ``salt`` makes another split from the
+    same seed (the validation split carved from the training pairs uses ``"validation"``).
     """
     keys = sorted({r.key for r in records})
     if val_size < 0:
@@ -486,7 +508,8 @@ def split_records(
         raise DataError(f"val_size={val_size} leaves no training images ({len(keys)} images)")
 
     def rank(key: str) -> bytes:
-        return hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+        text = f"{seed}:{key}" if not salt else f"{salt}:{seed}:{key}"
+        return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
     val_keys = set(sorted(keys, key=rank)[:n_val])
     train = [r for r in records if r.key not in val_keys]
@@ -850,15 +873,73 @@ def _list_wds(pattern: str, skips: SkipLog) -> list[Record]:
 _TAR_CACHE: dict[tuple[int, str], tarfile.TarFile] = {}
 
 
-def load_image(ref: ImageRef) -> Image.Image:
+def image_cache_budget() -> int:
+    """Bytes of decoded images each process keeps (``SEMMIM_IMAGE_CACHE_MB``, default 512; 0 = off)."""
+    raw = os.environ.get("SEMMIM_IMAGE_CACHE_MB", "512")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"SEMMIM_IMAGE_CACHE_MB must be a number of MiB, got {raw!r}") from None
+    if mb < 0:
+        raise ValueError(f"SEMMIM_IMAGE_CACHE_MB must be >= 0, got {raw!r}")
+    return int(mb * 2**20)
+
+
+class _ImageCache:
+    """Decoded images of this process, keyed by reference and file identity (mtime, size,
+    inode), up to a byte budget.
+
+    Decoding is a pure function of the file, so a cached image is the image a new decode would
+    give: caching changes speed, never a pixel. Filled first come, first kept (no eviction), so a
+    dataset larger than the budget caches a fixed part of itself; per process (each DataLoader
+    worker has its own). Worth it for SVGs (cairosvg takes ~60 ms per 384 px raster) and small
+    datasets seen for many epochs.
+    """
+
+    def __init__(self) -> None:
+        self.images: dict[Any, Image.Image] = {}
+        self.bytes = 0
+
+    def get(self, key: Any) -> Image.Image | None:
+        return self.images.get(key)
+
+    def put(self, key: Any, image: Image.Image) -> None:
+        size = image.width * image.height * max(1, len(image.getbands()))
+        if self.bytes + size <= image_cache_budget():
+            self.images[key] = image
+            self.bytes += size
+
+
+_IMAGE_CACHE = _ImageCache()
+
+
+def load_image(ref: ImageRef, cache: bool = True) -> Image.Image:
     """Load an image reference (file path, tar member or synthetic scene) as a decoded PIL image.
 
     Raises one of :data:`DECODE_ERRORS` on a missing, corrupt or oversized image, and
     :class:`MissingDecoder` when an optional decoder is not installed (the dataset turns these into
-    skips; :func:`image_error_reason` names them).
+    skips; :func:`image_error_reason` names them). File and tar images are kept decoded in this
+    process's cache (:class:`_ImageCache`) unless ``cache`` is False: callers must not modify the
+    returned image in place.
     """
     if isinstance(ref, SyntheticRef):
         return synthetic.render(ref.seed, ref.split, ref.index, ref.size)
+    if not cache:
+        return _decode(ref)
+    try:  # the file's identity: a rewritten file is decoded again
+        st = os.stat(ref.path if isinstance(ref, TarMember) else ref)
+    except OSError:
+        return _decode(ref)  # raises the decoder's own error for a missing file
+    key = (ref, st.st_mtime_ns, st.st_size, st.st_ino)
+    cached = _IMAGE_CACHE.get(key)
+    if cached is not None:
+        return cached
+    image = _decode(ref)
+    _IMAGE_CACHE.put(key, image)
+    return image
+
+
+def _decode(ref: ImageRef) -> Image.Image:
     if isinstance(ref, TarMember):
         if ref.compressed:
             cache_key = (os.getpid(), ref.path)
@@ -885,7 +966,7 @@ def load_image(ref: ImageRef) -> Image.Image:
 def decode_failure(ref: ImageRef) -> str | None:
     """Try to decode ``ref``: None when it loads, else the skip reason (:func:`image_error_reason`)."""
     try:
-        load_image(ref)
+        load_image(ref, cache=False)  # a check of every image must not fill the cache
     except DECODE_ERRORS as err:
         return image_error_reason(err)
     return None
@@ -932,18 +1013,29 @@ class PairDataset(torch.utils.data.Dataset):
         return {"image": tensor, "caption": caption, "index": index, "label": record.label}
 
 
+def image_id(key: str) -> int:
+    """A record key's image id: the first 63 bits of its BLAKE2b-64, so the same image has the
+    same id in every process, rank and run (the model's ITC queue keeps ids across batches)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+
+
 class Collator:
     """Stacks images, tokenises captions (padding to the longest, truncating at ``max_len``).
 
     Returns ``images (B,3,H,W)``, ``input_ids (B,T)``, ``attention_mask (B,T)``, ``index (B,)``,
-    ``label (B,)``, ``captions`` and ``bad`` — a list of (key, reason) for dropped samples.
+    ``label (B,)``, ``captions`` and ``bad`` — a list of (key, reason) for dropped samples; given
+    the dataset's ``records``, also ``image_ids (B,)`` (:func:`image_id` of each pair's key: the
+    model never treats two pairs of one image as each other's negatives).
     """
 
-    def __init__(self, tokenizer, max_len: int) -> None:
+    def __init__(self, tokenizer, max_len: int, records: Sequence[Record] | None = None) -> None:
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len}")
         self.tokenizer = tokenizer
         self.max_len = max_len
+        self.image_ids = (
+            None if records is None else torch.tensor([image_id(r.key) for r in records])
+        )
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         good = [it for it in items if "bad" not in it]
@@ -965,6 +1057,8 @@ class Collator:
             index=torch.tensor([it["index"] for it in good]),
             label=torch.tensor([it["label"] for it in good]),
         )
+        if self.image_ids is not None:
+            batch["image_ids"] = self.image_ids[batch["index"]]
         return batch
 
 

@@ -305,7 +305,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows.append(("chance", result["chance"]))
     width = max(len(r[0]) for r in rows) + 2
     lines = [
-        f"held-out retrieval: {result['n_images']} images, {result['n_texts']} captions "
+        f"{result.get('split', 'held-out')} retrieval: {result['n_images']} images, {result['n_texts']} captions "
         f"(ranking: {result['ranking']})",
         head[0].ljust(width) + "".join(h.rjust(9) for h in head[1:]),
     ]
@@ -319,5 +319,5 @@ def format_table(result: dict[str, Any]) -> str:
             f"(chance top-1 {zs['chance_top1']:.2f}%)"
         )
     if result.get("skipped", {}).get("total"):
-        lines.append(f"skipped held-out samples: {result['skipped']}")
+        lines.append(f"skipped {result.get('split', 'held-out')} samples: {result['skipped']}")
     return "\n".join(lines)

@@ -39,22 +39,27 @@ def itc_loss(
     row b is column b. *_m are the momentum model's similarities. Targets mix the momentum
     softmax (weight alpha) with the positives' distribution. ``positives`` (B, B) bool,
     symmetric: in-batch pairs that match (e.g. the same image; ALBEF's retrieval fine-tuning
-    ``idx`` rule); each row's target mass is split evenly over them. The diagonal always counts;
-    None = the diagonal only. Queue columns are always negatives. Returns a scalar.
+    ``idx`` rule), or (B, B+Q): also the queue columns that match (the same image id); each
+    row's target mass is split evenly over its positives. The diagonal always counts; None =
+    the diagonal only (queue columns negatives). Returns a scalar.
     """
     B, N = sim_i2t.shape
     cols = torch.arange(N, device=sim_i2t.device)
     # built without mutating a view, so torch.compile can trace it
     onehot = (cols[None, :] == cols[:B, None]).float()  # (B, B+Q), 1 at column b of row b
     if positives is not None:
-        if positives.shape != (B, B) or positives.dtype != torch.bool:
+        if positives.shape not in ((B, B), (B, N)) or positives.dtype != torch.bool:
             raise ValueError(
-                f"positives: expected a ({B}, {B}) bool tensor, got "
+                f"positives: expected a ({B}, {B}) or ({B}, {N}) bool tensor, got "
                 f"{tuple(positives.shape)} {positives.dtype}"
             )
         eye = torch.eye(B, dtype=torch.bool, device=positives.device)
-        pos = (positives | eye).float()
-        onehot = torch.cat([pos / pos.sum(1, keepdim=True), onehot[:, B:]], dim=1)
+        pos = (positives[:, :B] | eye).float()
+        if positives.shape[1] == N and N > B:
+            pos = torch.cat([pos, positives[:, B:].float()], dim=1)
+        else:
+            pos = torch.cat([pos, onehot[:, B:]], dim=1)
+        onehot = pos / pos.sum(1, keepdim=True)
     t_i2t = alpha * F.softmax(sim_i2t_m.float(), dim=1) + (1 - alpha) * onehot
     t_t2i = alpha * F.softmax(sim_t2i_m.float(), dim=1) + (1 - alpha) * onehot
     return (

@@ -236,6 +236,8 @@ class SemMIM(nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(Q, E), dim=1))  # (Q, E)
         self.register_buffer("text_queue", F.normalize(torch.randn(Q, E), dim=1))  # (Q, E)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # the image id of each queued pair (-1: none given, or a slot not yet written)
+        self.register_buffer("id_queue", torch.full((Q,), -1, dtype=torch.long))
         self.register_buffer("glob_center", torch.zeros(K))
         self.register_buffer("mim_center", torch.zeros(K))
 
@@ -251,6 +253,12 @@ class SemMIM(nn.Module):
         self.register_buffer("_alpha", torch.tensor(0.0), persistent=False)
         self.register_buffer("_mim_teacher_temp", torch.tensor(0.0), persistent=False)
         self.set_progress(0.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the queue kept image ids: their queue has no ids (-1)
+        if prefix + "image_queue" in state_dict and prefix + "id_queue" not in state_dict:
+            state_dict[prefix + "id_queue"] = torch.full_like(self.id_queue, -1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True) -> SemMIM:
         """Train/eval mode for ``net``; the EMA copy stays in eval mode, so its features (ITC
@@ -458,14 +466,19 @@ class SemMIM(nn.Module):
         the image, e.g. several captions of one COCO image). Two pairs *match* when they share
         an image id or have identical captions (same token ids and mask; checked with or without
         ids). Matching pairs are never each other's ITM hard negatives, and are positives of
-        each other in the in-batch part of the ITC targets (ALBEF's retrieval ``idx`` rule; the
-        queue holds no ids, so queued features stay negatives).
+        each other in the ITC targets (ALBEF's retrieval ``idx`` rule), queued pairs included:
+        the queue keeps each entry's image id, so an earlier batch's pair of the same image is a
+        positive, not a negative. Ids must be >= 0 (checked with ``check_inputs``); without ids
+        queued entries are negatives.
 
         ``diagnostics``: also compute, on device, the teacher entropy / effective K / prototypes
         in use / student–teacher agreement of the global and MIM heads and the text-vs-random mask
         overlap (:mod:`semmim.diagnostics`) into ``out.diagnostics``; no host read either way.
         """
         self.check_inputs(images, input_ids, attention_mask, read_values=check_inputs)
+        if check_inputs and torch.is_tensor(image_ids) and image_ids.numel():
+            if not image_ids.is_floating_point() and bool((image_ids < 0).any()):
+                raise ValueError(f"image_ids: must be >= 0, got min {int(image_ids.min())}")
         saved = self.ops.validate
         self.ops.validate = self.cfg.kernels.validate and check_inputs
         try:
@@ -531,8 +544,12 @@ class SemMIM(nn.Module):
 
         losses: dict[str, torch.Tensor] = {}
         if w.itc > 0:
+            positives = same
+            if image_ids is not None and cfg.itc.queue_size > 0:
+                queued = image_ids.to(self.id_queue.device)[:, None] == self.id_queue[None]
+                positives = torch.cat([same, queued], dim=1)  # (B, B+Q)
             losses["itc"] = self._itc(
-                image_feat, text_feat, image_feat_m, text_feat_m, alpha, temp, same
+                image_feat, text_feat, image_feat_m, text_feat_m, alpha, temp, positives
             )
         if w.itm > 0:
             losses["itm"] = self._itm(
@@ -557,7 +574,7 @@ class SemMIM(nn.Module):
             for k, v in image_losses.items():
                 losses[k] = v
         if self.training and w.itc > 0 and cfg.itc.queue_size > 0:
-            self._enqueue(image_feat_m, text_feat_m)
+            self._enqueue(image_feat_m, text_feat_m, image_ids)
         loss = images.new_zeros((), dtype=torch.float32)
         for k, v in losses.items():
             loss = loss + getattr(w, k) * v
@@ -575,7 +592,7 @@ class SemMIM(nn.Module):
     ) -> torch.Tensor:
         """Image–text contrastive loss against [momentum batch | queue] keys (float32 features
         and similarities: they are divided by a temperature near 0.07); ``same`` (B, B) marks
-        the in-batch positives."""
+        the in-batch positives, or (B, B+Q) also the queued ones."""
         with fp32_region(image_feat):
             with torch.no_grad():
                 image_keys = torch.cat([image_feat_m, self.image_queue.clone()])  # (B+Q, E)
@@ -838,13 +855,24 @@ class SemMIM(nn.Module):
         return self.ema.head(v).reshape(-1, K).mean(0)
 
     @torch.no_grad()
-    def _enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
-        """Write the (all-gathered) momentum features at the ring pointer, on device."""
+    def _enqueue(
+        self,
+        image_feat_m: torch.Tensor,
+        text_feat_m: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+    ) -> None:
+        """Write the (all-gathered) momentum features and image ids (-1 without ids) at the
+        ring pointer, on device."""
         # float32 features into the queue's dtype (a model cast with .half() has fp16 queues)
         image_feat_m = all_gather_no_grad(image_feat_m.to(self.image_queue.dtype))
         text_feat_m = all_gather_no_grad(text_feat_m.to(self.text_queue.dtype))
+        if image_ids is None:
+            ids = torch.full((image_feat_m.shape[0],), -1, device=self.id_queue.device)
+        else:
+            ids = all_gather_no_grad(image_ids.to(self.id_queue.device, torch.long))
         Q, n = self.image_queue.shape[0], image_feat_m.shape[0]
         idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % Q  # (n,)
         self.image_queue.index_copy_(0, idx, image_feat_m)
         self.text_queue.index_copy_(0, idx, text_feat_m)
+        self.id_queue.index_copy_(0, idx, ids)
         self.queue_ptr.copy_((self.queue_ptr + n) % Q)

@@ -86,6 +86,7 @@ def csv_fields(objectives: tuple[str, ...], diagnostics: tuple[str, ...] = ()) -
 RESUME_CONTRACT = (
     "data",
     "val_size",
+    "validation",
     "split_seed",
     "seed",
     "batch_size",
@@ -102,8 +103,13 @@ _NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "temp", "bias")
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices; none on biases, norms, embeddings, tokens, temperature.
 
-    Only parameters that require gradients (the EMA copy does not) are included.
+    A model's ``no_weight_decay()`` names (timm's convention; :meth:`semmim.SemMIM.no_weight_decay`
+    lists its position embeddings and learned tokens, e.g. ``net.predictor_pos``) are never
+    decayed; the generic rules below cover the rest. Only parameters that require gradients
+    (the EMA copy does not) are included.
     """
+    named = getattr(model, "no_weight_decay", None)
+    no_decay_names = set(named()) if callable(named) else set()
     no_decay_ids = set()
     for module in model.modules():
         if isinstance(module, _NO_DECAY_MODULES):
@@ -115,6 +121,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         leaf = name.rsplit(".", 1)[-1]
         if (
             p.ndim < 2
+            or name in no_decay_names
             or id(p) in no_decay_ids
             or any(k in leaf for k in _NO_DECAY_NAMES)
             or "embed" in leaf
@@ -422,7 +429,7 @@ class Task:
         return SemMIM(model_cfg)
 
     def collate(self, model: nn.Module, records, max_len: int):
-        return Collator(model.tokenizer, max_len)
+        return Collator(model.tokenizer, max_len, records)  # with image ids
 
     def loss(
         self,
@@ -438,16 +445,36 @@ class Task:
         images = batch["images"].to(device, non_blocking=True)
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
+        image_ids = batch.get("image_ids")
+        if image_ids is not None:
+            image_ids = image_ids.to(device, non_blocking=True)
+        out = forward(
+            images,
+            ids,
+            mask,
+            seed=seed,
+            check_inputs=check_inputs,
+            image_ids=image_ids,
+            **({"diagnostics": True} if diagnostics else {}),
+        )
         if not diagnostics:
-            out = forward(images, ids, mask, seed=seed, check_inputs=check_inputs)
             return out.loss, out.losses
-        out = forward(images, ids, mask, seed=seed, check_inputs=check_inputs, diagnostics=True)
         return out.loss, {**out.losses, **out.diagnostics}
 
     def evaluate(self, run: Run) -> dict[str, Any]:
         return run_eval(
             run.model, run.source, run.model_cfg, run.tcfg, run.out_dir, run.info.device
         )
+
+
+def open_run_data(tcfg: TrainConfig, task: Task | None = None) -> DataSource:
+    """The data a run trains and evaluates on: the task's split of ``tcfg.data``, with
+    ``tcfg.validation`` training images carved into a validation split (evaluated instead of
+    the held-out split) when it is > 0. Every caller that opens data for a run uses this."""
+    source = (task or Task()).open_data(tcfg)
+    if tcfg.validation > 0:
+        source = source.carve_validation(tcfg.validation, tcfg.split_seed)
+    return source
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -605,7 +632,7 @@ def setup(
             )
         check_resume(state, path, tcfg, info.world_size, allow_changes)
     if source is None:
-        source = task.open_data(tcfg)  # before the model: a task's classes may come from the data
+        source = open_run_data(tcfg, task)  # before the model: classes may come from the data
     if state is None:
         model_cfg = task.model_config(model_cfg)
     if info.is_main:
@@ -1016,6 +1043,7 @@ def run_eval(
         num_workers=tcfg.num_workers,
         device=device,
     )
+    result["split"] = source.eval_split
     if not write:
         return result
     table = format_table(result)

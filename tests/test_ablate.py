@@ -222,3 +222,28 @@ def test_grid_table_equals_the_runs_and_resume_skips_finished_runs(tmp_path, cap
     # A different configuration in the same directory is refused, not mixed into the table.
     assert main(["ablate", *ARGS, "--out", str(out), "--lr", "1e-2"]) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_parallel_grid_equals_the_sequential_grid(tmp_path):
+    """--jobs 2 trains each run in its own process (python -P -m semmim.ablate --run): same
+    runs, same numbers as one after another in this process; the runs' logs are in their dirs."""
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    args = [*ARGS, "--variants", "default,albef", "--seeds", "0"]
+    assert main(["ablate", *args, "--out", str(seq)]) == 0
+    assert main(["ablate", *args, "--jobs", "2", "--out", str(par)]) == 0
+    a = json.load(open(seq / "ablation.json"))
+    b = json.load(open(par / "ablation.json"))
+    assert b["grid"]["jobs"] == 2 and len(b["runs"]) == 2 and b["pending"] == []
+    drop = ("train_s",)
+    for ra, rb in zip(a["runs"], b["runs"]):
+        assert (ra["variant"], ra["seed"]) == (rb["variant"], rb["seed"])
+        assert {k: v for k, v in ra["metrics"].items() if k not in drop} == {
+            k: v for k, v in rb["metrics"].items() if k not in drop
+        }
+        assert os.path.exists(os.path.join(rb["dir"], "ablate_run.log"))
+    assert "2 runs trained at once" in (par / "ablation.txt").read_text()
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    assert main(["ablate", *ARGS, "--jobs", "0", "--out", str(tmp_path / "g")]) == 2
+    assert "--jobs" in capsys.readouterr().err

@@ -154,3 +154,63 @@ def test_bad_image_ids_name_the_argument(bad):
     model = SemMIM(from_preset("tiny"))
     with pytest.raises(ValueError, match=r"image_ids: expected a \(6,\) integer tensor"):
         model(*duplicated_batch(model), image_ids=bad)
+
+
+def test_itc_queue_positives_split_the_target_mass_with_the_batch():
+    gen = torch.Generator().manual_seed(1)
+    B, Q = 6, 5
+    s = [torch.randn(B, B + Q, generator=gen) for _ in range(4)]
+    inbatch = same_image(IDS)
+    queued = torch.zeros(B, Q, dtype=torch.bool)
+    queued[0, 2] = queued[1, 2] = queued[5, [0, 4]] = True
+    pos = torch.cat([inbatch, queued], 1)
+    alpha = 0.3
+    hard = pos.float() / pos.float().sum(1, keepdim=True)
+    ref = (
+        soft_cross_entropy(s[0], alpha * F.softmax(s[2], 1) + (1 - alpha) * hard).mean()
+        + soft_cross_entropy(s[1], alpha * F.softmax(s[3], 1) + (1 - alpha) * hard).mean()
+    ) / 2
+    torch.testing.assert_close(itc_loss(*s, alpha, pos), ref)
+    # no queued positive = the (B, B) form
+    empty = torch.cat([inbatch, torch.zeros(B, Q, dtype=torch.bool)], 1)
+    torch.testing.assert_close(itc_loss(*s, alpha, empty), itc_loss(*s, alpha, inbatch))
+    with pytest.raises(ValueError, match=r"\(6, 6\) or \(6, 11\)"):
+        itc_loss(*s, alpha, pos[:, :-1])
+
+
+def test_queue_keeps_image_ids_and_treats_them_as_positives(monkeypatch):
+    torch.manual_seed(0)
+    cfg = from_preset("tiny", **{"loss.mlm": 0.0, "itc.queue_size": 12})
+    model = SemMIM(cfg)
+    images, ids, am = duplicated_batch(model)
+    assert torch.equal(model.id_queue, torch.full((12,), -1))
+    model(images, ids, am, seed=0, image_ids=IDS + 100)
+    assert model.id_queue[:6].tolist() == (IDS + 100).tolist() and (model.id_queue[6:] == -1).all()
+    seen = []
+
+    def spy(*args):
+        seen.append(args[-1])
+        return itc_loss(*args)
+
+    monkeypatch.setattr("semmim.model.itc_loss", spy)
+    model(images, ids, am, seed=1, image_ids=IDS + 100)
+    pos = seen[-1]
+    assert pos.shape == (6, 18)
+    # queued column j (of the first batch) is a positive of row i exactly when the ids match
+    queue_then = torch.cat([IDS + 100, torch.full((6,), -1)])
+    assert torch.equal(pos[:, 6:], (IDS + 100)[:, None] == queue_then[None])
+    assert int(pos[:, 6:].sum()) == 2 + 2 + 3 + 3 + 3 + 1  # the first batch's same-image pairs
+    model(images, ids, am, seed=2)  # without ids: entries -1, never positives
+    assert (model.id_queue[0:6] == -1).all()  # the pointer wrapped to slot 0 after 12
+    with pytest.raises(ValueError, match="image_ids: must be >= 0"):
+        model(images, ids, am, seed=3, image_ids=IDS - 4)
+
+
+def test_state_dict_without_id_queue_loads_with_empty_ids():
+    model = SemMIM(from_preset("tiny"))
+    state = model.state_dict()
+    del state["id_queue"]
+    other = SemMIM(from_preset("tiny"))
+    other.id_queue.fill_(7)
+    other.load_state_dict(state)
+    assert (other.id_queue == -1).all()

@@ -104,6 +104,11 @@ def test_param_groups_skip_norms_biases_embeddings_and_ema():
     assert any("word_embeddings" in n for n in no_decay_names)
     assert any(n.endswith(".bias") for n in no_decay_names)
     assert "temp" in no_decay_names
+    # the model's own list (timm's no_weight_decay convention) is honoured: predictor_pos
+    # is a (1, P+1, D) parameter that the name rules alone would decay
+    assert model.no_weight_decay() <= no_decay_names
+    assert "net.predictor_pos" in no_decay_names and "net.predictor_pos" not in decay_names
+    assert "net.head.prototypes" in decay_names  # a weight, decayed as DINO's last layer
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert total == sum(p.numel() for g in (decay, no_decay) for p in g["params"])
 

@@ -275,17 +275,7 @@ class RetrievalTask(_FinetuneTask):
         return model
 
     def collate(self, model, records, max_len: int):
-        ids: dict[str, int] = {}
-        image_ids = torch.tensor([ids.setdefault(r.key, len(ids)) for r in records])
-        base = Collator(model.tokenizer, max_len)
-
-        def collate(items):
-            batch = base(items)
-            if "index" in batch:
-                batch["image_ids"] = image_ids[batch["index"]]
-            return batch
-
-        return collate
+        return Collator(model.tokenizer, max_len, records)  # with image ids
 
     def loss(self, forward, batch, device, seed, check_inputs):
         out = forward(

@@ -12,6 +12,9 @@ no dropout: the fused cross-attention kernels have none.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +49,19 @@ class OpCalls:
     def __init__(self, cfg: KernelsConfig | None = None) -> None:
         cfg = cfg if cfg is not None else KernelsConfig()
         self.backends: dict[str, str | None] = {op: cfg.backend_for(op) for op in KERNEL_OPS}
+        self.configured: bool = cfg.validate  # what the config asks for
         self.validate: bool = cfg.validate
+
+    @contextlib.contextmanager
+    def values_checked(self, check_inputs: bool) -> Iterator[None]:
+        """Within: the ops validate tensor values only when the config asks and
+        ``check_inputs`` is True (a model's ``forward(check_inputs=False)``: no host sync)."""
+        saved = self.validate
+        self.validate = self.configured and check_inputs
+        try:
+            yield
+        finally:
+            self.validate = saved
 
     def __repr__(self) -> str:
         chosen = {k: v for k, v in self.backends.items() if v is not None}

@@ -120,6 +120,8 @@ class Towers(nn.Module):
 
     def __init__(self, cfg: SemMIMConfig, ops: OpCalls | None = None) -> None:
         super().__init__()
+        ops = ops if ops is not None else OpCalls(cfg.kernels)
+        self.ops = ops  # how every layer here calls the kernels (a downstream model's too)
         v, t, mim = cfg.vision, cfg.text, cfg.mim
         self.vision = VisionEncoder(
             v.image_size,
@@ -479,16 +481,12 @@ class SemMIM(nn.Module):
         if check_inputs and torch.is_tensor(image_ids) and image_ids.numel():
             if not image_ids.is_floating_point() and bool((image_ids < 0).any()):
                 raise ValueError(f"image_ids: must be >= 0, got min {int(image_ids.min())}")
-        saved = self.ops.validate
-        self.ops.validate = self.cfg.kernels.validate and check_inputs
-        try:
+        with self.ops.values_checked(check_inputs):
             diag: dict[str, torch.Tensor] | None = {} if diagnostics else None
             out = self._forward(images, input_ids, attention_mask, seed, image_ids, diag)
             if diag is not None:
                 out.diagnostics = diag
             return out
-        finally:
-            self.ops.validate = saved
 
     def _forward(
         self,

@@ -408,6 +408,32 @@ def test_no_host_reads_in_training_steps_after_the_first(overrides):
     assert reads == [], f"{len(reads)} host read(s); first: {reads[0][0]}\n{reads[0][1]}"
 
 
+def test_no_host_reads_with_image_ids_and_in_downstream_models():
+    """Pre-training passes image ids (batch and queue positives); the VQA and caption models'
+    forward(check_inputs=False) + backward read no tensor value either (their ops get
+    validate=False like SemMIM's)."""
+    from semmim.downstream.models import CaptionModel, VQAModel
+
+    model = make_model({})
+    images, ids, mask = make_batch(model)
+    image_ids = torch.tensor([5, 5, 2, 9])
+    model(images, ids, mask, seed=0, image_ids=image_ids)  # fills part of the queue with ids
+    with count_host_reads() as reads:
+        model(images, ids, mask, seed=1, check_inputs=False, image_ids=image_ids).loss.backward()
+    assert reads == [], f"{len(reads)} host read(s); first: {reads[0][0]}\n{reads[0][1]}"
+    cfg = model.cfg
+    for down, kwargs in (
+        (VQAModel(cfg, 7), {"targets": torch.rand(4, 7)}),
+        (CaptionModel(cfg), {}),
+    ):
+        down(images, ids, mask, seed=0, check_inputs=True, **kwargs)
+        with count_host_reads() as reads:
+            loss, _ = down(images, ids, mask, seed=0, check_inputs=False, **kwargs)
+            loss.backward()
+        assert reads == [], f"{type(down).__name__}: {reads[0][0]}\n{reads[0][1]}"
+        assert down.ops.validate == down.ops.configured  # restored
+
+
 # ---------------------------------------------------------------- torch.compile
 # Graph breaks that remain (torch._dynamo.explain on the default tiny forward, torch 2.13): 13
 # in 14 graphs, all from the explicit torch.Generator RNG (ITM negatives, MLM masking, the

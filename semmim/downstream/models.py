@@ -65,6 +65,7 @@ class VQAModel(_Downstream):
         if num_answers < 1:
             raise ValueError(f"num_answers: must be >= 1, got {num_answers}")
         towers = towers if towers is not None else Towers(cfg)
+        self.ops = towers.ops
         self.vision, self.text, self.fusion = towers.vision, towers.text, towers.fusion
         D = cfg.text.dim
         self.head = nn.Sequential(
@@ -98,7 +99,8 @@ class VQAModel(_Downstream):
         dropout, which draws from torch's generator)."""
         if check_inputs:
             self.check_inputs(images, input_ids, attention_mask)
-        logits = self.logits(images, input_ids, attention_mask)
+        with self.ops.values_checked(check_inputs):  # no value checks (host syncs) after step 1
+            logits = self.logits(images, input_ids, attention_mask)
         if targets.shape != logits.shape:
             raise ValueError(f"targets: expected {tuple(logits.shape)}, got {tuple(targets.shape)}")
         loss = F.binary_cross_entropy_with_logits(
@@ -118,6 +120,7 @@ class CaptionModel(_Downstream):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: must be in [0, 1), got {label_smoothing}")
         towers = towers if towers is not None else Towers(cfg)
+        self.ops = towers.ops
         self.label_smoothing = label_smoothing
         self.vision = towers.vision
         self.decoder = TextDecoder.from_encoders(towers.text, towers.fusion, towers.mlm_head, cfg)
@@ -135,8 +138,9 @@ class CaptionModel(_Downstream):
         ``input_ids`` (B, T) = [CLS] words [SEP] [PAD]…; padding is not predicted."""
         if check_inputs:
             self.check_inputs(images, input_ids, attention_mask)
-        image = self.vision(images)
-        logits = self.decoder(input_ids[:, :-1], image)  # (B, T-1, V)
+        with self.ops.values_checked(check_inputs):  # no value checks (host syncs) after step 1
+            image = self.vision(images)
+            logits = self.decoder(input_ids[:, :-1], image)  # (B, T-1, V)
         labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(),

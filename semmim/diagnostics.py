@@ -18,9 +18,12 @@ CLS, one row per image) and ``mim`` (one row per masked patch):
 - ``diag_H_used``: how many distinct prototypes are the argmax of some row's target; in
   [1, min(K, rows)].
 - ``diag_H_agree``: fraction of rows whose student argmax equals the teacher argmax; in [0, 1].
-- ``diag_mask_overlap``: mean over images of |text-guided mask ∩ random mask| / M for a random mask
-  of the same size M; in [0, 1]. Two independent random masks overlap M/P on average, so a value
-  near M/P means the text does not steer the mask (with ``masking.strategy=random`` it is M/P).
+- ``diag_mask_overlap``: mean over images of |mask ∩ R| / M, R the random mask of the *same*
+  Gumbel noise (top-M of the noise alone: the mask the step would use if the text scored every
+  patch alike); in [0, 1]. Near 1: the noise decides and the text barely moves the mask; near
+  M/P (the overlap of independent masks): the text decides. ``masking.strategy=random`` gives 1
+  exactly. (An *independent* random mask would say nothing: any mask of size M overlaps it M/P
+  on average.) With ``masking.tau=0`` there is no noise and R is independent (expect M/P).
 
 In a multi-process run each rank reports its own batch (no all-reduce).
 """
@@ -90,10 +93,10 @@ def mask_overlap(
 ) -> dict[str, torch.Tensor]:
     """Mean over images of |mask ∩ random mask| / M, random mask of the same size M.
 
-    mask (B, P) bool: the mask the step used; the random mask comes from ``noise`` (B, P)
-    (``kernels.gumbel_noise``, drawn by the model at the start of its forward) or from ``seed``
-    (an explicit seed: no global generator, no host read). Returns
-    ``{"diag_mask_overlap": 0-d float32}``.
+    mask (B, P) bool: the mask the step used; the random mask is the top-M of ``noise`` (B, P)
+    (the model passes the Gumbel noise the mask itself was drawn with, see the module notes)
+    or of ``kernels.gumbel_noise`` from ``seed`` (an explicit seed: no global generator, no
+    host read). Returns ``{"diag_mask_overlap": 0-d float32}``.
     """
     B, P = mask.shape
     _, _, rand = random_mask(B, P, num_masked, seed=seed, noise=noise, device=mask.device)

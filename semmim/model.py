@@ -520,11 +520,16 @@ class SemMIM(nn.Module):
         # forward breaks its graph at each generator, and no later graph reads the seed.
         gen = torch.Generator(device=images.device).manual_seed(seed + 1)
         mask_noise = self._mask_noise(B, seed, images.device)  # (B, P) or None
-        diag_noise = None  # a second random mask's noise, for the mask-overlap diagnostic
+        # the mask-overlap diagnostic compares the mask with the random mask of the *same*
+        # noise (what the mask would be if the text scored every patch alike); with no noise
+        # (tau = 0) with an independent random mask
+        diag_noise = None
         if diag is not None and cfg.mim.enabled and cfg.num_masked > 0:
-            diag_noise = kernels.gumbel_noise(
-                (B, cfg.vision.num_patches), seed=seed + 3, device=images.device
-            )
+            diag_noise = mask_noise
+            if diag_noise is None:
+                diag_noise = kernels.gumbel_noise(
+                    (B, cfg.vision.num_patches), seed=seed + 3, device=images.device
+                )
         alpha = self._alpha
         key_mask = attention_mask.bool()
         same = _matching_pairs(input_ids, key_mask, image_ids)  # (B, B) bool, diagonal True

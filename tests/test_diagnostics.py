@@ -80,6 +80,29 @@ def test_head_diagnostics_on_known_distributions():
     assert d["diag_glob_agree"].item() == 0.0  # the centred target's mode is 5, the student's 3
 
 
+def test_mask_overlap_measures_how_far_the_text_moves_the_mask():
+    """Against the random mask of the same noise: 1 when the text scores every patch alike
+    (or strategy=random), towards M/P as the text score dominates the noise."""
+    from semmim import kernels
+    from semmim.masking import random_mask, text_guided_mask
+
+    B, P, M, d = 256, 16, 8, 8
+    noise = kernels.gumbel_noise((B, P), seed=4)
+    _, _, rand = random_mask(B, P, M, noise=noise, device="cpu")
+    assert mask_overlap(rand, M, noise=noise)["diag_mask_overlap"].item() == 1.0
+    text = torch.randn(B, d)
+    patches = torch.randn(B, P, d)
+    flat = text[:, None].expand(B, P, d).contiguous()  # every patch scores the same
+    values = []
+    for feats in (flat, patches):
+        for tau in (10.0, 0.1, 0.003):
+            mask = text_guided_mask(feats, text, M, tau=tau, noise=noise)[2]
+            values.append(mask_overlap(mask, M, noise=noise)["diag_mask_overlap"].item())
+    assert values[:3] == [1.0, 1.0, 1.0]  # the text says nothing: the noise's mask
+    assert values[3] > values[4] > values[5]  # a sharper text score moves the mask further
+    assert values[5] == pytest.approx(M / P, abs=0.06)  # text-dominated: as independent
+
+
 def test_mask_overlap_of_random_masks_is_m_over_p():
     from semmim.masking import random_mask
 

@@ -490,6 +490,7 @@ def plot_grid(report: dict[str, Any], png_path: str) -> None:
         1, len(keys), figsize=(max(4.0, 0.9 * len(names) + 1.5) * len(keys), 4.2), squeeze=False
     )
     for ax, (key, title) in zip(axes[0], keys):
+        labelled: set[int] = set()  # each seed named once in the legend
         for x, n in enumerate(names):
             c = s["cells"][n][key]
             for j, seed in enumerate(seeds):
@@ -501,8 +502,9 @@ def plot_grid(report: dict[str, Any], png_path: str) -> None:
                         color=colours(j % 10),
                         s=22,
                         zorder=3,
-                        label=f"seed {seed}" if x == 0 else None,
+                        label=f"seed {seed}" if seed not in labelled else None,
                     )
+                    labelled.add(seed)
             if c["n"]:
                 ax.errorbar(
                     x + 0.3, c["mean"], yerr=c["std"] or 0.0, fmt="_", color="black",

@@ -549,7 +549,9 @@ class SemMIM(nn.Module):
         if w.itc > 0:
             positives = same
             if image_ids is not None and cfg.itc.queue_size > 0:
-                queued = image_ids.to(self.id_queue.device)[:, None] == self.id_queue[None]
+                # a copy: the queue is written in place after the loss (compiled backward
+                # must not recompute this from the updated buffer; as image_queue.clone())
+                queued = image_ids.to(self.id_queue.device)[:, None] == self.id_queue.clone()[None]
                 positives = torch.cat([same, queued], dim=1)  # (B, B+Q)
             losses["itc"] = self._itc(
                 image_feat, text_feat, image_feat_m, text_feat_m, alpha, temp, positives

@@ -7,7 +7,6 @@ import os
 import statistics
 
 import pytest
-import torch
 
 from semmim.ablate import VARIANTS, parse_variants, plan_grid, summarize
 from semmim.cli import main
@@ -15,11 +14,8 @@ from semmim.config import TrainConfig
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """One intra-op thread (conftest's ``one_thread``) for every test here."""
 
 
 def test_parse_variants_names_lists_and_definitions():

@@ -14,11 +14,8 @@ from semmim.downstream.models import CaptionModel, pretrained_towers
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """One intra-op thread (conftest's ``one_thread``) for every test here."""
 
 
 @pytest.fixture(scope="module")

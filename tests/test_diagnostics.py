@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from run_helpers import small_run
 
 from semmim import SemMIM, from_preset
 from semmim.config import TrainConfig
@@ -18,27 +19,12 @@ SMALL = {"vision.image_size": 32, "itc.queue_size": 16, "loss.mlm": 0.0}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """One intra-op thread (conftest's ``one_thread``) for every test here."""
 
 
 def _tcfg(out, **kw) -> TrainConfig:
-    base = dict(
-        data="synthetic:24:8",
-        out=str(out),
-        steps=3,
-        batch_size=4,
-        log_every=1,
-        ckpt_every=100,
-        num_workers=0,
-        eval_at_end=False,
-        lr=1e-3,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_run(out, **{"data": "synthetic:24:8", "steps": 3, **kw})
 
 
 def _batch(model, B=4):

@@ -10,36 +10,23 @@ import os
 import pytest
 import torch
 from PIL import Image
+from run_helpers import small_run
 
 from semmim import from_preset
 from semmim.checkpoint import load_checkpoint
 from semmim.cli import main
+from semmim.data import image_id
 from semmim.downstream.tasks import RetrievalTask, TaskConfig, make_task, open_pairs
 from semmim.train import TrainConfig, train
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """One intra-op thread (conftest's ``one_thread``) for every test here."""
 
 
 def _tcfg(out, **kw) -> TrainConfig:
-    base = dict(
-        data="synthetic:24:6",
-        out=str(out),
-        steps=6,
-        batch_size=4,
-        log_every=1,
-        ckpt_every=100,
-        num_workers=0,
-        eval_at_end=False,
-        lr=1e-3,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_run(out, **{"data": "synthetic:24:6", "steps": 6, **kw})
 
 
 def _rows(history, keys):
@@ -116,7 +103,9 @@ def test_karpathy_spec_and_image_ids(tmp_path):
         for i, r in enumerate(source.train)
     ]
     batch = collate(items)
-    assert batch["image_ids"].tolist() == [0, 0, 1, 1, 2, 2]  # two captions per image
+    ids = batch["image_ids"].tolist()  # two captions per image: the image key's hash
+    assert ids[0] == ids[1] != ids[2] == ids[3] != ids[4] == ids[5] != ids[0]
+    assert ids == [image_id(r.key) for r in source.train]
 
 
 def test_finetune_help_and_bad_input(capsys, tmp_path):

@@ -80,9 +80,15 @@ class Trainer:
     """
 
     def __init__(
-        self, model: SemMIM, steps: int = 10, amp: torch.dtype | None = None, sgd: bool = False
+        self,
+        model: SemMIM,
+        steps: int = 10,
+        amp: torch.dtype | None = None,
+        sgd: bool = False,
+        image_ids: torch.Tensor | None = None,
     ):
         self.model, self.steps, self.amp = model, steps, amp
+        self.image_ids = image_ids  # as the training loop passes them (batch + queue positives)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if sgd:  # for comparisons: Adam's first steps turn a 1e-9 gradient into a full lr step
             self.opt = torch.optim.SGD(self.params, lr=0.05, momentum=0.9)
@@ -100,7 +106,10 @@ class Trainer:
         model.set_step(self.step_count, self.steps)
         with torch.autocast(device_type, dtype=self.amp or torch.float32, enabled=bool(self.amp)):
             out = (model if forward is None else forward)(
-                *batch, seed=1000 + self.step_count, check_inputs=check_inputs
+                *batch,
+                seed=1000 + self.step_count,
+                check_inputs=check_inputs,
+                image_ids=self.image_ids,
             )
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -460,8 +469,11 @@ def _eager_vs_compiled(backend: str) -> dict:
     compiled = torch.compile(twin, backend=backend)
     batch = make_batch(eager)
     result = {}
+    # image ids as the loop passes them: pairs 0 and 1 show one image, and from step 2 on
+    # the queue holds this batch's ids (queued positives)
+    image_ids = torch.tensor([0, 0, 1, 2])
     for name, model, fwd in (("eager", eager, None), ("compiled", twin, compiled)):
-        trainer = Trainer(model, sgd=True)
+        trainer = Trainer(model, sgd=True, image_ids=image_ids)
         losses, grads = [], None
         for i in range(STEPS):
             out = trainer.step(batch, check_inputs=False, forward=fwd)

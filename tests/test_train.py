@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from run_helpers import small_run
 
 from semmim import SemMIM, from_preset
 from semmim.checkpoint import load_checkpoint
@@ -25,28 +26,12 @@ LOSS_KEYS = ("loss", "itc", "itm", "mlm", "glob", "mim")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # One intra-op thread: deterministic timing-independent runs, and much faster on a busy CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """One intra-op thread (conftest's ``one_thread``) for every test here."""
 
 
 def _tcfg(out, **kw) -> TrainConfig:
-    base = dict(
-        data="synthetic:64:24",
-        out=str(out),
-        steps=10,
-        batch_size=4,
-        log_every=1,
-        ckpt_every=100,
-        num_workers=0,
-        eval_at_end=False,
-        lr=1e-3,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_run(out, **{"data": "synthetic:64:24", "steps": 10, **kw})
 
 
 def _losses(history):

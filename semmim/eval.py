@@ -287,6 +287,8 @@ def evaluate(
                 "n_images": int(sel.sum()),
                 "n_classes": len(class_names),
                 "chance_top1": 100.0 / len(class_names),
+                # what always naming the most frequent class scores (classes are rarely balanced)
+                "majority_top1": 100.0 * torch.bincount(y).max().item() / len(y),
                 "prompt": templates[0]
                 + (f" (+{len(templates) - 1} more, averaged)" if len(templates) > 1 else ""),
             }
@@ -316,7 +318,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"zero-shot classification ({zs['n_images']} images, {zs['n_classes']} classes, "
             f"prompt {zs['prompt']}): top-1 {zs['top1']:.2f}%  top-5 {zs['top5']:.2f}%  "
-            f"(chance top-1 {zs['chance_top1']:.2f}%)"
+            f"(chance top-1 {zs['chance_top1']:.2f}%"
+            + (f", majority class {zs['majority_top1']:.2f}%" if "majority_top1" in zs else "")
+            + ")"
         )
     if result.get("skipped", {}).get("total"):
         lines.append(f"skipped {result.get('split', 'held-out')} samples: {result['skipped']}")

@@ -119,3 +119,32 @@ def test_itm_rerank_calls_stay_bounded_for_large_k(monkeypatch):
     assert max(sizes) <= 256, sizes
     with pytest.raises(ValueError, match="rerank_k: must be >= 0"):
         evaluate(model, records, image_size=64, max_len=16, rerank_k=-1)
+
+
+def test_zero_shot_reports_the_majority_class_baseline():
+    """Classes are rarely balanced (Tux Paint: mostly animals): the table shows what always
+    naming the most frequent class would score, beside the uniform chance 1/C."""
+    from collections import Counter
+
+    from semmim import SemMIM, from_preset, synthetic
+    from semmim.data import open_data
+    from semmim.eval import evaluate
+
+    torch.manual_seed(0)
+    model = SemMIM(from_preset("tiny"))
+    records = open_data("synthetic:1:30").val
+    result = evaluate(
+        model,
+        records,
+        image_size=64,
+        max_len=16,
+        rerank_k=0,
+        class_names=list(synthetic.SHAPES),
+        prompt_template="a photo of a {name}",
+    )
+    zs = result["zero_shot"]
+    counts = Counter(r.label for r in records if r.label >= 0)  # -1: no single class
+    assert zs["n_images"] == sum(counts.values()) > 0
+    assert zs["majority_top1"] == pytest.approx(100.0 * max(counts.values()) / zs["n_images"])
+    assert zs["majority_top1"] >= zs["chance_top1"]
+    assert f"majority class {zs['majority_top1']:.2f}%" in format_table(result)

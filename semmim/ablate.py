@@ -375,7 +375,13 @@ def format_table(report: dict[str, Any]) -> str:
         f"{g['batch_size']}, seeds {' '.join(map(str, g['seeds']))}; "
         f"{_split_name(g)} {g['heldout_pairs']} pairs ({g['heldout_images']} images), split seed {g['split_seed']} "
         f"(the same for every run); ranking {g.get('ranking', '?')}; chance ITC mean R "
-        f"{_fmt(g.get('chance_mean_recall'))}",
+        f"{_fmt(g.get('chance_mean_recall'))}"
+        + (
+            f"; zero-shot top-1 by chance {_fmt(g['zero_shot_chance'])}, by always naming the "
+            f"majority class {_fmt(g['zero_shot_majority'])}"
+            if g.get("zero_shot_majority") is not None
+            else ""
+        ),
         f"grid --set: {g['sets'] or '—'}"
         + (f"; {g['jobs']} runs trained at once" if g.get("jobs", 1) > 1 else ""),
     ]
@@ -707,6 +713,9 @@ def run_grid(
             ev = _read_json(os.path.join(plan.out, "eval.json")) or {}
             grid["ranking"] = ev.get("ranking")
             grid["chance_mean_recall"] = (ev.get("chance") or {}).get("mean_recall")
+            zs = ev.get("zero_shot") or {}
+            grid["zero_shot_chance"] = zs.get("chance_top1")
+            grid["zero_shot_majority"] = zs.get("majority_top1")
         bar.update(1)
 
     if jobs > 1:

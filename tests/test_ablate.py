@@ -167,6 +167,7 @@ def test_grid_table_equals_the_runs_and_resume_skips_finished_runs(tmp_path, cap
         assert os.path.exists(out / name), name
     assert report["grid"]["split_seed"] == 3 and report["grid"]["heldout_pairs"] == 6
     assert "split seed 3" in (out / "ablation.txt").read_text()
+    assert "majority class" in (out / "ablation.txt").read_text()  # the zero-shot baselines
     assert len(report["runs"]) == 4 and report["pending"] == []
 
     # The table's numbers are the runs' eval.json values; one held-out split for all.

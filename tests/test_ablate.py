@@ -244,3 +244,41 @@ def test_parallel_grid_equals_the_sequential_grid(tmp_path):
 def test_jobs_must_be_positive(tmp_path, capsys):
     assert main(["ablate", *ARGS, "--jobs", "0", "--out", str(tmp_path / "g")]) == 2
     assert "--jobs" in capsys.readouterr().err
+
+
+def test_parallel_grid_stops_with_checkpoints_and_resumes(tmp_path):
+    """SIGTERM to a --jobs 2 grid: it forwards one SIGTERM to each running run, each stops
+    after its step with a checkpoint, the grid exits 130; the same command resumes them (their
+    logs continue, not restart) and finishes the table."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "grid"
+    args = list(ARGS)
+    args[args.index("--steps") + 1] = "60"
+    args[args.index("--set") : args.index("--set")] = ["--log-every", "1"]
+    cmd = [sys.executable, "-P", "-m", "semmim", "ablate", *args, "--seeds", "0", "--jobs", "2"]
+    cmd += ["--out", str(out)]
+    grid = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    logs = [out / v / "seed_0" / "log.csv" for v in ("default", "albef")]
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(
+        p.exists() and len(p.read_text().splitlines()) > 2 for p in logs
+    ):
+        time.sleep(0.2)
+    grid.send_signal(signal.SIGTERM)
+    _, err = grid.communicate(timeout=300)
+    assert grid.returncode == 130, err.decode()[-2000:]
+    stopped = [p.parent for p in logs if not (p.parent / "eval.json").exists()]
+    assert stopped, "no run was still training when the grid was stopped"
+    for run in stopped:
+        assert list((run / "checkpoints").glob("step_*.pt")), run
+    done = subprocess.run(cmd, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    report = json.load(open(out / "ablation.json"))
+    assert len(report["runs"]) == 2 and report["pending"] == []
+    for run in stopped:
+        steps = [line.split(",")[0] for line in (run / "log.csv").read_text().splitlines()[1:]]
+        assert steps == [str(s) for s in range(1, 61)], steps  # continued where it stopped

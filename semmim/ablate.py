@@ -18,6 +18,12 @@ metric per variant, every seed a point).
   silently mixed into the table.
 - **Order**: seed-major (every variant of seed 0, then of seed 1, ...), so an interrupted grid already
   has complete paired comparisons for its first seeds.
+- **Validation** (``--validation X``, a TrainConfig field): every run trains on the training pairs
+  minus X images carved out as a validation split and is evaluated there; the held-out pairs are
+  not read. For choosing settings; report the chosen ones on the held-out split once.
+- **Parallel** (``--jobs N``): N runs train at once, each in a child process started as
+  ``python -P -m semmim.ablate --run RUN/ablate_run.json`` (plain JSON configs) with its output in
+  ``RUN/ablate_run.log``; SIGINT/SIGTERM to the grid are forwarded as one SIGTERM per child.
 
 Variants (``--variants``): names of :data:`VARIANTS` (``default``, ``albef``, ``pixel``,
 ``random_mask``, ``no_text_target``, ``psi_text_cls``; comma-separated or separate words) or
@@ -360,7 +366,9 @@ def _cell(stat: dict[str, Any], signed: bool = False, digits: int = 1) -> str:
 def _split_name(grid: dict[str, Any]) -> str:
     """What the grid evaluated on: the held-out split, or the validation split it carved."""
     if grid.get("eval_split") == "validation":
-        return f"evaluated on the validation split carved from the training data (validation={grid['validation']}):"
+        return (
+            f"validation split (--validation {grid['validation']:g}, carved from the training data)"
+        )
     return "held-out"
 
 

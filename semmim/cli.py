@@ -298,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
             "variant's difference from 'default' paired by seed), OUT/ablation_runs.csv and "
             "OUT/ablation.png (every seed a point). Run the same command again to resume: "
             "finished runs are not redone, an interrupted run continues from its checkpoint. "
-            "Ctrl-C / SIGTERM stop the current run with a checkpoint (exit status 130).",
+            "Ctrl-C / SIGTERM stop the current run with a checkpoint (exit status 130). "
+            "--jobs N trains N runs at once, each in its own process; --validation X evaluates "
+            "every run on X training images carved out as a validation split instead of the "
+            "held-out split (for choosing settings).",
             96,
         )
         + "\n\n"

@@ -282,3 +282,12 @@ def test_parallel_grid_stops_with_checkpoints_and_resumes(tmp_path):
     for run in stopped:
         steps = [line.split(",")[0] for line in (run / "log.csv").read_text().splitlines()[1:]]
         assert steps == [str(s) for s in range(1, 61)], steps  # continued where it stopped
+
+
+def test_table_header_names_the_split_it_evaluated():
+    from semmim.ablate import _split_name
+
+    assert _split_name({"eval_split": "held-out"}) == "held-out"
+    assert _split_name({}) == "held-out"  # grids written before the validation split existed
+    text = _split_name({"eval_split": "validation", "validation": 95.0})
+    assert "validation split (--validation 95, carved from the training data)" == text

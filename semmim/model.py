@@ -113,6 +113,28 @@ def _matching_pairs(
     return same
 
 
+def _check_image_ids(image_ids: torch.Tensor | None, B: int, read_values: bool) -> None:
+    """The one check of ``forward``'s ``image_ids``: None or a (B,) integer tensor; with
+    ``read_values`` (a host read) also every id >= 0 (-1 marks an empty queue slot)."""
+    if image_ids is None:
+        return
+    if (
+        not torch.is_tensor(image_ids)
+        or image_ids.shape != (B,)
+        or image_ids.is_floating_point()
+        or image_ids.is_complex()
+        or image_ids.dtype == torch.bool
+    ):
+        got = (
+            f"{tuple(image_ids.shape)} {image_ids.dtype}"
+            if torch.is_tensor(image_ids)
+            else type(image_ids).__name__
+        )
+        raise ValueError(f"image_ids: expected a ({B},) integer tensor, got {got}")
+    if read_values and B and bool((image_ids < 0).any()):
+        raise ValueError(f"image_ids: must be >= 0, got min {int(image_ids.min())}")
+
+
 class Towers(nn.Module):
     """Every part with parameters that the momentum model copies: encoders, φ, projections,
     heads. Parts an ablation does not use are not built (so every built parameter trains).
@@ -478,9 +500,7 @@ class SemMIM(nn.Module):
         overlap (:mod:`semmim.diagnostics`) into ``out.diagnostics``; no host read either way.
         """
         self.check_inputs(images, input_ids, attention_mask, read_values=check_inputs)
-        if check_inputs and torch.is_tensor(image_ids) and image_ids.numel():
-            if not image_ids.is_floating_point() and bool((image_ids < 0).any()):
-                raise ValueError(f"image_ids: must be >= 0, got min {int(image_ids.min())}")
+        _check_image_ids(image_ids, images.shape[0], read_values=check_inputs)
         with self.ops.values_checked(check_inputs):
             diag: dict[str, torch.Tensor] | None = {} if diagnostics else None
             out = self._forward(images, input_ids, attention_mask, seed, image_ids, diag)
@@ -499,19 +519,6 @@ class SemMIM(nn.Module):
     ) -> SemMIMOutput:
         cfg, w, net, ema = self.cfg, self.cfg.loss, self.net, self.ema
         B = images.shape[0]
-        if image_ids is not None and (
-            not torch.is_tensor(image_ids)
-            or image_ids.shape != (B,)
-            or image_ids.is_floating_point()
-            or image_ids.is_complex()
-            or image_ids.dtype == torch.bool
-        ):
-            got = (
-                f"{tuple(image_ids.shape)} {image_ids.dtype}"
-                if torch.is_tensor(image_ids)
-                else type(image_ids).__name__
-            )
-            raise ValueError(f"image_ids: expected a ({B},) integer tensor, got {got}")
         if w.itm > 0 and B < 2:
             raise ValueError("images: ITM hard negatives need a batch of at least 2 pairs")
         if seed is None:

@@ -179,12 +179,12 @@ class TrainStep:
     ):
         import torch
 
-        from semmim import SemMIM, from_preset
+        from semmim import build_model, from_preset
 
         spec = PATHS[path]
         self.cfg = from_preset(preset, {"vision.image_size": image_size, **spec["overrides"]})
         torch.manual_seed(0)
-        self.model = SemMIM(self.cfg).to(device)
+        self.model = build_model(self.cfg).to(device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.05, fused=True)
         compile = spec["compile"] if compile is None else compile

@@ -503,7 +503,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``semmim eval``."""
     import torch
 
-    from semmim import SemMIM
+    from semmim import build_model
     from semmim.checkpoint import EVAL_KEYS, read_checkpoint, resolve_checkpoint
     from semmim.config import SemMIMConfig, TrainConfig
     from semmim.data import open_data
@@ -527,7 +527,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_task(args, state, path, tcfg, model_cfg)
     if args.beam_size is not None:
         raise CLIError(f"--beam-size: only for --task caption, not {task_name}")
-    model = SemMIM(model_cfg)
+    model = build_model(model_cfg, pretrained=False)  # the checkpoint's weights follow
     model.load_state_dict(state["model"])
     device = torch.device(
         "cuda"

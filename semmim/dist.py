@@ -1,8 +1,9 @@
 """torch.distributed helpers for ``torchrun`` launches (one process per GPU, or CPU with gloo).
 
 ``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run is single-process and nothing
-is initialised. The model itself all-gathers ITC features and all-reduces its centres whenever
-``torch.distributed`` is initialised; this module only sets the process group up and down.
+is initialised. The model all-gathers ITC features (:func:`all_gather_no_grad`) and averages its centres over
+ranks (:func:`mean_over_ranks`) whenever ``torch.distributed`` is initialised; both are identities
+in a single process.
 """
 
 from __future__ import annotations
@@ -69,27 +70,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: float | torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar/tensor over ranks (returns a float64 CPU tensor copy; no-op single-process)."""
-    t = torch.as_tensor(value, dtype=torch.float64).clone()
-    if dist.is_available() and dist.is_initialized():
-        backend_cuda = dist.get_backend() == "nccl"
-        t = t.cuda() if backend_cuda else t
-        dist.all_reduce(t)
-        t = (t / dist.get_world_size()).cpu()
-    return t
+def is_distributed() -> bool:
+    """True when a process group of more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from ``src`` to every rank (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (N, ...) from every rank along dim 0 (no gradient); identity alone."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
-def cleanup() -> None:
-    """Destroy the process group if one was initialised."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+@torch.no_grad()
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over ranks (a new tensor; ``x`` itself when not distributed)."""
+    if not is_distributed():
+        return x
+    x = x.clone()  # all_reduce works in place
+    dist.all_reduce(x)
+    return x / dist.get_world_size()

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from semmim import kernels
@@ -33,6 +35,8 @@ __all__ = [
     "FusionEncoder",
     "Predictor",
     "MLMHead",
+    "GradCheckpointing",
+    "set_grad_checkpointing",
 ]
 
 
@@ -381,7 +385,36 @@ class MLMHead(nn.Module):
         return F.linear(x, self.word_embeddings.weight, self.bias)
 
 
-class VisionEncoder(nn.Module):
+class GradCheckpointing:
+    """timm's ``set_grad_checkpointing`` switch for a module that runs a stack of blocks: when on,
+    each block's activations are recomputed in backward instead of stored (less memory, one more
+    forward per block). Off by default; the EMA copy, made before the switch is set, keeps it off
+    and runs under no_grad anyway."""
+
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        """x through every block of ``blocks`` (``block(x, *args)``), checkpointed when the
+        switch is on and autograd records."""
+        for block in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+            else:
+                x = block(x, *args)
+        return x
+
+
+def set_grad_checkpointing(module: nn.Module, enable: bool = True) -> None:
+    """Set the :class:`GradCheckpointing` switch of every block stack inside ``module``."""
+    for m in module.modules():
+        if isinstance(m, GradCheckpointing):
+            m.set_grad_checkpointing(enable)
+
+
+class VisionEncoder(GradCheckpointing, nn.Module):
     """ViT: 16-px patches, CLS token, learned absolute positions, pre-LN blocks, final LN.
 
     ``dist_token``: a DeiT distillation token after CLS, with its own position (``pos_embed``
@@ -438,9 +471,7 @@ class VisionEncoder(nn.Module):
             prefix = torch.cat([prefix, self.dist_token], dim=1)  # (1, 2, D)
         prefix = (prefix + self.pos_embed[:, : self.num_prefix]).expand(patches.shape[0], -1, -1)
         x = torch.cat([prefix, patches], dim=1)  # (B, num_prefix+L, D)
-        for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)
+        x = self.norm(self.run_blocks(self.blocks, x))
         if self.dist_token is not None:
             x = torch.cat([x[:, :1], x[:, 2:]], dim=1)  # drop the distillation token
         return x
@@ -462,7 +493,7 @@ class VisionEncoder(nn.Module):
         return self._run(x)
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(GradCheckpointing, nn.Module):
     """BERT-style encoder (word + position + token-type embeddings, LN, post-LN layers).
 
     input_ids (B, T) int64, attention_mask (B, T) → (B, T, D). Parameter layout maps 1:1 onto
@@ -500,13 +531,10 @@ class TextEncoder(nn.Module):
             + self.token_type_embeddings.weight[0]
         )
         x = self.drop(self.norm(x))
-        key_mask = attention_mask.bool()
-        for layer in self.layers:
-            x = layer(x, key_mask)
-        return x
+        return self.run_blocks(self.layers, x, attention_mask.bool())
 
 
-class FusionEncoder(nn.Module):
+class FusionEncoder(GradCheckpointing, nn.Module):
     """Text tokens (queries) fused with image tokens (keys/values).
 
     text (B, T, Dt), text_mask (B, T), image (B, Li, Dv), image_mask (B, Li) or None →
@@ -537,13 +565,10 @@ class FusionEncoder(nn.Module):
         image: torch.Tensor,
         image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        key_mask = text_mask.bool()
-        for layer in self.layers:
-            text = layer(text, key_mask, image, image_mask)
-        return text
+        return self.run_blocks(self.layers, text, text_mask.bool(), image, image_mask)
 
 
-class Predictor(nn.Module):
+class Predictor(GradCheckpointing, nn.Module):
     """MIM predictor φ: patch queries with self-attention and cross-attention to the text.
 
     x (B, P+1, Dv) full-length image tokens, text (B, T, Dt), text_mask (B, T) → (B, P+1, Dv).
@@ -567,10 +592,7 @@ class Predictor(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        key_mask = text_mask.bool()
-        for block in self.blocks:
-            x = block(x, text, key_mask)
-        return self.norm(x)
+        return self.norm(self.run_blocks(self.blocks, x, text, text_mask.bool()))
 
     def cross_step(
         self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor

@@ -1,7 +1,7 @@
 """SemMIM: ALBEF (ITC, ITM, MLM) + global agreement + semantic masked image modelling.
 
     cfg = from_preset("tiny")
-    model = SemMIM(cfg)
+    model = build_model(cfg)          # SemMIM(cfg, tokenizer) + the *.pretrained weights
     out = model(images, input_ids, attention_mask)   # (B,3,S,S) float, (B,T), (B,T)
     out.loss.backward(); opt.step(); model.update_momentum()
 
@@ -9,7 +9,9 @@ Shape letters: B batch, P patches, R kept, M masked, T tokens, Dv/Dt vision/text
 E ITC embedding width, K prototypes. The four hot ops (masked gather/scatter, top-k masking,
 cross-attention, the prototype cross-entropy of the agreement and MIM losses) are called only
 through the model's :class:`~semmim.layers.OpCalls` (``model.ops``), which passes
-``cfg.kernels``' backend and the ``validate`` flag to every call.
+``cfg.kernels``' backend and the ``validate`` flag to every call. The objectives themselves are
+in :mod:`semmim.objectives`; this module builds the towers, owns the buffers (queues, centres),
+runs the schedules and the EMA, and wires the objectives up in ``forward``.
 
 Mixed precision: under ``torch.autocast`` the encoders run in the low precision; ITC
 similarities, prototype logits and every softmax / log-softmax / L2-normalisation that feeds a
@@ -23,13 +25,14 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from semmim import kernels
+from semmim import objectives as obj
 from semmim.config import SemMIMConfig
-from semmim.diagnostics import head_diagnostics, mask_overlap
+from semmim.diagnostics import mask_overlap
+from semmim.inputs import check_image_ids, check_inputs, special_token_ids
 from semmim.layers import (
     FusionEncoder,
     MLMHead,
@@ -38,50 +41,11 @@ from semmim.layers import (
     PrototypeHead,
     TextEncoder,
     VisionEncoder,
-    fp32_region,
+    set_grad_checkpointing,
 )
-from semmim.losses import (
-    itc_loss,
-    mlm_loss,
-    pixel_targets,
-    sample_hard_negatives,
-)
-from semmim.masking import mlm_mask, mlm_positions, random_mask, text_guided_mask
-from semmim.pretrained import load_bert_fusion_into, load_bert_into, load_vit_into
-from semmim.tokenizer import load_tokenizer
+from semmim.masking import random_mask, text_guided_mask
 
-__all__ = ["SemMIM", "SemMIMOutput", "Towers", "all_gather_no_grad"]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@torch.no_grad()
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (N, ...) from every rank along dim 0 (no gradient); identity alone."""
-    if not _distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-@torch.no_grad()
-def _update_center(center: torch.Tensor, batch_center: torch.Tensor, momentum: float) -> None:
-    """center (K,) ← m·center + (1−m)·batch_center, the batch's mean teacher logits (K,) (the
-    prototype op's ``teacher_logit_mean``), averaged across ranks."""
-    if _distributed():
-        batch_center = batch_center.clone()  # all_reduce works in place
-        dist.all_reduce(batch_center)
-        batch_center /= dist.get_world_size()
-    center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise the last dim in float32 (also under autocast): (..., E) → float32 (..., E)."""
-    with fp32_region(x):
-        return F.normalize(x.float(), dim=-1)
+__all__ = ["SemMIM", "SemMIMOutput", "Towers", "build_model", "load_pretrained"]
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -98,94 +62,77 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-@torch.no_grad()
-def _matching_pairs(
-    input_ids: torch.Tensor, key_mask: torch.Tensor, image_ids: torch.Tensor | None
-) -> torch.Tensor:
-    """(B, B) bool: pair j matches pair i (same image id, or identical caption tokens and mask).
-
-    Vectorised (a (B, B, T) comparison), no host sync; the diagonal is True.
-    """
-    same = ((input_ids[:, None] == input_ids[None]) & (key_mask[:, None] == key_mask[None])).all(-1)
-    if image_ids is not None:
-        image_ids = image_ids.to(input_ids.device)
-        same = same | (image_ids[:, None] == image_ids[None])
-    return same
-
-
-def _check_image_ids(image_ids: torch.Tensor | None, B: int, read_values: bool) -> None:
-    """The one check of ``forward``'s ``image_ids``: None or a (B,) integer tensor; with
-    ``read_values`` (a host read) also every id >= 0 (-1 marks an empty queue slot)."""
-    if image_ids is None:
-        return
-    if (
-        not torch.is_tensor(image_ids)
-        or image_ids.shape != (B,)
-        or image_ids.is_floating_point()
-        or image_ids.is_complex()
-        or image_ids.dtype == torch.bool
-    ):
-        got = (
-            f"{tuple(image_ids.shape)} {image_ids.dtype}"
-            if torch.is_tensor(image_ids)
-            else type(image_ids).__name__
-        )
-        raise ValueError(f"image_ids: expected a ({B},) integer tensor, got {got}")
-    if read_values and B and bool((image_ids < 0).any()):
-        raise ValueError(f"image_ids: must be >= 0, got min {int(image_ids.min())}")
-
-
 class Towers(nn.Module):
     """Every part with parameters that the momentum model copies: encoders, φ, projections,
     heads. Parts an ablation does not use are not built (so every built parameter trains).
+
+    ``parts`` (a subset of :attr:`PARTS`): what to build, e.g. a downstream model's encoders
+    only; a part left out is None. "mlm" (its decoder is the text embedding table) needs "text".
     """
 
-    def __init__(self, cfg: SemMIMConfig, ops: OpCalls | None = None) -> None:
+    PARTS = ("vision", "text", "fusion", "itc", "itm", "mlm", "mim")
+
+    def __init__(
+        self, cfg: SemMIMConfig, ops: OpCalls | None = None, parts: tuple[str, ...] = PARTS
+    ) -> None:
         super().__init__()
+        unknown = sorted(set(parts) - set(self.PARTS))
+        if unknown or ("mlm" in parts and "text" not in parts):
+            raise ValueError(
+                f"parts: expected a subset of {self.PARTS} (mlm with text), got {parts}"
+            )
         ops = ops if ops is not None else OpCalls(cfg.kernels)
         self.ops = ops  # how every layer here calls the kernels (a downstream model's too)
         v, t, mim = cfg.vision, cfg.text, cfg.mim
-        self.vision = VisionEncoder(
-            v.image_size,
-            v.patch_size,
-            v.dim,
-            v.depth,
-            v.heads,
-            v.mlp_ratio,
-            mask_token=mim.enabled and not mim.drop_tokens,
-            eps=v.layer_norm_eps,
-            dropout=v.dropout,
-            dist_token=v.dist_token,
-            ops=ops,
-        )
-        self.text = TextEncoder(
-            t.vocab_size,
-            t.dim,
-            t.depth,
-            t.heads,
-            t.intermediate,
-            t.max_len,
-            t.type_vocab_size,
-            t.layer_norm_eps,
-            t.dropout,
-        )
-        self.fusion = FusionEncoder(
-            t.dim,
-            v.dim,
-            cfg.fusion.depth,
-            t.heads,
-            t.intermediate,
-            t.layer_norm_eps,
-            cfg.fusion.dropout,
-            ops,
-        )
-        self.vision_proj = nn.Linear(v.dim, cfg.itc.embed_dim)
-        self.text_proj = nn.Linear(t.dim, cfg.itc.embed_dim)
-        self.itm_head = nn.Linear(t.dim, 2)
-        self.mlm_head = MLMHead(t.dim, self.text.word_embeddings, t.layer_norm_eps)
+        self.vision = self.text = self.fusion = self.vision_proj = self.text_proj = None
+        self.itm_head = self.mlm_head = None
+        if "vision" in parts:
+            self.vision = VisionEncoder(
+                v.image_size,
+                v.patch_size,
+                v.dim,
+                v.depth,
+                v.heads,
+                v.mlp_ratio,
+                mask_token=mim.enabled and not mim.drop_tokens,
+                eps=v.layer_norm_eps,
+                dropout=v.dropout,
+                dist_token=v.dist_token,
+                ops=ops,
+            )
+        if "text" in parts:
+            self.text = TextEncoder(
+                t.vocab_size,
+                t.dim,
+                t.depth,
+                t.heads,
+                t.intermediate,
+                t.max_len,
+                t.type_vocab_size,
+                t.layer_norm_eps,
+                t.dropout,
+            )
+        if "fusion" in parts:
+            self.fusion = FusionEncoder(
+                t.dim,
+                v.dim,
+                cfg.fusion.depth,
+                t.heads,
+                t.intermediate,
+                t.layer_norm_eps,
+                cfg.fusion.dropout,
+                ops,
+            )
+        if "itc" in parts:
+            self.vision_proj = nn.Linear(v.dim, cfg.itc.embed_dim)
+            self.text_proj = nn.Linear(t.dim, cfg.itc.embed_dim)
+        if "itm" in parts:
+            self.itm_head = nn.Linear(t.dim, 2)
+        if "mlm" in parts:
+            self.mlm_head = MLMHead(t.dim, self.text.word_embeddings, t.layer_norm_eps)
         self.predictor = self.predictor_pos = self.predictor_mask_token = None
         self.head = self.pixel_head = None
-        if mim.enabled:
+        if mim.enabled and "mim" in parts:
             self.predictor = Predictor(
                 v.dim, t.dim, mim.predictor_depth, v.heads, v.mlp_ratio, v.dropout, ops
             )
@@ -240,19 +187,20 @@ class SemMIM(nn.Module):
     ``requires_grad`` (the EMA's are frozen). Schedules follow :meth:`set_step`.
     """
 
-    def __init__(self, cfg: SemMIMConfig) -> None:
+    def __init__(self, cfg: SemMIMConfig, tokenizer) -> None:
+        """Randomly initialised; reads no file. ``tokenizer``: the caption tokenizer (its
+        [PAD]/[CLS]/[SEP]/[MASK] ids are MLM's and the input check's; ``len`` must equal
+        ``text.vocab_size``). :func:`build_model` loads the tokenizer and pretrained weights."""
         super().__init__()
         if not isinstance(cfg, SemMIMConfig):
             raise ValueError(f"cfg: expected SemMIMConfig, got {type(cfg).__name__}")
+        if len(tokenizer) != cfg.text.vocab_size:
+            raise ValueError(
+                f"text.vocab_size: {cfg.text.vocab_size} != tokenizer size {len(tokenizer)}"
+            )
         self.cfg = cfg
         self.ops = OpCalls(cfg.kernels)  # shared by net and ema (the deepcopy keeps it)
         self.net = Towers(cfg, self.ops)
-        if cfg.text.pretrained:
-            load_bert_into(self.net.text, cfg.text.pretrained, cfg.text)
-        if cfg.fusion.pretrained_from_text:
-            load_bert_fusion_into(self.net.fusion, cfg.text.pretrained, cfg.text, cfg.fusion.depth)
-        if cfg.vision.pretrained:
-            load_vit_into(self.net.vision, cfg.vision.pretrained, cfg.vision)
         self.ema = copy.deepcopy(self.net, {id(self.ops): self.ops}).requires_grad_(False).eval()
         self.temp = nn.Parameter(torch.tensor(cfg.itc.temp))
 
@@ -265,13 +213,10 @@ class SemMIM(nn.Module):
         self.register_buffer("glob_center", torch.zeros(K))
         self.register_buffer("mim_center", torch.zeros(K))
 
-        self.tokenizer = load_tokenizer()
-        tok = self.tokenizer
-        if len(tok) != cfg.text.vocab_size:
-            raise ValueError(f"text.vocab_size: {cfg.text.vocab_size} != tokenizer size {len(tok)}")
-        self.mask_token_id = tok.mask_token_id
-        special = [tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id]
-        self.register_buffer("special_ids", torch.tensor(special), persistent=False)
+        self.tokenizer = tokenizer
+        self.mask_token_id = tokenizer.mask_token_id
+        special = torch.tensor(special_token_ids(tokenizer))
+        self.register_buffer("special_ids", special, persistent=False)
         # the schedules' current values as 0-d tensors for forward: a compiled forward reads
         # them as inputs instead of baking each step's float in (a recompile per step)
         self.register_buffer("_alpha", torch.tensor(0.0), persistent=False)
@@ -291,6 +236,11 @@ class SemMIM(nn.Module):
         super().train(mode)
         self.ema.eval()
         return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute ``net``'s transformer blocks in backward (timm's switch; the EMA runs under
+        no_grad and is left alone)."""
+        set_grad_checkpointing(self.net, enable)
 
     def no_weight_decay(self) -> set[str]:
         """Full names of the trainable parameters that must not be weight-decayed: the ITC
@@ -370,58 +320,10 @@ class SemMIM(nn.Module):
         *,
         read_values: bool = True,
     ) -> None:
-        """Raise ValueError naming the bad argument. Shapes and dtypes cost nothing; the
-        empty-caption and token-range checks read values (one device→host sync) and run only
-        with ``read_values`` (``forward(check_inputs=False)`` passes False)."""
-        S = self.cfg.vision.image_size
-        if images is not None:
-            if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(
-                    f"images: expected a (B, 3, {S}, {S}) tensor, got "
-                    f"{tuple(images.shape) if torch.is_tensor(images) else images}"
-                )
-            if tuple(images.shape[2:]) != (S, S):
-                raise ValueError(
-                    f"images: expected {S}x{S} pixels (vision.image_size), got "
-                    f"{tuple(images.shape[2:])}"
-                )
-            if not images.is_floating_point():
-                raise ValueError(f"images: expected a float tensor, got {images.dtype}")
-        if input_ids is None:
-            return
-        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
-            got = tuple(input_ids.shape) if torch.is_tensor(input_ids) else input_ids
-            raise ValueError(f"input_ids: expected a (B, T) tensor, got {got}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids: expected int64 token ids, got {input_ids.dtype}")
-        if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
-            got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else attention_mask
-            raise ValueError(
-                f"attention_mask: expected shape {tuple(input_ids.shape)} like input_ids, got {got}"
-            )
-        if images is not None and images.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"input_ids: batch size {input_ids.shape[0]} != images batch size {images.shape[0]}"
-            )
-        if input_ids.shape[1] > self.cfg.text.max_len:
-            raise ValueError(
-                f"input_ids: {input_ids.shape[1]} tokens > text.max_len={self.cfg.text.max_len}"
-            )
-        if not read_values:
-            return
-        content = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
-        empty = ~content.any(1)
-        bad_id = (input_ids < 0) | (input_ids >= self.cfg.text.vocab_size)
-        if bool(empty.any() | bad_id.any()):
-            if bad_id.any():
-                raise ValueError(
-                    f"input_ids: token ids must lie in [0, {self.cfg.text.vocab_size})"
-                )
-            rows = empty.nonzero().flatten().tolist()
-            raise ValueError(
-                f"input_ids: empty caption(s) at rows {rows[:8]} (no token besides "
-                f"[CLS]/[SEP]/[PAD] under attention_mask)"
-            )
+        """:func:`semmim.inputs.check_inputs` with this model's config and special tokens."""
+        check_inputs(
+            self.cfg, self.special_ids, images, input_ids, attention_mask, read_values=read_values
+        )
 
     # ---------------------------------------------------------------- encoders
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -431,13 +333,13 @@ class SemMIM(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → L2-normalised ITC image features (B, E)."""
         self.check_inputs(images, None, None)
-        return _unit(self.net.vision_proj(self.net.vision(images)[:, 0]))
+        return obj.unit(self.net.vision_proj(self.net.vision(images)[:, 0]))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T), (B, T) → L2-normalised ITC text features (B, E)."""
         self.check_inputs(None, input_ids, attention_mask)
         text = self.net.text(input_ids, attention_mask)
-        return _unit(self.net.text_proj(text[:, 0]))
+        return obj.unit(self.net.text_proj(text[:, 0]))
 
     def itm_score(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -500,7 +402,7 @@ class SemMIM(nn.Module):
         overlap (:mod:`semmim.diagnostics`) into ``out.diagnostics``; no host read either way.
         """
         self.check_inputs(images, input_ids, attention_mask, read_values=check_inputs)
-        _check_image_ids(image_ids, images.shape[0], read_values=check_inputs)
+        check_image_ids(image_ids, images.shape[0], read_values=check_inputs)
         with self.ops.values_checked(check_inputs):
             diag: dict[str, torch.Tensor] | None = {} if diagnostics else None
             out = self._forward(images, input_ids, attention_mask, seed, image_ids, diag)
@@ -539,38 +441,36 @@ class SemMIM(nn.Module):
                 )
         alpha = self._alpha
         key_mask = attention_mask.bool()
-        same = _matching_pairs(input_ids, key_mask, image_ids)  # (B, B) bool, diagonal True
+        same = obj.matching_pairs(input_ids, key_mask, image_ids)  # (B, B) bool, diagonal True
 
         temp = self._temperature()
         image_embeds = net.vision(images)  # (B, P+1, Dv)
         text_embeds = net.text(input_ids, attention_mask)  # (B, T, Dt)
-        image_feat = _unit(net.vision_proj(image_embeds[:, 0]))  # (B, E) float32
-        text_feat = _unit(net.text_proj(text_embeds[:, 0]))  # (B, E) float32
+        image_feat = obj.unit(net.vision_proj(image_embeds[:, 0]))  # (B, E) float32
+        text_feat = obj.unit(net.text_proj(text_embeds[:, 0]))  # (B, E) float32
         with torch.no_grad():
             image_embeds_m = ema.vision(images)
             text_embeds_m = ema.text(input_ids, attention_mask)
-            image_feat_m = _unit(ema.vision_proj(image_embeds_m[:, 0]))
-            text_feat_m = _unit(ema.text_proj(text_embeds_m[:, 0]))
+            image_feat_m = obj.unit(ema.vision_proj(image_embeds_m[:, 0]))
+            text_feat_m = obj.unit(ema.text_proj(text_embeds_m[:, 0]))
 
         losses: dict[str, torch.Tensor] = {}
         if w.itc > 0:
-            positives = same
-            if image_ids is not None and cfg.itc.queue_size > 0:
-                # a copy: the queue is written in place after the loss (compiled backward
-                # must not recompute this from the updated buffer; as image_queue.clone())
-                queued = image_ids.to(self.id_queue.device)[:, None] == self.id_queue.clone()[None]
-                positives = torch.cat([same, queued], dim=1)  # (B, B+Q)
-            losses["itc"] = self._itc(
-                image_feat, text_feat, image_feat_m, text_feat_m, alpha, temp, positives
-            )
+            positives = obj.itc_positives(same, image_ids, self.id_queue)  # (B, B) or (B, B+Q)
+            losses["itc"] = obj.itc(
+                image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                self.text_queue, alpha, temp, positives,
+            )  # fmt: skip
         if w.itm > 0:
-            losses["itm"] = self._itm(
-                image_embeds, text_embeds, key_mask, image_feat, text_feat, gen, temp, same
+            losses["itm"] = obj.itm(
+                net, image_embeds, text_embeds, key_mask, image_feat, text_feat, gen, temp, same
             )
         if w.mlm > 0:
-            losses["mlm"] = self._mlm(
-                input_ids, attention_mask, image_embeds, image_embeds_m, alpha, gen
-            )
+            losses["mlm"] = obj.mlm(
+                net, ema, self.ops, cfg.mlm, cfg.text.vocab_size, self.mask_token_id,
+                self.special_ids, input_ids, attention_mask, image_embeds, image_embeds_m,
+                alpha, gen,
+            )  # fmt: skip
         # Plain locals only across calls that may break a torch.compile graph (the RNG draws):
         # a per-call object held on the stack there (a bound method, an output dataclass)
         # would invalidate the resumed graph every step and recompile it.
@@ -586,100 +486,14 @@ class SemMIM(nn.Module):
             for k, v in image_losses.items():
                 losses[k] = v
         if self.training and w.itc > 0 and cfg.itc.queue_size > 0:
-            self._enqueue(image_feat_m, text_feat_m, image_ids)
+            obj.enqueue(
+                self.image_queue, self.text_queue, self.id_queue, self.queue_ptr, image_feat_m,
+                text_feat_m, image_ids,
+            )  # fmt: skip
         loss = images.new_zeros((), dtype=torch.float32)
         for k, v in losses.items():
             loss = loss + getattr(w, k) * v
         return SemMIMOutput(loss, losses, keep_idx, mask_idx, mask)
-
-    def _itc(
-        self,
-        image_feat: torch.Tensor,
-        text_feat: torch.Tensor,
-        image_feat_m: torch.Tensor,
-        text_feat_m: torch.Tensor,
-        alpha: torch.Tensor,
-        temp: torch.Tensor,
-        same: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Image–text contrastive loss against [momentum batch | queue] keys (float32 features
-        and similarities: they are divided by a temperature near 0.07); ``same`` (B, B) marks
-        the in-batch positives, or (B, B+Q) also the queued ones."""
-        with fp32_region(image_feat):
-            with torch.no_grad():
-                image_keys = torch.cat([image_feat_m, self.image_queue.clone()])  # (B+Q, E)
-                text_keys = torch.cat([text_feat_m, self.text_queue.clone()])  # (B+Q, E)
-                sim_i2t_m = image_feat_m @ text_keys.T / temp
-                sim_t2i_m = text_feat_m @ image_keys.T / temp
-            sim_i2t = image_feat @ text_keys.T / temp  # (B, B+Q)
-            sim_t2i = text_feat @ image_keys.T / temp  # (B, B+Q)
-            return itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, alpha, same)
-
-    def _itm(
-        self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        key_mask: torch.Tensor,
-        image_feat: torch.Tensor,
-        text_feat: torch.Tensor,
-        gen: torch.Generator,
-        temp: torch.Tensor,
-        same: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """ITM over B positives, B (image, hard negative text), B (hard negative image, text).
-
-        ``same`` (B, B) bool (symmetric): pairs that match, never drawn as negatives. A row
-        that matches the whole batch has no negative: its two negative rows are left out of the
-        loss (label −100) instead of teaching that a match is a mismatch.
-        """
-        B = image_embeds.shape[0]
-        with torch.no_grad(), fp32_region(image_feat):
-            sim = image_feat @ text_feat.T / temp  # (B, B) float32
-            neg_text = sample_hard_negatives(sim, gen, same)  # (B,) per image
-            neg_image = sample_hard_negatives(sim.T, gen, same)  # (B,) per text
-        images = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])  # (3B, P+1, Dv)
-        texts = torch.cat([text_embeds, text_embeds[neg_text], text_embeds])  # (3B, T, Dt)
-        masks = torch.cat([key_mask, key_mask[neg_text], key_mask])  # (3B, T)
-        fused = self.net.fusion(texts, masks, images)[:, 0]  # (3B, Dt)
-        # rows: B positives (label 1), then the two kinds of negatives (label 0)
-        labels = (torch.arange(3 * B, device=fused.device) < B).long()
-        if same is not None:
-            no_negative = same.all(1).to(fused.device)  # (B,)
-            ignore = torch.cat([torch.zeros_like(no_negative), no_negative, no_negative])
-            labels = labels.masked_fill(ignore, -100)
-        return F.cross_entropy(self.net.itm_head(fused).float(), labels)
-
-    def _mlm(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        image_embeds: torch.Tensor,
-        image_embeds_m: torch.Tensor,
-        alpha: torch.Tensor,
-        gen: torch.Generator,
-    ) -> torch.Tensor:
-        """Masked language modelling through the fusion encoder, distilled from the EMA."""
-        c = self.cfg.mlm
-        ids, labels = mlm_mask(
-            input_ids,
-            attention_mask,
-            prob=c.prob,
-            mask_frac=c.mask_frac,
-            random_frac=c.random_frac,
-            mask_token_id=self.mask_token_id,
-            vocab_size=self.cfg.text.vocab_size,
-            special_ids=self.special_ids,
-            generator=gen,
-        )
-        pos = mlm_positions(labels, c.prob)  # (B, N): the vocabulary head runs only here
-        labels = labels.gather(1, pos)  # (B, N)
-        net, ema = self.net, self.ema
-        fused = net.fusion(net.text(ids, attention_mask), attention_mask, image_embeds)
-        logits = net.mlm_head(self.ops.masked_gather(fused, pos))  # (B, N, V)
-        with torch.no_grad():
-            fused_m = ema.fusion(ema.text(ids, attention_mask), attention_mask, image_embeds_m)
-            logits_m = ema.mlm_head(self.ops.masked_gather(fused_m, pos))
-        return mlm_loss(logits, labels, logits_m, alpha)
 
     @torch.no_grad()
     def _image_mask(
@@ -737,31 +551,17 @@ class SemMIM(nn.Module):
 
         losses = {}
         if cfg.loss.glob > 0:
-            z = net.head.features(cls_masked)  # (B, bottleneck)
-            with torch.no_grad():
-                z_m = ema.head.features(image_embeds_m[:, 0])  # (B, bottleneck)
-            # fp32 features and prototypes, whatever the model's dtype (PrototypeHead docstring)
-            per_image, teacher_mean = self.ops.prototype_cross_entropy(  # (B,), (K,)
-                z, z_m, net.head.prototypes.float(), ema.head.prototypes.float(), self.glob_center,
-                cfg.glob.student_temp, cfg.glob.teacher_temp,
+            losses["glob"] = obj.global_agreement(
+                cfg, self.ops, net, ema, cls_masked, image_embeds_m[:, 0], self.glob_center,
+                diag=diag, update=self.training,
             )  # fmt: skip
-            losses["glob"] = per_image.mean()
-            if diag is not None:  # diagnostic steps only: the (B, K) logits themselves
-                with torch.no_grad():
-                    diag.update(
-                        head_diagnostics(
-                            "glob",
-                            net.head.logits(z),
-                            ema.head.logits(z_m),
-                            self.glob_center,
-                            cfg.glob.teacher_temp,
-                        )
-                    )
-            if self.training:
-                _update_center(self.glob_center, teacher_mean, cfg.glob.center_momentum)
         if cfg.loss.mim > 0:
             losses["mim"] = (
-                self._mim_loss(
+                obj.mim(
+                    cfg,
+                    self.ops,
+                    net,
+                    ema,
                     images,
                     x,
                     mask_idx,
@@ -769,122 +569,43 @@ class SemMIM(nn.Module):
                     key_mask,
                     image_embeds_m,
                     text_embeds_m,
-                    diag,
+                    self.mim_center,
+                    self.mim_teacher_temp,
+                    diag=diag,
+                    update=self.training,
                 )  # fmt: skip
                 if M > 0
                 else images.new_zeros(())
             )
         return losses
 
-    def _mim_loss(
-        self,
-        images: torch.Tensor,
-        x: torch.Tensor,
-        mask_idx: torch.Tensor,
-        text_embeds: torch.Tensor,
-        key_mask: torch.Tensor,
-        image_embeds_m: torch.Tensor,
-        text_embeds_m: torch.Tensor,
-        diag: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Mean over images of the mean over that image's masked patches of the MIM loss."""
-        cfg, net, ema = self.cfg, self.net, self.ema
-        pred = net.predictor(x, text_embeds, key_mask)  # (B, P+1, Dv)
-        pred = self.ops.masked_gather(pred[:, 1:], mask_idx)  # (B, M, Dv)
-        if cfg.mim.target == "pixel":
-            target = self.ops.masked_gather(
-                pixel_targets(images, cfg.vision.patch_size), mask_idx
-            )  # (B, M, 3·p·p)
-            per_patch = (net.pixel_head(pred).float() - target.float()).pow(2).mean(-1)  # (B, M)
-            return per_patch.mean(1).mean(0)
-        with torch.no_grad():
-            v = self.ops.masked_gather(image_embeds_m[:, 1:], mask_idx)  # (B, M, Dv)
-            v = self._teacher_inputs(v, text_embeds_m, key_mask)  # ψ: (B, M, Dv)
-            z_m = ema.head.features(v).flatten(0, 1)  # (B·M, bottleneck)
-        B, M = pred.shape[:2]
-        z = net.head.features(pred).flatten(0, 1)  # (B·M, bottleneck)
-        per_patch, teacher_mean = self.ops.prototype_cross_entropy(  # (B·M,), (K,)
-            z, z_m, net.head.prototypes.float(), ema.head.prototypes.float(), self.mim_center,
-            cfg.mim.student_temp, self.mim_teacher_temp,
-        )  # fmt: skip
-        if diag is not None:  # diagnostic steps only: the (B·M, K) logits themselves
-            with torch.no_grad():
-                diag.update(
-                    head_diagnostics(
-                        "mim",
-                        net.head.logits(z),
-                        ema.head.logits(z_m),
-                        self.mim_center,
-                        self._mim_teacher_temp,
-                    )
-                )
-        if self.training:
-            batch_center = self._mim_batch_center(
-                teacher_mean, image_embeds_m, text_embeds_m, key_mask
-            )
-            _update_center(self.mim_center, batch_center, cfg.mim.center_momentum)
-        return per_patch.view(B, M).mean(1).mean(0)
 
-    @torch.no_grad()
-    def _teacher_inputs(
-        self, v: torch.Tensor, text_embeds_m: torch.Tensor, key_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """ψ: EMA patch features v (B, L, Dv) → what the MIM teacher head reads (B, L, Dv).
+# ------------------------------------------------------------------------------------ factory
+def load_pretrained(towers: Towers, cfg: SemMIMConfig) -> None:
+    """Load the ``*.pretrained`` weights ``cfg`` names into ``towers`` (reads those files):
+    ``text.pretrained`` into the text encoder (and, with ``fusion.pretrained_from_text``, its
+    upper layers into the fusion encoder), ``vision.pretrained`` into the image encoder."""
+    from semmim.pretrained import load_bert_fusion_into, load_bert_into, load_vit_into
 
-        With ``mim.text_in_target``, one cross-attention step of the EMA φ to the text (all
-        tokens, or only the text CLS with ``mim.psi="text_cls"``), then the EMA φ's final
-        LayerNorm with ``mim.psi_norm``. Per token (no patch–patch mixing), so ψ of a subset of
-        patches equals that subset of ψ of all patches.
-        """
-        c, ema = self.cfg.mim, self.ema
-        if not c.text_in_target:
-            return v
-        text_mask = key_mask
-        if c.psi == "text_cls":  # a single key: adds the projected text CLS
-            text_mask = torch.zeros_like(key_mask)
-            text_mask[:, 0] = True
-        v = ema.predictor.cross_step(v, text_embeds_m, text_mask)
-        return ema.predictor.norm(v) if c.psi_norm else v
+    if cfg.text.pretrained:
+        load_bert_into(towers.text, cfg.text.pretrained, cfg.text)
+    if cfg.fusion.pretrained_from_text:
+        load_bert_fusion_into(towers.fusion, cfg.text.pretrained, cfg.text, cfg.fusion.depth)
+    if cfg.vision.pretrained:
+        load_vit_into(towers.vision, cfg.vision.pretrained, cfg.vision)
 
-    @torch.no_grad()
-    def _mim_batch_center(
-        self,
-        masked: torch.Tensor,
-        image_embeds_m: torch.Tensor,
-        text_embeds_m: torch.Tensor,
-        key_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """What the MIM centre c2 moves towards this step, (K,) (before the all-reduce).
 
-        ``mim.center_over="masked"``: the mean teacher logits of the masked patches (``masked``:
-        those logits (…, K), or already their mean (K,)). ``"all"`` (iBOT): the mean over all P
-        patches of every image, the teacher head run on ψ of the whole EMA patch sequence.
-        """
-        K = masked.shape[-1]
-        if self.cfg.mim.center_over == "masked":
-            return masked.reshape(-1, K).mean(0)
-        v = self._teacher_inputs(image_embeds_m[:, 1:], text_embeds_m, key_mask)  # (B, P, Dv)
-        return self.ema.head(v).reshape(-1, K).mean(0)
+def build_model(cfg: SemMIMConfig, pretrained: bool = True) -> SemMIM:
+    """A :class:`SemMIM` with the shipped tokenizer; with ``pretrained`` also the weights that
+    ``text.pretrained`` / ``vision.pretrained`` name (into ``net``, then copied into ``ema``).
 
-    @torch.no_grad()
-    def _enqueue(
-        self,
-        image_feat_m: torch.Tensor,
-        text_feat_m: torch.Tensor,
-        image_ids: torch.Tensor | None = None,
-    ) -> None:
-        """Write the (all-gathered) momentum features and image ids (-1 without ids) at the
-        ring pointer, on device."""
-        # float32 features into the queue's dtype (a model cast with .half() has fp16 queues)
-        image_feat_m = all_gather_no_grad(image_feat_m.to(self.image_queue.dtype))
-        text_feat_m = all_gather_no_grad(text_feat_m.to(self.text_queue.dtype))
-        if image_ids is None:
-            ids = torch.full((image_feat_m.shape[0],), -1, device=self.id_queue.device)
-        else:
-            ids = all_gather_no_grad(image_ids.to(self.id_queue.device, torch.long))
-        Q, n = self.image_queue.shape[0], image_feat_m.shape[0]
-        idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % Q  # (n,)
-        self.image_queue.index_copy_(0, idx, image_feat_m)
-        self.text_queue.index_copy_(0, idx, text_feat_m)
-        self.id_queue.index_copy_(0, idx, ids)
-        self.queue_ptr.copy_((self.queue_ptr + n) % Q)
+    Pass ``pretrained=False`` when a checkpoint's weights follow (resume, evaluation): its saved
+    config may name pretrained paths that no longer exist, and they would be overwritten anyway.
+    """
+    from semmim.tokenizer import load_tokenizer
+
+    model = SemMIM(cfg, load_tokenizer())
+    if pretrained and (cfg.text.pretrained or cfg.vision.pretrained):
+        load_pretrained(model.net, cfg)
+        model.ema.load_state_dict(model.net.state_dict())
+    return model

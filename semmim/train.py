@@ -147,42 +147,6 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
     return f
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute transformer blocks in backward instead of storing their activations.
-
-    Uses the model's own switch when it has one (``set_grad_checkpointing`` /
-    ``gradient_checkpointing_enable``); otherwise wraps the forward of every student block that has
-    trainable parameters (ViT, BERT, fusion and predictor layers) in ``torch.utils.checkpoint``. The
-    EMA blocks have no trainable parameters, run under no_grad, and are left alone, so the EMA update is
-    unaffected. Returns the number of wrapped blocks (-1 when the model's own switch was used).
-    """
-    for name in ("set_grad_checkpointing", "gradient_checkpointing_enable"):
-        if hasattr(model, name):
-            getattr(model, name)(True) if name == "set_grad_checkpointing" else getattr(
-                model, name
-            )()
-            return -1
-    block_names = ("ViTBlock", "BertLayer", "FusionLayer", "PredictorBlock")
-    wrapped = 0
-    for module in model.modules():
-        if type(module).__name__ not in block_names:
-            continue
-        if not any(p.requires_grad for p in module.parameters()):
-            continue
-        original = module.forward
-
-        def forward(*args, _original=original, **kwargs):
-            if not torch.is_grad_enabled():
-                return _original(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(
-                _original, *args, use_reentrant=False, **kwargs
-            )
-
-        module.forward = forward
-        wrapped += 1
-    return wrapped
-
-
 # ------------------------------------------------------------------------------------- logging
 class _Window:
     """Accumulates losses and timings between log steps without host syncs per step."""
@@ -424,9 +388,9 @@ class Task:
 
     def build_model(self, model_cfg, pretrained: bool = True) -> nn.Module:
         """The model; ``pretrained`` False on resume (the checkpoint's weights follow)."""
-        from semmim import SemMIM
+        from semmim import build_model
 
-        return SemMIM(model_cfg)
+        return build_model(model_cfg, pretrained=pretrained)
 
     def collate(self, model: nn.Module, records, max_len: int):
         return Collator(model.tokenizer, max_len, records)  # with image ids
@@ -658,8 +622,8 @@ def setup(
     model = task.build_model(model_cfg, pretrained=state is None).to(info.device)
     torch.manual_seed(tcfg.seed + 1000 * info.rank)
     if tcfg.grad_checkpointing:
-        n = enable_gradient_checkpointing(model)
-        log.info("gradient checkpointing on (%s)", "model switch" if n < 0 else f"{n} blocks")
+        model.set_grad_checkpointing(True)  # the model's switch (timm's convention)
+        log.info("gradient checkpointing on")
 
     if info.is_main:
         log.info("data %s", source.describe())

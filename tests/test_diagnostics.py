@@ -10,7 +10,7 @@ import pytest
 import torch
 from run_helpers import small_run
 
-from semmim import SemMIM, from_preset
+from semmim import build_model, from_preset, objectives
 from semmim.config import TrainConfig
 from semmim.diagnostics import DIAG_COLUMNS, check_ranges, head_diagnostics, mask_overlap
 from semmim.train import Task, resume_changes, setup, train, train_step
@@ -117,7 +117,7 @@ def test_forward_diagnostics_only_when_asked_and_without_host_reads(monkeypatch)
         monkeypatch.setattr(
             M, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k)
         )
-    model = SemMIM(from_preset("tiny", SMALL)).train()
+    model = build_model(from_preset("tiny", SMALL)).train()
     batch = _batch(model)
     out = model(*batch, seed=1, check_inputs=False)
     assert out.diagnostics == {} and calls == []  # a plain step does no diagnostic work
@@ -129,7 +129,7 @@ def test_forward_diagnostics_only_when_asked_and_without_host_reads(monkeypatch)
     assert all(v.dim() == 0 for v in out.diagnostics.values())
     assert check_ranges({k: v.item() for k, v in out.diagnostics.items()}, 256) == []
     # The ALBEF baseline has no prototype heads and no mask: no diagnostics, no error.
-    albef = SemMIM(from_preset("tiny", {**SMALL, "mim.enabled": False})).train()
+    albef = build_model(from_preset("tiny", {**SMALL, "mim.enabled": False})).train()
     assert albef(*batch, seed=1, diagnostics=True).diagnostics == {}
 
 
@@ -214,7 +214,7 @@ def test_mim_center_over_and_psi_norm(over, psi_norm):
         {**SMALL, "mim.center_over": over, "mim.psi_norm": psi_norm, "mim.center_momentum": 0.0},
     )
     torch.manual_seed(0)
-    model = SemMIM(cfg).train()
+    model = build_model(cfg).train()
     batch = _batch(model)
     out = model(*batch, seed=5)
     expected = _expected_center(model, batch, out.mask_idx, over)
@@ -229,11 +229,13 @@ def test_psi_norm_normalises_the_teacher_inputs():
     outs = {}
     for psi_norm in (False, True):
         torch.manual_seed(0)
-        model = SemMIM(from_preset("tiny", {**SMALL, "mim.psi_norm": psi_norm}))
+        model = build_model(from_preset("tiny", {**SMALL, "mim.psi_norm": psi_norm}))
         images, ids, mask = _batch(model)
         with torch.no_grad():
             v = model.ema.vision(images)[:, 1:]
-            outs[psi_norm] = model._teacher_inputs(v, model.ema.text(ids, mask), mask.bool())
+            outs[psi_norm] = objectives.teacher_inputs(
+                model.ema, model.cfg.mim, v, model.ema.text(ids, mask), mask.bool()
+            )
     assert outs[False].std(-1).mean() > 1.05
     torch.testing.assert_close(
         outs[True].std(-1, unbiased=False).mean(), torch.tensor(1.0), atol=1e-3, rtol=0

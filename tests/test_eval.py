@@ -99,12 +99,12 @@ def test_format_table_mentions_ranking_rows_and_zero_shot():
 
 def test_itm_rerank_calls_stay_bounded_for_large_k(monkeypatch):
     """ALBEF re-ranks k = 256 (COCO): each ITM call scores ~256 pairs, not 16 queries × k."""
-    from semmim import SemMIM, from_preset
+    from semmim import build_model, from_preset
     from semmim.data import open_data
     from semmim.eval import evaluate
 
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny"))
+    model = build_model(from_preset("tiny"))
     records = open_data("synthetic:1:20").val
     sizes = []
     score = model.itm_score
@@ -126,12 +126,12 @@ def test_zero_shot_reports_the_majority_class_baseline():
     naming the most frequent class would score, beside the uniform chance 1/C."""
     from collections import Counter
 
-    from semmim import SemMIM, from_preset, synthetic
+    from semmim import build_model, from_preset, synthetic
     from semmim.data import open_data
     from semmim.eval import evaluate
 
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny"))
+    model = build_model(from_preset("tiny"))
     records = open_data("synthetic:1:30").val
     result = evaluate(
         model,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import semmim.kernels as K
-from semmim import SemMIM, SemMIMConfig, from_preset
+from semmim import SemMIM, SemMIMConfig, build_model, from_preset
 from semmim.config import KernelsConfig
 from semmim.layers import PrototypeHead
 
@@ -66,7 +66,7 @@ def make_batch(model: SemMIM, B: int = 4, seed: int = 0, device: str = "cpu"):
 
 def make_model(overrides: dict, device: str = "cpu", seed: int = 0) -> SemMIM:
     torch.manual_seed(seed)
-    return SemMIM(from_preset("tiny", {**SMALL_IMAGES, **overrides})).to(device)
+    return build_model(from_preset("tiny", {**SMALL_IMAGES, **overrides})).to(device)
 
 
 class Trainer:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semmim import SemMIM, from_preset
+from semmim import build_model, from_preset
 from semmim.masking import mlm_mask, mlm_positions, random_mask, text_guided_mask
 
 
@@ -179,7 +179,7 @@ def _batch(model, B=4):
 @pytest.mark.parametrize("strategy", ["text_guided", "random"])
 def test_model_mask_invariants_and_seed(strategy):
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", **{"masking.strategy": strategy}))
+    model = build_model(from_preset("tiny", **{"masking.strategy": strategy}))
     batch = _batch(model)
     a, b = model(*batch, seed=11), model(*batch, seed=11)
     P, M = model.cfg.vision.num_patches, model.cfg.num_masked
@@ -194,7 +194,7 @@ def test_model_mask_invariants_and_seed(strategy):
 
 def test_model_text_guided_mask_uses_momentum_similarity():
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", **{"masking.tau": 0.0}))
+    model = build_model(from_preset("tiny", **{"masking.tau": 0.0}))
     images, ids, am = _batch(model)
     out = model(images, ids, am, seed=0)
     with torch.no_grad():

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from semmim import SemMIM, SemMIMConfig, from_preset
+from semmim import SemMIMConfig, build_model, from_preset
+from semmim.dist import all_gather_no_grad
 from semmim.losses import sample_hard_negatives
-from semmim.model import SemMIMOutput, all_gather_no_grad
+from semmim.model import SemMIMOutput
 
 ALL = {"itc", "itm", "mlm", "glob", "mim"}
 
@@ -35,7 +36,7 @@ def make_batch(model, B=4, seed=0):
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return SemMIM(from_preset("tiny"))
+    return build_model(from_preset("tiny"))
 
 
 def test_public_api(tiny):
@@ -68,7 +69,7 @@ ABLATIONS = [
 @pytest.mark.parametrize("overrides, keys", ABLATIONS, ids=[str(a[0]) for a in ABLATIONS])
 def test_every_ablation_runs(overrides, keys):
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", overrides))
+    model = build_model(from_preset("tiny", overrides))
     model.set_step(30, 100)  # α and τ_t' in the middle of their ramps
     out = model(*make_batch(model), seed=1)
     assert set(out.losses) == keys
@@ -80,7 +81,7 @@ def test_every_ablation_runs(overrides, keys):
 
 def test_small_preset_forward():
     torch.manual_seed(0)
-    model = SemMIM(from_preset("small"))
+    model = build_model(from_preset("small"))
     out = model(*make_batch(model, B=2), seed=0)
     assert set(out.losses) == ALL and all(torch.isfinite(v) for v in out.losses.values())
 
@@ -88,7 +89,7 @@ def test_small_preset_forward():
 @pytest.mark.parametrize("overrides", [{}, {"mim.drop_tokens": False}, {"mim.target": "pixel"}])
 def test_gradients_reach_every_trainable_parameter_and_no_ema_parameter(overrides):
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", overrides))
+    model = build_model(from_preset("tiny", overrides))
     model(*make_batch(model), seed=0).loss.backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(not n.startswith("ema.") for n, _ in trainable)
@@ -100,7 +101,7 @@ def test_gradients_reach_every_trainable_parameter_and_no_ema_parameter(override
 
 def test_update_momentum_exact_rule():
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", **{"momentum.momentum": 0.9}))
+    model = build_model(from_preset("tiny", **{"momentum.momentum": 0.9}))
     with torch.no_grad():
         for p in model.net.parameters():
             p.add_(torch.randn_like(p))
@@ -112,7 +113,7 @@ def test_update_momentum_exact_rule():
 
 
 def test_cosine_momentum_and_warmups_follow_progress():
-    model = SemMIM(
+    model = build_model(
         from_preset("tiny", **{"momentum.schedule": "cosine", "momentum.momentum": 0.99})
     )
     c = model.cfg
@@ -154,11 +155,11 @@ def test_queue_and_centres_are_buffers_updated_in_training_only(tiny):
 
 def test_state_dict_round_trip_reproduces_outputs():
     torch.manual_seed(0)
-    a = SemMIM(from_preset("tiny"))
+    a = build_model(from_preset("tiny"))
     batch = make_batch(a)
     a(*batch, seed=0)  # move queue and centres away from their initial values
     torch.manual_seed(1)
-    b = SemMIM(SemMIMConfig.from_dict(a.cfg.to_dict()))
+    b = build_model(SemMIMConfig.from_dict(a.cfg.to_dict()))
     b.load_state_dict(a.state_dict())
     a.eval()
     b.eval()
@@ -171,8 +172,8 @@ def test_two_masked_image_paths_agree_without_masking():
     """With M = 0 the token-dropping path (gather all patches) and the [MASK]-token path (mask
     nothing) are the same computation; with M > 0 they are different models."""
     torch.manual_seed(0)
-    drop = SemMIM(from_preset("tiny", **{"masking.ratio": 0.0, "mim.drop_tokens": True}))
-    full = SemMIM(from_preset("tiny", **{"masking.ratio": 0.0, "mim.drop_tokens": False}))
+    drop = build_model(from_preset("tiny", **{"masking.ratio": 0.0, "mim.drop_tokens": True}))
+    full = build_model(from_preset("tiny", **{"masking.ratio": 0.0, "mim.drop_tokens": False}))
     missing, unexpected = full.load_state_dict(drop.state_dict(), strict=False)
     assert {k.split(".")[-1] for k in missing} == {"mask_token"}
     assert {k.split(".")[-1] for k in unexpected} == {"predictor_mask_token"}
@@ -199,7 +200,7 @@ def test_two_masked_image_paths_agree_without_masking():
 def test_kept_tokens_match_explicitly_sliced_sequence():
     """forward_kept == running the ViT blocks on [CLS; patches[keep] + pos[keep]]."""
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny"))
+    model = build_model(from_preset("tiny"))
     vit = model.net.vision
     images = torch.randn(2, 3, 64, 64)
     keep = torch.tensor([[0, 3, 5, 6, 9, 10, 12, 15], [1, 2, 4, 7, 8, 11, 13, 14]])
@@ -309,7 +310,7 @@ def test_overfits_a_fixed_batch():
     momentum targets put a floor under ITC) and a fast EMA (0.9) because ITC trains the student
     against the momentum features and retrieval below uses the student's."""
     torch.manual_seed(0)
-    model = SemMIM(
+    model = build_model(
         from_preset("tiny", **{"itc.queue_size": 0, "itc.alpha": 0.0, "momentum.momentum": 0.9})
     )
     images, captions = coloured_shapes(model.cfg.vision.image_size)

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semmim import SemMIM, from_preset
+from semmim import build_model, from_preset, objectives
 from semmim.losses import itc_loss, sample_hard_negatives, soft_cross_entropy
-from semmim.model import _matching_pairs
+from semmim.objectives import matching_pairs as _matching_pairs
 
 # rows 0,1 show image 7; rows 2,3,4 image 3; row 5 image 9 (alone)
 IDS = torch.tensor([7, 7, 3, 3, 3, 9])
@@ -93,7 +93,7 @@ def duplicated_batch(model):
 
 def test_model_never_draws_a_duplicate_as_hard_negative(monkeypatch):
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", **{"loss.mlm": 0.0, "loss.glob": 0.0, "loss.mim": 0.0}))
+    model = build_model(from_preset("tiny", **{"loss.mlm": 0.0, "loss.glob": 0.0, "loss.mim": 0.0}))
     images, ids, am = duplicated_batch(model)
     drawn = []
 
@@ -122,7 +122,7 @@ def test_model_never_draws_a_duplicate_as_hard_negative(monkeypatch):
 def test_itm_rows_without_any_negative_are_left_out():
     """Every pair shows the same image: no row has a negative, only the positives are scored."""
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny")).eval()
+    model = build_model(from_preset("tiny")).eval()
     images, ids, am = duplicated_batch(model)
     net = model.net
     with torch.no_grad():
@@ -130,7 +130,8 @@ def test_itm_rows_without_any_negative_are_left_out():
         fi = F.normalize(net.vision_proj(v[:, 0]), dim=-1)
         ft = F.normalize(net.text_proj(t[:, 0]), dim=-1)
         everything = torch.ones(6, 6, dtype=torch.bool)
-        loss = model._itm(
+        loss = objectives.itm(
+            net,
             v,
             t,
             am.bool(),
@@ -151,7 +152,7 @@ def test_itm_rows_without_any_negative_are_left_out():
     "bad", [torch.zeros(5, dtype=torch.long), torch.zeros(6), torch.zeros(6, 1, dtype=torch.long)]
 )
 def test_bad_image_ids_name_the_argument(bad):
-    model = SemMIM(from_preset("tiny"))
+    model = build_model(from_preset("tiny"))
     with pytest.raises(ValueError, match=r"image_ids: expected a \(6,\) integer tensor"):
         model(*duplicated_batch(model), image_ids=bad)
 
@@ -181,7 +182,7 @@ def test_itc_queue_positives_split_the_target_mass_with_the_batch():
 def test_queue_keeps_image_ids_and_treats_them_as_positives(monkeypatch):
     torch.manual_seed(0)
     cfg = from_preset("tiny", **{"loss.mlm": 0.0, "itc.queue_size": 12})
-    model = SemMIM(cfg)
+    model = build_model(cfg)
     images, ids, am = duplicated_batch(model)
     assert torch.equal(model.id_queue, torch.full((12,), -1))
     model(images, ids, am, seed=0, image_ids=IDS + 100)
@@ -207,10 +208,10 @@ def test_queue_keeps_image_ids_and_treats_them_as_positives(monkeypatch):
 
 
 def test_state_dict_without_id_queue_loads_with_empty_ids():
-    model = SemMIM(from_preset("tiny"))
+    model = build_model(from_preset("tiny"))
     state = model.state_dict()
     del state["id_queue"]
-    other = SemMIM(from_preset("tiny"))
+    other = build_model(from_preset("tiny"))
     other.id_queue.fill_(7)
     other.load_state_dict(state)
     assert (other.id_queue == -1).all()

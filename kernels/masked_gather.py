@@ -74,12 +74,6 @@ __all__ = [
     "masked_scatter_fill",
     "masked_gather_reference",
     "masked_scatter_fill_reference",
-    "masked_gather_triton",
-    "masked_scatter_fill_triton",
-    "masked_gather_cuda",
-    "masked_scatter_fill_cuda",
-    "masked_gather_cpu",
-    "masked_scatter_fill_cpu",
 ]
 
 
@@ -754,10 +748,4 @@ def _scatter_on(backend: str):
 
 
 masked_gather_reference = _gather_on("reference")
-masked_gather_triton = _gather_on("triton")
-masked_gather_cuda = _gather_on("cuda")
-masked_gather_cpu = _gather_on("cpu")
 masked_scatter_fill_reference = _scatter_on("reference")
-masked_scatter_fill_triton = _scatter_on("triton")
-masked_scatter_fill_cuda = _scatter_on("cuda")
-masked_scatter_fill_cpu = _scatter_on("cpu")

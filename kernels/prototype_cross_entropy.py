@@ -87,9 +87,6 @@ from .registry import custom_op, define_op, no_grad_placeholder
 
 __all__ = [
     "prototype_cross_entropy",
-    "prototype_cross_entropy_reference",
-    "prototype_cross_entropy_chunked",
-    "prototype_cross_entropy_triton",
     "supports_reference",
     "supports_chunked",
     "supports_triton",
@@ -674,21 +671,3 @@ def prototype_cross_entropy(
         z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp,
         backend=backend, validate=validate,
     )  # fmt: skip
-
-
-def _on(backend: str):
-    def fn(z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp, *,
-           validate: bool = True):  # fmt: skip
-        return prototype_cross_entropy(
-            z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp,
-            backend=backend, validate=validate,
-        )  # fmt: skip
-
-    fn.__name__ = f"prototype_cross_entropy_{backend}"
-    fn.__doc__ = f"``prototype_cross_entropy(..., backend={backend!r})`` (same contract)."
-    return fn
-
-
-prototype_cross_entropy_reference = _on("reference")
-prototype_cross_entropy_chunked = _on("chunked")
-prototype_cross_entropy_triton = _on("triton")

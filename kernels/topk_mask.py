@@ -93,7 +93,6 @@ __all__ = [
     "gumbel_noise",
     "topk_mask",
     "topk_mask_cpu",
-    "topk_mask_cuda",
     "topk_mask_reference",
     "topk_mask_scores",
     "topk_mask_triton",
@@ -629,5 +628,4 @@ def _topk_on(backend: str):
 
 topk_mask_reference = _topk_on("reference")
 topk_mask_triton = _topk_on("triton")
-topk_mask_cuda = _topk_on("cuda")
 topk_mask_cpu = _topk_on("cpu")

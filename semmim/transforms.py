@@ -76,14 +76,6 @@ def normalize(tensor: torch.Tensor, mean=IMAGE_MEAN, std=IMAGE_STD) -> torch.Ten
     return (tensor - m) / s
 
 
-def denormalize(tensor: torch.Tensor, mean=IMAGE_MEAN, std=IMAGE_STD) -> torch.Tensor:
-    """Inverse of :func:`normalize` (for visualisation); works on (3,H,W) or (B,3,H,W)."""
-    shape = (3, 1, 1) if tensor.dim() == 3 else (1, 3, 1, 1)
-    m = torch.tensor(mean, dtype=tensor.dtype).view(shape)
-    s = torch.tensor(std, dtype=tensor.dtype).view(shape)
-    return tensor * s + m
-
-
 def random_resized_crop_box(
     width: int,
     height: int,

@@ -102,7 +102,7 @@ def test_model_never_draws_a_duplicate_as_hard_negative(monkeypatch):
         drawn.append(out)
         return out
 
-    monkeypatch.setattr("semmim.model.sample_hard_negatives", spy)
+    monkeypatch.setattr("semmim.objectives.sample_hard_negatives", spy)
     matches = same_image(IDS)
     for seed in range(40):
         model(images, ids, am, seed=seed, image_ids=IDS)

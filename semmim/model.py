@@ -43,7 +43,6 @@ from semmim.layers import (
     VisionEncoder,
     set_grad_checkpointing,
 )
-from semmim.masking import random_mask, text_guided_mask
 
 __all__ = ["SemMIM", "SemMIMOutput", "Towers", "build_model", "load_pretrained"]
 
@@ -238,8 +237,7 @@ class SemMIM(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute ``net``'s transformer blocks in backward (timm's switch; the EMA runs under
-        no_grad and is left alone)."""
+        """Recompute ``net``'s transformer blocks in backward (timm's switch; EMA: no_grad)."""
         set_grad_checkpointing(self.net, enable)
 
     def no_weight_decay(self) -> set[str]:
@@ -476,7 +474,9 @@ class SemMIM(nn.Module):
         # would invalidate the resumed graph every step and recompile it.
         keep_idx = mask_idx = mask = None
         if cfg.mim.enabled and (w.glob > 0 or w.mim > 0):
-            keep_idx, mask_idx, mask = self._image_mask(image_embeds_m, text_feat_m, mask_noise)
+            keep_idx, mask_idx, mask = obj.image_mask(
+                cfg, self.ops, ema, image_embeds_m, text_feat_m, mask_noise
+            )
             if diag_noise is not None:
                 diag.update(mask_overlap(mask, cfg.num_masked, noise=diag_noise))
             image_losses = self._masked_image(
@@ -494,22 +494,6 @@ class SemMIM(nn.Module):
         for k, v in losses.items():
             loss = loss + getattr(w, k) * v
         return SemMIMOutput(loss, losses, keep_idx, mask_idx, mask)
-
-    @torch.no_grad()
-    def _image_mask(
-        self,
-        image_embeds_m: torch.Tensor,
-        text_feat_m: torch.Tensor,
-        noise: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """keep_idx (B, R), mask_idx (B, M), mask (B, P) from the configured strategy, with
-        the Gumbel noise (B, P) of :meth:`_mask_noise`."""
-        c, M = self.cfg.masking, self.cfg.num_masked
-        if c.strategy == "random":
-            B, L, _ = image_embeds_m.shape
-            return random_mask(B, L - 1, M, noise=noise, device=image_embeds_m.device)
-        patch_feat_m = self.ema.vision_proj(image_embeds_m[:, 1:])  # (B, P, E) in ITC space
-        return text_guided_mask(patch_feat_m, text_feat_m, M, tau=c.tau, noise=noise, ops=self.ops)
 
     def _mask_noise(self, B: int, seed: int, device: torch.device) -> torch.Tensor | None:
         """The image mask's Gumbel noise (B, P) from ``seed`` (None when no mask is drawn or
@@ -534,7 +518,7 @@ class SemMIM(nn.Module):
         diag: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Global agreement and MIM on the masked view (keep_idx (B, R), mask_idx (B, M),
-        mask (B, P) from :meth:`_image_mask`); ``diag``: where diagnostics go (None = none)."""
+        mask (B, P) from :func:`~semmim.objectives.image_mask`); ``diag``: where diagnostics go (None = none)."""
         cfg, net, ema = self.cfg, self.net, self.ema
         P, M = cfg.vision.num_patches, cfg.num_masked
         if cfg.mim.drop_tokens:

@@ -29,7 +29,7 @@ from semmim.diagnostics import head_diagnostics
 from semmim.dist import all_gather_no_grad, mean_over_ranks
 from semmim.layers import OpCalls, PrototypeHead, fp32_region
 from semmim.losses import itc_loss, mlm_loss, pixel_targets, sample_hard_negatives
-from semmim.masking import mlm_mask, mlm_positions
+from semmim.masking import mlm_mask, mlm_positions, random_mask, text_guided_mask
 
 __all__ = [
     "unit",
@@ -42,6 +42,7 @@ __all__ = [
     "update_center",
     "prototype_agreement",
     "global_agreement",
+    "image_mask",
     "teacher_inputs",
     "mim",
 ]
@@ -287,6 +288,26 @@ def global_agreement(
         "glob", ops, net.head, ema.head, z, z_m, center, c.student_temp, c.teacher_temp,
         c.center_momentum, diag=diag, update=update,
     ).mean()  # fmt: skip
+
+
+@torch.no_grad()
+def image_mask(
+    cfg: SemMIMConfig,
+    ops: OpCalls,
+    ema,
+    image_embeds_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    noise: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked view's mask from ``masking.strategy``: keep_idx (B, R), mask_idx (B, M), mask
+    (B, P). "text_guided" scores the EMA's patches (B, P+1, Dv), projected into ITC space,
+    against its text features (B, E); ``noise``: the Gumbel noise (B, P) or None (tau = 0)."""
+    c, M = cfg.masking, cfg.num_masked
+    if c.strategy == "random":
+        B, L, _ = image_embeds_m.shape
+        return random_mask(B, L - 1, M, noise=noise, device=image_embeds_m.device)
+    patch_feat_m = ema.vision_proj(image_embeds_m[:, 1:])  # (B, P, E) in ITC space
+    return text_guided_mask(patch_feat_m, text_feat_m, M, tau=c.tau, noise=noise, ops=ops)
 
 
 @torch.no_grad()

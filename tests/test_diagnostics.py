@@ -110,12 +110,13 @@ def test_forward_diagnostics_only_when_asked_and_without_host_reads(monkeypatch)
     from test_gpu_path import count_host_reads
 
     import semmim.model as M
+    import semmim.objectives as O
 
     calls = []
-    for name in ("head_diagnostics", "mask_overlap"):
-        real = getattr(M, name)
+    for module, name in ((O, "head_diagnostics"), (M, "mask_overlap")):
+        real = getattr(module, name)
         monkeypatch.setattr(
-            M, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k)
+            module, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k)
         )
     model = build_model(from_preset("tiny", SMALL)).train()
     batch = _batch(model)

@@ -193,7 +193,7 @@ def test_queue_keeps_image_ids_and_treats_them_as_positives(monkeypatch):
         seen.append(args[-1])
         return itc_loss(*args)
 
-    monkeypatch.setattr("semmim.model.itc_loss", spy)
+    monkeypatch.setattr("semmim.objectives.itc_loss", spy)
     model(images, ids, am, seed=1, image_ids=IDS + 100)
     pos = seen[-1]
     assert pos.shape == (6, 18)

@@ -213,7 +213,14 @@ def define_op(
     finish: Callable[[Any, tuple, dict, bool], Any] | None = None,
     example: Callable[[torch.device], Prepared] | None = None,
 ) -> Op:
-    """Create and register the public op ``name`` (once per process)."""
+    """Create and register the public op ``name`` (once per process); ``name`` must be one of
+    :data:`semmim.config.KERNEL_OPS`, the list the model's config and op calls derive from."""
+    from semmim.config import KERNEL_OPS
+
+    if name not in KERNEL_OPS:
+        raise ValueError(
+            f"op {name!r} is not in semmim.config.KERNEL_OPS {KERNEL_OPS}: add it there"
+        )
     if name in OPS:
         raise ValueError(f"op {name!r} is already defined")
     OPS[name] = Op(name, prepare=prepare, finish=finish, example=example)

@@ -44,14 +44,19 @@ class OpCalls:
     """How one model calls :mod:`semmim.kernels`: each op's ``backend=`` (from
     :class:`~semmim.config.KernelsConfig`) and the ``validate=`` flag, passed to every call.
 
-    The model owns one instance and hands it to each layer that calls an op (its EMA copy
-    shares it), so settings belong to a model, never to the process. ``validate`` is what the
-    ops get now: :meth:`semmim.SemMIM.forward` sets it to False for a ``check_inputs=False``
-    call (no value checks, so no device→host sync) and restores it afterwards.
+    One method per op of :data:`semmim.config.KERNEL_OPS`, named as the op, with the op's own
+    arguments: ``ops.masked_gather(x, index)`` is ``semmim.kernels.masked_gather(x, index,
+    backend=..., validate=...)`` (see each op's docstring for shapes). The model owns one instance
+    and hands it to each layer that calls an op (its EMA copy shares it), so settings belong to a
+    model, never to the process. ``validate`` is what the ops get now:
+    :meth:`semmim.SemMIM.forward` sets it to False for a ``check_inputs=False`` call (no value
+    checks, so no device→host sync) and restores it afterwards. Building one checks the
+    configured backend names against the registry (ValueError naming the field).
     """
 
     def __init__(self, cfg: KernelsConfig | None = None) -> None:
         cfg = cfg if cfg is not None else KernelsConfig()
+        cfg.check_registered()
         self.backends: dict[str, str | None] = {op: cfg.backend_for(op) for op in KERNEL_OPS}
         self.configured: bool = cfg.validate  # what the config asks for
         self.validate: bool = cfg.validate
@@ -71,81 +76,20 @@ class OpCalls:
         chosen = {k: v for k, v in self.backends.items() if v is not None}
         return f"OpCalls(backends={chosen or 'auto'}, validate={self.validate})"
 
-    def masked_gather(
-        self, x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """:func:`semmim.kernels.masked_gather`: x (B, P, D), index (B, R) → (B, R, D)."""
-        return kernels.masked_gather(
-            x, index, pos, backend=self.backends["masked_gather"], validate=self.validate
-        )
 
-    def masked_scatter_fill(
-        self,
-        y: torch.Tensor,
-        index: torch.Tensor,
-        fill: torch.Tensor,
-        num_patches: int,
-        pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """:func:`semmim.kernels.masked_scatter_fill`: y (B, R, D) → (B, P, D)."""
-        return kernels.masked_scatter_fill(
-            y,
-            index,
-            fill,
-            num_patches,
-            pos,
-            backend=self.backends["masked_scatter_fill"],
-            validate=self.validate,
-        )
+def _op_call(op: str):
+    def call(self: OpCalls, *args: Any, **kwargs: Any) -> Any:
+        # looked up per call (not bound once), so a test's monkeypatch of the op is seen
+        fn = getattr(kernels, op)
+        return fn(*args, backend=self.backends[op], validate=self.validate, **kwargs)
 
-    def topk_mask(
-        self,
-        patch: torch.Tensor,
-        text: torch.Tensor,
-        num_masked: int,
-        *,
-        noise: torch.Tensor | None = None,
-        tau: float = 1.0,
-    ):
-        """:func:`semmim.kernels.topk_mask`: → keep_idx (B, R), mask_idx (B, M), mask (B, P)."""
-        return kernels.topk_mask(
-            patch,
-            text,
-            num_masked,
-            noise=noise,
-            tau=tau,
-            backend=self.backends["topk_mask"],
-            validate=self.validate,
-        )
+    call.__name__ = call.__qualname__ = op
+    call.__doc__ = f":func:`semmim.kernels.{op}` with this model's backend and validate flag."
+    return call
 
-    def cross_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """:func:`semmim.kernels.cross_attention`: (B, Lq, H, Dh) → (B, Lq, H, Dh)."""
-        return kernels.cross_attention(
-            q, k, v, key_mask, backend=self.backends["cross_attention"], validate=self.validate
-        )
 
-    def prototype_cross_entropy(
-        self,
-        z: torch.Tensor,
-        z_teacher: torch.Tensor,
-        prototypes: torch.Tensor,
-        prototypes_teacher: torch.Tensor,
-        center: torch.Tensor,
-        student_temp: float,
-        teacher_temp: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`semmim.kernels.prototype_cross_entropy`: z, z_teacher (N, E), prototypes (K, E)
-        → loss (N,), teacher_logit_mean (K,)."""
-        return kernels.prototype_cross_entropy(
-            z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp,
-            backend=self.backends["prototype_cross_entropy"], validate=self.validate,
-        )  # fmt: skip
+for _op in KERNEL_OPS:
+    setattr(OpCalls, _op, _op_call(_op))
 
 
 def fp32_region(x: torch.Tensor):

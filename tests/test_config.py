@@ -102,3 +102,44 @@ def test_from_dict_rejects_unknown_keys():
         SemMIMConfig.from_dict(d)
     with pytest.raises(ValueError, match="extra"):
         SemMIMConfig.from_dict({"extra": {}})
+
+
+def test_importing_semmim_and_building_a_config_imports_no_kernel():
+    """``import semmim`` and building any preset (with a kernels override) load neither Triton
+    nor the compiled ``semmim._C``: backend names are checked when a model is built."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, semmim\n"
+        "from semmim.config import from_preset\n"
+        "for name in ('tiny', 'small', 'base'):\n"
+        "    from_preset(name, {'kernels.cross_attention': 'sdpa'})\n"
+        "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', "
+        "'semmim._C', 'semmim.kernels'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_kernel_op_list_is_the_registry_s_and_the_model_s():
+    """One op list (config.KERNEL_OPS): the registry defines exactly these ops, KernelsConfig
+    has a field and OpCalls a method for each, and the registry refuses any other op."""
+    import semmim.kernels as K
+    from semmim.config import KERNEL_OPS, KernelsConfig
+    from semmim.kernels.registry import define_op
+    from semmim.layers import OpCalls
+
+    assert set(K.OPS) == set(KERNEL_OPS)
+    assert [f.name for f in dataclasses.fields(KernelsConfig)] == [
+        "backend",
+        *KERNEL_OPS,
+        "validate",
+    ]
+    assert all(callable(getattr(OpCalls, op)) for op in KERNEL_OPS)
+    with pytest.raises(ValueError, match="not in semmim.config.KERNEL_OPS"):
+        define_op("not_an_op", prepare=lambda *a, **k: (a, k))
+    with pytest.raises(ValueError, match=r"kernels\.topk_mask: unknown backend 'sdpa'"):
+        OpCalls(from_preset("tiny", {"kernels.topk_mask": "sdpa"}).kernels)

@@ -193,3 +193,30 @@ def test_pretrain_finetune_eval_round_trip(tmp_path, capsys):
     argv = ["finetune", "caption", "--resume", "--steps", "3", "--out", cap, "--no-eval", *common]
     assert main(argv) == 0
     assert "trained 3/3 steps" in capsys.readouterr().out
+
+
+def test_downstream_models_build_only_their_towers_and_load_the_pretrained_net():
+    """VQA / caption build the encoders they use (no EMA copy, queues, projections, predictor)
+    and take the trained ``net.<part>`` weights of a pre-training checkpoint."""
+    from semmim import build_model
+    from semmim.downstream.models import (
+        CAPTION_PARTS,
+        VQA_PARTS,
+        CaptionModel,
+        VQAModel,
+        pretrained_towers,
+    )
+
+    torch.manual_seed(0)
+    cfg = from_preset("tiny")
+    state = {"model": build_model(cfg).state_dict()}
+    towers = pretrained_towers(cfg, state, parts=VQA_PARTS)
+    assert towers.vision_proj is None and towers.predictor is None and towers.mlm_head is None
+    for k, v in towers.state_dict().items():
+        assert torch.equal(v, state["model"]["net." + k]), k
+    vqa = VQAModel(cfg, 3, towers)
+    assert {k.split(".")[0] for k in vqa.state_dict()} == {"vision", "text", "fusion", "head"}
+    caption = CaptionModel(cfg, 0.1, pretrained_towers(cfg, state, parts=CAPTION_PARTS))
+    assert {k.split(".")[0] for k in caption.state_dict()} == {"vision", "decoder"}
+    with pytest.raises(ValueError, match="parts"):
+        pretrained_towers(cfg, parts=("mlm",))  # the MLM head's decoder is the text table

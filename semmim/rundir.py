@@ -132,7 +132,7 @@ def read_json(path: str, missing_ok: bool = False) -> Any:
     except json.JSONDecodeError as err:
         if not text.strip():
             what = "empty file (nothing was written)"
-        elif err.pos >= len(text.rstrip()):
+        elif err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated"):
             what = "truncated JSON"
         else:
             what = "not valid JSON"

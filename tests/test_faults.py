@@ -435,3 +435,145 @@ def test_training_on_data_without_one_good_image_is_a_clear_error(tmp_path, caps
     assert "can be decoded" in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
     _survived()
+
+
+# --- issue 19 §1: run directories
+# Each class of fault around a run directory: a second writer, an existing run, a path that is
+# a file or read-only, a truncated run file, a foreign checkpoint, a full disk, an orphaned child,
+# results written where the user cannot predict. Every case a clear error or a correct result.
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(ln.startswith("State:") and "Z" in ln.split()[1] for ln in f)
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from semmim.rundir import RunLock
+    RunLock(sys.argv[1], command="holder-cmd").acquire()
+    print("held", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_run_lock_names_its_owner_and_is_released_on_every_exit_path(tmp_path):
+    from semmim.rundir import RunDirError, RunLock, lock_owner
+
+    run = str(tmp_path / "run")
+    _inject(3)  # a second owner in-process, an exception inside the block, a SIGKILL'd owner
+    with RunLock(run, command="first-cmd"):
+        with pytest.raises(RunDirError) as err:
+            RunLock(run).acquire()
+        assert f"pid {os.getpid()}" in str(err.value) and "first-cmd" in str(err.value)
+        assert "first-cmd" in lock_owner(run)
+    assert lock_owner(run) is None
+    _survived()
+    with pytest.raises(KeyError), RunLock(run):
+        raise KeyError("boom")
+    assert lock_owner(run) is None
+    _survived()
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-c", _HOLDER, run], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        owner = lock_owner(run)
+        assert owner is not None and f"pid {proc.pid}" in owner and "holder-cmd" in owner
+        with pytest.raises(RunDirError, match=f"pid {proc.pid}.*holder-cmd"):
+            RunLock(run).acquire()
+        proc.kill()  # SIGKILL: no handler runs; the kernel drops the flock with the process
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert lock_owner(run) is None
+    RunLock(run).acquire().release()
+    _survived()
+
+
+def test_run_files_are_atomic_and_a_damaged_one_is_named(tmp_path, monkeypatch):
+    from semmim.rundir import RunDirError, read_json, write_json, write_text
+
+    path = str(tmp_path / "summary.json")
+    write_json(path, {"step": 3})
+    _inject()  # a writer that dies half-way leaves the old file, and no temp file
+    with monkeypatch.context() as m:
+        m.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+        with pytest.raises(OSError):
+            write_json(path, {"step": 4})
+    assert read_json(path) == {"step": 3} and os.listdir(tmp_path) == ["summary.json"]
+    _survived()
+    cases = {
+        "truncated JSON": '{"step": 3, "tot',
+        "empty file": "",
+        "not valid JSON": '{"step": 3} trailing',
+        "not UTF-8": None,
+    }
+    for needle, text in cases.items():
+        _inject()
+        bad = str(tmp_path / "seed_0" / "summary.json")
+        if text is None:
+            os.makedirs(os.path.dirname(bad), exist_ok=True)
+            with open(bad, "wb") as f:
+                f.write(b'{"a": "\xff\xfe"}')
+        else:
+            write_text(bad, text)
+        with pytest.raises(RunDirError) as err:
+            read_json(bad)
+        assert bad in str(err.value) and needle in str(err.value), err.value
+        _survived()
+    assert read_json(str(tmp_path / "absent.json"), missing_ok=True) is None
+
+
+_ORPHAN_PARENT = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-P", "-c",
+        "import os, sys, time\\n"
+        "from semmim.rundir import die_with_parent\\n"
+        "assert die_with_parent(int(sys.argv[1]))\\n"
+        "print('armed', flush=True)\\n"
+        "time.sleep(120)\\n", str(os.getpid())], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "armed"
+    print(child.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_child_of_a_sigkilled_parent_dies_with_it():
+    """The mechanism ablate's child runs use (rundir.die_with_parent): SIGKILL the parent, the
+    child receives SIGTERM (a trainer checkpoints and stops) instead of training on as an orphan."""
+    _inject()
+    parent = subprocess.Popen(
+        [sys.executable, "-P", "-c", _ORPHAN_PARENT], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()
+        parent.wait(timeout=30)
+        _wait_until(lambda: not _alive(child), 30, f"the orphaned child {child} to exit")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()
+    _survived()

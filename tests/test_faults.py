@@ -577,3 +577,25 @@ def test_child_of_a_sigkilled_parent_dies_with_it():
             parent.wait()
         parent.stdout.close()
     _survived()
+
+
+def test_empty_generated_captions_are_said_not_silent(caplog, monkeypatch):
+    """A decoder that ends every caption at once: the metrics are 0 and the table says why."""
+    pytest.importorskip("pycocoevalcap")
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no Java: the fast tokenizer path
+    from semmim.downstream.caption_metrics import caption_metrics, format_caption_table
+
+    refs = {"a": ["a red circle"], "b": ["a blue square"], "c": ["two green stars"]}
+    for preds in ({"a": "", "b": "", "c": ""}, {"a": "a red circle", "b": " ", "c": ""}):
+        _inject()
+        with caplog.at_level(logging.WARNING, logger="semmim.caption"):
+            result = caption_metrics(preds, refs)
+        empty = sum(not p.strip() for p in preds.values())
+        assert result["empty_captions"] == empty
+        table = format_caption_table({**result, "n_images": len(preds)})
+        assert f"{empty} of {len(preds)} generated captions are empty" in table, table
+        assert f"{empty} of {len(preds)} generated captions are empty" in caplog.text
+        caplog.clear()
+        _survived()
+    result = caption_metrics({"a": "a red circle"}, {"a": ["a red circle"]})
+    assert result["empty_captions"] == 0 and "WARNING" not in format_caption_table(result)

@@ -376,31 +376,15 @@ def _setup_logging() -> None:
 
 
 def _resume_configs(args: argparse.Namespace, explicit: dict[str, Any], model_sets: dict[str, Any]):
-    """``--resume``: (checkpoint, model config, run config) of OUT's newest intact checkpoint,
-    with the run options given now applied and the resume contract checked."""
-    from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
-    from semmim.config import SemMIMConfig, TrainConfig
-    from semmim.train import check_resume
+    """``--resume``: :func:`semmim.train.resume.resume_configs` of OUT."""
+    from semmim.config import TrainConfig
+    from semmim.train.resume import resume_configs
 
     out = explicit.get("out", TrainConfig.out)
     try:
-        checkpoint = load_latest_intact(os.path.join(out, "checkpoints"), "cpu", TRAIN_KEYS)
+        return resume_configs(out, explicit, model_sets, bool(args.preset), args.allow_changes)
     except FileNotFoundError as err:
-        raise CLIError(f"--resume: {err}") from None
-    state = checkpoint[0]
-    model_cfg = SemMIMConfig.from_dict(state["config"])
-    if model_sets:
-        model_cfg.override(model_sets)  # a misspelled key is an error, as on a fresh run
-    if args.preset or model_sets:
-        logging.getLogger("semmim").warning(
-            "--resume: the checkpoint's model config is used; --preset/model --set ignored"
-        )
-    saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
-    tcfg = saved.override(explicit)
-    if not args.allow_changes:  # refuse before the data is opened (train() logs changes)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        check_resume(state, checkpoint[1], tcfg, world_size, False)
-    return checkpoint, model_cfg, tcfg
+        raise CLIError(str(err)) from None
 
 
 def _report(summary: dict[str, Any], tcfg) -> int:

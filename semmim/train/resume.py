@@ -1,0 +1,90 @@
+"""The resume contract: what a resumed run may change, and the check."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from semmim.config import TrainConfig
+
+log = logging.getLogger("semmim.train")
+
+# What a resume may not change without ``allow_changes``: each changes which pairs the remaining
+# steps see (order, split or dataset) or what one step means.
+RESUME_CONTRACT = (
+    "data",
+    "val_size",
+    "validation",
+    "split_seed",
+    "seed",
+    "batch_size",
+    "accum_steps",
+    "world_size",
+)
+
+
+def resume_changes(state: dict[str, Any], tcfg: TrainConfig, world_size: int) -> list[str]:
+    """What the resume contract (``RESUME_CONTRACT``) says changed since ``state`` was saved.
+
+    Returns ``["batch_size: 4 -> 8", ...]``; empty when the resume continues the same run.
+    """
+    # A key that older checkpoints lack (e.g. split_seed) compares as its current default.
+    defaults = TrainConfig().to_dict()
+    saved = {**defaults, **state["train_config"], "world_size": state["world_size"]}
+    now = {**tcfg.to_dict(), "world_size": world_size}
+    return [
+        f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_CONTRACT if saved.get(k) != now[k]
+    ]
+
+
+def check_resume(
+    state: dict[str, Any], path: str, tcfg: TrainConfig, world_size: int, allow_changes: bool
+) -> None:
+    """Refuse (ValueError) a resume that breaks the contract, unless ``allow_changes`` (logged)."""
+    changed = resume_changes(state, tcfg, world_size)
+    if changed and not allow_changes:
+        raise ValueError(
+            f"--resume: refusing to continue {path} with a different {'; '.join(changed)} (the "
+            "remaining steps would see other pairs, or in another order, than the run that "
+            "stopped). Give the saved values, or pass --allow-changes to continue anyway"
+        )
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("resuming with changes (allowed): %s", "; ".join(changed))
+
+
+def resume_configs(
+    out: str,
+    explicit: dict[str, Any],
+    model_sets: dict[str, Any],
+    preset_given: bool,
+    allow_changes: bool,
+) -> tuple[tuple[dict[str, Any], str], Any, TrainConfig]:
+    """``--resume``: (checkpoint, model config, run config) of OUT's newest intact checkpoint,
+    with the run options given now (``explicit``) applied and the resume contract checked.
+
+    The checkpoint's model config is used: ``model_sets`` are validated (a misspelled key is an
+    error, as on a fresh run), then ignored with a warning, as is a ``--preset``. A saved
+    ``stop_at`` is dropped. Raises FileNotFoundError (no intact checkpoint) or ValueError.
+    """
+    from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
+    from semmim.config import SemMIMConfig
+
+    try:
+        checkpoint = load_latest_intact(os.path.join(out, "checkpoints"), "cpu", TRAIN_KEYS)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--resume: {err}") from None
+    state = checkpoint[0]
+    model_cfg = SemMIMConfig.from_dict(state["config"])
+    if model_sets:
+        model_cfg.override(model_sets)  # a misspelled key is an error, as on a fresh run
+    if preset_given or model_sets:
+        logging.getLogger("semmim").warning(
+            "--resume: the checkpoint's model config is used; --preset/model --set ignored"
+        )
+    saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
+    tcfg = saved.override(explicit)
+    if not allow_changes:  # refuse before the data is opened (train() logs changes)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_resume(state, checkpoint[1], tcfg, world_size, False)
+    return checkpoint, model_cfg, tcfg

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -150,6 +149,13 @@ def _add_run_options(
         "--preset and model --set keys are checked, then ignored",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUT already holds a run and you want a new one there: move the old run aside to "
+        "OUT.old-<time> first (nothing is deleted). Without it (or --resume) such an OUT is "
+        "refused",
+    )
+    parser.add_argument(
         "--allow-changes",
         action="store_true",
         help="with --resume: continue even though the batch size, accumulation, seed, data, "
@@ -280,7 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         metavar="FILE",
         default=None,
-        help="where to write the results (default: eval.json beside the run)",
+        help="where to write the results (its folder is created; checked before evaluating). "
+        "Default: beside the run the checkpoint belongs to (RUN for RUN/checkpoints/step_*.pt, "
+        "else the checkpoint's folder): RUN/eval.json for the run's own evaluation (its data, "
+        "the val split, its task, its newest checkpoint); otherwise RUN/eval_<what differs>.json, "
+        "e.g. eval_folder-tux_all_step100.json, so the run's held-out result is never replaced "
+        "by another evaluation. The table goes to the same name with .txt",
     )
 
     ab = sub.add_parser(
@@ -375,16 +386,39 @@ def _setup_logging() -> None:
     )
 
 
-def _resume_configs(args: argparse.Namespace, explicit: dict[str, Any], model_sets: dict[str, Any]):
+def _resume_configs(
+    args: argparse.Namespace,
+    explicit: dict[str, Any],
+    model_sets: dict[str, Any],
+    task: str = "pretrain",
+):
     """``--resume``: :func:`semmim.train.resume.resume_configs` of OUT."""
     from semmim.config import TrainConfig
     from semmim.train.resume import resume_configs
 
     out = explicit.get("out", TrainConfig.out)
     try:
-        return resume_configs(out, explicit, model_sets, bool(args.preset), args.allow_changes)
+        return resume_configs(
+            out, explicit, model_sets, args.preset or False, args.allow_changes, task
+        )
     except FileNotFoundError as err:
         raise CLIError(str(err)) from None
+
+
+def _prepare_out(args: argparse.Namespace, out: str, command: str) -> None:
+    """``--out`` before anything is opened: not a file, writable, not in use by another process,
+    and (without --resume) not holding a run unless --overwrite moves it aside
+    (:func:`semmim.rundir.prepare_out`)."""
+    from semmim.rundir import RunDirError, prepare_out
+
+    try:
+        moved = prepare_out(out, args.resume, args.overwrite, command)
+    except (RunDirError, OSError) as err:
+        raise CLIError(str(err)) from None
+    if moved:
+        logging.getLogger("semmim").warning(
+            "--overwrite: moved the old run in %s to %s", out, moved
+        )
 
 
 def _report(summary: dict[str, Any], tcfg) -> int:
@@ -402,11 +436,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``semmim train``."""
     from semmim.config import TrainConfig, from_preset
     from semmim.data import DataError
+    from semmim.rundir import RunDirError
     from semmim.train import open_run_data, train
 
     model_sets, train_sets = parse_sets(args.sets)
     explicit = train_overrides(args)
     explicit.update(train_sets)
+    _prepare_out(args, explicit.get("out", TrainConfig.out), "semmim train")
     checkpoint = None
     try:
         if args.resume:
@@ -426,7 +462,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoint=checkpoint,
             allow_changes=args.allow_changes,
         )
-    except DataError as err:  # the data checks before the first step
+    except (DataError, RunDirError) as err:  # data checks, the run dir's owner, a full disk
         raise CLIError(str(err)) from None
     return _report(summary, tcfg)
 
@@ -436,23 +472,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from semmim.config import TrainConfig, from_preset
     from semmim.data import DataError
     from semmim.downstream.tasks import TaskConfig, init_model_config, make_task
+    from semmim.rundir import RunDirError
     from semmim.train import open_run_data, train
 
     model_sets, train_sets = parse_sets(args.sets)
     explicit = train_overrides(args)
     explicit.update(train_sets)
     explicit.setdefault("out", f"runs/{args.task}")
+    _prepare_out(args, explicit["out"], f"semmim finetune {args.task}")
     task_given = train_overrides(args, TaskConfig, "task_")
     checkpoint = None
     try:
         if args.resume:
-            checkpoint, model_cfg, tcfg = _resume_configs(args, explicit, model_sets)
+            checkpoint, model_cfg, tcfg = _resume_configs(args, explicit, model_sets, args.task)
             state = checkpoint[0]
-            if state.get("task", "pretrain") != args.task:
-                raise CLIError(
-                    f"--resume: {checkpoint[1]} is a {state.get('task', 'pretrain')!r} run, "
-                    f"not {args.task!r}"
-                )
             task = make_task(args.task, {**state["task_config"], **task_given})
         else:
             task = make_task(args.task, TaskConfig(**task_given))
@@ -478,7 +511,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             allow_changes=args.allow_changes,
             task=task,
         )
-    except DataError as err:  # the data checks before the first step
+    except (DataError, RunDirError) as err:  # data checks, the run dir's owner, a full disk
         raise CLIError(str(err)) from None
     return _report(summary, tcfg)
 
@@ -492,6 +525,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from semmim.config import SemMIMConfig, TrainConfig
     from semmim.data import open_data
     from semmim.eval import evaluate, format_table
+    from semmim.rundir import write_json, write_text
 
     try:
         path = resolve_checkpoint(args.ckpt)
@@ -502,13 +536,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--ckpt: {err}") from None
     saved_task = state.get("task", "pretrain")
     task_name = args.task or saved_task
+    json_path = _eval_json_path(args, path, tcfg, saved_task, task_name)
     if task_name in ("vqa", "caption") or saved_task in ("vqa", "caption"):
         if task_name != saved_task:
             raise CLIError(
                 f"--task {task_name}: {path} is a {saved_task!r} checkpoint (vqa and caption "
                 "evaluate a checkpoint fine-tuned for that task)"
             )
-        return _eval_task(args, state, path, tcfg, model_cfg)
+        return _eval_task(args, state, path, tcfg, model_cfg, json_path)
     if args.beam_size is not None:
         raise CLIError(f"--beam-size: only for --task caption, not {task_name}")
     model = SemMIM(model_cfg)
@@ -557,16 +592,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     table = format_table(result)
     print(table)
-    json_path = args.json or os.path.join(os.path.dirname(os.path.dirname(path)), "eval.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.splitext(json_path)[0] + ".txt", "w") as f:
-        f.write(table + "\n")
+    write_json(json_path, result)
+    write_text(os.path.splitext(json_path)[0] + ".txt", table + "\n")
     print(f"wrote {json_path}")
     return 0
 
 
-def _eval_task(args: argparse.Namespace, state: dict, path: str, tcfg, model_cfg) -> int:
+def _eval_json_path(args: argparse.Namespace, path: str, tcfg, saved_task: str, task: str) -> str:
+    """Where ``semmim eval`` writes (``--json``, else :func:`semmim.rundir.eval_json_path`);
+    its folder is created and checked writable now, before the evaluation runs."""
+    from semmim.checkpoint import resolve_checkpoint
+    from semmim.rundir import RunDirError, check_output_file, eval_json_path, run_dir_of
+
+    json_path = args.json
+    if json_path is None:
+        try:
+            latest = resolve_checkpoint(run_dir_of(path))
+        except (FileNotFoundError, ValueError):
+            latest = None
+        json_path = eval_json_path(path, args.data, tcfg.data, args.split, task, saved_task, latest)
+    try:
+        check_output_file(json_path, "--json" if args.json else "eval result")
+    except RunDirError as err:
+        raise CLIError(str(err)) from None
+    if os.path.exists(json_path):
+        print(f"{json_path} exists and will be replaced by this evaluation", flush=True)
+    return json_path
+
+
+def _eval_task(
+    args: argparse.Namespace, state: dict, path: str, tcfg, model_cfg, json_path: str
+) -> int:
     """``semmim eval`` of a vqa / caption checkpoint on its task's metrics."""
     import torch
 
@@ -602,7 +658,6 @@ def _eval_task(args: argparse.Namespace, state: dict, path: str, tcfg, model_cfg
         f"evaluating {args.split} split",
         flush=True,
     )
-    json_path = args.json or os.path.join(os.path.dirname(os.path.dirname(path)), "eval.json")
     task.evaluate_model(
         model, source, model_cfg, run_cfg, device, os.path.dirname(json_path), json_path
     )

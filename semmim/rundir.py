@@ -415,3 +415,52 @@ def own_checkpoint_check(
         return f"made by another run than {path} describes: {', '.join(diffs)}"
 
     return check
+
+
+# ------------------------------------------------------------------------- eval results
+def run_dir_of(checkpoint: str) -> str:
+    """The run directory a checkpoint file belongs to: ``RUN`` for ``RUN/checkpoints/step.pt``,
+    else the folder that holds the file."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    if os.path.basename(folder) == "checkpoints":
+        return os.path.dirname(folder)
+    return folder
+
+
+def _slug(spec: str) -> str:
+    """A file-name part for a data spec: ``folder:/x/tux`` -> ``folder-tux``."""
+    kind, sep, rest = spec.partition(":")
+    if sep and "/" in rest:
+        spec = f"{kind}-{os.path.basename(rest.rstrip('/').split(',')[0])}"
+    keep = "".join(c if c.isalnum() or c == "." else "-" for c in spec)
+    return "-".join(p for p in keep.split("-") if p)[:60] or "data"
+
+
+def eval_json_path(
+    checkpoint: str,
+    data: str | None,
+    run_data: str,
+    split: str = "val",
+    task: str | None = None,
+    saved_task: str = "pretrain",
+    latest: str | None = None,
+) -> str:
+    """Where ``semmim eval`` writes its result without ``--json`` (the rule its --help states).
+
+    Beside the run the checkpoint belongs to (:func:`run_dir_of`). ``eval.json`` only for the
+    run's own evaluation — its data, the held-out split, its task, its newest checkpoint — so
+    the file ``semmim ablate`` reads is only ever replaced by the same evaluation. Anything else
+    gets its own name, ``eval_<data>_<split>_<task>_step<N>.json`` with the parts that differ.
+    """
+    parts = []
+    if data is not None and data != run_data:
+        parts.append(_slug(data))
+    if split != "val":
+        parts.append(split)
+    if task is not None and task != saved_task:
+        parts.append(task)
+    if latest is not None and os.path.realpath(latest) != os.path.realpath(checkpoint):
+        digits = "".join(c for c in os.path.basename(checkpoint) if c.isdigit())
+        parts.append(f"step{int(digits)}" if digits else _slug(os.path.basename(checkpoint)))
+    name = "eval" + "".join(f"_{p}" for p in parts) + ".json"
+    return os.path.join(run_dir_of(checkpoint), name)

@@ -599,3 +599,312 @@ def test_empty_generated_captions_are_said_not_silent(caplog, monkeypatch):
         _survived()
     result = caption_metrics({"a": "a red circle"}, {"a": ["a red circle"]})
     assert result["empty_captions"] == 0 and "WARNING" not in format_caption_table(result)
+
+
+_TINY = ["--preset", "tiny", "--set", "vision.image_size=32", "itc.queue_size=16", "loss.mlm=0"]
+_SMALL_RUN = ["--data", "synthetic:16:4", "--batch-size", "4", "--num-workers", "0"]
+_SMALL_RUN += ["--threads", "1", "--no-eval"]
+
+
+def _train(out, *extra: str) -> int:
+    return main(["train", *_TINY, *_SMALL_RUN, "--out", str(out), *extra])
+
+
+def _files(directory) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative path -> bytes), the lock file excepted."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for n in names:
+            p = os.path.join(root, n)
+            if n != ".semmim.lock":
+                out[os.path.relpath(p, directory)] = open(p, "rb").read()
+    return out
+
+
+def test_out_holding_a_run_is_refused_and_overwrite_moves_it_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, "--steps", "2") == 0
+    before = _files(run)
+    capsys.readouterr()
+    _inject()  # `semmim train --out RUN` again, without --resume: nothing of RUN may change
+    assert _train(run, "--steps", "3") == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err, err
+    assert "another --out" in err and "Traceback" not in err
+    assert _files(run) == before
+    _survived()
+    _inject()  # the same for finetune, whose default is also a fresh run
+    argv = ["finetune", "retrieval", "--preset", "tiny", "--steps", "1", "--out", str(run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "semmim finetune retrieval" in err, err
+    assert _files(run) == before
+    _survived()
+    _inject()  # --overwrite: a new run in RUN, the old one moved aside whole, nothing deleted
+    assert _train(run, "--steps", "1", "--overwrite") == 0
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1 and _files(moved[0]) == before
+    assert "trained 1/1 steps" in capsys.readouterr().out
+    assert load_checkpoint(str(run))["step"] == 1
+    _survived()
+
+
+def test_out_that_is_a_file_or_not_writable_is_refused_before_training(
+    tmp_path, capsys, monkeypatch
+):
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    for argv in (
+        ["train", *_TINY, "--out", str(a_file)],
+        ["train", *_TINY, "--out", str(a_file / "sub")],
+        ["finetune", "vqa", "--out", str(a_file)],
+        ["ablate", "--seeds", "0", "--out", str(a_file)],
+    ):
+        _inject()
+        assert main([*argv, "--steps", "1"]) == 2, argv
+        err = capsys.readouterr().err
+        assert "is a file" in err and str(a_file) in err and "Traceback" not in err, err
+        assert a_file.read_text() == "mine"
+        _survived()
+    # Read-only: the tests run as root here, for whom every directory is writable, so the
+    # permission check itself is made to see a read-only directory.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, m: False if str(p) == str(ro) else real_access(p, m)
+    )
+    for argv in (["train", *_TINY], ["ablate", "--seeds", "0"]):
+        _inject()
+        assert main([*argv, "--steps", "1", "--out", str(ro / "run")]) == 2
+        err = capsys.readouterr().err
+        assert "not writable" in err and str(ro) in err and "Traceback" not in err, err
+        assert os.listdir(ro) == []
+        _survived()
+
+
+_LONG_TRAIN = [sys.executable, "-P", "-m", "semmim", "train", *_TINY, *_SMALL_RUN]
+_LONG_TRAIN += ["--steps", "5000", "--ckpt-every", "100000"]
+
+
+def test_two_writers_into_one_run_directory_the_second_refuses_naming_the_first(tmp_path, capsys):
+    from semmim.config import TrainConfig, from_preset
+    from semmim.rundir import RunDirError, lock_owner
+    from semmim.train import train
+
+    run = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    first = subprocess.Popen(
+        [*_LONG_TRAIN, "--out", run],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        _wait_until(lambda: lock_owner(run) is not None, 120, "the first trainer's lock")
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            _inject()
+            assert _train(run, "--steps", "2", *extra) == 2, extra
+            err = capsys.readouterr().err
+            assert f"pid {first.pid}" in err and "in use" in err, err
+            assert "semmim train" in err and "Traceback" not in err
+            _survived()
+        _inject()  # the library entry point is held to the same lock
+        with pytest.raises(RunDirError, match=f"pid {first.pid}"):
+            train(from_preset("tiny"), TrainConfig(out=run, steps=1))
+        _survived()
+        _inject()  # a grid into a directory a trainer owns
+        assert main(["ablate", "--seeds", "0", "--steps", "1", "--out", run]) == 2
+        assert f"pid {first.pid}" in capsys.readouterr().err
+        _survived()
+        assert first.poll() is None  # the first writer was never disturbed
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    assert lock_owner(run) is None  # SIGKILL released it
+
+
+def test_a_grid_rerun_refuses_while_a_run_of_it_still_trains(tmp_path, capsys):
+    """An orphan of an earlier grid (here: any process holding a run's lock) makes the rerun
+    refuse, naming it, instead of putting a second trainer into that run directory."""
+    grid = tmp_path / "grid"
+    seed_dir = str(grid / "default" / "seed_0")
+    holder = subprocess.Popen(
+        [sys.executable, "-P", "-c", _HOLDER, seed_dir], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _inject()
+        argv = ["ablate", "--variants", "default", "--seeds", "0", *_SMALL_RUN[:6]]
+        assert main([*argv, "--steps", "1", "--out", str(grid)]) == 2
+        err = capsys.readouterr().err
+        assert seed_dir in err and f"pid {holder.pid}" in err and "holder-cmd" in err, err
+        assert not os.path.exists(os.path.join(seed_dir, "config.json"))
+        _survived()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_resume_never_falls_back_to_another_runs_checkpoint(tmp_path, capsys, caplog):
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert _train(run, "--steps", "2", "--ckpt-every", "1", "--keep-ckpts", "3") == 0
+    assert _train(other, "--steps", "3", "--seed", "1", "--ckpt-every", "1") == 0
+    ckpts = run / "checkpoints"
+    foreign = ckpts / "step_00000009.pt"  # newest by name: the fallback would try it first
+    shutil.copy(other / "checkpoints" / "step_00000003.pt", foreign)
+    shutil.copy(other / "checkpoints" / "step_00000003.pt.json", sidecar_path(str(foreign)))
+    _flip_bit(str(ckpts / "step_00000002.pt"))  # the run's own newest checkpoint is damaged
+    capsys.readouterr()
+    _inject()
+    with caplog.at_level(logging.WARNING):
+        assert _train(run, "--steps", "2", "--resume") == 0
+    assert "step_00000009.pt" in caplog.text and "another run" in caplog.text, caplog.text
+    assert "seed 1 (not 0)" in caplog.text
+    assert "trained 2/2 steps" in capsys.readouterr().out  # resumed from its own step 1
+    assert load_checkpoint(str(run))["train_config"]["seed"] == 0
+    _survived()
+    _inject()  # nothing of its own left: a clear error listing why each file was refused
+    for name in os.listdir(ckpts):
+        if name.startswith("step_00000001") or name.startswith("step_00000002"):
+            os.unlink(ckpts / name)
+    (ckpts / "latest").write_text("step_00000009.pt\n")
+    assert _train(run, "--steps", "3", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "no intact checkpoint" in err and "step_00000009.pt" in err and "another run" in err
+    _survived()
+
+
+@pytest.mark.parametrize("kind", ["ENOSPC", "inline_container"])
+def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_last_one(
+    kind, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from semmim import checkpoint as ckpt_mod
+    from semmim import rundir
+
+    run = tmp_path / "run"
+    real_save = ckpt_mod.atomic_torch_save
+
+    def full(obj, path):
+        if "step_00000002" not in path:
+            return real_save(obj, path)
+        if kind == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0; "
+            "PytorchStreamWriter failed writing file data/3: file write failed"
+        )
+
+    monkeypatch.setattr(ckpt_mod, "atomic_torch_save", full)
+    free = type("Usage", (), {"total": 10**9, "used": 10**9, "free": 4096})()
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: free)
+    _inject()
+    assert _train(run, "--steps", "3", "--ckpt-every", "1") == 2
+    err = capsys.readouterr().err
+    assert f"no space left on {run / 'checkpoints'}" in err and "needs ~" in err, err
+    assert "Traceback" not in err
+    kept = load_latest_intact(str(run / "checkpoints"))  # verified: size and sha256
+    assert kept[1].endswith("step_00000001.pt") and kept[0]["step"] == 1
+    assert not [n for n in os.listdir(run / "checkpoints") if n.endswith(".tmp")]
+    _survived()
+
+
+def test_eval_writes_where_its_help_says_and_never_replaces_the_runs_own_result(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, "--steps", "2", "--ckpt-every", "1", "--keep-ckpts", "2") == 0
+    ev = ["eval", "--rerank-k", "0", "--num-workers", "0", "--batch-size", "8"]
+    _inject()  # a step file inside RUN/checkpoints: the result lands in RUN, not above it
+    assert main([*ev, "--ckpt", str(run / "checkpoints" / "step_00000002.pt")]) == 0
+    own = (run / "eval.json").read_bytes()
+    assert not (tmp_path / "eval.json").exists()
+    _survived()
+    _inject()  # other data, another split, an older step: each its own file, eval.json kept
+    for extra, name in (
+        (["--ckpt", str(run), "--data", "synthetic:12:6"], "eval_synthetic-12-6.json"),
+        (["--ckpt", str(run), "--split", "all"], "eval_all.json"),
+        (["--ckpt", str(run / "checkpoints" / "step_00000001.pt")], "eval_step1.json"),
+    ):
+        assert main([*ev, *extra]) == 0, extra
+        assert (run / name).exists() and (run / name.replace(".json", ".txt")).exists(), name
+        assert (run / "eval.json").read_bytes() == own, extra
+        assert f"wrote {run / name}" in capsys.readouterr().out
+    _survived()
+    _inject()  # --json into a missing folder: created; under a file: refused before evaluating
+    target = tmp_path / "new" / "dir" / "r.json"
+    assert main([*ev, "--ckpt", str(run), "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["step"] == 2
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main([*ev, "--ckpt", str(run), "--json", str(tmp_path / "afile" / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "--json" in err and "is a file" in err and "evaluating" not in out, (out, err)
+    _survived()
+
+
+def test_resumed_log_reads_as_one_run_and_resume_warns_only_on_a_real_change(
+    tmp_path, capsys, caplog
+):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _train(ref, "--steps", "4", "--log-every", "2") == 0
+    assert _train(run, "--steps", "4", "--log-every", "2", "--stop-at", "3") == 0
+    _inject()  # stopped between two log steps, then resumed with the same --preset / --set
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _train(run, "--resume") == 0
+    assert "ignored" not in caplog.text, caplog.text
+    assert _log_losses(str(run)) == _log_losses(str(ref))
+    assert [r[0] for r in _log_losses(str(run))] == [2, 4]
+    _survived()
+    _inject()  # a --set that differs from the checkpoint: the warning names it
+    (run / "checkpoints" / "latest").write_text("step_00000003.pt\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        main(["train", *_TINY, "vision.depth=3", *_SMALL_RUN, "--out", str(run), "--resume"])
+    assert "ignored" in caplog.text and "vision.depth" in caplog.text, caplog.text
+    _survived()
+
+
+def test_train_resume_of_a_finetuning_run_is_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "ret"
+    argv = ["finetune", "retrieval", *_TINY, *_SMALL_RUN, "--steps", "1", "--out", str(run)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    _inject()
+    assert main(["train", "--resume", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "'retrieval' run" in err and "semmim finetune retrieval" in err, err
+    assert "Traceback" not in err
+    _survived()
+
+
+def test_diagnostics_plot_labels_the_mask_overlap_references_as_the_metric_means(
+    tmp_path, monkeypatch
+):
+    import matplotlib.axes
+
+    from semmim.train import plot_diagnostics
+
+    _inject()
+    log_csv = tmp_path / "log.csv"
+    log_csv.write_text("step,loss,diag_mask_overlap\n1,1.0,0.9\n2,1.0,0.8\n")
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model": {"vision": {"image_size": 32, "patch_size": 16}}})
+    )
+    lines = []
+    real = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "axhline",
+        lambda self, y=0, *a, **k: lines.append((y, k.get("label"))) or real(self, y, *a, **k),
+    )
+    assert plot_diagnostics(str(log_csv), str(tmp_path / "d.png"))
+    labels = dict(lines)
+    assert labels[1.0].startswith("1 = random masking"), lines
+    assert labels[0.5].startswith("M/P = the text decides"), lines  # round(0.5 * 4) / 4
+    assert not any("M/P (random)" in (label or "") for _, label in lines)
+    _survived()

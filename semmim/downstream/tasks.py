@@ -25,7 +25,6 @@ another spec (all its records; for ``karpathy:`` its test split) instead of the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -38,6 +37,7 @@ from torch import nn
 from semmim import checkpoint as ckpt
 from semmim.config import SemMIMConfig, _check_types, _in_range, _opt, _positive
 from semmim.data import Collator, DataSource, PairDataset, SkipLog, open_data, split_records
+from semmim.rundir import write_json, write_text
 from semmim.train import Task, run_eval
 from semmim.transforms import EvalTransform
 
@@ -198,11 +198,8 @@ def open_vqa(
 def _write(out_dir: str, result: dict[str, Any], table: str, json_path: str | None = None) -> None:
     print(table, flush=True)
     json_path = json_path or os.path.join(out_dir, "eval.json")
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.splitext(json_path)[0] + ".txt", "w") as f:
-        f.write(table + "\n")
+    write_json(json_path, result)
+    write_text(os.path.splitext(json_path)[0] + ".txt", table + "\n")
 
 
 def _eval_batches(records, image_size: int, batch_size: int, num_workers: int, desc: str):
@@ -452,8 +449,7 @@ class VQATask(_FinetuneTask):
             if json_path
             else os.path.join(out_dir, "vqa_results.json")
         )
-        with open(sub_path, "w") as f:
-            json.dump(sub, f)
+        write_json(sub_path, sub, indent=None)
         result["results_file"] = sub_path
         model.train(was)
         return result
@@ -557,8 +553,7 @@ class CaptionTask(_FinetuneTask):
         cap_path = os.path.join(
             os.path.dirname(os.path.abspath(json_path)) if json_path else out_dir, "captions.json"
         )
-        with open(cap_path, "w") as f:
-            json.dump([{"image_id": k, "caption": v} for k, v in preds.items()], f, indent=1)
+        write_json(cap_path, [{"image_id": k, "caption": v} for k, v in preds.items()], indent=1)
         model.train(was)
         return result
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +116,7 @@ def run_eval(
     """Held-out evaluation at the end of training; prints the table, writes eval.json / eval.txt
     (``write=False``: only returns the result)."""
     from semmim.eval import evaluate, format_table
+    from semmim.rundir import write_json, write_text
 
     result = evaluate(
         model,
@@ -135,8 +135,6 @@ def run_eval(
         return result
     table = format_table(result)
     print(table, flush=True)
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out_dir, "eval.txt"), "w") as f:
-        f.write(table + "\n")
+    write_json(os.path.join(out_dir, "eval.json"), result)
+    write_text(os.path.join(out_dir, "eval.txt"), table + "\n")
     return result

@@ -23,7 +23,13 @@ metric per variant, every seed a point).
   not read. For choosing settings; report the chosen ones on the held-out split once.
 - **Parallel** (``--jobs N``): N runs train at once, each in a child process started as
   ``python -P -m semmim.ablate --run RUN/ablate_run.json`` (plain JSON configs) with its output in
-  ``RUN/ablate_run.log``; SIGINT/SIGTERM to the grid are forwarded as one SIGTERM per child.
+  ``RUN/ablate_run.log``; SIGINT/SIGTERM to the grid are forwarded as one SIGTERM per child, and
+  a child receives SIGTERM from the kernel when the grid dies in any way, SIGKILL included
+  (``PR_SET_PDEATHSIG``): it checkpoints and stops, never trains on as an orphan.
+- **Owners**: the grid directory and each run directory are locked by the process writing them
+  (:class:`semmim.rundir.RunLock`); a second grid into the same ``--out``, or a rerun while a run
+  of an earlier grid still trains, is refused naming that process. A truncated ``summary.json`` /
+  ``eval.json`` / ``config.json`` of a run is named in the error.
 
 Variants (``--variants``): names of :data:`VARIANTS` (``default``, ``albef``, ``pixel``,
 ``random_mask``, ``no_text_target``, ``psi_text_cls``; comma-separated or separate words) or

@@ -908,3 +908,50 @@ def test_diagnostics_plot_labels_the_mask_overlap_references_as_the_metric_means
     assert labels[0.5].startswith("M/P = the text decides"), lines  # round(0.5 * 4) / 4
     assert not any("M/P (random)" in (label or "") for _, label in lines)
     _survived()
+
+
+def test_sigkilled_grid_takes_its_children_with_it_and_the_rerun_resumes(tmp_path):
+    """SIGKILL to a --jobs 2 grid: no handler runs in the grid, yet each child run receives
+    SIGTERM from the kernel (PR_SET_PDEATHSIG), checkpoints and exits; the same command then
+    resumes both runs (their logs continue) and finishes the table."""
+    from semmim.rundir import lock_owner
+
+    out = tmp_path / "grid"
+    cmd = [sys.executable, "-P", "-m", "semmim", "ablate", "--variants", "default,albef"]
+    cmd += ["--seeds", "0", "--jobs", "2", "--steps", "100", "--log-every", "1"]
+    cmd += ["--data", "synthetic:12:6", "--batch-size", "4", "--num-workers", "0"]
+    cmd += ["--threads", "1", "--eval-rerank-k", "2", *_TINY[2:], "--out", str(out)]
+    runs = [out / v / "seed_0" for v in ("default", "albef")]
+    _inject()
+    grid = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_until(
+            lambda: all(
+                (r / "log.csv").exists() and len((r / "log.csv").read_text().splitlines()) > 2
+                for r in runs
+            ),
+            300,
+            "both child runs to log steps",
+        )
+        children = [lock_owner(str(r)) for r in runs]
+        assert all(children), children
+        grid.kill()
+        grid.wait(timeout=60)
+        _wait_until(
+            lambda: all(lock_owner(str(r)) is None for r in runs), 120, "the children to exit"
+        )
+    finally:
+        if grid.poll() is None:
+            grid.kill()
+            grid.wait()
+    for r in runs:  # each stopped with a checkpoint (SIGTERM), not killed mid-write
+        assert list((r / "checkpoints").glob("step_*.pt")), r
+        assert "SIGTERM: stopping after step" in (r / "ablate_run.log").read_text()
+    done = subprocess.run(cmd, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    report = json.load(open(out / "ablation.json"))
+    assert len(report["runs"]) == 2 and report["pending"] == []
+    for r in runs:
+        steps = [ln.split(",")[0] for ln in (r / "log.csv").read_text().splitlines()[1:]]
+        assert steps == [str(s) for s in range(1, 101)], steps  # continued where it stopped
+    _survived()

@@ -750,6 +750,14 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"semmim {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk while writing a run file: say so, no traceback
+        from semmim.rundir import no_space_error
+
+        full = no_space_error(err)
+        if full is None:
+            raise
+        print(f"semmim {args.command}: error: {full}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("semmim: interrupted", file=sys.stderr)
         return 130

@@ -53,12 +53,16 @@ __all__ = [
     "check_output_file",
     "is_no_space",
     "no_space_message",
+    "no_space_error",
     "die_with_parent",
 ]
 
 LOCK_FILE = ".semmim.lock"
 # What makes a directory "hold a run": any of these written by a training run.
 RUN_FILES = ("config.json", "log.csv", "summary.json", "checkpoints")
+
+
+_NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class RunDirError(ValueError):
@@ -91,9 +95,11 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in _NO_SPACE_ERRNOS and not err.filename:
+            raise OSError(err.errno, err.strerror, path) from err  # name the file
         raise
     _fsync_dir(directory)
 
@@ -331,9 +337,6 @@ def check_output_file(path: str, option: str = "--json") -> None:
 
 
 # ------------------------------------------------------------------------------- disk full
-_NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
 def is_no_space(err: BaseException, directory: str, need_bytes: int) -> bool:
     """Whether a failed write into ``directory`` ran out of space: ENOSPC / EDQUOT, or torch's
     ``[enforce fail at inline_container.cc...] ... file write failed`` while the filesystem has
@@ -348,6 +351,20 @@ def is_no_space(err: BaseException, directory: str, need_bytes: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def no_space_error(err: BaseException) -> RunDirError | None:
+    """A :class:`RunDirError` naming the file for an OSError that is a full disk or quota
+    (``"no space left on DIR writing FILE"``); None for any other error."""
+    if isinstance(err, OSError) and err.errno in _NO_SPACE_ERRNOS:
+        if not err.filename:
+            return RunDirError(f"no space left on the device writing a run file ({err})")
+        folder = os.path.dirname(os.path.abspath(err.filename))
+        return RunDirError(
+            f"no space left on {folder} writing {err.filename} ({err.strerror}); what was "
+            "there before is intact (files are replaced atomically)"
+        )
+    return None
 
 
 def no_space_message(directory: str, need_bytes: int, what: str = "a checkpoint") -> str:

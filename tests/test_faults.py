@@ -814,6 +814,31 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_last_one(
     _survived()
 
 
+def test_disk_full_writing_a_run_file_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from semmim import rundir
+    from semmim.train import loop
+
+    run = tmp_path / "run"
+
+    def full(path, obj, indent=2):
+        def write(f):
+            f.write(b"{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        rundir.atomic_write(path, write)
+
+    monkeypatch.setattr(loop, "write_json", full)  # summary.json, after the last checkpoint
+    _inject()
+    assert _train(run, "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert f"no space left on {run} writing {run / 'summary.json'}" in err, err
+    assert "Traceback" not in err and not (run / "summary.json").exists()
+    assert load_latest_intact(str(run / "checkpoints"))[0]["step"] == 1
+    _survived()
+
+
 def test_eval_writes_where_its_help_says_and_never_replaces_the_runs_own_result(tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(run, "--steps", "2", "--ckpt-every", "1", "--keep-ckpts", "2") == 0

@@ -202,6 +202,17 @@ def _write(out_dir: str, result: dict[str, Any], table: str, json_path: str | No
     write_text(os.path.splitext(json_path)[0] + ".txt", table + "\n")
 
 
+def _beside(out_dir: str, json_path: str | None, name: str) -> str:
+    """The file ``name`` that goes with an evaluation's ``json_path``: ``DIR/name`` beside
+    ``eval.json`` (or in ``out_dir``), ``DIR/<stem>.name`` beside any other result file, so an
+    evaluation under another name never replaces the run's own ``captions.json`` / ... ."""
+    if not json_path:
+        return os.path.join(out_dir, name)
+    folder, base = os.path.split(os.path.abspath(json_path))
+    stem = os.path.splitext(base)[0]
+    return os.path.join(folder, name if stem == "eval" else f"{stem}.{name}")
+
+
 def _eval_batches(records, image_size: int, batch_size: int, num_workers: int, desc: str):
     """Lists of dataset items (``image`` (3, S, S), ``caption``, ``index``; or ``bad``, ``key``
     for an unreadable image) with the evaluation transform, under a progress bar."""
@@ -444,11 +455,7 @@ class VQATask(_FinetuneTask):
         table = self.format_table(result)
         _write(out_dir, result, table, json_path)
         sub = [{"question_id": q, "answer": a} for q, a in sorted(predictions.items())]
-        sub_path = (
-            os.path.join(os.path.dirname(os.path.abspath(json_path)), "vqa_results.json")
-            if json_path
-            else os.path.join(out_dir, "vqa_results.json")
-        )
+        sub_path = _beside(out_dir, json_path, "vqa_results.json")
         write_json(sub_path, sub, indent=None)
         result["results_file"] = sub_path
         model.train(was)
@@ -550,9 +557,7 @@ class CaptionTask(_FinetuneTask):
         for ex in result["examples"][:3]:
             table += f"\n  {ex['image']}: {ex['caption']!r}  (ref: {ex['reference']!r})"
         _write(out_dir, result, table, json_path)
-        cap_path = os.path.join(
-            os.path.dirname(os.path.abspath(json_path)) if json_path else out_dir, "captions.json"
-        )
+        cap_path = _beside(out_dir, json_path, "captions.json")
         write_json(cap_path, [{"image_id": k, "caption": v} for k, v in preds.items()], indent=1)
         model.train(was)
         return result

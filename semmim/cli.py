@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -375,15 +374,25 @@ def _setup_logging() -> None:
     )
 
 
-def _resume_configs(args: argparse.Namespace, explicit: dict[str, Any], model_sets: dict[str, Any]):
-    """``--resume``: :func:`semmim.train.resume.resume_configs` of OUT."""
+def _resume_point(
+    args: argparse.Namespace, changes: dict[str, Any], model_sets: dict[str, Any], task: str
+):
+    """``--resume``: :func:`semmim.train.resume.resume_point` of OUT (refused before any data is
+    opened when it breaks the resume contract)."""
     from semmim.config import TrainConfig
-    from semmim.train.resume import resume_configs
+    from semmim.train.resume import resume_point
 
-    out = explicit.get("out", TrainConfig.out)
     try:
-        return resume_configs(out, explicit, model_sets, bool(args.preset), args.allow_changes)
-    except FileNotFoundError as err:
+        return resume_point(
+            changes.get("out", TrainConfig.out),
+            int(os.environ.get("WORLD_SIZE", "1")),
+            args.allow_changes,
+            task,
+            changes=changes,
+            model_sets=model_sets,
+            preset_given=bool(args.preset),
+        )
+    except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
 
 
@@ -410,7 +419,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     checkpoint = None
     try:
         if args.resume:
-            checkpoint, model_cfg, tcfg = _resume_configs(args, explicit, model_sets)
+            checkpoint = _resume_point(args, explicit, model_sets, "pretrain")
+            model_cfg, tcfg = checkpoint.model_cfg, checkpoint.tcfg
         else:
             model_cfg = from_preset(args.preset or DEFAULT_PRESET, model_sets)
             tcfg = TrainConfig().override(explicit)
@@ -446,14 +456,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     checkpoint = None
     try:
         if args.resume:
-            checkpoint, model_cfg, tcfg = _resume_configs(args, explicit, model_sets)
-            state = checkpoint[0]
-            if state.get("task", "pretrain") != args.task:
-                raise CLIError(
-                    f"--resume: {checkpoint[1]} is a {state.get('task', 'pretrain')!r} run, "
-                    f"not {args.task!r}"
-                )
-            task = make_task(args.task, {**state["task_config"], **task_given})
+            checkpoint = _resume_point(args, explicit, model_sets, args.task)
+            model_cfg, tcfg = checkpoint.model_cfg, checkpoint.tcfg
+            task = make_task(args.task, {**checkpoint.state["task_config"], **task_given})
         else:
             task = make_task(args.task, TaskConfig(**task_given))
             tcfg = TrainConfig().override(explicit)
@@ -484,128 +489,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``semmim eval``."""
-    import torch
-
-    from semmim import SemMIM
-    from semmim.checkpoint import EVAL_KEYS, read_checkpoint, resolve_checkpoint
-    from semmim.config import SemMIMConfig, TrainConfig
-    from semmim.data import open_data
-    from semmim.eval import evaluate, format_table
+    """``semmim eval``: :func:`semmim.eval.open_checkpoint_eval`, then its one evaluation path."""
+    from semmim.eval import open_checkpoint_eval
 
     try:
-        path = resolve_checkpoint(args.ckpt)
-        state = read_checkpoint(path, "cpu", EVAL_KEYS)
-        tcfg = TrainConfig.from_dict(state["train_config"])
-        model_cfg = SemMIMConfig.from_dict(state["config"])
-    except (FileNotFoundError, ValueError) as err:
-        raise CLIError(f"--ckpt: {err}") from None
-    saved_task = state.get("task", "pretrain")
-    task_name = args.task or saved_task
-    if task_name in ("vqa", "caption") or saved_task in ("vqa", "caption"):
-        if task_name != saved_task:
-            raise CLIError(
-                f"--task {task_name}: {path} is a {saved_task!r} checkpoint (vqa and caption "
-                "evaluate a checkpoint fine-tuned for that task)"
-            )
-        return _eval_task(args, state, path, tcfg, model_cfg)
-    if args.beam_size is not None:
-        raise CLIError(f"--beam-size: only for --task caption, not {task_name}")
-    model = SemMIM(model_cfg)
-    model.load_state_dict(state["model"])
-    device = torch.device(
-        "cuda"
-        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
-    model.to(device)
-    spec = args.data if args.data is not None else (tcfg.data or None)
-    try:
-        if task_name == "retrieval":
-            from semmim.downstream.tasks import open_pairs
-
-            source = open_pairs(spec or "", tcfg.val_size, tcfg.split_seed)
-        else:
-            source = open_data(spec, tcfg.val_size, tcfg.split_seed)
-    except (ValueError, FileNotFoundError) as err:
-        raise CLIError(f"--data: {err}") from None
-    records = source.val if args.split == "val" else source.train + source.val
-    print(
-        f"checkpoint {path} (step {state['step']}); data {source.describe()}; "
-        f"evaluating {args.split} split",
-        flush=True,
-    )
-    result = evaluate(
-        model,
-        records,
-        image_size=model_cfg.vision.image_size,
-        max_len=min(tcfg.max_text_len, model_cfg.text.max_len),
-        class_names=source.class_names,
-        prompt_template=source.prompt_template,
-        rerank_k=args.rerank_k,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-    )
-    result.update(
-        checkpoint=path,
-        step=state["step"],
-        data=spec or "synthetic",
-        split=args.split,
-        task=task_name,
-        skipped_listing=source.skips.summary(),
-    )
-    table = format_table(result)
-    print(table)
-    json_path = args.json or os.path.join(os.path.dirname(os.path.dirname(path)), "eval.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.splitext(json_path)[0] + ".txt", "w") as f:
-        f.write(table + "\n")
-    print(f"wrote {json_path}")
-    return 0
-
-
-def _eval_task(args: argparse.Namespace, state: dict, path: str, tcfg, model_cfg) -> int:
-    """``semmim eval`` of a vqa / caption checkpoint on its task's metrics."""
-    import torch
-
-    from semmim.downstream.tasks import make_task
-
-    task_cfg = dict(state["task_config"])
-    if args.beam_size is not None:
-        task_cfg["beam_size"] = args.beam_size
-    try:
-        task = make_task(state["task"], task_cfg)
-        run_cfg = tcfg.override(
-            {
-                "data": args.data if args.data is not None else tcfg.data,
-                "num_workers": args.num_workers,
-                "eval_batch_size": args.batch_size,
-            }
+        job = open_checkpoint_eval(
+            args.ckpt,
+            task=args.task,
+            data=args.data,
+            split=args.split,
+            rerank_k=args.rerank_k,
+            beam_size=args.beam_size,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
         )
-        source = task.open_data(run_cfg)
     except (ValueError, FileNotFoundError) as err:
-        raise CLIError(f"--data: {err}") from None
-    if args.split == "all":
-        source.val = source.train + source.val
-    device = torch.device(
-        "cuda"
-        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
-    model = task.build_model(model_cfg, pretrained=False)
-    model.load_state_dict(state["model"])
-    model.to(device)
-    print(
-        f"checkpoint {path} ({state['task']}, step {state['step']}); data {source.describe()}; "
-        f"evaluating {args.split} split",
-        flush=True,
-    )
-    json_path = args.json or os.path.join(os.path.dirname(os.path.dirname(path)), "eval.json")
-    task.evaluate_model(
-        model, source, model_cfg, run_cfg, device, os.path.dirname(json_path), json_path
-    )
+        raise CLIError(str(err)) from None
+    print(job.describe(), flush=True)
+    json_path = args.json or job.json_path
+    job.run(json_path)
     print(f"wrote {json_path}")
     return 0
 

@@ -25,9 +25,7 @@ another spec (all its records; for ``karpathy:`` its test split) instead of the 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +36,8 @@ from torch import nn
 from semmim import checkpoint as ckpt
 from semmim.config import SemMIMConfig, _check_types, _in_range, _opt, _positive
 from semmim.data import Collator, DataSource, PairDataset, SkipLog, open_data, split_records
-from semmim.train import Task, run_eval
+from semmim.eval import Evaluation, evaluate, format_table
+from semmim.train import Task
 from semmim.transforms import EvalTransform
 
 log = logging.getLogger("semmim.finetune")
@@ -195,16 +194,6 @@ def open_vqa(
     )
 
 
-def _write(out_dir: str, result: dict[str, Any], table: str, json_path: str | None = None) -> None:
-    print(table, flush=True)
-    json_path = json_path or os.path.join(out_dir, "eval.json")
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.splitext(json_path)[0] + ".txt", "w") as f:
-        f.write(table + "\n")
-
-
 def _eval_batches(records, image_size: int, batch_size: int, num_workers: int, desc: str):
     """Lists of dataset items (``image`` (3, S, S), ``caption``, ``index``; or ``bad``, ``key``
     for an unreadable image) with the evaluation transform, under a progress bar."""
@@ -246,11 +235,6 @@ class _FinetuneTask(Task):
         )
         return state
 
-    def evaluate(self, run) -> dict[str, Any]:
-        return self.evaluate_model(
-            run.model, run.source, run.model_cfg, run.tcfg, run.info.device, run.out_dir
-        )
-
 
 class RetrievalTask(_FinetuneTask):
     """ITC + ITM fine-tuning of the SemMIM model itself, image-identity aware."""
@@ -288,11 +272,12 @@ class RetrievalTask(_FinetuneTask):
         )
         return out.loss, out.losses
 
-    def evaluate_model(self, model, source, model_cfg, tcfg, device, out_dir, json_path=None):
-        from semmim.eval import evaluate, format_table
-
-        result = run_eval(model, source, model_cfg, tcfg, out_dir, device, write=False)
-        table = "fine-tuned:\n" + format_table(result)
+    def evaluate(self, model, source, model_cfg, tcfg, device) -> Evaluation:
+        """Retrieval as pre-training evaluates it; with ``init`` also the starting checkpoint's
+        zero-shot numbers on the same split (``zero_shot_retrieval``)."""
+        evaluation = super().evaluate(model, source, model_cfg, tcfg, device)
+        result = evaluation.result
+        table = "fine-tuned:\n" + evaluation.table
         found = _init_state(self.cfg) if self.cfg.init else None
         if found is not None:
             from semmim import SemMIM
@@ -313,11 +298,21 @@ class RetrievalTask(_FinetuneTask):
             zero["checkpoint"] = path
             result["zero_shot_retrieval"] = zero
             table += f"\n\nzero-shot (the starting checkpoint {path}):\n" + format_table(zero)
-        _write(out_dir, result, table, json_path)
-        return result
+        return Evaluation(result, table)
 
 
-class VQATask(_FinetuneTask):
+class _HeadTask(_FinetuneTask):
+    """A task whose model is new heads on the pre-trained towers (VQA, captioning): it has no
+    schedules and no EMA teacher, so the loop has nothing to update around an optimizer step."""
+
+    def on_progress(self, model: nn.Module, step: int, total_steps: int) -> None:
+        pass
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        pass
+
+
+class VQATask(_HeadTask):
     """Answer classification over the most frequent training answers."""
 
     name = "vqa"
@@ -384,7 +379,9 @@ class VQATask(_FinetuneTask):
         )
 
     @torch.no_grad()
-    def evaluate_model(self, model, source, model_cfg, tcfg, device, out_dir, json_path=None):
+    def evaluate(self, model, source, model_cfg, tcfg, device) -> Evaluation:
+        """Official VQA accuracy (overall and per answer type) beside the majority-answer
+        baselines; the predictions in the submission format (``vqa_results.json``)."""
         from semmim.downstream.vqa_data import answer_vocabulary, normalize_answer, vqa_accuracy
 
         was = model.training
@@ -444,19 +441,9 @@ class VQATask(_FinetuneTask):
             ),
             "skipped": skips.summary(),
         }
-        table = self.format_table(result)
-        _write(out_dir, result, table, json_path)
         sub = [{"question_id": q, "answer": a} for q, a in sorted(predictions.items())]
-        sub_path = (
-            os.path.join(os.path.dirname(os.path.abspath(json_path)), "vqa_results.json")
-            if json_path
-            else os.path.join(out_dir, "vqa_results.json")
-        )
-        with open(sub_path, "w") as f:
-            json.dump(sub, f)
-        result["results_file"] = sub_path
         model.train(was)
-        return result
+        return Evaluation(result, self.format_table(result), {"vqa_results.json": sub})
 
     @staticmethod
     def format_table(result: dict[str, Any]) -> str:
@@ -479,7 +466,7 @@ class VQATask(_FinetuneTask):
         return "\n".join(lines)
 
 
-class CaptionTask(_FinetuneTask):
+class CaptionTask(_HeadTask):
     """Image captioning: LM loss with label smoothing; beam-search decoding; COCO metrics."""
 
     name = "caption"
@@ -507,7 +494,8 @@ class CaptionTask(_FinetuneTask):
         )
 
     @torch.no_grad()
-    def evaluate_model(self, model, source, model_cfg, tcfg, device, out_dir, json_path=None):
+    def evaluate(self, model, source, model_cfg, tcfg, device) -> Evaluation:
+        """BLEU / METEOR / ROUGE-L / CIDEr of the decoded captions (``captions.json``)."""
         from semmim.downstream.caption_metrics import caption_metrics, format_caption_table
 
         was = model.training
@@ -553,14 +541,9 @@ class CaptionTask(_FinetuneTask):
         table = format_caption_table(result)
         for ex in result["examples"][:3]:
             table += f"\n  {ex['image']}: {ex['caption']!r}  (ref: {ex['reference']!r})"
-        _write(out_dir, result, table, json_path)
-        cap_path = os.path.join(
-            os.path.dirname(os.path.abspath(json_path)) if json_path else out_dir, "captions.json"
-        )
-        with open(cap_path, "w") as f:
-            json.dump([{"image_id": k, "caption": v} for k, v in preds.items()], f, indent=1)
+        captions = [{"image_id": k, "caption": v} for k, v in preds.items()]
         model.train(was)
-        return result
+        return Evaluation(result, table, {"captions.json": captions})
 
 
 TASKS = {"retrieval": RetrievalTask, "vqa": VQATask, "caption": CaptionTask}

@@ -1,12 +1,19 @@
-"""The resume contract: what a resumed run may change, and the check."""
+"""The resume rules, in one place: which checkpoint, which configs, what a resume may change.
+
+:func:`resume_point` applies them for ``semmim train --resume`` / ``semmim finetune --resume``
+(before the data is opened) and for :func:`semmim.train.setup` when it is not handed a
+:class:`ResumePoint` already made.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
-from semmim.config import TrainConfig
+from semmim import checkpoint as ckpt
+from semmim.config import SemMIMConfig, TrainConfig
 
 log = logging.getLogger("semmim.train")
 
@@ -53,38 +60,60 @@ def check_resume(
         log.warning("resuming with changes (allowed): %s", "; ".join(changed))
 
 
-def resume_configs(
+@dataclass
+class ResumePoint:
+    """A checkpoint to continue, with the rules applied: ``model_cfg`` is the checkpoint's,
+    ``tcfg`` the run config to continue with (the contract checked)."""
+
+    state: dict[str, Any]
+    path: str
+    model_cfg: SemMIMConfig
+    tcfg: TrainConfig
+
+
+def resume_point(
     out: str,
-    explicit: dict[str, Any],
-    model_sets: dict[str, Any],
-    preset_given: bool,
-    allow_changes: bool,
-) -> tuple[tuple[dict[str, Any], str], Any, TrainConfig]:
-    """``--resume``: (checkpoint, model config, run config) of OUT's newest intact checkpoint,
-    with the run options given now (``explicit``) applied and the resume contract checked.
+    world_size: int,
+    allow_changes: bool = False,
+    task_name: str = "pretrain",
+    *,
+    tcfg: TrainConfig | None = None,
+    changes: dict[str, Any] | None = None,
+    model_sets: dict[str, Any] | None = None,
+    preset_given: bool = False,
+) -> ResumePoint:
+    """Apply the resume rules to the newest intact checkpoint of ``OUT/checkpoints``.
 
-    The checkpoint's model config is used: ``model_sets`` are validated (a misspelled key is an
-    error, as on a fresh run), then ignored with a warning, as is a ``--preset``. A saved
-    ``stop_at`` is dropped. Raises FileNotFoundError (no intact checkpoint) or ValueError.
+    - The checkpoint must be a run of ``task_name``.
+    - Its model config is used: ``model_sets`` (command-line ``--set`` keys) are validated (a
+      misspelled key is an error, as on a fresh run), then ignored with a warning, as is a
+      ``--preset`` (``preset_given``).
+    - The run config is ``tcfg`` as given, or the saved one with ``changes`` (the run options
+      given on the command line) applied and a saved ``stop_at`` dropped.
+    - The contract (:data:`RESUME_CONTRACT`, :func:`check_resume`) holds unless ``allow_changes``
+      (then the changes are logged).
+
+    Raises FileNotFoundError (no intact checkpoint) or ValueError, each starting ``--resume:``.
     """
-    from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
-    from semmim.config import SemMIMConfig
-
+    if (tcfg is None) == (changes is None):
+        raise TypeError("resume_point: give exactly one of tcfg (as given) and changes")
     try:
-        checkpoint = load_latest_intact(os.path.join(out, "checkpoints"), "cpu", TRAIN_KEYS)
+        state, path = ckpt.load_latest_intact(
+            os.path.join(out, "checkpoints"), "cpu", ckpt.TRAIN_KEYS
+        )
     except FileNotFoundError as err:
         raise FileNotFoundError(f"--resume: {err}") from None
-    state = checkpoint[0]
+    saved_task = state.get("task", "pretrain")
+    if saved_task != task_name:
+        raise ValueError(
+            f"--resume: the checkpoint {path} is a {saved_task!r} run, not {task_name!r}"
+        )
     model_cfg = SemMIMConfig.from_dict(state["config"])
     if model_sets:
         model_cfg.override(model_sets)  # a misspelled key is an error, as on a fresh run
     if preset_given or model_sets:
-        logging.getLogger("semmim").warning(
-            "--resume: the checkpoint's model config is used; --preset/model --set ignored"
-        )
-    saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
-    tcfg = saved.override(explicit)
-    if not allow_changes:  # refuse before the data is opened (train() logs changes)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        check_resume(state, checkpoint[1], tcfg, world_size, False)
-    return checkpoint, model_cfg, tcfg
+        log.warning("--resume: the checkpoint's model config is used; --preset/model --set ignored")
+    if tcfg is None:
+        tcfg = TrainConfig.from_dict({**state["train_config"], "stop_at": 0}).override(changes)
+    check_resume(state, path, tcfg, world_size, allow_changes)
+    return ResumePoint(state, path, model_cfg, tcfg)

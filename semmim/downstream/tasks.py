@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from semmim import checkpoint as ckpt
-from semmim.config import SemMIMConfig, _check_types, _in_range, _opt, _positive
+from semmim.config import SemMIMConfig, TaskConfig
 from semmim.data import Collator, DataSource, PairDataset, SkipLog, open_data, split_records
 from semmim.eval import Evaluation, evaluate, format_table
 from semmim.train import Task
@@ -43,50 +42,6 @@ from semmim.transforms import EvalTransform
 log = logging.getLogger("semmim.finetune")
 
 __all__ = ["TaskConfig", "TASKS", "make_task", "RetrievalTask", "VQATask", "CaptionTask"]
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """Options of ``semmim finetune`` beyond the run's :class:`semmim.config.TrainConfig`
-    (each field is an option of that command; saved in checkpoints for an exact resume)."""
-
-    init: str = _opt(
-        "",
-        "pre-training checkpoint to start from: run dir, checkpoints dir or step_*.pt (its model "
-        "config is used); omitted = from scratch (random init, --preset)",
-        "PATH",
-        flag="ckpt",
-    )
-    eval_data: str = _opt(
-        "", "evaluate on this data spec instead of the held-out split of --data", "SPEC"
-    )
-    label_smoothing: float = _opt(0.1, "caption: label smoothing of the LM loss", "E")
-    beam_size: int = _opt(3, "caption: beam width at evaluation (1 = greedy)", "K")
-    max_gen_len: int = _opt(30, "caption: most generated tokens", "T")
-    num_answers: int = _opt(3129, "vqa: answer classes (the most frequent training answers)", "N")
-    questions_per_image: int = _opt(3, "vqa: questions per embedded scene (of 6 kinds)", "Q")
-
-    def __post_init__(self) -> None:
-        try:
-            _check_types(self)
-            _positive(self, "beam_size", "max_gen_len", "num_answers", "questions_per_image")
-            _in_range(self, "label_smoothing", 0.0, 1.0, hi_open=True)
-            if self.questions_per_image > 6:
-                raise ValueError(f"questions_per_image: at most 6, got {self.questions_per_image}")
-        except ValueError as e:
-            raise ValueError(f"task.{e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TaskConfig:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"task.{unknown[0]}: unknown key; valid: {list(cls.__dataclass_fields__)}"
-            )
-        return cls(**d)
 
 
 def _init_state(cfg: TaskConfig) -> tuple[dict[str, Any], str] | None:
@@ -103,10 +58,20 @@ def _init_state(cfg: TaskConfig) -> tuple[dict[str, Any], str] | None:
     return state, path
 
 
-def init_model_config(cfg: TaskConfig, preset_cfg: SemMIMConfig) -> SemMIMConfig:
-    """The model config a fresh fine-tuning run uses: the init checkpoint's, else the preset's."""
+def init_model_config(
+    cfg: TaskConfig,
+    preset_cfg: SemMIMConfig,
+    model_sets: dict[str, Any] | None = None,
+    preset_given: bool = False,
+) -> SemMIMConfig:
+    """The model config a fresh fine-tuning run uses: the init checkpoint's (a ``--preset`` given
+    is then ignored, with a warning), else the preset's; model ``--set`` keys (e.g.
+    ``text.dropout=0.1``) on top of either."""
     found = _init_state(cfg)
-    return SemMIMConfig.from_dict(found[0]["config"]) if found else preset_cfg
+    if found is not None and preset_given:
+        log.warning("--preset ignored: the model config is the --ckpt checkpoint's")
+    model_cfg = SemMIMConfig.from_dict(found[0]["config"]) if found else preset_cfg
+    return model_cfg.override(model_sets) if model_sets else model_cfg
 
 
 # -------------------------------------------------------------------------------------- data

@@ -287,7 +287,7 @@ def test_parallel_grid_stops_with_checkpoints_and_resumes(tmp_path):
 
 
 def test_table_header_names_the_split_it_evaluated():
-    from semmim.ablate import _split_name
+    from semmim.ablate_report import _split_name
 
     assert _split_name({"eval_split": "held-out"}) == "held-out"
     assert _split_name({}) == "held-out"  # grids written before the validation split existed

@@ -40,7 +40,7 @@ from semmim.train.optim import lr_lambda, param_groups
 from semmim.train.resume import RESUME_CONTRACT, check_resume, resume_changes
 from semmim.train.run import Run, build_transform, enable_gradient_checkpointing, save, setup
 from semmim.train.signals import StopRequest
-from semmim.train.task import OBJECTIVES, Task, open_run_data, run_eval
+from semmim.train.task import OBJECTIVES, Task, open_run_data
 
 __all__ = [
     "CSV_FIELDS",
@@ -61,7 +61,6 @@ __all__ = [
     "plot_diagnostics",
     "plot_losses",
     "resume_changes",
-    "run_eval",
     "save",
     "setup",
     "step_seed",

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from semmim import dist
 from semmim.config import TrainConfig
 from semmim.data import DataSource
+from semmim.eval import run_evaluation
 from semmim.rundir import RunLock, write_json
 from semmim.train.logs import (
     csv_fields,
@@ -26,6 +27,7 @@ from semmim.train.logs import (
     plot_losses,
     postfix,
 )
+from semmim.train.resume import ResumePoint
 from semmim.train.run import Run, save, setup
 from semmim.train.signals import StopRequest
 from semmim.train.task import Task
@@ -63,7 +65,7 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
     diag_names = set(run.task.diagnostics) if diagnostic_step(run) else set()
     diag: dict[str, torch.Tensor] = {}
     diag_micro = 0
-    run.model.set_step(run.step, run.total_steps)
+    run.task.on_progress(run.model, run.step, run.total_steps)
     amp_dtype = run.amp_dtype
     wait, pairs = 0.0, 0
     losses: dict[str, torch.Tensor] = {}
@@ -108,7 +110,7 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.model.update_momentum()
+    run.task.after_optimizer_step(run.model)
     run.step += 1
     return {"losses": losses, "diagnostics": diag, "pairs": pairs, "wait": wait, "lr": lr}
 
@@ -135,7 +137,7 @@ def train(
     resume: bool = False,
     source: DataSource | None = None,
     return_model: bool = False,
-    checkpoint: tuple[dict[str, Any], str] | None = None,
+    checkpoint: ResumePoint | None = None,
     allow_changes: bool = False,
     task: Task | None = None,
 ) -> dict[str, Any]:
@@ -196,7 +198,15 @@ def _train_locked(
             plot_diagnostics(csv_path, os.path.join(run.out_dir, "diagnostics.png"))
         finished = not interrupted and run.step >= run.total_steps
         if tcfg.eval_at_end and finished and run.source.val:
-            summary["eval"] = run.task.evaluate(run)
+            summary["eval"] = run_evaluation(
+                run.task,
+                run.model,
+                run.source,
+                run.model_cfg,
+                run.tcfg,
+                run.info.device,
+                os.path.join(run.out_dir, "eval.json"),
+            )
         write_json(
             os.path.join(run.out_dir, "summary.json"),
             {k: v for k, v in summary.items() if k != "history"},

@@ -1,12 +1,19 @@
-"""The resume contract: what a resumed run may change, and the check."""
+"""The resume rules, in one place: which checkpoint, which configs, what a resume may change.
+
+:func:`resume_point` applies them for ``semmim train --resume`` / ``semmim finetune --resume``
+(before the data is opened) and for :func:`semmim.train.setup` when it is not handed a
+:class:`ResumePoint` already made.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
-from semmim.config import TrainConfig
+from semmim import checkpoint as ckpt
+from semmim.config import SemMIMConfig, TrainConfig
 
 log = logging.getLogger("semmim.train")
 
@@ -63,62 +70,81 @@ def check_resume(
         log.warning("resuming with changes (allowed): %s", "; ".join(changed))
 
 
-def resume_configs(
+@dataclass
+class ResumePoint:
+    """A checkpoint to continue, with the rules applied: ``model_cfg`` is the checkpoint's,
+    ``tcfg`` the run config to continue with (the contract checked)."""
+
+    state: dict[str, Any]
+    path: str
+    model_cfg: SemMIMConfig
+    tcfg: TrainConfig
+
+
+def resume_point(
     out: str,
-    explicit: dict[str, Any],
-    model_sets: dict[str, Any],
-    preset_given: bool | str,
-    allow_changes: bool,
-    task: str = "pretrain",
-) -> tuple[tuple[dict[str, Any], str], Any, TrainConfig]:
-    """``--resume``: (checkpoint, model config, run config) of OUT's newest intact checkpoint,
-    with the run options given now (``explicit``) applied and the resume contract checked.
+    world_size: int,
+    allow_changes: bool = False,
+    task_name: str = "pretrain",
+    *,
+    tcfg: TrainConfig | None = None,
+    changes: dict[str, Any] | None = None,
+    model_sets: dict[str, Any] | None = None,
+    preset_given: bool | str = False,
+) -> ResumePoint:
+    """Apply the resume rules to the newest intact checkpoint of ``OUT/checkpoints``.
 
-    The checkpoint's model config is used: ``model_sets`` are validated (a misspelled key is an
-    error, as on a fresh run); when they, or the preset named by ``preset_given`` (a preset name,
-    or True for "some preset"), would give another model config, a warning names the differences
-    and says they are ignored. A saved ``stop_at`` is dropped. A checkpoint of another
-    ``task`` (e.g. ``semmim train --resume`` on a fine-tuning run) is refused, naming the
-    command that resumes it; so is a checkpoint another run made (:func:`own_checkpoints`).
-    Raises FileNotFoundError (no intact checkpoint) or ValueError.
+    - The checkpoint must be this run's: one whose contract values differ from OUT's own
+      ``config.json`` (a ``step_*.pt`` of another run) is refused by name and never resumed
+      (:func:`own_checkpoints`; lifted by ``allow_changes``).
+    - The checkpoint must be a run of ``task_name``; another task's (``semmim train --resume``
+      on a fine-tuning run) is refused naming the command that resumes it.
+    - Its model config is used: ``model_sets`` (command-line ``--set`` keys) are validated (a
+      misspelled key is an error, as on a fresh run); when they, or the preset ``preset_given``
+      names (True: some unnamed preset), would give another model config, a warning names the
+      differences and says they are ignored (none when they equal the checkpoint's).
+    - The run config is ``tcfg`` as given, or the saved one with ``changes`` (the run options
+      given on the command line) applied and a saved ``stop_at`` dropped.
+    - The contract (:data:`RESUME_CONTRACT`, :func:`check_resume`) holds unless ``allow_changes``
+      (then the changes are logged).
+
+    Raises FileNotFoundError (no intact checkpoint) or ValueError, each starting ``--resume:``.
     """
-    from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
-    from semmim.config import SemMIMConfig, from_preset
+    from semmim.config import from_preset
 
+    if (tcfg is None) == (changes is None):
+        raise TypeError("resume_point: give exactly one of tcfg (as given) and changes")
     try:
-        checkpoint = load_latest_intact(
+        state, path = ckpt.load_latest_intact(
             os.path.join(out, "checkpoints"),
             "cpu",
-            TRAIN_KEYS,
+            ckpt.TRAIN_KEYS,
             accept=None if allow_changes else own_checkpoints(out),
         )
     except FileNotFoundError as err:
         raise FileNotFoundError(f"--resume: {err}") from None
-    state = checkpoint[0]
     saved_task = state.get("task", "pretrain")
-    if saved_task != task:
+    if saved_task != task_name:
         how = "semmim train" if saved_task == "pretrain" else f"semmim finetune {saved_task}"
         raise ValueError(
-            f"--resume: {checkpoint[1]} is a checkpoint of a {saved_task!r} run, not "
-            f"{task!r}; resume it with '{how} --out {out} --resume'"
+            f"--resume: the checkpoint {path} is a {saved_task!r} run, not {task_name!r}; "
+            f"resume it with '{how} --out {out} --resume'"
         )
     model_cfg = SemMIMConfig.from_dict(state["config"])
     given = model_cfg.override(model_sets) if model_sets else model_cfg  # validates the keys
     if isinstance(preset_given, str):
-        given = from_preset(preset_given, model_sets)
+        given = from_preset(preset_given, model_sets or {})
     ignored = _config_differences(model_cfg.to_dict(), given.to_dict())
     if ignored or preset_given is True:
-        logging.getLogger("semmim").warning(
+        log.warning(
             "--resume: the checkpoint's model config is used; --preset/model --set ignored "
             "(they differ from it in: %s)",
             "; ".join(ignored[:8]) or "unknown: no preset name given",
         )
-    saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
-    tcfg = saved.override(explicit)
-    if not allow_changes:  # refuse before the data is opened (train() logs changes)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        check_resume(state, checkpoint[1], tcfg, world_size, False)
-    return checkpoint, model_cfg, tcfg
+    if tcfg is None:
+        tcfg = TrainConfig.from_dict({**state["train_config"], "stop_at": 0}).override(changes)
+    check_resume(state, path, tcfg, world_size, allow_changes)
+    return ResumePoint(state, path, model_cfg, tcfg)
 
 
 def _config_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:

@@ -19,7 +19,7 @@ from semmim.data import DataSource, PairDataset, ResumableBatchSampler, SkipLog,
 from semmim.rundir import RunDirError, is_no_space, no_space_message, write_json
 from semmim.train.logs import Window
 from semmim.train.optim import lr_lambda, param_groups
-from semmim.train.resume import check_resume, own_checkpoints
+from semmim.train.resume import ResumePoint, resume_point
 from semmim.train.signals import signals_blocked
 from semmim.train.task import Task, open_run_data
 from semmim.transforms import TrainTransform
@@ -114,7 +114,7 @@ class Run:
     model_cfg: Any
     tcfg: TrainConfig
     info: dist.DistInfo
-    model: nn.Module  # the SemMIM module itself (state_dict, EMA, set_step)
+    model: nn.Module  # the task's model itself, unwrapped (state_dict, the task's step hooks)
     eager: nn.Module  # model or DDP(model): runs the first, checked step of a session
     forward: nn.Module  # what runs the other steps: ``eager``, or torch.compile of it
     optimizer: torch.optim.Optimizer
@@ -148,19 +148,18 @@ def setup(
     tcfg: TrainConfig,
     resume: bool = False,
     source: DataSource | None = None,
-    checkpoint: tuple[dict[str, Any], str] | None = None,
+    checkpoint: ResumePoint | None = None,
     allow_changes: bool = False,
     task: Task | None = None,
 ) -> Run:
     """Build the run: model, optimizer, schedule, data stream; on resume restore the checkpoint.
 
-    ``checkpoint`` is an already loaded ``(state, path)`` (else the newest intact checkpoint of
-    ``OUT/checkpoints`` is loaded). A resume that breaks the contract (:func:`check_resume`)
-    raises ValueError naming the changes unless ``allow_changes``. ``task``: what to train
-    (default: pre-training); a resume must continue the checkpoint's task.
+    On resume the rules of :func:`semmim.train.resume.resume_point` apply to the newest intact
+    checkpoint of ``OUT/checkpoints`` (the checkpoint's model config; a resume that breaks the
+    contract raises ValueError naming the changes unless ``allow_changes``; the task must be the
+    checkpoint's), unless ``checkpoint`` is a :class:`ResumePoint` they were already applied to
+    (then ``tcfg`` is its ``tcfg``). ``task``: what to train (default: pre-training).
     """
-    from semmim import SemMIMConfig
-
     task = task or Task()
 
     info = dist.init_distributed(_device(tcfg))
@@ -169,18 +168,10 @@ def setup(
     out_dir, ckpt_dir = tcfg.out, os.path.join(tcfg.out, "checkpoints")
     state = None
     if resume:
-        state, path = checkpoint or ckpt.load_latest_intact(
-            ckpt_dir,
-            required=ckpt.TRAIN_KEYS,
-            accept=None if allow_changes else own_checkpoints(out_dir),
+        point = checkpoint or resume_point(
+            tcfg.out, info.world_size, allow_changes, task.name, tcfg=tcfg
         )
-        model_cfg = SemMIMConfig.from_dict(state["config"])
-        saved_task = state.get("task", "pretrain")
-        if saved_task != task.name:
-            raise ValueError(
-                f"--resume: the checkpoint {path} is a {saved_task!r} run, not {task.name!r}"
-            )
-        check_resume(state, path, tcfg, info.world_size, allow_changes)
+        state, model_cfg = point.state, point.model_cfg
     if source is None:
         source = open_run_data(tcfg, task)  # before the model: classes may come from the data
     if state is None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,9 +10,7 @@ from torch import nn
 from semmim.config import TrainConfig
 from semmim.data import Collator, DataSource, open_data
 from semmim.diagnostics import DIAG_COLUMNS
-
-if TYPE_CHECKING:
-    from semmim.train.run import Run
+from semmim.eval import Evaluation, evaluate, format_table
 
 OBJECTIVES = ("itc", "itm", "mlm", "glob", "mim")
 
@@ -27,8 +24,10 @@ class Task:
       ``min_batch`` (smaller micro-batches are skipped: ITM needs two pairs for a negative);
     - :meth:`open_data` (records), :meth:`build_model` (called under ``manual_seed(seed)``),
       :meth:`collate` (records → batch), :meth:`loss` (batch → total and named losses) and
-      :meth:`evaluate` (the metric table at the end); :meth:`model_config` adapts the model
-      config of a fresh run (e.g. retrieval turns the MLM / MIM losses off);
+      :meth:`evaluate` (the metrics at the end and of ``semmim eval``); :meth:`model_config`
+      adapts the model config of a fresh run (e.g. retrieval turns the MLM / MIM losses off);
+    - :meth:`on_progress` / :meth:`after_optimizer_step`: what the loop calls before and after
+      each optimizer step (pre-training: the model's schedules and its EMA update);
     - :meth:`config` (plain dict saved in checkpoints, so a resume rebuilds the same task).
     """
 
@@ -88,10 +87,35 @@ class Task:
             return out.loss, out.losses
         return out.loss, {**out.losses, **out.diagnostics}
 
-    def evaluate(self, run: Run) -> dict[str, Any]:
-        return run_eval(
-            run.model, run.source, run.model_cfg, run.tcfg, run.out_dir, run.info.device
+    def on_progress(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called before each optimizer step with the step about to run (0-based) and the
+        run's length: SemMIM's schedules (ITC α, teacher temperature, EMA momentum) follow it."""
+        model.set_step(step, total_steps)
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Called after each optimizer step: SemMIM's EMA teacher follows the student."""
+        model.update_momentum()
+
+    def evaluate(
+        self, model: nn.Module, source: DataSource, model_cfg, tcfg: TrainConfig, device
+    ) -> Evaluation:
+        """Metrics of ``model`` on ``source.val`` (nothing written; see
+        :func:`semmim.eval.run_evaluation`). Pre-training: retrieval R@1/5/10 (ITC, then the
+        top ``tcfg.eval_rerank_k`` re-ranked by ITM) and zero-shot classification."""
+        result = evaluate(
+            model,
+            source.val,
+            image_size=model_cfg.vision.image_size,
+            max_len=min(tcfg.max_text_len, model_cfg.text.max_len),
+            class_names=source.class_names,
+            prompt_template=source.prompt_template,
+            rerank_k=tcfg.eval_rerank_k,
+            batch_size=tcfg.eval_batch_size,
+            num_workers=tcfg.num_workers,
+            device=device,
         )
+        result["split"] = source.eval_split
+        return Evaluation(result, format_table(result))
 
 
 def open_run_data(tcfg: TrainConfig, task: Task | None = None) -> DataSource:
@@ -102,39 +126,3 @@ def open_run_data(tcfg: TrainConfig, task: Task | None = None) -> DataSource:
     if tcfg.validation > 0:
         source = source.carve_validation(tcfg.validation, tcfg.split_seed)
     return source
-
-
-def run_eval(
-    model,
-    source: DataSource,
-    model_cfg,
-    tcfg: TrainConfig,
-    out_dir: str,
-    device: torch.device,
-    write: bool = True,
-) -> dict[str, Any]:
-    """Held-out evaluation at the end of training; prints the table, writes eval.json / eval.txt
-    (``write=False``: only returns the result)."""
-    from semmim.eval import evaluate, format_table
-    from semmim.rundir import write_json, write_text
-
-    result = evaluate(
-        model,
-        source.val,
-        image_size=model_cfg.vision.image_size,
-        max_len=min(tcfg.max_text_len, model_cfg.text.max_len),
-        class_names=source.class_names,
-        prompt_template=source.prompt_template,
-        rerank_k=tcfg.eval_rerank_k,
-        batch_size=tcfg.eval_batch_size,
-        num_workers=tcfg.num_workers,
-        device=device,
-    )
-    result["split"] = source.eval_split
-    if not write:
-        return result
-    table = format_table(result)
-    print(table, flush=True)
-    write_json(os.path.join(out_dir, "eval.json"), result)
-    write_text(os.path.join(out_dir, "eval.txt"), table + "\n")
-    return result

@@ -108,49 +108,52 @@ def format_table(report: dict[str, Any]) -> str:
     if not report["runs"]:
         pending = ", ".join(f"{r['variant']} seed {r['seed']}" for r in report["pending"])
         return "\n".join([*lines, "", f"no run finished yet; pending: {pending}"])
-    lines += [
-        "",
-        "mean ± std over seeds (sample std; n/a with one seed; n = finished runs):",
-        "",
-        "| variant | overrides | n | " + " | ".join(t for _, t in metrics) + " |",
-        "|---|---|---|" + "---|" * len(metrics),
-    ]
+    rows = []
     for v in g["variants"]:
         cells = s["cells"][v["name"]]
         n = max(c["n"] for c in cells.values())
         row = [_cell(cells[k], digits=digits.get(k, 1)) for k, _ in metrics]
-        lines.append(f"| {v['name']} | {v['overrides']} | {n} | " + " | ".join(row) + " |")
+        rows.append([v["name"], v["overrides"], str(n), *row])
+    lines += _markdown_table(
+        "mean ± std over seeds (sample std; n/a with one seed; n = finished runs):",
+        ["variant", "overrides", "n", *(t for _, t in metrics)],
+        rows,
+    )
     paired = [(k, t) for k, t in metrics if k != "train_s"]
     if s["paired"]:
         ref = s["reference"]
-        lines += [
-            "",
-            f"paired by seed: variant − {ref} on the same seed, mean ± std over seeds:",
-            "",
-            "| variant | seeds | " + " | ".join(f"Δ {t}" for _, t in paired) + " |",
-            "|---|---|" + "---|" * len(paired),
-        ]
+        rows = []
         for v in g["variants"]:
             if v["name"] == ref:
                 continue
             p = s["paired"][v["name"]]
             n = max(c["n"] for c in p.values())
             row = [_cell(p.get(k, {}), signed=True, digits=digits.get(k, 1)) for k, _ in paired]
-            lines.append(f"| {v['name']} | {n} | " + " | ".join(row) + " |")
-    lines += [
-        "",
-        "every run:",
-        "",
-        "| variant | seed | " + " | ".join(t for _, t in metrics) + " |",
-        "|---|---|" + "---|" * len(metrics),
+            rows.append([v["name"], str(n), *row])
+        lines += _markdown_table(
+            f"paired by seed: variant − {ref} on the same seed, mean ± std over seeds:",
+            ["variant", "seeds", *(f"Δ {t}" for _, t in paired)],
+            rows,
+        )
+    rows = [
+        [
+            r["variant"],
+            str(r["seed"]),
+            *(_fmt(r["metrics"].get(k), digits.get(k, 1)) for k, _ in metrics),
+        ]
+        for r in report["runs"]
     ]
-    for r in report["runs"]:
-        row = [_fmt(r["metrics"].get(k), digits.get(k, 1)) for k, _ in metrics]
-        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(row) + " |")
+    lines += _markdown_table("every run:", ["variant", "seed", *(t for _, t in metrics)], rows)
     missing = [f"{r['variant']} seed {r['seed']}" for r in report["pending"]]
     if missing:
         lines += ["", f"not finished ({len(missing)}): {', '.join(missing)}"]
     return "\n".join(lines)
+
+
+def _markdown_table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a titled markdown table (a blank line before and after the title)."""
+    lines = ["", title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:

@@ -35,7 +35,7 @@ from torch import nn
 from semmim import checkpoint as ckpt
 from semmim.config import SemMIMConfig, TaskConfig
 from semmim.data import Collator, DataSource, PairDataset, SkipLog, open_data, split_records
-from semmim.eval import Evaluation, evaluate, format_table
+from semmim.eval import Evaluation
 from semmim.train import Task
 from semmim.transforms import EvalTransform
 
@@ -250,19 +250,10 @@ class RetrievalTask(_FinetuneTask):
             state, path = found
             start = SemMIM(SemMIMConfig.from_dict(state["config"])).to(device)
             start.load_state_dict(state["model"])
-            zero = evaluate(
-                start,
-                source.val,
-                image_size=model_cfg.vision.image_size,
-                max_len=min(tcfg.max_text_len, model_cfg.text.max_len),
-                rerank_k=tcfg.eval_rerank_k,
-                batch_size=tcfg.eval_batch_size,
-                num_workers=tcfg.num_workers,
-                device=device,
-            )
-            zero["checkpoint"] = path
-            result["zero_shot_retrieval"] = zero
-            table += f"\n\nzero-shot (the starting checkpoint {path}):\n" + format_table(zero)
+            zero = super().evaluate(start, source, model_cfg, tcfg, device)
+            zero.result["checkpoint"] = path
+            result["zero_shot_retrieval"] = zero.result
+            table += f"\n\nzero-shot (the starting checkpoint {path}):\n" + zero.table
         return Evaluation(result, table)
 
 

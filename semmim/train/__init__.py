@@ -27,7 +27,7 @@ One concern per module:
 - :mod:`~semmim.train.loop`: :func:`train`, the session's steps, :func:`train_step`, :func:`step_seed`;
 - :mod:`~semmim.train.run`: :func:`setup` (the :class:`Run`), :func:`save` (checkpoint payloads);
 - :mod:`~semmim.train.task`: the :class:`Task` interface and the pre-training task;
-- :mod:`~semmim.train.resume`: the resume contract (what a resume may change);
+- :mod:`~semmim.train.resume`: the resume rules, applied in one place (:func:`resume_point`);
 - :mod:`~semmim.train.optim`: AdamW parameter groups and the learning-rate schedule;
 - :mod:`~semmim.train.logs`: the CSV log, the progress-bar postfix and the plots;
 - :mod:`~semmim.train.signals`: the stop request (SIGINT / SIGTERM) and blocked signals for workers.
@@ -37,7 +37,13 @@ from semmim.config import TrainConfig
 from semmim.train.logs import CSV_FIELDS, csv_fields, plot_diagnostics, plot_losses
 from semmim.train.loop import diagnostic_step, step_seed, train, train_step
 from semmim.train.optim import lr_lambda, param_groups
-from semmim.train.resume import RESUME_CONTRACT, check_resume, resume_changes
+from semmim.train.resume import (
+    RESUME_CONTRACT,
+    ResumePoint,
+    check_resume,
+    resume_changes,
+    resume_point,
+)
 from semmim.train.run import Run, build_transform, enable_gradient_checkpointing, save, setup
 from semmim.train.signals import StopRequest
 from semmim.train.task import OBJECTIVES, Task, open_run_data
@@ -46,6 +52,7 @@ __all__ = [
     "CSV_FIELDS",
     "OBJECTIVES",
     "RESUME_CONTRACT",
+    "ResumePoint",
     "Run",
     "StopRequest",
     "Task",
@@ -61,6 +68,7 @@ __all__ = [
     "plot_diagnostics",
     "plot_losses",
     "resume_changes",
+    "resume_point",
     "save",
     "setup",
     "step_seed",

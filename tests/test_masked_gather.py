@@ -17,7 +17,7 @@ mg = importlib.import_module("semmim.kernels.masked_gather")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDX_DTYPES = [torch.int32, torch.int64]
-# (P, D, R): awkward sizes from CONVENTIONS (P=1, 49, 196, 197, 576; D=1, 72, 80, 768; R=1, R=P)
+# (P, D, R): awkward sizes from CONTRIBUTING.md (P=1, 49, 196, 197, 576; D=1, 72, 80, 768; R=1, R=P)
 SHAPES = [
     (1, 1, 1),
     (1, 72, 1),

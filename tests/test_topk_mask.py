@@ -25,7 +25,7 @@ tm = importlib.import_module("semmim.kernels.topk_mask")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # score gap above which every backend must pick identical indices: the backends differ only in
 # the fp32 summation order (bounded by ~2*d*2^-24 relative to the score scale); the dtype entry
-# keeps the CONVENTIONS "tolerance travels with the dtype" shape (inputs are shared, so the
+# keeps the CONTRIBUTING.md "tolerances travel with the dtype" shape (inputs are shared, so the
 # input dtype does not widen the gap much)
 GAP_TOL = {torch.float32: 2e-4, torch.float16: 5e-4, torch.bfloat16: 1e-3}
 PS = [2, 49, 196, 197, 576, 1024]

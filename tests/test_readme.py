@@ -336,3 +336,25 @@ def test_contributing_holds_what_the_tests_cite():
     for path in ("tests/conftest.py", "tests/test_masked_gather.py", "tests/test_topk_mask.py"):
         source = (ROOT / path).read_text()
         assert "CONTRIBUTING.md" in source and "CONVENTIONS" not in source, path
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [README, ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))],
+    ids=lambda p: p.name,
+)
+def test_relative_links_resolve(doc: Path):
+    """Every relative Markdown link points to a file or folder that exists (and, with a
+    ``#fragment`` into a Markdown file, to one of its headings)."""
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # http:, https:, mailto:
+        path, _, fragment = target.partition("#")
+        dest = (doc.parent / path).resolve() if path else doc
+        assert dest.exists(), f"{doc.name}: link {target!r} -> {dest} does not exist"
+        if fragment and dest.suffix == ".md":
+            anchors = {
+                re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.*)$", dest.read_text(), re.M)
+            }
+            assert fragment in anchors, f"{doc.name}: no heading #{fragment} in {dest.name}"

@@ -8,7 +8,6 @@ The model (and torch) is imported lazily so ``import semmim`` stays light.
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
@@ -22,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = ["SemMIM", "SemMIMConfig", "from_preset", "__version__"]
 
 
-class _SourceCheckoutFinder(importlib.abc.MetaPathFinder):
+class _SourceCheckoutFinder:
     """Resolves ``semmim.kernels`` and ``semmim._C`` when ``semmim`` is the source folder.
 
     From the clone root Python imports the source folder ``semmim/`` (the working directory is
@@ -33,6 +32,7 @@ class _SourceCheckoutFinder(importlib.abc.MetaPathFinder):
     when no build sits beside the source (``pip install -e .`` builds it there), to the one the
     installed ``semmim`` distribution recorded. It answers for those two names only, and never
     imports ``kernels`` as a top-level name (PyPI's unrelated ``kernels`` package owns it).
+    A plain class with ``find_spec`` (the meta-path protocol): ``importlib.abc`` costs ~25 ms.
     """
 
     def __init__(self, package_dir: Path, kernels_dir: Path) -> None:

@@ -339,8 +339,8 @@ CASES: list[DataFault] = [
             "COCO 'file_name' must be a non-empty string, got int": 1,
             "COCO image entry without 'id'": 1,
             "COCO annotation for an unknown image id": 1,
-            "'caption' must be a string or a list of strings, got null": 1,
-            "'caption' must be a string or a list of strings, got list": 1,
+            "'caption' must be a string, got null": 1,  # a COCO annotation has one caption
+            "'caption' must be a string, got list": 1,
         },
         1,
     ),

@@ -123,8 +123,8 @@ def test_bad_files_raise_naming_the_problem(tmp_path, coco):
         load_retrieval_split(file, "val", image_root=root)
     albef = tmp_path / "list.json"
     albef.write_text(json.dumps([{"image": "a.jpg"}]))
-    with pytest.raises(ValueError, match=r"entry \[0\] needs 'image' and 'caption'"):
-        load_retrieval_split(albef)
+    with pytest.raises(ValueError, match=r"no usable image .*entry without 'caption'"):
+        load_retrieval_split(albef)  # the malformed entry is skipped and counted
     albef.write_text(json.dumps([{"image": "a.jpg", "caption": "x"}]))
     with pytest.raises(ValueError, match="split: .* pass None"):
         load_retrieval_split(albef, "test")
@@ -141,8 +141,10 @@ def test_bad_files_raise_naming_the_problem(tmp_path, coco):
             ]
         )
     )
-    with pytest.raises(ValueError, match="image id '5' names two files"):
-        load_retrieval_split(albef)
+    sp = load_retrieval_split(albef)  # the second file under one id is skipped, named
+    assert [im.path for im in sp.images] == [str(tmp_path / "x.jpg")]
+    assert sp.skips.counts == {"image id already names another file": 1}
+    assert sp.skips.keys == {("image id already names another file", "list.json[1]")}
 
 
 def test_split_feeds_the_model_and_the_evaluation(coco):

@@ -371,6 +371,22 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     assert x.std() > 0.5  # a gradient, not a white square
 
 
+def test_float_tiff_is_scaled_from_unit_range_not_black(tmp_path):
+    """A 32-bit float TIFF (mode F, 0..1) goes through the same conversion as 16-bit PNGs."""
+    values = np.linspace(0, 1, 64 * 16, dtype=np.float32).reshape(16, 64)
+    values[0, :3] = (np.nan, -0.5, 7.0)  # NaN is black, out-of-range values are clipped
+    Image.fromarray(values).save(tmp_path / "float.tif")
+    image = load_image(str(tmp_path / "float.tif"))
+    assert image.mode == "F"
+    assert np.asarray(image.convert("RGB"))[1:].max() <= 1  # what Pillow alone makes of it
+    rgb = np.asarray(to_rgb(image)).astype(int)
+    expected = np.clip(np.rint(np.nan_to_num(values.astype(np.float64) * 255.0)), 0, 255)
+    assert np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 1], expected)
+    assert tuple(rgb[0, :3, 0]) == (0, 0, 255) and len(np.unique(rgb)) > 200
+    x, _ = EvalTransform(16)(image, "c")
+    assert x.std() > 0.5  # a gradient, not a black square
+
+
 def test_upper_case_pair_and_ignored_files_are_reported(tmp_path):
     root = pairs_folder(tmp_path / "d", n=2)
     (root / "X.PNG").write_bytes((root / "good0.png").read_bytes())

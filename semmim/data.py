@@ -650,7 +650,9 @@ def read_json_file(path: str, what: str = "json data") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        cut = " (the file ends early: truncated?)" if err.pos >= len(text.rstrip()) else ""
+        # The parser stops at the end of the text, or inside a string running to the end.
+        ends = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+        cut = " (the file ends early: truncated?)" if ends else ""
         raise DataError(f"{what} {path!r} is not valid JSON{cut}: {err}") from None
 
 

@@ -60,7 +60,7 @@ CASE_SECONDS = 60
 
 
 @contextlib.contextmanager
-def _deadline(name: str, seconds: int = CASE_SECONDS):
+def deadline(name: str, seconds: int = CASE_SECONDS):
     """AssertionError instead of a hang (SIGALRM; main thread only, else no limit)."""
 
     def expired(*_):
@@ -95,7 +95,7 @@ def run_case(case: DataFault, folder: Path) -> None:
     """Build ``case`` under ``folder`` and assert that it is handled as specified."""
     spec = case.build(folder)
     try:
-        with _deadline(case.name):
+        with deadline(case.name):
             source = _open(spec, case.val_size)
             source.verify()
             source.check()

@@ -1026,9 +1026,12 @@ def _decode(ref: ImageRef) -> Image.Image:
         if ref.compressed:
             cache_key = (os.getpid(), ref.path)
             if cache_key not in _TAR_CACHE:
-                _TAR_CACHE[cache_key] = tarfile.open(
-                    ref.path, "r:*", fileobj=open_regular(ref.path, "shard")
-                )
+                f = open_regular(ref.path, "shard")
+                try:
+                    _TAR_CACHE[cache_key] = tarfile.open(ref.path, "r:*", fileobj=f)
+                except BaseException:
+                    f.close()
+                    raise
             stream = _TAR_CACHE[cache_key].fileobj  # seekable decompressed view of the tar
             stream.seek(ref.offset)
             data = stream.read(ref.size)

@@ -332,6 +332,16 @@ def test_gumbel_noise_reproducible_and_finite():
     assert abs(big.var().item() - math.pi**2 / 6) < 0.05
 
 
+def test_gumbel_noise_on_a_missing_device_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(ValueError, match=r"^device='cuda(:1)?' but CUDA is not available") as e:
+            K.gumbel_noise((2, 3), seed=0, device=device)
+        assert "\n" not in str(e.value) and "use device='cpu'" in str(e.value)
+    with pytest.raises(ValueError, match="device must name a torch device, got 'gpu'"):
+        K.gumbel_noise((2, 3), seed=0, device="gpu")
+
+
 def test_gumbel_noise_uniform_zero_stays_finite(monkeypatch):
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros(a[0], dtype=torch.float32))
     assert bool(torch.isfinite(K.gumbel_noise((5,), seed=0, device="cpu")).all())

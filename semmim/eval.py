@@ -453,8 +453,7 @@ def open_checkpoint_eval(
     from semmim.train import Task
 
     try:
-        path = ckpt_io.resolve_checkpoint(ckpt)
-        state = ckpt_io.read_checkpoint(path, "cpu", ckpt_io.EVAL_KEYS)
+        state, path = ckpt_io.open_checkpoint(ckpt, "cpu", ckpt_io.EVAL_KEYS)
         tcfg = TrainConfig.from_dict(state["train_config"])
         model_cfg = SemMIMConfig.from_dict(state["config"])
     except (FileNotFoundError, ValueError) as err:

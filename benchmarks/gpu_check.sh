@@ -49,11 +49,11 @@ if [ "$MODE" = first ]; then
   BUDGET=${SEMMIM_DEADLINE_S:-480}
   SECTIONS=(
     "device 10 nvidia-smi, versions, CUDA visible"
-    "build 110 pip install --no-build-isolation . (semmim._C with CUDA, sm_90)"
+    "build 120 pip install --no-build-isolation . (semmim._C with CUDA, sm_90)"
     "e2e_fast 60 e2e (a) fast path: our backends + token dropping, bf16"
     "e2e_reference 50 e2e (c) reference path, fp32"
     "e2e_reference_bf16 50 e2e (c') reference path, bf16: ours vs theirs at one precision"
-    "e2e_fast_compiled 80 e2e (b) fast path under torch.compile, (a)'s batch"
+    "e2e_fast_compiled 70 e2e (b) fast path under torch.compile, (a)'s batch"
     "e2e_one_pass 0 e2e (d) one-pass path: slot for a later issue (not in this commit)"
     "train_small 60 200 steps of small, embedded data, bf16: the loss must fall"
     "smoke_tier 40 cuda tier at the model's shapes, one dtype each (+ the time left)"
@@ -244,8 +244,8 @@ cat "$WORK/device.txt"
 SUMMARY_ROWS+=("device|ok|$(elapsed)")
 done_ device
 if ! grep -q "^torch device: " "$WORK/device.txt" || grep -q "^torch device: no CUDA GPU" "$WORK/device.txt"; then
-  echo "gpu_check.sh: no CUDA GPU on this machine (torch.cuda.is_available() is False): nothing"
-  echo "was built or measured."
+  echo "gpu_check.sh: no CUDA GPU on this machine (torch not importable, or"
+  echo "torch.cuda.is_available() is False): nothing was built or measured."
   skip_rest "no CUDA GPU"
   STATUS=$NO_GPU_EXIT
   exit "$NO_GPU_EXIT"
@@ -265,7 +265,7 @@ fi
 done_ build
 
 if [ "$MODE" = first ]; then
-  E2E="$PY -P benchmarks/e2e_gpu.py --out $WORK --steps 20 --warmup 2 --search-s 25"
+  E2E="$PY -P benchmarks/e2e_gpu.py --out $WORK --steps 10 --warmup 2 --search-s 20"
   E2E_RAN=1
   for s in fast reference reference_bf16 fast_compiled; do
     run_section "e2e_$s" "$(cap_of "e2e_$s")" $E2E --section "$s"

@@ -1,9 +1,10 @@
 """How many Triton kernels the GPU check compiles, and what they cost on sm_90, without a GPU.
 
-Default tier: the launches of the GPU check's smoke tier (tests/conftest.py CUDA_SMOKE: the cuda
+The launches of the GPU check's smoke tier (tests/conftest.py CUDA_SMOKE: the cuda
 tests at the model's shapes, one dtype each) are replayed on CPU tensors with every Triton launch
 recorded instead of run (tests/triton_specs.py: the cache key Triton's own binder computes for an
-sm_90 target); the distinct keys are the compiles of a cold cache, bounded here. Slow tier:
+sm_90 target); the distinct keys are the compiles of a cold cache, bounded here (slow tier;
+the default tier checks that sizes alone make no new variant). Slow tier too:
 every (kernel, config) the launchers can pick, over the whole range of shapes their tile tables
 distinguish, compiles for sm_90 without register spills and within its shared memory.
 """
@@ -106,6 +107,7 @@ def _table(variants: dict) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(per.items()))
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: four tiny-model training steps dominate
 def test_smoke_tier_compiles_few_triton_variants():
     """The smoke tier compiles at most SMOKE_COMPILE_BUDGET distinct Triton kernels on an H100;
     each kernel's variants differ only in what the launchers choose (dtype, tiles, flags), not

@@ -131,7 +131,7 @@ commit() {
 run_section() {
   local name=$1 cap=$2
   shift 2
-  local left=$((BUDGET - $(elapsed) - KILL_GRACE))
+  local left=$((BUDGET - $(elapsed) - KILL_GRACE - $(cap_of finalise)))
   local limit=$cap
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt "$MIN_START" ] && [ "$limit" -lt "$cap" ]; then
@@ -205,7 +205,7 @@ finalise() {
   } >"$sum"
   cp "$sum" "$OUT/summary.txt"
   # logs and JSONs only: the training run's checkpoints and the build tree stay in /tmp
-  (cd "$WORK" && find . -maxdepth 3 -type f \( -name '*.log' -o -name '*.json' -o -name '*.txt' \
+  (cd "$WORK" && find . -maxdepth 4 -type f \( -name '*.log' -o -name '*.json' -o -name '*.txt' \
     -o -name 'log.csv' \) -print0 | tar --null -czf "$OUT/gpu_check_logs.tar.gz" -T -)
   echo
   echo "== summary ($OUT/summary.txt; logs in $OUT/gpu_check_logs.tar.gz, work folder $WORK)"
@@ -289,17 +289,21 @@ if [ "$MODE" = first ]; then
     tests/test_topk_mask.py tests/test_cross_attention.py tests/test_prototype_cross_entropy.py \
     tests/test_gpu_path.py -m "cuda and smoke" -q -p no:cacheprovider -o addopts="" -rfE
   done_ smoke_tier
-  grep -E "passed|failed|error" "$WORK/smoke_tier.log" | tail -1 >"$WORK/smoke_result.txt"
-  grep -E "^(FAILED|ERROR)" "$WORK/smoke_tier.log" | head -20 >>"$WORK/smoke_result.txt"
-  TABLES+=("$WORK/smoke_result.txt")
+  if [ -f "$WORK/smoke_tier.log" ]; then
+    { echo "smoke tier:"; grep -E "passed|failed|error" "$WORK/smoke_tier.log" | tail -1
+      grep -E "^(FAILED|ERROR)" "$WORK/smoke_tier.log" | head -20; } >"$WORK/smoke_result.txt"
+    TABLES+=("$WORK/smoke_result.txt")
+  fi
 else
   for op in $OPS; do
     run_section "tier_$op" "$(cap_of "tier_$op")" $PY -P -m pytest "tests/test_$op.py" -m cuda -q \
       -p no:cacheprovider -o addopts="" -rfE
     done_ "tier_$op"
-    { echo "cuda tier $op:"; grep -E "passed|failed|error" "$WORK/tier_$op.log" | tail -1
-      grep -E "^(FAILED|ERROR)" "$WORK/tier_$op.log" | head -10; } >"$WORK/tier_${op}_result.txt"
-    TABLES+=("$WORK/tier_${op}_result.txt")
+    if [ -f "$WORK/tier_$op.log" ]; then
+      { echo "cuda tier $op:"; grep -E "passed|failed|error" "$WORK/tier_$op.log" | tail -1
+        grep -E "^(FAILED|ERROR)" "$WORK/tier_$op.log" | head -10; } >"$WORK/tier_${op}_result.txt"
+      TABLES+=("$WORK/tier_${op}_result.txt")
+    fi
   done
   run_section tier_model "$(cap_of tier_model)" $PY -P -m pytest tests/test_gpu_path.py -m cuda -q \
     -p no:cacheprovider -o addopts="" -rfE
@@ -309,8 +313,11 @@ else
       --benchmark-only -q -p no:cacheprovider -k "cuda or copy" --benchmark-columns=median \
       --benchmark-json="$WORK/bench_$op.json"
     done_ "bench_$op"
-    sed -n '/semmim speed-up table/,/^$/p' "$WORK/bench_$op.log" | grep -v "^-" >"$WORK/bench_${op}_table.txt"
-    TABLES+=("$WORK/bench_${op}_table.txt")
+    if [ -f "$WORK/bench_$op.log" ]; then
+      sed -n '/semmim speed-up table/,/^$/p' "$WORK/bench_$op.log" | grep -v "^-" \
+        >"$WORK/bench_${op}_table.txt"
+      TABLES+=("$WORK/bench_${op}_table.txt")
+    fi
   done
 fi
 exit "$STATUS"

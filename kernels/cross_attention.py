@@ -564,7 +564,8 @@ def _tiles(kind: str, lq: int, lk: int, block_d: int, dtype: torch.dtype) -> tup
     """(BLOCK_M, BLOCK_N, num_warps) for one kernel from a small table instead of autotuning.
 
     ``kind``: "fwd", "short_k", "short_q" or "general" (the backward plans). The sizes are the
-    largest that compile for sm_90 without register spills (checked with ptxas on each entry):
+    largest that compile for sm_90 without register spills (every entry is compiled by
+    tests/test_triton_compiles.py with the ptxas of the Triton wheel):
     16-bit inputs use tensor-core tiles up to 128; fp32 (IEEE dots, no tensor cores: a test and
     reference dtype here) uses 16/32-wide tiles. Short sides get one tile: next power of 2 ≥ L.
     """
@@ -580,18 +581,25 @@ def _tiles(kind: str, lq: int, lk: int, block_d: int, dtype: torch.dtype) -> tup
             t = pm, 16
         else:
             t = min(pm, 16), min(pn, 32)
-        # a 32x32 fp32 forward tile at BLOCK_D = 64 needs 168 registers and spills 8 B with 4
-        # warps on sm_90; 8 warps take 70
-        return t[0], t[1], 8 if kind == "fwd" and t == (32, 32) and block_d >= 64 else 4
+        # 4 warps spill on sm_90 at a 32x32 forward tile with BLOCK_D >= 64 (168 registers, 8 B
+        # of stack) and at the 16x16 dQ tile (4 B); 8 warps take 70 / 52-56 registers
+        more = (kind == "fwd" and t == (32, 32) and block_d >= 64) or (
+            kind == "general" and t == (16, 16)
+        )
+        return t[0], t[1], 8 if more else 4
     if kind == "fwd":
         bm = min(pm, 128)
         bn = min(pn, 64) if wide or lk > 128 else pn
-        return bm, bn, 8 if bm >= 128 or (wide and bm >= 64) else 4
+        # wide 32-row tiles: 4 warps cap at 128 registers and spill 4 B on sm_90; 8 take 104
+        return bm, bn, 8 if bm >= 128 or (wide and bm >= 32) else 4
     if kind == "short_k":  # K, V, dK, dV resident: BLOCK_N = all keys
         return (32 if pn > 64 or wide else 64), pn, 8
     if kind == "short_q":  # Q, dO, dQ resident: BLOCK_M = all queries
         return pm, (32 if wide else 64), 8
-    return min(pm, 64), min(pn, 64), 8
+    # wide 32-row dQ tiles spill 4 B at 8 warps (128 registers) on sm_90; 4 warps take 140-192
+    # (dK/dV: up to 246), no spills
+    bm = min(pm, 64)
+    return bm, min(pn, 64), 4 if wide and bm == 32 else 8
 
 
 def _block_d(dh: int) -> int:

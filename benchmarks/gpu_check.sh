@@ -183,11 +183,11 @@ finalise() {
     cat "$WORK/device.txt" 2>/dev/null || echo "device: not read"
     echo "total $(elapsed) s of a ${BUDGET} s budget; exit $STATUS"
     echo
-    printf '%-22s %-26s %7s\n' section status seconds
+    printf '%-30s %-26s %7s\n' section status seconds
     local r n st t
     for r in "${SUMMARY_ROWS[@]}"; do
       IFS='|' read -r n st t <<<"$r"
-      printf '%-22s %-26s %7s\n' "$n" "$st" "$t"
+      printf '%-30s %-26s %7s\n' "$n" "$st" "$t"
     done
     if [ "${#SKIPPED[@]}" -gt 0 ]; then
       echo "skipped (${#SKIPPED[@]}): ${SKIPPED[*]}"

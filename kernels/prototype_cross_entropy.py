@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from ._common import (
     cast_to_input,
     check_float,
+    check_not_meta,
     check_same_device,
     check_tensor,
     interpret_mode,
@@ -153,10 +154,19 @@ def _prepare(
         z=z, z_teacher=z_teacher, prototypes=prototypes,
         prototypes_teacher=prototypes_teacher, center=center,
     )  # fmt: skip
+    check_not_meta(OP_NAME, z=z)  # one device: z speaks for all five
+    # Logits are bounded by 1 (unit vectors) and divided by τ; a softmax takes differences of
+    # them (up to ~4/τ with the centre), which must stay finite in the compute dtype.
+    min_temp = 4.0 / torch.finfo(_compute_dtype(z)).max
     for name, v in (("student_temp", student_temp), ("teacher_temp", teacher_temp)):
         ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
         if not ok or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if v < min_temp:
+            raise ValueError(
+                f"{name} must be >= {min_temp:.3g} for {str(z.dtype).removeprefix('torch.')} "
+                f"inputs (the logits are divided by it and would overflow), got {v!r}"
+            )
     if validate:
         named = (("z", z), ("z_teacher", z_teacher), ("prototypes", prototypes),
                  ("prototypes_teacher", prototypes_teacher), ("center", center))  # fmt: skip
@@ -669,7 +679,9 @@ def prototype_cross_entropy(
             z's dtype; under autocast a different float dtype is cast to z's.
         prototypes_teacher: (K, E) teacher prototypes, raw (no gradient), as prototypes.
         center: (K,) teacher centre, any float dtype (no gradient).
-        student_temp, teacher_temp: temperatures τs, τt > 0.
+        student_temp, teacher_temp: temperatures τs, τt > 0, and at least 4 / (largest
+            float of the compute dtype), ~1.2e-38 for fp32/fp16/bf16 inputs, so that the
+            logits divided by them stay finite (a ValueError otherwise).
         backend: "reference" | "chunked" | "triton"; default: ``SEMMIM_BACKEND`` or the fastest
             that can run (triton on CUDA, chunked elsewhere).
         validate: check that every input is finite (one device→host sync); shape, dtype and

@@ -577,7 +577,15 @@ def gumbel_noise(
         raise ValueError(f"shape must hold non-negative ints, got {tuple(shape)!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must name a torch device, got {device!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} but CUDA is not available here "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False); use device='cpu'"
+        )
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     u = torch.rand(tuple(shape), generator=gen, device=device, dtype=torch.float32)

@@ -504,14 +504,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from semmim import SemMIM
-    from semmim.checkpoint import EVAL_KEYS, read_checkpoint, resolve_checkpoint
+    from semmim.checkpoint import EVAL_KEYS, open_checkpoint
     from semmim.config import SemMIMConfig, TrainConfig
     from semmim.data import open_data
     from semmim.eval import evaluate, format_table
 
     try:
-        path = resolve_checkpoint(args.ckpt)
-        state = read_checkpoint(path, "cpu", EVAL_KEYS)
+        state, path = open_checkpoint(args.ckpt, "cpu", EVAL_KEYS)
         tcfg = TrainConfig.from_dict(state["train_config"])
         model_cfg = SemMIMConfig.from_dict(state["config"])
     except (FileNotFoundError, ValueError) as err:

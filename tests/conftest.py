@@ -1,4 +1,4 @@
-"""Test tiers (see CONVENTIONS.md): default (CPU), interpret (TRITON_INTERPRET=1, a separate
+"""Test tiers (see CONTRIBUTING.md): default (CPU), interpret (TRITON_INTERPRET=1, a separate
 invocation: `TRITON_INTERPRET=1 pytest -m interpret`), cuda (GPU only), build. Nothing here touches
 a GPU at import time."""
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -435,3 +436,216 @@ def test_training_on_data_without_one_good_image_is_a_clear_error(tmp_path, caps
     assert "can be decoded" in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
     _survived()
+
+
+# --- issue 19 §2–4: inputs that point elsewhere, downstream loaders, small faults
+# (the data cases of these classes are in tests/fault_cases_data.py, run by test_bad_data_cases)
+def _ckpt_commands(run) -> dict[str, list[str]]:
+    """The three commands that open a checkpoint, on run directory ``run``."""
+    return {
+        "eval": ["eval", "--ckpt", str(run)],
+        "finetune --ckpt": ["finetune", "retrieval", "--ckpt", str(run), "--out", f"{run}-ft"],
+        "train --resume": ["train", "--resume", "--out", str(run)],
+    }
+
+
+def test_symlinked_latest_is_refused_by_every_command_unread(reference, tmp_path, capsys):
+    """A ``latest`` that is a symlink (to a file outside, whose text must not be shown) or a FIFO
+    (that would block a reader): exit 2 from eval, finetune --ckpt and train --resume."""
+    from fault_cases_data import deadline
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("step_00000010.pt root:x:0:0:TOP-SECRET-LINE\n")
+    for kind in ("symlink", "fifo"):
+        run = tmp_path / kind
+        shutil.copytree(reference[0], run)
+        latest = run / "checkpoints" / "latest"
+        latest.unlink()
+        if kind == "symlink":
+            latest.symlink_to(secret)
+        else:
+            os.mkfifo(latest)
+        for name, argv in _ckpt_commands(run).items():
+            _inject()
+            with deadline(f"{kind} latest, {name}", 60):
+                code = main(argv)
+            err = capsys.readouterr().err
+            assert code == 2, (kind, name, err)
+            assert ("a symlink; refusing" if kind == "symlink" else "a FIFO") in err, err
+            assert "TOP-SECRET" not in err and "Traceback" not in err, err
+            _survived()
+
+
+def test_step_file_linked_from_outside_is_refused_by_every_command(
+    reference, tmp_path, capsys, caplog
+):
+    """A step_*.pt that is a symlink out of the run (another run's checkpoint): eval and
+    finetune --ckpt refuse it (through the run directory and when named), as --resume does (it
+    resumes from the run's own newest intact checkpoint instead, and says why)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    other = tmp_path / "other-seed.pt"
+    shutil.copy(run / "checkpoints" / f"step_{STEPS:08d}.pt", other)
+    shutil.copy(run / "checkpoints" / f"step_{STEPS:08d}.pt.json", f"{other}.json")
+    link = run / "checkpoints" / "step_00000099.pt"
+    link.symlink_to(other)
+    shutil.copy(f"{other}.json", f"{link}.json")
+    (run / "checkpoints" / "latest").unlink()  # the newest step file is the link
+    commands = _ckpt_commands(run)
+    commands["eval (file named)"] = ["eval", "--ckpt", str(link)]
+    commands["finetune --ckpt (file named)"] = ["finetune", "vqa", "--ckpt", str(link)]
+    for name, argv in commands.items():
+        _inject()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="semmim"):
+            code = main(argv)
+        err = capsys.readouterr().err + caplog.text  # the resume's fallback is a log warning
+        assert "a link to a file outside" in err and "Traceback" not in err, (name, err)
+        if name == "train --resume":
+            assert code == 0 and "falling back to" in err, err
+            state, path = load_latest_intact(str(run))
+            assert os.path.realpath(path).startswith(os.path.realpath(run)), path
+        else:
+            assert code == 2, (name, err)
+        _survived()
+
+
+def test_semmim_data_never_prints_a_caption_linked_from_outside(tmp_path, capsys):
+    from fault_cases_data import pairs_folder
+
+    _inject()
+    root = pairs_folder(tmp_path / "d", n=2)
+    (tmp_path / "passwd").write_text("root:x:0:0:TOP-SECRET-LINE\n")
+    (root / "a.png").write_bytes((root / "good0.png").read_bytes())
+    (root / "a.txt").symlink_to(tmp_path / "passwd")
+    assert main(["data", f"folder:{root}", "--val-size", "0"]) == 0
+    out = capsys.readouterr()
+    assert "TOP-SECRET" not in out.out + out.err
+    assert "caption file links outside the data folder: 1" in out.out, out.out
+    _survived()
+
+
+def test_compressed_shard_with_a_huge_text_member_lists_in_bounded_memory(tmp_path):
+    """The issue's shard in small: a .tar.gz whose .txt member is 64 MiB of zeros (compressed to
+    ~64 KiB) is listed with a bounded read; the member is skipped and counted."""
+    import io
+    import tarfile
+    import tracemalloc
+
+    from fault_cases_data import png_bytes
+
+    _inject()
+    path = tmp_path / "big.tar.gz"
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for name, data in (("s0.png", png_bytes()), ("s0.txt", b"a small caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, data in (("s1.txt", bytes(64 * 2**20)), ("s1.png", png_bytes((1, 2, 3)))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            del data
+    assert os.path.getsize(path) < 2**20
+    from semmim.data import open_data
+
+    tracemalloc.start()
+    try:
+        source = open_data(f"wds:{path}", 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r.caption for r in source.train] == ["a small caption"]
+    assert source.skips.counts == {"caption over 16384 bytes": 1}
+    assert peak < 4 * 2**20, f"listing allocated {peak / 2**20:.1f} MiB for one 64 MiB member"
+    _survived()
+
+
+def test_downstream_data_faults_are_clear_cli_errors(tmp_path, capsys):
+    """Truncated / non-UTF-8 karpathy: and vqa: files end `semmim finetune` with exit 2 naming the
+    file (no traceback, no training)."""
+    from fault_cases_data import _karpathy, _q, _vqa
+
+    cases = {
+        "truncated karpathy": (
+            "retrieval",
+            _karpathy([], raw=b'{"images": [{"sentences": [{"raw": "a ca'),
+            r"dataset_coco\.json.* not valid JSON \(the file ends early",
+        ),
+        "non-UTF-8 karpathy": (
+            "caption",
+            _karpathy([], raw=b'{"images": [{"filename": "\xff.jpg"}]}'),
+            r"dataset_coco\.json.* not valid UTF-8",
+        ),
+        "truncated vqa annotations": (
+            "vqa",
+            _vqa([_q(1)], raw=b'{"annotations": [{"question_id": 1'),
+            r"a\.json.* not valid JSON \(the file ends early",
+        ),
+    }
+    for i, (name, (task, build, needle)) in enumerate(cases.items()):
+        _inject()
+        folder = tmp_path / f"case{i}"
+        folder.mkdir()
+        spec = build(folder)
+        out = folder / "run"
+        argv = ["finetune", task, "--data", spec, "--steps", "1", "--out", str(out)]
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert re.search(needle, err) and "Traceback" not in err, (name, err)
+        assert not (out / "checkpoints").exists(), name
+        _survived()
+
+
+def test_float_tiff_trains_as_an_image_not_black(tmp_path):
+    """A 32-bit float TIFF (mode F, 0..1) reaches the model as its picture, not a black square."""
+    import numpy as np
+    from PIL import Image
+
+    from semmim.data import PairDataset, open_data
+    from semmim.transforms import EvalTransform
+
+    _inject()
+    root = tmp_path / "d"
+    root.mkdir()
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
+    Image.fromarray(ramp).save(root / "ramp.tif")
+    (root / "ramp.txt").write_text("a grey ramp\n")
+    source = open_data(f"folder:{root}", 0)
+    item = PairDataset(source.train, EvalTransform(32))[0]
+    assert "bad" not in item
+    black = EvalTransform(32)(Image.new("RGB", (64, 64)), "")[0]
+    assert item["image"].std() > 0.5 and not torch.allclose(item["image"], black)
+    _survived()
+
+
+def test_small_op_faults_are_clear_errors(monkeypatch):
+    """gumbel_noise on a missing CUDA device, prototype_cross_entropy temperatures whose
+    reciprocal overflows and meta tensors: one-line ValueErrors naming the argument."""
+    import semmim.kernels as K
+
+    cases = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases.append((lambda: K.gumbel_noise((2, 3), seed=0, device="cuda"), "CUDA is not available"))
+    z = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    w, c = torch.randn(5, 8), torch.zeros(5)
+    for t in (1e-39, 5e-324):
+        cases.append(
+            (lambda t=t: K.prototype_cross_entropy(z, z, w, w, c, t, 0.04), "student_temp")
+        )
+        cases.append((lambda t=t: K.prototype_cross_entropy(z, z, w, w, c, 0.1, t), "teacher_temp"))
+    meta = [t.to("meta") for t in (z, w, c)]
+    cases.append(
+        (
+            lambda: K.prototype_cross_entropy(
+                meta[0], meta[0], meta[1], meta[1], meta[2], 0.1, 0.04
+            ),
+            "meta tensor",
+        )
+    )
+    for call, needle in cases:
+        _inject()
+        with pytest.raises(ValueError, match=needle) as err:
+            call()
+        assert "\n" not in str(err.value)
+        _survived()

@@ -94,8 +94,7 @@ def _init_state(cfg: TaskConfig) -> tuple[dict[str, Any], str] | None:
     """The pre-training checkpoint named by ``cfg.init`` (None when training from scratch)."""
     if not cfg.init:
         return None
-    path = ckpt.resolve_checkpoint(cfg.init)
-    state = ckpt.read_checkpoint(path, "cpu", ckpt.EVAL_KEYS)
+    state, path = ckpt.open_checkpoint(cfg.init, "cpu", ckpt.EVAL_KEYS)
     if state.get("task", "pretrain") != "pretrain":
         raise ValueError(
             f"--ckpt: {path} is a {state['task']!r} fine-tuning checkpoint; start from a "
@@ -111,27 +110,25 @@ def init_model_config(cfg: TaskConfig, preset_cfg: SemMIMConfig) -> SemMIMConfig
 
 
 # -------------------------------------------------------------------------------------- data
-def _karpathy(arg: str, split: tuple[str, ...]) -> tuple[list, SkipLog]:
+def _karpathy(arg: str, split: tuple[str, ...], skips: SkipLog) -> list:
     from semmim.downstream.retrieval_data import load_retrieval_split
 
     file, _, root = arg.partition(",")
-    sp = load_retrieval_split(file, split, root or None)
-    return sp.records(), sp.skips
+    return load_retrieval_split(file, split, root or None, skips=skips).records()
 
 
 def open_pairs(spec: str, val_size: float, seed: int, eval_spec: str = "") -> DataSource:
     """Image-caption data for retrieval / captioning (``karpathy:`` + :func:`open_data` specs)."""
     if spec.startswith("karpathy:"):
-        train, skips = _karpathy(spec[len("karpathy:") :], ("train", "restval"))
-        val, vskips = _karpathy(spec[len("karpathy:") :], ("test",))
-        for reason, n in vskips.counts.items():
-            skips.counts[reason] += n
+        skips = SkipLog()  # one log for both reads: an entry bad in the file is counted once
+        train = _karpathy(spec[len("karpathy:") :], ("train", "restval"), skips)
+        val = _karpathy(spec[len("karpathy:") :], ("test",), skips)
         source = DataSource(spec, train, val, None, "a photo of a {name}", skips)
     else:
         source = open_data(spec or None, val_size, seed)
     if eval_spec:
         if eval_spec.startswith("karpathy:"):
-            source.val, _ = _karpathy(eval_spec[len("karpathy:") :], ("test",))
+            source.val = _karpathy(eval_spec[len("karpathy:") :], ("test",), SkipLog())
         else:
             other = open_data(eval_spec, 0, seed)
             source.val = other.train + other.val

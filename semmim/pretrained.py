@@ -464,7 +464,7 @@ def resize_positions(state: dict[str, torch.Tensor], cfg: SemMIMConfig) -> dict[
     For fine-tuning a checkpoint at another resolution (pre-trained at 256 px, fine-tuned at
     384 px): ``vision.pos_embed`` and ``predictor_pos`` of the trained and the EMA towers go
     through :func:`interpolate_pos_embed` (prefix rows kept); every other tensor is returned as
-    is. Then ``SemMIM(cfg).load_state_dict(resize_positions(state, cfg))``.
+    is. Then ``build_model(cfg, pretrained=False).load_state_dict(resize_positions(state, cfg))``.
     """
     grid = cfg.vision.image_size // cfg.vision.patch_size
     prefix = {"vision.pos_embed": 2 if cfg.vision.dist_token else 1, "predictor_pos": 1}

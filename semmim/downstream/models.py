@@ -2,8 +2,8 @@
 
 Both take their encoders from :class:`semmim.model.Towers` (the trained ``net`` of a SemMIM,
 not its EMA copy) and have the loop's interface: ``forward(images, input_ids, attention_mask,
-*, seed, check_inputs, …) -> (loss, {name: loss})``, ``set_step`` and ``update_momentum`` (no
-momentum model here: both are no-ops) and ``tokenizer``.
+*, seed, check_inputs, …) -> (loss, {name: loss})`` and ``tokenizer``; they have no schedules and
+no momentum model, so their tasks do nothing around an optimizer step.
 
 VQA design — a classifier over the N most frequent answers, not an answer decoder: VQA v2 is
 scored on a closed answer set in practice (ALBEF/BLIP's decoder ranks the same ~3k-answer
@@ -59,7 +59,7 @@ CAPTION_PARTS = ("vision", "text", "fusion", "mlm")
 
 
 class _Downstream(nn.Module):
-    """Common parts: config, tokenizer, the input check, no momentum model."""
+    """Common parts: config, tokenizer, the input check."""
 
     def __init__(self, cfg: SemMIMConfig) -> None:
         super().__init__()
@@ -71,12 +71,6 @@ class _Downstream(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the encoders' transformer blocks in backward (timm's switch)."""
         set_grad_checkpointing(self, enable)
-
-    def set_step(self, step: int, total_steps: int) -> None:
-        """No schedule depends on progress here (kept for the training loop's interface)."""
-
-    def update_momentum(self) -> None:
-        """No EMA model here (kept for the training loop's interface)."""
 
 
 class VQAModel(_Downstream):

@@ -805,7 +805,7 @@ class SemMIM(nn.Module):
         z = net.head.features(pred).flatten(0, 1)  # (B·M, bottleneck)
         per_patch, teacher_mean = self.ops.prototype_cross_entropy(  # (B·M,), (K,)
             z, z_m, net.head.prototypes.float(), ema.head.prototypes.float(), self.mim_center,
-            cfg.mim.student_temp, self.mim_teacher_temp,
+            cfg.mim.student_temp, self._mim_teacher_temp,
         )  # fmt: skip
         if diag is not None:  # diagnostic steps only: the (B·M, K) logits themselves
             with torch.no_grad():

@@ -114,9 +114,11 @@ def _discard_stale_cache(build_dir: Path, expected: dict[str, str]) -> None:
 
 
 setup(
-    packages=[p for p in find_packages(include=["semmim", "semmim.*"])] + ["semmim.kernels"],
+    # semmim/assets/ (the tokenizer vocabulary) has no __init__.py: declared as a data package so
+    # setuptools neither warns that it "would be ignored" nor leaves vocab.txt out
+    packages=find_packages(include=["semmim", "semmim.*"]) + ["semmim.assets", "semmim.kernels"],
     package_dir={"semmim.kernels": "kernels"},
-    package_data={"semmim": ["assets/*"]},
+    package_data={"semmim.assets": ["vocab.txt"]},
     ext_modules=[CMakeExtension("semmim._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

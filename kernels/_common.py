@@ -128,6 +128,17 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {desc}")
 
 
+def check_not_meta(op: str, **tensors: torch.Tensor | None) -> None:
+    """ValueError when the tensors are meta tensors: they hold no values to compute on (or to
+    validate). torch.compile traces ops with fake tensors, which report a real device and pass."""
+    meta = [k for k, v in tensors.items() if v is not None and v.is_meta]
+    if meta:
+        raise ValueError(
+            f"{op}: {', '.join(meta)} {'is a meta tensor' if len(meta) == 1 else 'are meta tensors'}"
+            " (shape only, no data); call it on CPU or CUDA tensors"
+        )
+
+
 def check_float(name: str, t: torch.Tensor, allow_double: bool = False) -> None:
     """float32/float16/bfloat16 (plus float64 where the reference path accepts it)."""
     if t.dtype in FLOAT_DTYPES or (allow_double and t.dtype == torch.float64):

@@ -43,9 +43,9 @@ Differences vs reference
     grad_pos and grad_fill are sums whose order differs from the reference's index_put/sum
     order: the difference is bounded by B * eps(dtype) * sum|grad| per element (fp32
     accumulation, one final rounding; the reference accumulates float16/bfloat16 grad_pos in its
-    own order) and tested against that bound. The triton backend declines bfloat16 under
-    TRITON_INTERPRET=1 (the interpreter truncates fp32 -> bf16 casts, so ``+ pos`` is not
-    bit-exact there).
+    own order) and tested against that bound. Under TRITON_INTERPRET=1 the triton backend
+    declines bfloat16 with ``pos`` (the interpreter truncates fp32 -> bf16 casts, so ``+ pos`` is
+    not bit-exact there); bfloat16 without ``pos`` casts nothing to bf16 and runs.
 """
 
 from __future__ import annotations
@@ -194,7 +194,10 @@ if not triton_import_error():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Row counts (B·R, B·P, P, R, B, the per-chunk batch count) are not specialised: they only
+    # bound rows, so "== 1" / "% 16 == 0" variants of them would be compiled for nothing. D and
+    # the strides stay specialised (contiguous, 16-byte aligned rows load as vectors).
+    @triton.jit(do_not_specialize=["n_rows", "P", "R"])
     def _masked_gather_fwd_kernel(
         x_ptr, idx_ptr, pos_ptr, out_ptr,
         n_rows, P, R, D, stride_xb, stride_xp, stride_xd,
@@ -220,7 +223,7 @@ if not triton_import_error():
             v = (v.to(tl.float32) + w.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "P"])
     def _masked_scatter_fill_fwd_kernel(
         y_ptr, inv_ptr, fill_ptr, pos_ptr, out_ptr,
         n_rows, P, D, stride_yb, stride_yr, stride_yd,
@@ -250,7 +253,7 @@ if not triton_import_error():
             v = (v.to(tl.float32) + w.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows64[:, None] * D + cols[None, :], v, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "P", "R", "per"])
     def _masked_gather_bwd_kernel(
         g_ptr, inv_ptr, gx_ptr, part_pos_ptr, part_fill_ptr,
         B, P, R, D, per,
@@ -627,10 +630,12 @@ _CUSTOM_OPS = {name: _make_custom_ops(kern) for name, kern in _KERNELS.items()}
 # --------------------------------------------------------------------------------------------
 # supports: what decides whether a backend can run (prepared arguments only)
 # --------------------------------------------------------------------------------------------
-def _dtype_reasons(t: torch.Tensor, backend: str) -> list[str]:
+def _dtype_reasons(t: torch.Tensor, backend: str, pos: torch.Tensor | None) -> list[str]:
     if t.dtype not in DTYPE_CODE:
         return [f"unsupported dtype {t.dtype}"]
-    if backend == "triton" and t.dtype == torch.bfloat16 and interpret_mode():
+    # Only the fused ``+ pos`` rounds an fp32 sum to bf16; without pos the kernels move bf16
+    # values (fill included) and accumulate gradients in fp32 buffers, exact in the interpreter.
+    if backend == "triton" and t.dtype == torch.bfloat16 and pos is not None and interpret_mode():
         return ["the Triton interpreter truncates fp32 -> bf16 casts (bf16 + pos not exact)"]
     return []
 
@@ -640,14 +645,14 @@ _DEVICE_REASONS = {"triton": triton_reasons, "cuda": cuda_ext_reasons, "cpu": cp
 
 def _supports_gather(backend: str):
     def supports(x, index, pos=None) -> list[str]:
-        return _DEVICE_REASONS[backend](x, index, pos) + _dtype_reasons(x, backend)
+        return _DEVICE_REASONS[backend](x, index, pos) + _dtype_reasons(x, backend, pos)
 
     return supports
 
 
 def _supports_scatter(backend: str):
     def supports(y, index, fill, num_patches, pos=None) -> list[str]:
-        return _DEVICE_REASONS[backend](y, index, fill, pos) + _dtype_reasons(y, backend)
+        return _DEVICE_REASONS[backend](y, index, fill, pos) + _dtype_reasons(y, backend, pos)
 
     return supports
 

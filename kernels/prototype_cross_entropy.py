@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from ._common import (
     cast_to_input,
     check_float,
+    check_not_meta,
     check_same_device,
     check_tensor,
     interpret_mode,
@@ -155,6 +156,10 @@ def _prepare(
         z=z, z_teacher=z_teacher, prototypes=prototypes,
         prototypes_teacher=prototypes_teacher, center=center,
     )  # fmt: skip
+    check_not_meta(OP_NAME, z=z)  # one device: z speaks for all five
+    # Logits are bounded by 1 (unit vectors) and divided by τ; a softmax takes differences of
+    # them (up to ~4/τ with the centre), which must stay finite in the compute dtype.
+    min_temp = 4.0 / torch.finfo(_compute_dtype(z)).max
     temps = {"student_temp": student_temp, "teacher_temp": teacher_temp}
     for name, v in temps.items():
         if isinstance(v, torch.Tensor):  # its value is checked below, with validate
@@ -168,17 +173,22 @@ def _prepare(
         ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
         if not ok or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if v < min_temp:
+            raise ValueError(
+                f"{name} must be >= {min_temp:.3g} for {str(z.dtype).removeprefix('torch.')} "
+                f"inputs (the logits are divided by it and would overflow), got {v!r}"
+            )
     if validate:
         named = (("z", z), ("z_teacher", z_teacher), ("prototypes", prototypes),
                  ("prototypes_teacher", prototypes_teacher), ("center", center))  # fmt: skip
         tensor_temps = [(n, v.detach()) for n, v in temps.items() if isinstance(v, torch.Tensor)]
         oks = [t.detach().isfinite().all() for _, t in named]
-        oks += [v.isfinite() & (v > 0) for _, v in tensor_temps]
+        oks += [v.isfinite() & (v >= min_temp) for _, v in tensor_temps]
         ok = torch.stack(oks).tolist()  # 1 sync
         bad = [name for (name, _), good in zip(named, ok) if not good]
         errors = [f"non-finite values (NaN or inf) in {', '.join(bad)}"] if bad else []
         errors += [
-            f"{name} must be a finite number > 0, got {v.item()!r} (a tensor)"
+            f"{name} must be a finite number >= {min_temp:.3g} (> 0), got {v.item()!r} (a tensor)"
             for (name, v), good in zip(tensor_temps, ok[len(named) :])
             if not good
         ]
@@ -334,6 +344,9 @@ if not triton_import_error():
     import triton
     import triton.language as tl
 
+    # N and K (row and prototype counts) only bound loops and row masks: not specialised, so
+    # one variant per (dtype, E tile) serves every batch and prototype count. E and the row
+    # strides stay specialised (16-byte vector loads of the E-wide rows).
     @triton.jit
     def _pce_inv_temps(TS, TT):
         """1/τs, 1/τt from the two 0-d temperature tensors (read on the device: a schedule's
@@ -373,7 +386,7 @@ if not triton_import_error():
         ds = (tl.exp(s - lse_s[:, None]) - tl.exp(u - lse_t[:, None])) * gs[:, None]
         return tl.where(n_ok[:, None], ds, 0.0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "K"])
     def _pce_fwd_kernel(
         Z, ZT, W, WT, C, LOSS, LSE_S, LSE_T,
         N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, TS, TT,
@@ -413,7 +426,7 @@ if not triton_import_error():
         tl.store(LSE_S + rows, lse_s, mask=n_ok)
         tl.store(LSE_T + rows, lse_t, mask=n_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "K"])
     def _pce_bwd_dz_kernel(
         Z, ZT, W, WT, C, LSE_S, LSE_T, G, DZ,
         N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, stride_dzn, TS, TT,
@@ -442,7 +455,7 @@ if not triton_import_error():
         dz_ptrs = DZ + rows.to(tl.int64)[:, None] * stride_dzn + offs_e[None, :]
         tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "K"])
     def _pce_bwd_dw_kernel(
         Z, ZT, W, WT, C, LSE_S, LSE_T, G, DW,
         N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, stride_dwk, TS, TT,
@@ -475,12 +488,20 @@ if not triton_import_error():
 def _tiles(E: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_E, num_warps) from a small table (not autotuned: no GPU has run
     these kernels yet). Every kernel holds two (BLOCK_N, BLOCK_E) row tiles and two
-    (BLOCK_K, BLOCK_E) prototype tiles plus one fp32 accumulator."""
+    (BLOCK_K, BLOCK_E) prototype tiles plus one fp32 accumulator.
+
+    Each entry compiles for sm_90 without register spills (ptxas of the Triton 3.6 wheel,
+    tests/test_triton_compiles.py): 16-bit E = 256 at (64, 64) needed 255 registers and spilled
+    8 B in the dw kernel (255 in dz) with ~200 KB of shared memory; (32, 64) takes 155 / 175 registers
+    (dz / dw) and ~100 KB. fp32 E = 128 at (32, 32) spilled 16 B; (16, 32) takes 70 / 76."""
     block_e = max(16, 1 << max(0, (E - 1).bit_length()))
-    wide = block_e > 256
     if dtype == torch.float32:
-        return (16, 16, block_e, 8) if wide else (32, 32, block_e, 8)
-    return (32, 32, block_e, 8) if wide else (64, 64, block_e, 8)
+        if block_e > 256:
+            return 16, 16, block_e, 8
+        return (16, 32, block_e, 8) if block_e == 128 else (32, 32, block_e, 8)
+    if block_e > 256:
+        return 32, 32, block_e, 8
+    return (32, 64, block_e, 8) if block_e == 256 else (64, 64, block_e, 8)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -705,9 +726,12 @@ def prototype_cross_entropy(
             z's dtype; under autocast a different float dtype is cast to z's.
         prototypes_teacher: (K, E) teacher prototypes, raw (no gradient), as prototypes.
         center: (K,) teacher centre, any float dtype (no gradient).
-        student_temp, teacher_temp: temperatures τs, τt > 0: numbers, or 0-d float tensors on
-            z's device (a schedule's value: a compiled caller then reads it as an input instead
-            of recompiling for each new float; its value is checked only with ``validate``).
+        student_temp, teacher_temp: temperatures τs, τt > 0, and at least 4 / (largest
+            float of the compute dtype), ~1.2e-38 for fp32/fp16/bf16 inputs, so that the
+            logits divided by them stay finite (a ValueError otherwise). Numbers, or 0-d float
+            tensors on z's device (a schedule's value: a compiled caller then reads it as an
+            input instead of recompiling for each new float; a tensor's value is checked only
+            with ``validate``).
         backend: "reference" | "chunked" | "triton"; default: ``SEMMIM_BACKEND`` or the fastest
             that can run (triton on CUDA, chunked elsewhere).
         validate: check that every input is finite (one device→host sync); shape, dtype and

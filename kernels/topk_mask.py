@@ -311,7 +311,9 @@ if not triton_import_error():
         t_norm = tl.maximum(tl.sqrt_rn(tl.sum(tss, axis=0)), eps * st)
         return tl.math.div_rn(dot, tl.maximum(tl.sqrt_rn(ss), eps * sa) * t_norm)
 
-    @triton.jit
+    # P, M (one variant per mask count otherwise) and the noise strides (one fp32 value per
+    # patch) are not specialised; D and the patch strides are (16-byte loads along D).
+    @triton.jit(do_not_specialize=["P", "M", "stride_nb", "stride_np"])
     def _topk_mask_fwd_kernel(
         patch_ptr, text_ptr, noise_ptr, keep_ptr, mask_idx_ptr, mask_ptr, nonfinite_ptr,
         P, D, M, stride_pb, stride_pp, stride_tb, stride_nb, stride_np, tau, eps,
@@ -575,7 +577,15 @@ def gumbel_noise(
         raise ValueError(f"shape must hold non-negative ints, got {tuple(shape)!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must name a torch device, got {device!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} but CUDA is not available here "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False); use device='cpu'"
+        )
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     u = torch.rand(tuple(shape), generator=gen, device=device, dtype=torch.float32)

@@ -23,7 +23,13 @@ metric per variant, every seed a point).
   not read. For choosing settings; report the chosen ones on the held-out split once.
 - **Parallel** (``--jobs N``): N runs train at once, each in a child process started as
   ``python -P -m semmim.ablate --run RUN/ablate_run.json`` (plain JSON configs) with its output in
-  ``RUN/ablate_run.log``; SIGINT/SIGTERM to the grid are forwarded as one SIGTERM per child.
+  ``RUN/ablate_run.log``; SIGINT/SIGTERM to the grid are forwarded as one SIGTERM per child, and
+  a child receives SIGTERM from the kernel when the grid dies in any way, SIGKILL included
+  (``PR_SET_PDEATHSIG``): it checkpoints and stops, never trains on as an orphan.
+- **Owners**: the grid directory and each run directory are locked by the process writing them
+  (:class:`semmim.rundir.RunLock`); a second grid into the same ``--out``, or a rerun while a run
+  of an earlier grid still trains, is refused naming that process. A truncated ``summary.json`` /
+  ``eval.json`` / ``config.json`` of a run is named in the error.
 
 Variants (``--variants``): names of :data:`VARIANTS` (``default``, ``albef``, ``pixel``,
 ``random_mask``, ``no_text_target``, ``psi_text_cls``; comma-separated or separate words) or
@@ -35,17 +41,18 @@ definitions ``NAME=KEY=VALUE[,KEY=VALUE...]`` with the ``--set`` keys (model key
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import math
 import os
 import re
-import statistics
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from semmim.ablate_report import METRICS, format_table, plot_grid, summarize
 
 __all__ = [
     "VARIANTS",
@@ -75,15 +82,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_GRID = tuple(VARIANTS)
 
-# (key, column title): per-run values read from eval.json / summary.json.
-METRICS: tuple[tuple[str, str], ...] = (
-    ("itc_mean_recall", "ITC mean R"),
-    ("itm_mean_recall", "ITM mean R"),
-    ("itc_i2t_r1", "ITC i2t R@1"),
-    ("itc_t2i_r1", "ITC t2i R@1"),
-    ("zero_shot_top1", "zero-shot top-1"),
-    ("train_s", "train time (s)"),
-)
 
 # Run options that do not change what a run computes: a finished run made with other values of
 # these still counts as the same run.
@@ -134,7 +132,7 @@ def parse_variants(items: Sequence[str] | None) -> list[Variant]:
     definition without ``KEY=VALUE`` items, a malformed item, a name that is not a plain
     directory name, a built-in name redefined, a name given twice.
     """
-    from semmim.cli import parse_value
+    from semmim.options import parse_value
 
     if not items:
         return [Variant(n, *_split_keys(VARIANTS[n])) for n in DEFAULT_GRID]
@@ -238,11 +236,9 @@ def plan_grid(
 def _config_differences(plan: RunPlan) -> list[str]:
     """What differs between the run directory's config.json and the plan (empty when none or
     no config.json yet)."""
-    path = os.path.join(plan.out, "config.json")
-    if not os.path.exists(path):
+    saved = _read_json(os.path.join(plan.out, "config.json"))
+    if saved is None:
         return []
-    with open(path) as f:
-        saved = json.load(f)
     diffs = []
     want_model = plan.model_cfg.to_dict()
     got_model = saved.get("model", {})
@@ -285,10 +281,14 @@ def run_state(plan: RunPlan) -> str:
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """A run file's JSON object, None when absent; RunDirError (a ValueError) naming a
+    truncated or unparsable file (``runs/x/seed_0/summary.json: truncated JSON ...``)."""
+    from semmim.rundir import RunDirError, read_json
+
+    value = read_json(path, missing_ok=True)
+    if value is not None and not isinstance(value, dict):
+        raise RunDirError(f"{path}: holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def run_metrics(run_dir: str) -> dict[str, float | None]:
@@ -307,170 +307,35 @@ def run_metrics(run_dir: str) -> dict[str, float | None]:
     }
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, Any]:
-    n = len(values)
-    return {
-        "mean": statistics.fmean(values) if n else None,
-        "std": statistics.stdev(values) if n > 1 else None,  # sample std (n − 1)
-        "n": n,
-    }
-
-
-def summarize(
-    results: dict[tuple[str, int], dict[str, float | None]],
-    variants: Sequence[str],
-    seeds: Sequence[int],
-    reference: str,
-) -> dict[str, Any]:
-    """Cells and paired differences from per-run metrics ``{(variant, seed): metrics}``.
-
-    ``cells[v][m]``: mean, sample std (None for one seed), n and the per-seed values of metric
-    ``m`` over the finished runs of variant ``v``. ``paired[v][m]``: the same statistics of
-    ``m(v, s) − m(reference, s)`` over the seeds where both runs finished (absent for the
-    reference itself).
-    """
-    cells: dict[str, dict[str, Any]] = {}
-    paired: dict[str, dict[str, Any]] = {}
-    for v in variants:
-        cells[v] = {}
-        if v != reference:
-            paired[v] = {}
-        for key, _ in METRICS:
-            values = {
-                s: results[(v, s)][key]
-                for s in seeds
-                if (v, s) in results and results[(v, s)].get(key) is not None
-            }
-            cells[v][key] = {**_mean_std(list(values.values())), "values": values}
-            if v == reference:
-                continue
-            if key == "train_s":
-                continue  # a time difference per seed says nothing the cells do not
-            diffs = {
-                s: x - results[(reference, s)][key]
-                for s, x in values.items()
-                if (reference, s) in results and results[(reference, s)].get(key) is not None
-            }
-            paired[v][key] = {**_mean_std(list(diffs.values())), "diffs": diffs}
-    return {"reference": reference, "cells": cells, "paired": paired}
-
-
-def _cell(stat: dict[str, Any], signed: bool = False, digits: int = 1) -> str:
-    if not stat or stat["n"] == 0:
-        return "—"
-    mean = f"{stat['mean']:+.{digits}f}" if signed else f"{stat['mean']:.{digits}f}"
-    std = "n/a" if stat["std"] is None else f"{stat['std']:.{digits}f}"
-    return f"{mean} ± {std}"
-
-
-def _split_name(grid: dict[str, Any]) -> str:
-    """What the grid evaluated on: the held-out split, or the validation split it carved."""
-    if grid.get("eval_split") == "validation":
-        return (
-            f"validation split (--validation {grid['validation']:g}, carved from the training data)"
-        )
-    return "held-out"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The grid's report as markdown text: header, cells (mean ± std over seeds), paired
-    differences vs the reference, and every run's values."""
-    g, s = report["grid"], report["summary"]
-    metrics = [(k, t) for k, t in METRICS if any(s["cells"][v][k]["n"] for v in s["cells"])]
-    digits = {"train_s": 0}
-    lines = [
-        f"ablation grid: preset {g['preset']}, data {g['data']}, {g['steps']} steps × batch "
-        f"{g['batch_size']}, seeds {' '.join(map(str, g['seeds']))}; "
-        f"{_split_name(g)} {g['heldout_pairs']} pairs ({g['heldout_images']} images), split seed {g['split_seed']} "
-        f"(the same for every run); ranking {g.get('ranking', '?')}; chance ITC mean R "
-        f"{_fmt(g.get('chance_mean_recall'))}"
-        + (
-            f"; zero-shot top-1 by chance {_fmt(g['zero_shot_chance'])}, by always naming the "
-            f"majority class {_fmt(g['zero_shot_majority'])}"
-            if g.get("zero_shot_majority") is not None
-            else ""
-        ),
-        f"grid --set: {g['sets'] or '—'}"
-        + (f"; {g['jobs']} runs trained at once" if g.get("jobs", 1) > 1 else ""),
-    ]
-    if not report["runs"]:
-        pending = ", ".join(f"{r['variant']} seed {r['seed']}" for r in report["pending"])
-        return "\n".join([*lines, "", f"no run finished yet; pending: {pending}"])
-    lines += [
-        "",
-        "mean ± std over seeds (sample std; n/a with one seed; n = finished runs):",
-        "",
-        "| variant | overrides | n | " + " | ".join(t for _, t in metrics) + " |",
-        "|---|---|---|" + "---|" * len(metrics),
-    ]
-    for v in g["variants"]:
-        cells = s["cells"][v["name"]]
-        n = max(c["n"] for c in cells.values())
-        row = [_cell(cells[k], digits=digits.get(k, 1)) for k, _ in metrics]
-        lines.append(f"| {v['name']} | {v['overrides']} | {n} | " + " | ".join(row) + " |")
-    paired = [(k, t) for k, t in metrics if k != "train_s"]
-    if s["paired"]:
-        ref = s["reference"]
-        lines += [
-            "",
-            f"paired by seed: variant − {ref} on the same seed, mean ± std over seeds:",
-            "",
-            "| variant | seeds | " + " | ".join(f"Δ {t}" for _, t in paired) + " |",
-            "|---|---|" + "---|" * len(paired),
-        ]
-        for v in g["variants"]:
-            if v["name"] == ref:
-                continue
-            p = s["paired"][v["name"]]
-            n = max(c["n"] for c in p.values())
-            row = [_cell(p.get(k, {}), signed=True, digits=digits.get(k, 1)) for k, _ in paired]
-            lines.append(f"| {v['name']} | {n} | " + " | ".join(row) + " |")
-    lines += [
-        "",
-        "every run:",
-        "",
-        "| variant | seed | " + " | ".join(t for _, t in metrics) + " |",
-        "|---|---|" + "---|" * len(metrics),
-    ]
-    for r in report["runs"]:
-        row = [_fmt(r["metrics"].get(k), digits.get(k, 1)) for k, _ in metrics]
-        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(row) + " |")
-    missing = [f"{r['variant']} seed {r['seed']}" for r in report["pending"]]
-    if missing:
-        lines += ["", f"not finished ({len(missing)}): {', '.join(missing)}"]
-    return "\n".join(lines)
-
-
-def _fmt(x: float | None, digits: int = 1) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
 def _write_outputs(report: dict[str, Any], out: str) -> None:
+    """The grid's tables, each written atomically (a reader never sees half a table)."""
+    from semmim.rundir import write_json, write_text
+
     s = report["summary"]
-    with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump(_json_keys(report), f, indent=2)
-    with open(os.path.join(out, "ablation.txt"), "w") as f:
-        f.write(format_table(report) + "\n")
+    write_json(os.path.join(out, "ablation.json"), _json_keys(report))
+    write_text(os.path.join(out, "ablation.txt"), format_table(report) + "\n")
     keys = [k for k, _ in METRICS]
-    with open(os.path.join(out, "ablation.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        header = ["variant", "overrides"]
+    table = io.StringIO()
+    w = csv.writer(table)
+    header = ["variant", "overrides"]
+    for k in keys:
+        header += [f"{k}_mean", f"{k}_std", f"{k}_n", f"{k}_paired_mean", f"{k}_paired_std"]
+    w.writerow(header)
+    for v in report["grid"]["variants"]:
+        row = [v["name"], v["overrides"]]
         for k in keys:
-            header += [f"{k}_mean", f"{k}_std", f"{k}_n", f"{k}_paired_mean", f"{k}_paired_std"]
-        w.writerow(header)
-        for v in report["grid"]["variants"]:
-            row = [v["name"], v["overrides"]]
-            for k in keys:
-                c = s["cells"][v["name"]][k]
-                p = s["paired"].get(v["name"], {}).get(k, {})
-                row += [c["mean"], c["std"], c["n"], p.get("mean"), p.get("std")]
-            w.writerow(["" if x is None else x for x in row])
-    with open(os.path.join(out, "ablation_runs.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["variant", "seed", "run_dir", *keys])
-        for r in report["runs"]:
-            vals = [r["metrics"].get(k) for k in keys]
-            w.writerow([r["variant"], r["seed"], r["dir"], *["" if x is None else x for x in vals]])
+            c = s["cells"][v["name"]][k]
+            p = s["paired"].get(v["name"], {}).get(k, {})
+            row += [c["mean"], c["std"], c["n"], p.get("mean"), p.get("std")]
+        w.writerow(["" if x is None else x for x in row])
+    write_text(os.path.join(out, "ablation.csv"), table.getvalue())
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["variant", "seed", "run_dir", *keys])
+    for r in report["runs"]:
+        vals = [r["metrics"].get(k) for k in keys]
+        w.writerow([r["variant"], r["seed"], r["dir"], *["" if x is None else x for x in vals]])
+    write_text(os.path.join(out, "ablation_runs.csv"), table.getvalue())
     plot_grid(report, os.path.join(out, "ablation.png"))
 
 
@@ -481,63 +346,6 @@ def _json_keys(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_json_keys(v) for v in obj]
     return obj
-
-
-def plot_grid(report: dict[str, Any], png_path: str) -> None:
-    """One panel per retrieval / zero-shot metric: every seed a point per variant, the mean a
-    bar with ± std; the chance level as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s, g = report["summary"], report["grid"]
-    names = [v["name"] for v in g["variants"]]
-    keys = [
-        (k, t) for k, t in METRICS if k != "train_s" and any(s["cells"][n][k]["n"] for n in names)
-    ]
-    if not keys:
-        return
-    seeds = g["seeds"]
-    colours = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(
-        1, len(keys), figsize=(max(4.0, 0.9 * len(names) + 1.5) * len(keys), 4.2), squeeze=False
-    )
-    for ax, (key, title) in zip(axes[0], keys):
-        labelled: set[int] = set()  # each seed named once in the legend
-        for x, n in enumerate(names):
-            c = s["cells"][n][key]
-            for j, seed in enumerate(seeds):
-                if seed in c["values"]:
-                    dx = (j - (len(seeds) - 1) / 2) * 0.08
-                    ax.scatter(
-                        x + dx,
-                        c["values"][seed],
-                        color=colours(j % 10),
-                        s=22,
-                        zorder=3,
-                        label=f"seed {seed}" if seed not in labelled else None,
-                    )
-                    labelled.add(seed)
-            if c["n"]:
-                ax.errorbar(
-                    x + 0.3, c["mean"], yerr=c["std"] or 0.0, fmt="_", color="black",
-                    markersize=14, capsize=3, zorder=2,
-                )  # fmt: skip
-        if key == "itc_mean_recall" and g.get("chance_mean_recall") is not None:
-            ax.axhline(g["chance_mean_recall"], color="grey", linestyle="--", linewidth=1)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(
-        f"{g['preset']} on {g['data']}: {g['steps']} steps, seeds {' '.join(map(str, seeds))}, "
-        f"split seed {g['split_seed']}, {g.get('eval_split', 'held-out')} split (bar: mean ± std)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------- parallel runs
@@ -592,17 +400,26 @@ def _start_child(plan: RunPlan, resume: bool):
     """Start ``python -P -m semmim.ablate --run SPEC`` for one plan, output to its RUN_LOG."""
     import subprocess
 
-    os.makedirs(plan.out, exist_ok=True)
+    from semmim.rundir import write_json
+
     spec_path = os.path.join(plan.out, RUN_SPEC)
-    with open(spec_path, "w") as f:
-        json.dump(
-            {"model": plan.model_cfg.to_dict(), "train": plan.tcfg.to_dict(), "resume": resume},
-            f,
-            indent=1,
-        )
+    write_json(
+        spec_path,
+        {"model": plan.model_cfg.to_dict(), "train": plan.tcfg.to_dict(), "resume": resume},
+        indent=1,
+    )
     with open(os.path.join(plan.out, RUN_LOG), "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-P", "-m", "semmim.ablate", "--run", spec_path],
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "semmim.ablate",
+                "--run",
+                spec_path,
+                "--parent",
+                str(os.getpid()),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -620,16 +437,29 @@ def _log_tail(plan: RunPlan, lines: int = 15) -> str:
         return ""
 
 
-def run_child(spec_path: str) -> int:
-    """A child run of a parallel grid: train the spec's configs (exit 0, or 130 if stopped)."""
+def run_child(spec_path: str, parent: int | None = None) -> int:
+    """A child run of a parallel grid: train the spec's configs (exit 0, or 130 if stopped;
+    2 with the reason on stderr for a run directory or data that cannot be used).
+
+    With ``parent`` (the grid's pid) the child dies with the grid: the kernel sends it SIGTERM
+    when the grid dies, even by SIGKILL (:func:`semmim.rundir.die_with_parent`), so it
+    checkpoints and stops instead of training on beside the grid's rerun.
+    """
     from semmim.config import SemMIMConfig, TrainConfig
+    from semmim.data import DataError
+    from semmim.rundir import RunDirError, die_with_parent, read_json
     from semmim.train import open_run_data, train
 
-    with open(spec_path) as f:
-        spec = json.load(f)
-    model_cfg = SemMIMConfig.from_dict(spec["model"])
-    tcfg = TrainConfig.from_dict(spec["train"])
-    summary = train(model_cfg, tcfg, resume=bool(spec["resume"]), source=open_run_data(tcfg))
+    if parent is not None:
+        die_with_parent(parent)
+    try:
+        spec = read_json(spec_path)
+        model_cfg = SemMIMConfig.from_dict(spec["model"])
+        tcfg = TrainConfig.from_dict(spec["train"])
+        summary = train(model_cfg, tcfg, resume=bool(spec["resume"]), source=open_run_data(tcfg))
+    except (RunDirError, DataError) as err:
+        print(f"semmim ablate run: error: {err}", file=sys.stderr)
+        return 2
     return 130 if summary["interrupted"] else 0
 
 
@@ -646,20 +476,40 @@ def run_grid(
     """Run (or resume) the grid and write its outputs under ``base.out``; returns the report.
 
     ``jobs`` > 1 trains that many runs at once, each in its own process (``python -P -m
-    semmim.ablate --run``, its output in the run's ``ablate_run.log``); 1 trains them one after
-    another in this process. ``report["interrupted"]`` is True when a run was stopped by
+    semmim.ablate --run``, its output in the run's ``ablate_run.log``; it dies with the grid);
+    1 trains them one after another in this process. The grid directory is owned by this call
+    (:class:`semmim.rundir.RunLock`): a second grid into it, or a rerun while a run of an
+    earlier one still trains, is refused naming that process. ``report["interrupted"]`` is True when a run was stopped by
     SIGINT/SIGTERM (its checkpoint is written; the same call again resumes it); the outputs
     then hold the finished runs.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs: must be an integer >= 1, got {jobs!r}")
+    from semmim.rundir import RunLock, prepare_out
+
+    prepare_out(base.out, resume=True)  # not a file, writable, not in use (named)
+    with RunLock(base.out, what="grid", command=command or None):
+        return _run_grid(variants, seeds, preset, model_sets, base, command, progress, jobs)
+
+
+def _run_grid(variants, seeds, preset, model_sets, base, command, progress, jobs):
+    """:func:`run_grid` while this process owns the grid directory."""
     from tqdm.auto import tqdm
 
+    from semmim.rundir import lock_owner
     from semmim.train import open_run_data, train
 
     started = time.perf_counter()
     plans = plan_grid(variants, seeds, preset, model_sets, base)
     states = {id(p): run_state(p) for p in plans}  # checks every directory before any work
+    for plan in plans:
+        owner = lock_owner(plan.out) if states[id(plan)] != "done" else None
+        if owner is not None:  # e.g. a child of an earlier grid that is still training
+            raise ValueError(
+                f"{plan.out} ({plan.label}) is in use by another semmim process ({owner}); a "
+                "second trainer would overwrite it. Stop that process (or let it end), then run "
+                "the grid again"
+            )
     source = open_run_data(base)
     log.info("ablate: data %s", source.describe())
     os.makedirs(base.out, exist_ok=True)
@@ -828,6 +678,7 @@ if __name__ == "__main__":  # a child run of a parallel grid (run_grid with jobs
 
     _parser = argparse.ArgumentParser(prog="python -m semmim.ablate")
     _parser.add_argument("--run", required=True, metavar="SPEC", help="ablate_run.json of a run")
+    _parser.add_argument("--parent", type=int, default=None, help="the grid's pid (die with it)")
     _args = _parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(run_child(_args.run))
+    sys.exit(run_child(_args.run, _args.parent))

@@ -6,8 +6,9 @@ Layout of a run directory::
     RUN/checkpoints/step_00000100.pt.json   its sidecar: {"file", "bytes", "sha256", "format"}
     RUN/checkpoints/latest                  text file naming the newest complete checkpoint
 
-Writing: every file goes to a temporary file in the same directory, is flushed, fsync'ed and renamed
-over the destination with ``os.replace`` (atomic on POSIX), then the directory is fsync'ed. The order
+Writing: every file goes through :func:`semmim.rundir.atomic_write` (the one writer of run files): a
+temporary file in the same directory, flushed, fsync'ed and renamed over the destination with
+``os.replace`` (atomic on POSIX), then the directory is fsync'ed. The order
 is checkpoint, then its sidecar, then ``latest``, so a crash (even SIGKILL) at any moment leaves
 ``latest`` naming a checkpoint whose sidecar is complete.
 
@@ -16,8 +17,14 @@ only rebuilds tensors and plain containers (dict, list, tuple, str, int, float, 
 refuses any other pickled object, so a crafted file cannot run anything; :func:`save_checkpoint`
 checks that what it writes stays within those types. Before loading, the file's size and SHA-256 are
 compared with the sidecar, so truncation and flipped bits are caught. Every problem raises
-:class:`CheckpointError` naming the file and what is wrong. The ``latest`` pointer must be a bare
-``step_<N>.pt`` name of a file inside the directory (no ``..``, no absolute path, no symlink out).
+:class:`CheckpointError` naming the file and what is wrong.
+
+One rule for every command that opens a checkpoint (``eval``, ``finetune --ckpt``, ``train
+--resume``), all through :func:`open_checkpoint`: the ``latest`` pointer must be a plain file (a
+symlink is refused without being read) holding a bare ``step_<N>.pt`` name of a file inside the
+directory (no ``..``, no absolute path); a ``step_*.pt`` file that is a symlink resolving outside
+its checkpoints directory is refused, whether it is found through the run directory or named
+directly; a pointer or sidecar that is a FIFO or device is refused without being opened.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
+
+from semmim.paths import NotRegularFile, inside, open_regular
+from semmim.rundir import atomic_write
 
 log = logging.getLogger("semmim.checkpoint")
 
@@ -63,37 +72,6 @@ EVAL_KEYS = ("model", "config", "train_config", "step")
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and what is wrong."""
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform / filesystem
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync it, then rename it to ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -179,22 +157,28 @@ def list_checkpoints(ckpt_dir: str) -> list[str]:
     return [os.path.join(ckpt_dir, n) for _, n in sorted(found)]
 
 
-def _inside(path: str, directory: str) -> bool:
-    real, root = os.path.realpath(path), os.path.realpath(directory)
-    return os.path.commonpath([real, root]) == root and real != root
-
-
 def _read_latest(directory: str) -> str | None:
     """The file ``directory/latest`` names (validated), or None when there is no pointer."""
     pointer = os.path.join(directory, LATEST)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer, encoding="utf-8", errors="replace") as f:
-        name = f.read(4096).strip()
-    target = os.path.join(directory, name)
-    if not _STEP_FILE.match(name) or not _inside(target, directory):
+    if os.path.islink(pointer):
+        # Not followed, not read: its target's content must not reach an error message.
         raise CheckpointError(
-            f"{pointer}: names {name[:200]!r}, which is not a step_<N>.pt file inside "
+            f"{pointer}: a symlink; refusing to follow it (semmim writes 'latest' as a plain "
+            "file naming a step_<N>.pt file; delete it to load the newest step file)"
+        )
+    if not os.path.lexists(pointer):
+        return None
+    try:
+        with open_regular(pointer, "checkpoint pointer") as f:
+            raw = f.read(4096)
+    except OSError as err:
+        raise CheckpointError(f"{pointer}: cannot read the pointer ({err})") from None
+    name = raw.decode("utf-8", errors="replace").strip()
+    target = os.path.join(directory, name)
+    if not _STEP_FILE.match(name) or not inside(target, directory):
+        shown = repr(name) if len(name) <= 120 and name.isprintable() else f"{len(raw)} bytes"
+        raise CheckpointError(
+            f"{pointer}: names {shown}, which is not a step_<N>.pt file inside "
             f"{directory}; refusing to follow it (the pointer may have been tampered with)"
         )
     return target
@@ -214,22 +198,45 @@ def _run_dir_candidates(path: str) -> tuple[str, list[str]] | None:
     return None
 
 
+def _candidates(path: str) -> tuple[str | None, list[str]]:
+    """(the directory the files must lie in, or None; files to try, newest first).
+
+    A file named directly is the only candidate; when it is a ``step_*.pt`` file its own folder
+    is its checkpoints directory (so a link out of it is refused as through the run directory).
+    """
+    if os.path.isdir(path):
+        found = _run_dir_candidates(path)
+        if found:
+            return found
+    elif os.path.lexists(path):
+        own = os.path.dirname(os.path.abspath(path))
+        return (own if _STEP_FILE.match(os.path.basename(path)) else None), [path]
+    raise FileNotFoundError(
+        f"no checkpoint found at {path!r} (expected a .pt file, or a directory with "
+        f"'latest' or step_*.pt, or RUN/checkpoints/)"
+    )
+
+
+def _check_own(file: str, directory: str | None) -> None:
+    """CheckpointError when ``file`` resolves outside its checkpoints ``directory``."""
+    if directory is not None and not inside(file, directory):
+        raise CheckpointError(
+            f"{file}: a link to a file outside {directory}; refused (a run's checkpoints are its "
+            "own files: copy a checkpoint in rather than linking to it)"
+        )
+
+
 def resolve_checkpoint(path: str) -> str:
     """Map a run dir, a checkpoints dir or a file to the checkpoint file to load.
 
     A directory resolves through its ``latest`` pointer (``RUN/checkpoints/latest`` or ``DIR/latest``),
     falling back to the newest ``step_*.pt`` when there is no pointer (or it names a missing file).
-    Raises FileNotFoundError when there is none, CheckpointError for an unsafe pointer.
+    Raises FileNotFoundError when there is none, CheckpointError for an unsafe pointer or a step
+    file linked from outside its directory (the rule of :func:`open_checkpoint`).
     """
-    if os.path.isfile(path):
-        return path
-    found = _run_dir_candidates(path)
-    if found:
-        return found[1][0]
-    raise FileNotFoundError(
-        f"no checkpoint found at {path!r} (expected a .pt file, or a directory with "
-        f"'latest' or step_*.pt, or RUN/checkpoints/)"
-    )
+    directory, files = _candidates(path)
+    _check_own(files[0], directory)
+    return files[0]
 
 
 def _verify(path: str) -> None:
@@ -239,15 +246,17 @@ def _verify(path: str) -> None:
         raise CheckpointError(f"{path}: zero-length file (nothing was written)")
     side = sidecar_path(path)
     try:
-        with open(side, encoding="utf-8") as f:
-            meta = json.load(f)
+        with open_regular(side, "checksum sidecar") as f:
+            meta = json.loads(f.read(1 << 16).decode("utf-8"))
         want_bytes, want_sha = int(meta["bytes"]), str(meta["sha256"])
     except FileNotFoundError:
         raise CheckpointError(
             f"{path}: no checksum sidecar {os.path.basename(side)} (semmim writes it right after "
             "the checkpoint: the write was interrupted, or the file was not written by semmim)"
         ) from None
-    except (ValueError, KeyError, TypeError) as err:
+    except NotRegularFile as err:
+        raise CheckpointError(str(err)) from None
+    except (ValueError, KeyError, TypeError, OSError) as err:
         raise CheckpointError(f"{side}: unreadable checksum sidecar ({err})") from None
     if size != want_bytes:
         raise CheckpointError(
@@ -303,37 +312,39 @@ def read_checkpoint(
     return state
 
 
-def load_checkpoint(
-    path: str, map_location: str | torch.device = "cpu", required: Iterable[str] = ()
-) -> dict[str, Any]:
-    """Load the checkpoint :func:`resolve_checkpoint` finds at ``path`` (see :func:`read_checkpoint`)."""
-    return read_checkpoint(resolve_checkpoint(path), map_location, required)
-
-
-def load_latest_intact(
-    path: str, map_location: str | torch.device = "cpu", required: Iterable[str] = TRAIN_KEYS
+def open_checkpoint(
+    path: str,
+    map_location: str | torch.device = "cpu",
+    required: Iterable[str] = (),
+    fallback: bool = False,
+    accept: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The newest checkpoint of a run that loads and verifies: ``(state, file)``.
+    """Open the checkpoint at ``path`` (run dir, checkpoints dir or file): ``(state, file)``.
 
-    Tries ``latest``'s target first, then the other ``step_*.pt`` files, newest first; every damaged
-    one is reported with a warning saying what is wrong, and the fallback is logged. Raises
-    FileNotFoundError when there is no checkpoint, CheckpointError when none is intact (listing
-    each file's problem) or when the ``latest`` pointer is unsafe.
+    The one way every command opens a checkpoint (``eval``, ``finetune --ckpt``, ``train
+    --resume``), so the rules of the module docstring hold for all of them. A directory
+    resolves through its ``latest`` pointer, else its newest ``step_*.pt``. With ``fallback``
+    (resume), a damaged file is reported with a warning and the next older one is tried;
+    without it the first problem is the error. ``accept(state)`` returns None for a checkpoint
+    of this run, else why not (e.g. a file copied from another run: refused like a damaged one,
+    by name, never resumed).
+
+    Raises FileNotFoundError when there is no checkpoint, CheckpointError (a ValueError) naming
+    the file and the problem otherwise (with ``fallback``: when none is intact, listing each).
     """
     required = tuple(required)
-    if os.path.isfile(path):
-        return read_checkpoint(path, map_location, required), path
-    found = _run_dir_candidates(path)
-    if not found:
-        resolve_checkpoint(path)  # raises FileNotFoundError with the standard message
-    directory, files = found
+    directory, files = _candidates(path)
     problems = []
     for file in files:
         try:
-            if not _inside(file, directory):
-                raise CheckpointError(f"{file}: a link to a file outside {directory}; refused")
+            _check_own(file, directory)
             state = read_checkpoint(file, map_location, required)
+            reason = accept(state) if accept is not None else None
+            if reason:
+                raise CheckpointError(f"{file}: {reason}; refused")
         except CheckpointError as err:
+            if not fallback:
+                raise
             log.warning("checkpoint unusable: %s", err)
             problems.append(str(err))
             continue
@@ -345,7 +356,26 @@ def load_latest_intact(
                 "" if len(problems) == 1 else "s",
             )
         return state, file
-    raise CheckpointError(f"no intact checkpoint in {directory}:\n  " + "\n  ".join(problems))
+    where = directory or os.path.dirname(os.path.abspath(path))
+    raise CheckpointError(f"no intact checkpoint in {where}:\n  " + "\n  ".join(problems))
+
+
+def load_checkpoint(
+    path: str, map_location: str | torch.device = "cpu", required: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The state of :func:`open_checkpoint` at ``path`` (no fallback)."""
+    return open_checkpoint(path, map_location, required)[0]
+
+
+def load_latest_intact(
+    path: str,
+    map_location: str | torch.device = "cpu",
+    required: Iterable[str] = TRAIN_KEYS,
+    accept: Callable[[dict[str, Any]], str | None] | None = None,
+) -> tuple[dict[str, Any], str]:
+    """The newest checkpoint of a run that loads and verifies (and that ``accept`` takes):
+    :func:`open_checkpoint` with ``fallback=True`` (what ``--resume`` uses)."""
+    return open_checkpoint(path, map_location, required, fallback=True, accept=accept)
 
 
 # ------------------------------------------------------------------------------------ RNG states

@@ -4,25 +4,24 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
 import textwrap
-import typing
 from typing import Any
 
-DEFAULT_PRESET = "small"
-
-_DATA_HELP = (
-    "training data (default: the embedded procedural shapes, no download). SPEC is one of: "
-    "synthetic[:N[:V]] (N training scenes, default 50000, V held-out, default 500); folder:PATH (images with a "
-    "same-named .txt caption beside each, first line; sub-folder names become zero-shot classes); "
-    "json:FILE (list of {image, caption|captions} or COCO captions); csv:FILE / tsv:FILE (header with "
-    "image and caption columns, optional label); wds:PATTERN (webdataset .tar shards, brace ranges "
-    "and globs, jpg/png + txt)"
+from semmim.options import (
+    DATA_HELP,
+    TASK_DATA_HELP,
+    CLIError,
+    add_run_options,
+    add_train_options,
+    model_keys_help,
+    parse_sets,
+    train_overrides,
 )
+
+DEFAULT_PRESET = "small"
 
 EPILOG = """examples:
   semmim train                                   # small preset, embedded data, then held-out eval
@@ -40,133 +39,6 @@ EPILOG = """examples:
   semmim ablate --preset tiny --seeds 0 1 2 --steps 300 --set loss.mlm=0 --out runs/ablate
   semmim ablate --variants default,albef centre_all=mim.center_over=all --seeds 0 1 --out runs/ab
 """
-
-_TASK_DATA_HELP = (
-    "retrieval / caption: any training data spec, or karpathy:FILE[,IMAGE_ROOT] (Karpathy-split "
-    "COCO/Flickr30K JSON: train+restval to train, test to evaluate). vqa: synthetic[:N[:V]] "
-    "(questions about the embedded scenes, default) or vqa:QUESTIONS.json,ANNOTATIONS.json"
-    "[,IMAGE_DIR] (VQA v2 files; images COCO_<subtype>_<id>.jpg)"
-)
-
-
-class CLIError(Exception):
-    """A user error: printed as ``semmim: error: ...`` with exit status 2, no traceback."""
-
-
-def parse_value(text: str) -> Any:
-    """``--set`` value: true/false -> bool, integers, floats, otherwise the string itself."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_sets(items: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split ``key=value`` items into (model overrides, ``train.`` overrides without the prefix)."""
-    model, train = {}, {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise CLIError(f"--set expects key=value, got {item!r}")
-        if key.startswith("train."):
-            train[key[len("train.") :]] = parse_value(value)
-        else:
-            model[key] = parse_value(value)
-    return model, train
-
-
-def _flag(f: dataclasses.Field) -> str:
-    return "--" + f.metadata.get("flag", f.name).replace("_", "-")
-
-
-def add_train_options(
-    parser: argparse.ArgumentParser, cls: type | None = None, prefix: str = "train_"
-) -> None:
-    """One option per field of a config dataclass (default :class:`semmim.config.TrainConfig`;
-    :class:`semmim.downstream.tasks.TaskConfig` with ``prefix="task_"``), from the field's type
-    and help.
-
-    ``--batch-size`` sets ``batch_size``; bools get ``--x / --no-x``; Literal types become choices.
-    Every option defaults to None (= not given), so only what the user typed overrides a config.
-    ``--steps`` and ``--epochs`` exclude each other.
-    """
-    from semmim.config import TrainConfig
-
-    cls = cls or TrainConfig
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    length = parser.add_mutually_exclusive_group() if {"steps", "epochs"} <= names else parser
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        default = f" (default: {f.default})" if f.default != "" else ""
-        help_text = (f.metadata["help"] + default).replace("%", "%%")
-        kw: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": None, "help": help_text}
-        if hint is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is typing.Literal:
-            kw["choices"] = list(typing.get_args(hint))
-        else:
-            kw["type"], kw["metavar"] = hint, f.metadata.get("metavar")
-        (length if f.name in ("steps", "epochs") else parser).add_argument(_flag(f), **kw)
-
-
-def train_overrides(
-    args: argparse.Namespace, cls: type | None = None, prefix: str = "train_"
-) -> dict[str, Any]:
-    """The config fields given on the command line: ``{"batch_size": 8, ...}`` (default
-    :class:`semmim.config.TrainConfig`, see :func:`add_train_options`)."""
-    from semmim.config import TrainConfig
-
-    cls = cls or TrainConfig
-    given = {f.name: getattr(args, f"{prefix}{f.name}") for f in dataclasses.fields(cls)}
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def _add_run_options(
-    parser: argparse.ArgumentParser, default_preset: str, scratch_only: bool = False
-) -> None:
-    """--preset, --resume, --allow-changes, the TrainConfig options and --set."""
-    from semmim.config import PRESETS
-
-    parser.add_argument(
-        "--preset",
-        choices=list(PRESETS),
-        default=None,
-        help=f"model size (default: {default_preset}; on --resume the checkpoint's)"
-        + ("; only without --ckpt (from scratch)" if scratch_only else ""),
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest intact checkpoint in OUT/checkpoints with its model "
-        "config, optimizer, schedule, RNG and data position. Run options given now (e.g. "
-        "--steps, --num-workers) override the saved ones; a saved --stop-at is dropped; "
-        "--preset and model --set keys are checked, then ignored",
-    )
-    parser.add_argument(
-        "--allow-changes",
-        action="store_true",
-        help="with --resume: continue even though the batch size, accumulation, seed, data, "
-        "held-out split or number of processes differ from the checkpoint's (refused otherwise)",
-    )
-    add_train_options(parser)
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        metavar="KEY=VALUE",
-        nargs="+",
-        action="extend",
-        help="config overrides, repeatable: model keys like vision.depth=4, "
-        "mim.target=pixel, masking.strategy=random, mim.enabled=false; run keys "
-        "like train.lr=1e-4, train.warmup_steps=100, train.weight_decay=0.05, "
-        "train.grad_clip=1.0, train.flip=none (every train option above is also train.<name>)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="pre-train (or resume); evaluates the held-out split at the end",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + model_keys_help(),
         description=textwrap.fill(
             "Pre-train SemMIM. Writes OUT/log.csv (every logged step), OUT/loss.png, "
             "OUT/checkpoints/ (atomic, checksummed; 'latest' pointer), OUT/eval.json + eval.txt "
@@ -198,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
             96,
         )
         + "\n\n"
-        + textwrap.fill("data specs (--data SPEC): " + _DATA_HELP, 96),
+        + textwrap.fill("data specs (--data SPEC): " + DATA_HELP, 96),
     )
-    _add_run_options(tr, DEFAULT_PRESET)
+    add_run_options(tr, DEFAULT_PRESET)
 
     ft = sub.add_parser(
         "finetune",
@@ -220,13 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
             96,
         )
         + "\n\n"
-        + textwrap.fill("data specs (--data SPEC): " + _TASK_DATA_HELP + ". " + _DATA_HELP, 96),
+        + textwrap.fill("data specs (--data SPEC): " + TASK_DATA_HELP + ". " + DATA_HELP, 96),
     )
     ft.add_argument("task", choices=["retrieval", "vqa", "caption"], help="the downstream task")
-    from semmim.downstream.tasks import TaskConfig
+    from semmim.config import TaskConfig
 
     add_train_options(ft, TaskConfig, "task_")
-    _add_run_options(ft, "tiny", scratch_only=True)
+    add_run_options(ft, "tiny", scratch_only=True)
 
     ev = sub.add_parser(
         "eval",
@@ -246,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         metavar="SPEC",
         default=None,
-        help="data to evaluate (default: the run's training data spec). " + _DATA_HELP,
+        help="data to evaluate (default: the run's training data spec). " + DATA_HELP,
     )
     ev.add_argument(
         "--split",
@@ -280,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         metavar="FILE",
         default=None,
-        help="where to write the results (default: eval.json beside the run)",
+        help="where to write the results (its folder is created; checked before evaluating). "
+        "Default: beside the run the checkpoint belongs to (RUN for RUN/checkpoints/step_*.pt, "
+        "else the checkpoint's folder): RUN/eval.json for the run's own evaluation (its data, "
+        "the val split, its task, its newest checkpoint); otherwise RUN/eval_<what differs>.json, "
+        "e.g. eval_folder-tux_all_step100.json, so the run's held-out result is never replaced "
+        "by another evaluation. The table goes to the same name with .txt",
     )
 
     ab = sub.add_parser(
@@ -315,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
             96,
         )
         + "\n\n"
-        + textwrap.fill("data specs (--data SPEC): " + _DATA_HELP, 96),
+        + textwrap.fill("data specs (--data SPEC): " + DATA_HELP, 96),
     )
     ab.add_argument(
         "--preset", choices=list(PRESETS), default="tiny", help="model size (default: tiny)"
@@ -361,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List a --data spec: pairs, images, classes, held-out split "
         "and skipped samples; --check decodes every image.",
     )
-    da.add_argument("spec", nargs="?", default=None, metavar="SPEC", help=_DATA_HELP)
+    da.add_argument("spec", nargs="?", default=None, metavar="SPEC", help=DATA_HELP)
     da.add_argument("--check", action="store_true", help="decode every image and count failures")
     da.add_argument("--val-size", type=float, default=0.1, help="held-out fraction or count")
     return parser
@@ -375,112 +252,58 @@ def _setup_logging() -> None:
     )
 
 
-def _resume_configs(args: argparse.Namespace, explicit: dict[str, Any], model_sets: dict[str, Any]):
-    """``--resume``: (checkpoint, model config, run config) of OUT's newest intact checkpoint,
-    with the run options given now applied and the resume contract checked."""
-    from semmim.checkpoint import TRAIN_KEYS, load_latest_intact
-    from semmim.config import SemMIMConfig, TrainConfig
-    from semmim.train import check_resume
+def _resume_point(
+    args: argparse.Namespace, changes: dict[str, Any], model_sets: dict[str, Any], task: str
+):
+    """``--resume``: :func:`semmim.train.resume.resume_point` of OUT (refused before any data is
+    opened when it breaks the resume contract)."""
+    from semmim.config import TrainConfig
+    from semmim.train.resume import resume_point
 
-    out = explicit.get("out", TrainConfig.out)
     try:
-        checkpoint = load_latest_intact(os.path.join(out, "checkpoints"), "cpu", TRAIN_KEYS)
-    except FileNotFoundError as err:
-        raise CLIError(f"--resume: {err}") from None
-    state = checkpoint[0]
-    model_cfg = SemMIMConfig.from_dict(state["config"])
-    if model_sets:
-        model_cfg.override(model_sets)  # a misspelled key is an error, as on a fresh run
-    if args.preset or model_sets:
-        logging.getLogger("semmim").warning(
-            "--resume: the checkpoint's model config is used; --preset/model --set ignored"
+        return resume_point(
+            changes.get("out", TrainConfig.out),
+            int(os.environ.get("WORLD_SIZE", "1")),
+            args.allow_changes,
+            task,
+            changes=changes,
+            model_sets=model_sets,
+            preset_given=args.preset or False,
         )
-    saved = TrainConfig.from_dict({**state["train_config"], "stop_at": 0})
-    tcfg = saved.override(explicit)
-    if not args.allow_changes:  # refuse before the data is opened (train() logs changes)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        check_resume(state, checkpoint[1], tcfg, world_size, False)
-    return checkpoint, model_cfg, tcfg
-
-
-def _report(summary: dict[str, Any], tcfg) -> int:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"trained {summary['step']}/{summary['total_steps']} steps in "
-            f"{summary['seconds']:.0f} s ({summary['pairs_per_s']:.1f} pairs/s, data wait "
-            f"{100 * summary['data_wait_share']:.1f}% of step time); skipped samples: "
-            f"{summary['skipped']['total']} {summary['skipped']}; run dir: {tcfg.out}"
-        )
-    return 130 if summary["interrupted"] else 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    """``semmim train``."""
-    from semmim.config import TrainConfig, from_preset
-    from semmim.data import DataError
-    from semmim.train import open_run_data, train
-
-    model_sets, train_sets = parse_sets(args.sets)
-    explicit = train_overrides(args)
-    explicit.update(train_sets)
-    checkpoint = None
-    try:
-        if args.resume:
-            checkpoint, model_cfg, tcfg = _resume_configs(args, explicit, model_sets)
-        else:
-            model_cfg = from_preset(args.preset or DEFAULT_PRESET, model_sets)
-            tcfg = TrainConfig().override(explicit)
-        source = open_run_data(tcfg)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
+
+
+def _prepare_out(args: argparse.Namespace, out: str, command: str) -> None:
+    """``--out`` before anything is opened: not a file, writable, not in use by another process,
+    and (without --resume) not holding a run unless --overwrite moves it aside
+    (:func:`semmim.rundir.prepare_out`)."""
+    from semmim.rundir import RunDirError, prepare_out
+
     try:
-        summary = train(
-            model_cfg,
-            tcfg,
-            resume=args.resume,
-            source=source,
-            checkpoint=checkpoint,
-            allow_changes=args.allow_changes,
-        )
-    except DataError as err:  # the data checks before the first step
+        moved = prepare_out(out, args.resume, args.overwrite, command)
+    except (RunDirError, OSError) as err:
         raise CLIError(str(err)) from None
-    return _report(summary, tcfg)
+    if moved:
+        logging.getLogger("semmim").warning(
+            "--overwrite: moved the old run in %s to %s", out, moved
+        )
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    """``semmim finetune {retrieval,vqa,caption}``."""
-    from semmim.config import TrainConfig, from_preset
+def _run_options(args: argparse.Namespace, **defaults: Any) -> tuple[dict, dict]:
+    """(model ``--set`` overrides, run options given: the TrainConfig options and ``train.``
+    keys over ``defaults``)."""
+    model_sets, train_sets = parse_sets(args.sets)
+    return model_sets, {**defaults, **train_overrides(args), **train_sets}
+
+
+def _train(args: argparse.Namespace, model_cfg, tcfg, checkpoint, task=None) -> int:
+    """Open the run's data, train, report (exit status 0, or 130 when interrupted)."""
     from semmim.data import DataError
-    from semmim.downstream.tasks import TaskConfig, init_model_config, make_task
+    from semmim.rundir import RunDirError
     from semmim.train import open_run_data, train
 
-    model_sets, train_sets = parse_sets(args.sets)
-    explicit = train_overrides(args)
-    explicit.update(train_sets)
-    explicit.setdefault("out", f"runs/{args.task}")
-    task_given = train_overrides(args, TaskConfig, "task_")
-    checkpoint = None
     try:
-        if args.resume:
-            checkpoint, model_cfg, tcfg = _resume_configs(args, explicit, model_sets)
-            state = checkpoint[0]
-            if state.get("task", "pretrain") != args.task:
-                raise CLIError(
-                    f"--resume: {checkpoint[1]} is a {state.get('task', 'pretrain')!r} run, "
-                    f"not {args.task!r}"
-                )
-            task = make_task(args.task, {**state["task_config"], **task_given})
-        else:
-            task = make_task(args.task, TaskConfig(**task_given))
-            tcfg = TrainConfig().override(explicit)
-            preset_cfg = from_preset(args.preset or "tiny", {} if task.cfg.init else model_sets)
-            model_cfg = init_model_config(task.cfg, preset_cfg)
-            if task.cfg.init and model_sets:
-                model_cfg = model_cfg.override(model_sets)  # e.g. text.dropout=0.1
-            if task.cfg.init and args.preset:
-                logging.getLogger("semmim").warning(
-                    "--preset ignored: the model config is the --ckpt checkpoint's"
-                )
         source = open_run_data(tcfg, task)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
@@ -494,134 +317,89 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             allow_changes=args.allow_changes,
             task=task,
         )
-    except DataError as err:  # the data checks before the first step
+    except (DataError, RunDirError) as err:  # data checks, the run dir's owner, a full disk
         raise CLIError(str(err)) from None
-    return _report(summary, tcfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"trained {summary['step']}/{summary['total_steps']} steps in "
+            f"{summary['seconds']:.0f} s ({summary['pairs_per_s']:.1f} pairs/s, data wait "
+            f"{100 * summary['data_wait_share']:.1f}% of step time); skipped samples: "
+            f"{summary['skipped']['total']} {summary['skipped']}; run dir: {tcfg.out}"
+        )
+    return 130 if summary["interrupted"] else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``semmim train``."""
+    from semmim.config import TrainConfig, from_preset
+
+    model_sets, given = _run_options(args)
+    _prepare_out(args, given.get("out", TrainConfig.out), "semmim train")
+    if args.resume:
+        point = _resume_point(args, given, model_sets, "pretrain")
+        return _train(args, point.model_cfg, point.tcfg, point)
+    try:
+        model_cfg = from_preset(args.preset or DEFAULT_PRESET, model_sets)
+        tcfg = TrainConfig().override(given)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    return _train(args, model_cfg, tcfg, None)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``semmim finetune {retrieval,vqa,caption}``."""
+    from semmim.config import TaskConfig, TrainConfig, from_preset
+    from semmim.downstream.tasks import init_model_config, make_task
+
+    model_sets, given = _run_options(args, out=f"runs/{args.task}")
+    _prepare_out(args, given["out"], f"semmim finetune {args.task}")
+    task_given = train_overrides(args, TaskConfig, "task_")
+    if args.resume:
+        point = _resume_point(args, given, model_sets, args.task)
+        try:
+            task = make_task(args.task, {**point.state["task_config"], **task_given})
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+        return _train(args, point.model_cfg, point.tcfg, point, task)
+    try:
+        task = make_task(args.task, TaskConfig(**task_given))
+        tcfg = TrainConfig().override(given)
+        preset_cfg = from_preset(args.preset or "tiny")
+        model_cfg = init_model_config(task.cfg, preset_cfg, model_sets, bool(args.preset))
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from None
+    return _train(args, model_cfg, tcfg, None, task)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``semmim eval``."""
-    import torch
-
-    from semmim import SemMIM
-    from semmim.checkpoint import EVAL_KEYS, read_checkpoint, resolve_checkpoint
-    from semmim.config import SemMIMConfig, TrainConfig
-    from semmim.data import open_data
-    from semmim.eval import evaluate, format_table
+    """``semmim eval``: :func:`semmim.eval.open_checkpoint_eval`, then its one evaluation path."""
+    from semmim.eval import open_checkpoint_eval
 
     try:
-        path = resolve_checkpoint(args.ckpt)
-        state = read_checkpoint(path, "cpu", EVAL_KEYS)
-        tcfg = TrainConfig.from_dict(state["train_config"])
-        model_cfg = SemMIMConfig.from_dict(state["config"])
-    except (FileNotFoundError, ValueError) as err:
-        raise CLIError(f"--ckpt: {err}") from None
-    saved_task = state.get("task", "pretrain")
-    task_name = args.task or saved_task
-    if task_name in ("vqa", "caption") or saved_task in ("vqa", "caption"):
-        if task_name != saved_task:
-            raise CLIError(
-                f"--task {task_name}: {path} is a {saved_task!r} checkpoint (vqa and caption "
-                "evaluate a checkpoint fine-tuned for that task)"
-            )
-        return _eval_task(args, state, path, tcfg, model_cfg)
-    if args.beam_size is not None:
-        raise CLIError(f"--beam-size: only for --task caption, not {task_name}")
-    model = SemMIM(model_cfg)
-    model.load_state_dict(state["model"])
-    device = torch.device(
-        "cuda"
-        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
-    model.to(device)
-    spec = args.data if args.data is not None else (tcfg.data or None)
-    try:
-        if task_name == "retrieval":
-            from semmim.downstream.tasks import open_pairs
-
-            source = open_pairs(spec or "", tcfg.val_size, tcfg.split_seed)
-        else:
-            source = open_data(spec, tcfg.val_size, tcfg.split_seed)
-    except (ValueError, FileNotFoundError) as err:
-        raise CLIError(f"--data: {err}") from None
-    records = source.val if args.split == "val" else source.train + source.val
-    print(
-        f"checkpoint {path} (step {state['step']}); data {source.describe()}; "
-        f"evaluating {args.split} split",
-        flush=True,
-    )
-    result = evaluate(
-        model,
-        records,
-        image_size=model_cfg.vision.image_size,
-        max_len=min(tcfg.max_text_len, model_cfg.text.max_len),
-        class_names=source.class_names,
-        prompt_template=source.prompt_template,
-        rerank_k=args.rerank_k,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-    )
-    result.update(
-        checkpoint=path,
-        step=state["step"],
-        data=spec or "synthetic",
-        split=args.split,
-        task=task_name,
-        skipped_listing=source.skips.summary(),
-    )
-    table = format_table(result)
-    print(table)
-    json_path = args.json or os.path.join(os.path.dirname(os.path.dirname(path)), "eval.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.splitext(json_path)[0] + ".txt", "w") as f:
-        f.write(table + "\n")
-    print(f"wrote {json_path}")
-    return 0
-
-
-def _eval_task(args: argparse.Namespace, state: dict, path: str, tcfg, model_cfg) -> int:
-    """``semmim eval`` of a vqa / caption checkpoint on its task's metrics."""
-    import torch
-
-    from semmim.downstream.tasks import make_task
-
-    task_cfg = dict(state["task_config"])
-    if args.beam_size is not None:
-        task_cfg["beam_size"] = args.beam_size
-    try:
-        task = make_task(state["task"], task_cfg)
-        run_cfg = tcfg.override(
-            {
-                "data": args.data if args.data is not None else tcfg.data,
-                "num_workers": args.num_workers,
-                "eval_batch_size": args.batch_size,
-            }
+        job = open_checkpoint_eval(
+            args.ckpt,
+            task=args.task,
+            data=args.data,
+            split=args.split,
+            rerank_k=args.rerank_k,
+            beam_size=args.beam_size,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
         )
-        source = task.open_data(run_cfg)
     except (ValueError, FileNotFoundError) as err:
-        raise CLIError(f"--data: {err}") from None
-    if args.split == "all":
-        source.val = source.train + source.val
-    device = torch.device(
-        "cuda"
-        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
-    model = task.build_model(model_cfg, pretrained=False)
-    model.load_state_dict(state["model"])
-    model.to(device)
-    print(
-        f"checkpoint {path} ({state['task']}, step {state['step']}); data {source.describe()}; "
-        f"evaluating {args.split} split",
-        flush=True,
-    )
-    json_path = args.json or os.path.join(os.path.dirname(os.path.dirname(path)), "eval.json")
-    task.evaluate_model(
-        model, source, model_cfg, run_cfg, device, os.path.dirname(json_path), json_path
-    )
+        raise CLIError(str(err)) from None
+    from semmim.rundir import RunDirError, check_output_file
+
+    json_path = args.json or job.json_path
+    try:  # before the evaluation runs, not after
+        check_output_file(json_path, "--json" if args.json else "eval result")
+    except RunDirError as err:
+        raise CLIError(str(err)) from None
+    print(job.describe(), flush=True)
+    if os.path.exists(json_path):
+        print(f"{json_path} exists and will be replaced by this evaluation", flush=True)
+    job.run(json_path)
     print(f"wrote {json_path}")
     return 0
 
@@ -710,6 +488,14 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except CLIError as err:
         print(f"semmim {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk while writing a run file: say so, no traceback
+        from semmim.rundir import no_space_error
+
+        full = no_space_error(err)
+        if full is None:
+            raise
+        print(f"semmim {args.command}: error: {full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("semmim: interrupted", file=sys.stderr)

@@ -706,3 +706,49 @@ class TrainConfig:
         if "epochs" in changes and "steps" not in changes:
             changes["steps"] = 0
         return replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------- fine-tuning
+@dataclass(frozen=True)
+class TaskConfig:
+    """Options of ``semmim finetune`` beyond the run's :class:`TrainConfig` (each field is an
+    option of that command; saved in checkpoints for an exact resume). The tasks themselves are
+    in :mod:`semmim.downstream.tasks`."""
+
+    init: str = _opt(
+        "",
+        "pre-training checkpoint to start from: run dir, checkpoints dir or step_*.pt (its model "
+        "config is used); omitted = from scratch (random init, --preset)",
+        "PATH",
+        flag="ckpt",
+    )
+    eval_data: str = _opt(
+        "", "evaluate on this data spec instead of the held-out split of --data", "SPEC"
+    )
+    label_smoothing: float = _opt(0.1, "caption: label smoothing of the LM loss", "E")
+    beam_size: int = _opt(3, "caption: beam width at evaluation (1 = greedy)", "K")
+    max_gen_len: int = _opt(30, "caption: most generated tokens", "T")
+    num_answers: int = _opt(3129, "vqa: answer classes (the most frequent training answers)", "N")
+    questions_per_image: int = _opt(3, "vqa: questions per embedded scene (of 6 kinds)", "Q")
+
+    def __post_init__(self) -> None:
+        try:
+            _check_types(self)
+            _positive(self, "beam_size", "max_gen_len", "num_answers", "questions_per_image")
+            _in_range(self, "label_smoothing", 0.0, 1.0, hi_open=True)
+            if self.questions_per_image > 6:
+                raise ValueError(f"questions_per_image: at most 6, got {self.questions_per_image}")
+        except ValueError as e:
+            raise ValueError(f"task.{e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskConfig:
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"task.{unknown[0]}: unknown key; valid: {list(cls.__dataclass_fields__)}"
+            )
+        return cls(**d)

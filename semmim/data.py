@@ -17,9 +17,12 @@ Specs (all read offline):
 * ``wds:PATTERN`` — webdataset tar shards (brace ranges like ``shard-{000..009}.tar`` and globs); a
   sample is the members sharing a key, one image (jpg/jpeg/png/webp) and one ``txt``.
 
-Text is UTF-8 (a leading BOM is dropped). Bad samples — missing or corrupt image, a caption that is
-empty, not valid UTF-8 or not a string, a truncated shard — are skipped with a warning and counted
-(:class:`SkipLog`); listing-time problems are found when the spec is opened, decode failures when the
+Text is UTF-8 (a leading BOM is dropped); only a caption's first line is read, at most
+``CAPTION_MAX_BYTES``. Bad samples — missing or corrupt image, a caption that is empty, too long, not
+valid UTF-8 or not a string, a truncated shard, a FIFO / device / socket named as an image, caption
+or shard (refused from its ``stat``, never opened: :mod:`semmim.paths`), a ``folder:`` caption file
+that is a link resolving outside the folder (images may link anywhere: they are only decoded) —
+are skipped with a warning and counted (:class:`SkipLog`); listing-time problems are found when the spec is opened, decode failures when the
 sample is loaded (in the worker; the collate function drops it and the main process counts it). Images
 that need an optional decoder that is not installed (SVG: ``cairosvg``) are counted at listing, by
 split, and named in :meth:`DataSource.describe`. :meth:`DataSource.verify` decodes a sample of each
@@ -42,7 +45,7 @@ import struct
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +53,7 @@ import torch
 from PIL import Image
 
 from semmim import synthetic
+from semmim.paths import NotRegularFile, file_problem, open_regular, require_regular
 from semmim.transforms import sample_rng
 
 log = logging.getLogger("semmim.data")
@@ -75,6 +79,10 @@ DECODE_ERRORS = (
     tarfile.TarError,  # a shard that became unreadable after listing
 )
 BAD_UTF8 = "caption not valid UTF-8"
+# Most bytes of a caption's first line that are read. Far above what any tokenizer keeps (the
+# model's text length is tens of tokens), and it bounds what listing reads: a huge ``.txt``
+# (a 1.5 GB member of a 1.5 MB compressed shard) costs this much memory, not its size.
+CAPTION_MAX_BYTES = 16 * 1024
 
 
 class DataError(ValueError):
@@ -93,6 +101,8 @@ def image_error_reason(err: BaseException) -> str:
         )
     if isinstance(err, MissingDecoder):
         return str(err)
+    if isinstance(err, NotRegularFile):
+        return err.reason
     return f"unreadable image ({type(err).__name__})"
 
 
@@ -210,6 +220,15 @@ class SkipLog:
         """Counts by reason plus ``"total"``."""
         return {**dict(sorted(self.counts.items())), "total": self.total}
 
+    def describe(self, what: str = "skipped", shorten: Callable[[str], str] | None = None) -> str:
+        """``"3 skipped (empty caption: 1, missing image: 2)"``: the summary every loader prints;
+        ``shorten`` rewrites a reason for display."""
+        text = f"{self.total} {what}"
+        if self.total:
+            parts = [f"{shorten(r) if shorten else r}: {n}" for r, n in sorted(self.counts.items())]
+            text += f" ({', '.join(parts)})"
+        return text
+
 
 @dataclass
 class DataSource:
@@ -255,14 +274,10 @@ class DataSource:
         """One line: spec, pair/image counts, classes, split seed, skipped, missing decoders, ignored."""
         n_img = len({r.key for r in self.train}), len({r.key for r in self.val})
         classes = f", {len(self.class_names)} classes" if self.class_names else ""
-        skipped = f"{self.skips.total} skipped at listing"
-        if self.skips.total:
-            # A missing decoder's reason is spelled out below, with its cost per split.
-            parts = [
-                f"{r.partition(': ')[0] if r in self.decoder_skips else r}: {n}"
-                for r, n in sorted(self.skips.counts.items())
-            ]
-            skipped += f" ({', '.join(parts)})"
+        # A missing decoder's reason is spelled out below, with its cost per split.
+        skipped = self.skips.describe(
+            "skipped at listing", lambda r: r.partition(": ")[0] if r in self.decoder_skips else r
+        )
         carved = " carved from the training data" if self.eval_split == "validation" else ""
         text = (
             f"{self.spec}: {len(self.train)} train pairs ({n_img[0]} images), {len(self.val)} "
@@ -517,13 +532,23 @@ def split_records(
     return train, val
 
 
+def caption_prefix(f) -> bytes:
+    """What a caption file (or tar member) ``f`` needs read: at most ``CAPTION_MAX_BYTES + 1``
+    bytes, enough for :func:`decode_caption` to take the first line or say it is too long."""
+    return f.read(CAPTION_MAX_BYTES + 1)
+
+
 def decode_caption(raw: bytes) -> tuple[str, str | None]:
     """The first line of a caption file's bytes, stripped: ``(text, None)``, or ``("", reason)``.
 
     Decoding is strict (a caption with invalid UTF-8 is a skip, not U+FFFD text); a UTF-8 BOM is
     dropped. Only the first line is decoded: later lines (e.g. Tux Paint's translations) are unused.
+    ``raw`` may be a prefix (:func:`caption_prefix`): a first line longer than
+    ``CAPTION_MAX_BYTES`` is a skip.
     """
     first = raw.split(b"\n", 1)[0]
+    if len(first) > CAPTION_MAX_BYTES:
+        return "", f"caption over {CAPTION_MAX_BYTES} bytes"
     try:
         text = first.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
@@ -570,11 +595,19 @@ def _list_folder(
             names = [os.path.basename(c) for c in captions[group]]
             skips.add("several caption files (names differ only in case)", rel, ", ".join(names))
             continue
-        try:
-            with open(captions[group][0], "rb") as f:
-                text, problem = decode_caption(f.read())
-        except OSError as err:
-            text, problem = "", f"unreadable caption file ({type(err).__name__})"
+        # Images may be links anywhere (a folder of links into a dataset); they are only decoded.
+        # A caption is text that is trained on and printed, so it must resolve inside the folder.
+        problem = file_problem(path, "image") or file_problem(
+            captions[group][0], "caption file", root
+        )
+        if problem is None:
+            try:
+                with open_regular(captions[group][0], "caption file") as f:
+                    text, problem = decode_caption(caption_prefix(f))
+            except NotRegularFile as err:
+                problem = err.reason
+            except OSError as err:
+                problem = f"unreadable caption file ({type(err).__name__})"
         if problem:
             skips.add(problem, rel)
             continue
@@ -594,33 +627,86 @@ def _list_folder(
     return out, class_names
 
 
-def _read_json(path: str) -> Any:
+def read_json_file(path: str, what: str = "json data") -> Any:
+    """The parsed JSON of ``path`` (UTF-8, a leading BOM dropped): every loader's one reader.
+
+    Raises :class:`DataError` naming ``what`` and the file: unreadable (missing, a FIFO or device:
+    never opened), not valid UTF-8 (with the byte offset), truncated (the text ends inside a
+    value), or not JSON (with line and column).
+    """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, what) as f:
             raw = f.read()
+    except NotRegularFile as err:
+        raise DataError(str(err)) from None
     except OSError as err:
-        raise DataError(f"json data: cannot read {path!r} ({err.strerror or err})") from None
+        raise DataError(f"{what}: cannot read {path!r} ({err.strerror or err})") from None
     try:
-        return json.loads(raw.decode("utf-8-sig"))
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(
-            f"json data {path!r} is not valid UTF-8 (byte {err.start}: {err.reason})"
+            f"{what} {path!r} is not valid UTF-8 (byte {err.start}: {err.reason})"
         ) from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"json data {path!r} is not valid JSON: {err}") from None
+        # The parser stops at the end of the text, or inside a string running to the end.
+        ends = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+        cut = " (the file ends early: truncated?)" if ends else ""
+        raise DataError(f"{what} {path!r} is not valid JSON{cut}: {err}") from None
 
 
-def _type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """A JSON value's type as the messages name it: ``null``, ``int``, ``str``, ``list``, ..."""
     return "null" if value is None else type(value).__name__
 
 
+def texts_of(
+    value: Any, field: str, where: str, skips: SkipLog, empty: str, lists: bool = True
+) -> list[tuple[str, str]]:
+    """``(name, text)`` of the non-empty stripped strings of a JSON ``field`` value; every other
+    value is skipped and counted in ``skips`` under a typed reason (``null`` and numbers are never
+    turned into text).
+
+    ``value`` is a string (named ``where``) or, when ``lists``, a list of strings (element i
+    named ``{where}.{field}[i]``). ``empty`` is the reason for a blank string ("empty caption").
+    """
+    if lists and isinstance(value, list):
+        named = [(f"{where}.{field}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        named = [(where, value)]
+    kind = "a string or a list of strings" if lists else "a string"
+    out = []
+    for name, v in named:
+        if not isinstance(v, str):
+            skips.add(f"'{field}' must be {kind}, got {json_type(v)}", name)
+        elif not v.strip():
+            skips.add(empty, name)
+        else:
+            out.append((name, v.strip()))
+    return out
+
+
+def int_of(entry: dict[str, Any], field: str, where: str, skips: SkipLog) -> int | None:
+    """``entry[field]`` when it is a JSON integer, else None with the skip counted (a missing
+    field, ``null``, a string, a bool and a float such as ``1.0`` or ``3.7``: never truncated)."""
+    if field not in entry:
+        skips.add(f"entry without '{field}'", where)
+        return None
+    value = entry[field]
+    if isinstance(value, bool) or not isinstance(value, int):
+        skips.add(f"'{field}' must be an integer, got {json_type(value)}", where)
+        return None
+    return value
+
+
 def _list_json(path: str, skips: SkipLog, ignored: Counter[str]) -> list[Record]:
-    data = _read_json(path)
+    data = read_json_file(path)
     root = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    # (where, image, [(where, field, caption value)]): ``where`` names the entry in warnings,
-    # e.g. "data.json[3]"; values are type-checked below.
-    items: list[tuple[str, str, list[tuple[str, str, Any]]]] = []
+    # (where, image, [(where, field, caption value, lists allowed)]): ``where`` names the entry
+    # in warnings, e.g. "data.json[3]"; values are type-checked below (:func:`texts_of`).
+    items: list[tuple[str, str, list[tuple[str, str, Any, bool]]]] = []
     if isinstance(data, dict) and "images" in data and "annotations" in data:
         if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
             raise DataError(f"json data {path!r}: COCO 'images' and 'annotations' must be lists")
@@ -630,20 +716,22 @@ def _list_json(path: str, skips: SkipLog, ignored: Counter[str]) -> list[Record]
             if not isinstance(img, dict) or "id" not in img:
                 skips.add("COCO image entry without 'id'", where)
             elif isinstance(img["id"], (dict, list)):
-                skips.add(f"COCO 'id' must be a number or string, got {_type(img['id'])}", where)
+                skips.add(
+                    f"COCO 'id' must be a number or string, got {json_type(img['id'])}", where
+                )
             elif not isinstance(img.get("file_name"), str) or not img["file_name"]:
-                got = _type(img.get("file_name"))
+                got = json_type(img.get("file_name"))
                 skips.add(f"COCO 'file_name' must be a non-empty string, got {got}", where)
             else:
                 files[img["id"]] = (where, img["file_name"])
-        by_image: dict[Any, list[tuple[str, str, Any]]] = {}
+        by_image: dict[Any, list[tuple[str, str, Any, bool]]] = {}
         for n, ann in enumerate(data["annotations"]):
             where = f"{name}:annotations[{n}]"
             image_id = ann.get("image_id") if isinstance(ann, dict) else None
             if isinstance(image_id, (dict, list)) or image_id not in files:
                 skips.add("COCO annotation for an unknown image id", where)
                 continue
-            by_image.setdefault(image_id, []).append((where, "caption", ann.get("caption")))
+            by_image.setdefault(image_id, []).append((where, "caption", ann.get("caption"), False))
         ignored["COCO images without annotations"] += len(set(files) - set(by_image))
         items = [(files[i][0], files[i][1], caps) for i, caps in by_image.items()]
     elif isinstance(data, list):
@@ -654,18 +742,13 @@ def _list_json(path: str, skips: SkipLog, ignored: Counter[str]) -> list[Record]
                 continue
             image = entry["image"]
             if not isinstance(image, str) or not image:
-                skips.add(f"'image' must be a non-empty string, got {_type(image)}", where)
+                skips.add(f"'image' must be a non-empty string, got {json_type(image)}", where)
                 continue
             if "caption" not in entry and "captions" not in entry:
                 skips.add("entry without 'caption' or 'captions'", where)
                 continue
             key = "caption" if "caption" in entry else "captions"
-            value = entry[key]
-            if isinstance(value, list):
-                caps = [(f"{where}.{key}[{i}]", key, c) for i, c in enumerate(value)]
-            else:
-                caps = [(where, key, value)]
-            items.append((where, image, caps))
+            items.append((where, image, [(where, key, entry[key], True)]))
     else:
         raise DataError(
             f"json data {path!r}: expected a list of {{image, caption}} or a COCO "
@@ -674,20 +757,13 @@ def _list_json(path: str, skips: SkipLog, ignored: Counter[str]) -> list[Record]
     records = []
     for where, image, caps in items:
         image_path = image if os.path.isabs(image) else os.path.join(root, image)
-        if not os.path.exists(image_path):
-            skips.add("missing image", image, where)
+        problem = file_problem(image_path, "image")
+        if problem:
+            skips.add(problem, image, where)
             continue
-        for cap_where, key, cap in caps:
-            if not isinstance(cap, str):
-                skips.add(
-                    f"'{key}' must be a string or a list of strings, got {_type(cap)}", cap_where
-                )
-                continue
-            cap = cap.strip()
-            if not cap:
-                skips.add("empty caption", cap_where)
-                continue
-            records.append(Record(image_path, cap, image))
+        for cap_where, key, value, lists in caps:
+            for _, cap in texts_of(value, key, cap_where, skips, "empty caption", lists):
+                records.append(Record(image_path, cap, image))
     return records
 
 
@@ -720,9 +796,12 @@ def _list_table(path: str, delimiter: str, skips: SkipLog) -> tuple[list[Record]
     name = os.path.basename(path)
     # surrogateescape: one row with bad bytes is a skip of that row, not a failure of the file.
     try:
-        f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        raw = open_regular(path, "table data")
+    except NotRegularFile as err:
+        raise DataError(str(err)) from None
     except OSError as err:
         raise DataError(f"table data: cannot read {path!r} ({err.strerror or err})") from None
+    f = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
     with f:
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
@@ -747,8 +826,9 @@ def _list_table(path: str, delimiter: str, skips: SkipLog) -> tuple[list[Record]
             skips.add("empty image cell", where)
             continue
         image_path = image if os.path.isabs(image) else os.path.join(root, image)
-        if not os.path.exists(image_path):
-            skips.add("missing image", where, image)
+        problem = file_problem(image_path, "image")
+        if problem:
+            skips.add(problem, where, image)
             continue
         if not _valid_utf8(cap):
             skips.add(BAD_UTF8, where)
@@ -788,8 +868,9 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _scan_shard(path: str) -> tuple[list[tarfile.TarInfo], dict[str, bytes], str | None, bool]:
-    """A shard's file members, the raw bytes of its ``txt`` members, why it is incomplete (or None),
-    and whether it is compressed (told by its content, not its name).
+    """A shard's file members, the first bytes of its ``txt`` members (:func:`caption_prefix`: a
+    huge member is skipped over, never held), why it is incomplete (or None), and whether it is
+    compressed (told by its content, not its name).
 
     A shard is complete when it is read to an end-of-archive block. A truncated shard keeps the
     members that lie wholly before the cut; the reason says where the cut is.
@@ -798,7 +879,7 @@ def _scan_shard(path: str) -> tuple[list[tarfile.TarInfo], dict[str, bytes], str
     texts: dict[str, bytes] = {}
     problem: str | None = None
     size = os.path.getsize(path)
-    with tarfile.open(path, "r:*") as tar:
+    with open_regular(path, "shard") as f, tarfile.open(path, "r:*", fileobj=f) as tar:
         compressed = not isinstance(tar.fileobj, io.BufferedReader)  # else gzip / bz2 / xz file
         try:
             for info in tar:
@@ -808,7 +889,7 @@ def _scan_shard(path: str) -> tuple[list[tarfile.TarInfo], dict[str, bytes], str
                     raise tarfile.ReadError("unexpected end of data")
                 if os.path.basename(info.name).partition(".")[2].lower() == "txt":
                     member = tar.extractfile(info)
-                    texts[info.name] = member.read() if member else b""
+                    texts[info.name] = caption_prefix(member) if member else b""
                 members.append(info)
             # tarfile stops quietly at a missing or cut header; a whole archive ends with zero blocks.
             tar.fileobj.seek(tar.offset)
@@ -834,8 +915,9 @@ def _list_wds(pattern: str, skips: SkipLog) -> list[Record]:
         raise DataError(f"wds data: pattern {pattern!r} matches no files")
     records = []
     for path in paths:
-        if not os.path.exists(path):
-            skips.add("missing shard", path)
+        reason = file_problem(path, "shard")
+        if reason:
+            skips.add(reason, path)
             continue
         try:
             infos, texts, problem, compressed = _scan_shard(path)
@@ -944,12 +1026,17 @@ def _decode(ref: ImageRef) -> Image.Image:
         if ref.compressed:
             cache_key = (os.getpid(), ref.path)
             if cache_key not in _TAR_CACHE:
-                _TAR_CACHE[cache_key] = tarfile.open(ref.path, "r:*")
+                f = open_regular(ref.path, "shard")
+                try:
+                    _TAR_CACHE[cache_key] = tarfile.open(ref.path, "r:*", fileobj=f)
+                except BaseException:
+                    f.close()
+                    raise
             stream = _TAR_CACHE[cache_key].fileobj  # seekable decompressed view of the tar
             stream.seek(ref.offset)
             data = stream.read(ref.size)
         else:
-            with open(ref.path, "rb") as f:
+            with open_regular(ref.path, "shard") as f:
                 f.seek(ref.offset)
                 data = f.read(ref.size)
         if len(data) != ref.size:
@@ -958,8 +1045,11 @@ def _decode(ref: ImageRef) -> Image.Image:
     elif ref.lower().endswith(".svg"):
         image = _rasterise_svg(ref)
     else:
-        image = Image.open(ref)
-    image.load()  # decode now, so corrupt files fail here and not in a transform
+        with open_regular(ref, "image") as f:
+            image = Image.open(f)
+            image.load()  # decode now, so corrupt files fail here and not in a transform
+        return image
+    image.load()
     return image
 
 
@@ -976,6 +1066,7 @@ def _rasterise_svg(path: str, size: int = 384) -> Image.Image:
     problem = svg_decoder_problem()
     if problem is not None:
         raise MissingDecoder(problem)
+    require_regular(path, "image")  # cairosvg opens the path itself
     import cairosvg
 
     # cairosvg >= 2.7 neither resolves XML entities nor fetches external resources unless unsafe=True.

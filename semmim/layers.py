@@ -162,7 +162,7 @@ class SelfAttention(nn.Module):
         self.attn_dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.drop = _dropout(dropout)
+        self.drop = dropout_layer(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
@@ -190,7 +190,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(ctx_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.drop = _dropout(dropout)
+        self.drop = dropout_layer(dropout)
 
     def forward(
         self, x: torch.Tensor, ctx: torch.Tensor, key_mask: torch.Tensor | None = None
@@ -203,7 +203,8 @@ class CrossAttention(nn.Module):
         return self.drop(self.proj(y.reshape(B, Lq, D)))
 
 
-def _dropout(p: float) -> nn.Module:
+def dropout_layer(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity`` when p = 0 (no module that does nothing)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
@@ -212,7 +213,7 @@ class MLP(nn.Sequential):
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), _dropout(dropout)
+            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), dropout_layer(dropout)
         )
 
 
@@ -486,7 +487,7 @@ class TextEncoder(nn.Module):
         self.position_embeddings = nn.Embedding(max_len, dim)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.drop = _dropout(dropout)
+        self.drop = dropout_layer(dropout)
         self.layers = nn.ModuleList(
             BertLayer(dim, heads, intermediate, eps, dropout) for _ in range(depth)
         )

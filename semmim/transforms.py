@@ -46,13 +46,16 @@ def swap_left_right(caption: str) -> str:
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency onto ``background``.
 
-    Integer greyscale (``I;16*`` from 16-bit PNG / TIFF, and ``I``) is scaled from 0..65535 to
-    0..255; Pillow's own ``convert`` would clip every value above 255 to white.
+    Wide greyscale is scaled to 0..255, where Pillow's own ``convert`` clips: integer (``I;16*``
+    from 16-bit PNG / TIFF, and ``I``) from 0..65535 (else every value above 255 is white), float
+    (``F``, e.g. a 32-bit float TIFF) from 0..1, the convention of float images (else all
+    black). Values outside the range are clipped; NaN is black.
     """
-    if image.mode.startswith("I"):
+    if image.mode.startswith("I") or image.mode == "F":
         # 65535 / 257 = 255 exactly; values outside the 16-bit range (mode I is 32-bit) are clipped.
         wide = np.asarray(image, dtype=np.float64)
-        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        wide = np.nan_to_num(wide * 255.0 if image.mode == "F" else wide / 257.0, nan=0.0)
+        grey = np.clip(np.rint(wide), 0, 255).astype(np.uint8)
         image = Image.fromarray(grey)  # (H, W) uint8 -> mode L
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

@@ -5,16 +5,22 @@ which counts them: ``for case in CASES: run_case(case, tmp_dir)`` returns normal
 handled as specified (skipped and counted with the expected reason, or a clear :class:`DataError`)
 and raises ``AssertionError`` otherwise.
 
-A case is handled when :func:`semmim.data.open_data`, then :meth:`DataSource.verify` (what training
-runs before its first step), then :meth:`DataSource.check` (``semmim data --check``: every image
-decoded) give exactly ``skips`` and ``pairs``, or raise a ``DataError`` matching ``error``.
+A case is handled when :func:`semmim.data.open_data` (for ``karpathy:`` / ``vqa:`` specs the
+fine-tuning loaders :func:`semmim.downstream.tasks.open_pairs` / ``open_vqa``), then
+:meth:`DataSource.verify` (what training runs before its first step), then
+:meth:`DataSource.check` (``semmim data --check``: every image decoded) give exactly ``skips`` and
+``pairs``, or raise a ``DataError`` matching ``error``, within ``CASE_SECONDS`` (a FIFO that is
+opened blocks forever: that is a failure, not a hang).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import re
+import signal
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -50,13 +56,49 @@ class DataFault:
     val_size: float = 0
 
 
+CASE_SECONDS = 60
+
+
+@contextlib.contextmanager
+def deadline(name: str, seconds: int = CASE_SECONDS):
+    """AssertionError instead of a hang (SIGALRM; main thread only, else no limit)."""
+
+    def expired(*_):
+        raise AssertionError(f"{name}: still running after {seconds} s (blocked on a file?)")
+
+    try:
+        old = signal.signal(signal.SIGALRM, expired)
+    except ValueError:  # not the main thread
+        yield
+        return
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _open(spec: str, val_size: float):
+    if spec.startswith("karpathy:"):
+        from semmim.downstream.tasks import open_pairs
+
+        return open_pairs(spec, val_size, 0)
+    if spec.startswith("vqa:"):
+        from semmim.downstream.tasks import open_vqa
+
+        return open_vqa(spec, val_size, 0, 3)
+    return open_data(spec, val_size)
+
+
 def run_case(case: DataFault, folder: Path) -> None:
     """Build ``case`` under ``folder`` and assert that it is handled as specified."""
     spec = case.build(folder)
     try:
-        source = open_data(spec, case.val_size)
-        source.verify()
-        source.check()
+        with deadline(case.name):
+            source = _open(spec, case.val_size)
+            source.verify()
+            source.check()
     except DataError as err:
         assert case.error, f"{case.name}: unexpected DataError: {err}"
         assert re.search(case.error, str(err)), f"{case.name}: error {str(err)!r} !~ {case.error!r}"
@@ -278,6 +320,140 @@ def _wds_gz_cut(tmp: Path) -> str:
     return f"wds:{path}"
 
 
+# ------------------------------------------------- issue 19: inputs that point elsewhere
+def _caption_links_outside(tmp: Path) -> str:
+    root = pairs_folder(tmp / "d")
+    secret = tmp / "secret.txt"  # outside the data folder (think /etc/passwd)
+    secret.write_text("root:x:0:0:a line that must never become a caption\n")
+    (root / "leak.png").write_bytes(png_bytes())
+    (root / "leak.txt").symlink_to(secret)
+    (root / "sub").mkdir()
+    (root / "sub" / "inner.png").write_bytes(png_bytes())
+    (root / "sub" / "inner.txt").symlink_to(root / "good0.txt")  # inside: read as usual
+    return f"folder:{root}"
+
+
+def _fifo_and_device_in_folder(tmp: Path) -> str:
+    root = pairs_folder(tmp / "d")
+    os.mkfifo(root / "pipe.png")  # an image that is a FIFO: opening it would block
+    (root / "pipe.txt").write_text("a pipe\n")
+    (root / "capfifo.png").write_bytes(png_bytes())
+    os.mkfifo(root / "capfifo.txt")
+    (root / "zero.png").symlink_to("/dev/zero")  # a device: reading it never ends
+    (root / "zero.txt").write_text("endless zeros\n")
+    return f"folder:{root}"
+
+
+def _long_captions(tmp: Path) -> str:
+    root = pairs_folder(tmp / "d")
+    (root / "long.png").write_bytes(png_bytes())
+    (root / "long.txt").write_bytes(b"x" * 20_000)  # one line over CAPTION_MAX_BYTES
+    (root / "tail.png").write_bytes(png_bytes())
+    (root / "tail.txt").write_bytes(b"short first line\n" + b"y" * 100_000)  # later lines unused
+    return f"folder:{root}"
+
+
+def _json_special_images(tmp: Path) -> str:
+    pairs_folder(tmp)
+    os.mkfifo(tmp / "pipe.png")
+    entries = [
+        {"image": "good0.png", "caption": "fine"},
+        {"image": "pipe.png", "caption": "a FIFO"},
+        {"image": "/dev/zero", "caption": "a device"},
+        {"image": str(tmp), "caption": "a directory"},
+    ]
+    (tmp / "d.json").write_text(json.dumps(entries))
+    return f"json:{tmp / 'd.json'}"
+
+
+def _csv_special_image(tmp: Path) -> str:
+    pairs_folder(tmp)
+    os.mkfifo(tmp / "pipe.png")
+    (tmp / "d.csv").write_text("image,caption\ngood0.png,fine\npipe.png,a FIFO\n")
+    return f"csv:{tmp / 'd.csv'}"
+
+
+def _json_file_is_fifo(tmp: Path) -> str:
+    os.mkfifo(tmp / "d.json")
+    return f"json:{tmp / 'd.json'}"
+
+
+def _wds_fifo_shard_and_long_text(tmp: Path) -> str:
+    samples = _four_samples()
+    samples["s1"]["txt"] = b"z" * 20_000  # over CAPTION_MAX_BYTES, one line
+    samples["s2"]["txt"] = b"kept\n" + b"w" * 100_000
+    shard(tmp / "a-0.tar", samples)
+    os.mkfifo(tmp / "a-1.tar")
+    return f"wds:{tmp}/a-{{0..1}}.tar"
+
+
+# ------------------------------------------------- issue 19: karpathy: and vqa: loaders
+def _karpathy(images: list, raw: bytes | None = None) -> Callable[[Path], str]:
+    """A Karpathy-split file: ``images`` entries (None = a good one, numbered), their files
+    ``images/COCO_{n}.jpg`` (PNG bytes; the content is sniffed)."""
+
+    def build(tmp: Path) -> str:
+        (tmp / "images").mkdir()
+        entries = []
+        for n, entry in enumerate(images):
+            name = f"COCO_{n}.jpg"
+            (tmp / "images" / name).write_bytes(png_bytes((n * 20 % 256, 40, 80)))
+            good = {
+                "filename": name,
+                "split": "test" if n == 0 else "train",
+                "sentences": [{"raw": f"image {n} caption {i}"} for i in range(2)],
+                "cocoid": 100 + n,
+            }
+            entries.append(good if entry is None else entry(good) if callable(entry) else entry)
+        file = tmp / "dataset_coco.json"
+        file.write_bytes(raw if raw is not None else json.dumps({"images": entries}).encode())
+        return f"karpathy:{file},{tmp / 'images'}"
+
+    return build
+
+
+def _with(**fields) -> Callable[[dict], dict]:
+    return lambda good: {**good, **fields}
+
+
+def _karpathy_fifo(tmp: Path) -> str:
+    spec = _karpathy([None, None, None])(tmp)
+    fifo = tmp / "images" / "COCO_2.jpg"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    return spec
+
+
+def _vqa(questions: list, annotations: list | None = None, raw: bytes | None = None):
+    """VQA v2 files: questions about images 1..3 (``COCO_train2014_{id:012d}.jpg``)."""
+
+    def build(tmp: Path) -> str:
+        for image_id in (1, 2, 3):
+            name = f"COCO_train2014_{image_id:012d}.jpg"
+            (tmp / name).write_bytes(png_bytes((image_id * 60, 0, 0)))
+        anns = annotations
+        if anns is None:
+            qids = [q["question_id"] for q in questions if isinstance(q, dict)]
+            qids = [q for q in qids if isinstance(q, int)]
+            anns = [
+                {"question_id": qid, "answers": [{"answer": "yes"}] * 10}
+                for qid in dict.fromkeys(qids)
+            ]
+        (tmp / "q.json").write_text(
+            json.dumps({"data_subtype": "train2014", "questions": questions})
+        )
+        (tmp / "a.json").write_bytes(
+            raw if raw is not None else json.dumps({"annotations": anns}).encode()
+        )
+        return f"vqa:{tmp / 'q.json'},{tmp / 'a.json'},{tmp}"
+
+    return build
+
+
+def _q(qid, image_id=1, question="is it red?") -> dict:
+    return {"question_id": qid, "image_id": image_id, "question": question}
+
+
 _BOMB = image_error_reason(Image.DecompressionBombError("x"))
 
 CASES: list[DataFault] = [
@@ -339,8 +515,8 @@ CASES: list[DataFault] = [
             "COCO 'file_name' must be a non-empty string, got int": 1,
             "COCO image entry without 'id'": 1,
             "COCO annotation for an unknown image id": 1,
-            "'caption' must be a string or a list of strings, got null": 1,
-            "'caption' must be a string or a list of strings, got list": 1,
+            "'caption' must be a string, got null": 1,  # a COCO annotation has one caption
+            "'caption' must be a string, got list": 1,
         },
         1,
     ),
@@ -356,4 +532,172 @@ CASES: list[DataFault] = [
     DataFault("wds cut inside a member", _wds_cut_inside_member, {"truncated shard": 1}, 2),
     DataFault("wds cut at a header", _wds_cut_at_header, {"truncated shard": 1}, 2),
     DataFault("wds.gz cut", _wds_gz_cut, {"truncated shard": 1}, 2),
+    # issue 19 §2: inputs that point elsewhere (links out, FIFOs, devices, huge text)
+    DataFault(
+        "folder caption links outside the folder",
+        _caption_links_outside,
+        {"caption file links outside the data folder": 1},
+        pairs=4,
+        keys=("leak.png",),
+    ),
+    DataFault(
+        "folder FIFO and device as image or caption",
+        _fifo_and_device_in_folder,
+        {
+            "image is not a regular file (a FIFO)": 1,
+            "caption file is not a regular file (a FIFO)": 1,
+            "image is not a regular file (a character device)": 1,
+        },
+        pairs=3,
+        keys=("pipe.png", "capfifo.png", "zero.png"),
+    ),
+    DataFault(
+        "folder caption over the limit",
+        _long_captions,
+        {"caption over 16384 bytes": 1},
+        pairs=4,
+        keys=("long.png",),
+    ),
+    DataFault(
+        "json image paths that are a FIFO, a device, a directory",
+        _json_special_images,
+        {
+            "image is not a regular file (a FIFO)": 1,
+            "image is not a regular file (a character device)": 1,
+            "image is not a regular file (a directory)": 1,
+        },
+        pairs=1,
+    ),
+    DataFault(
+        "csv image path that is a FIFO",
+        _csv_special_image,
+        {"image is not a regular file (a FIFO)": 1},
+        pairs=1,
+        keys=("d.csv line 3",),
+    ),
+    DataFault(
+        "json file that is a FIFO", _json_file_is_fifo, error=r"not a regular file \(a FIFO\)"
+    ),
+    DataFault(
+        "wds FIFO shard and oversized text",
+        _wds_fifo_shard_and_long_text,
+        {"shard is not a regular file (a FIFO)": 1, "caption over 16384 bytes": 1},
+        pairs=3,
+        keys=("a-0.tar/s1",),
+    ),
+    # issue 19 §3: karpathy: and vqa: at the standard of json: / csv:
+    DataFault(
+        "karpathy null and numeric captions",
+        _karpathy([None, None, _with(sentences=[{"raw": None}, {"raw": 7}, {"raw": "ok"}])]),
+        {"'raw' must be a string, got null": 1, "'raw' must be a string, got int": 1},
+        pairs=5,
+        keys=("dataset_coco.json:images[2].sentences[0]",),
+    ),
+    DataFault(
+        "karpathy float and null ids",
+        _karpathy([None, None, _with(cocoid=102.0), _with(cocoid=None)]),
+        {"'cocoid' must be an integer, got float": 1, "'cocoid' must be an integer, got null": 1},
+        pairs=4,
+        keys=("dataset_coco.json:images[2]", "dataset_coco.json:images[3]"),
+    ),
+    DataFault(
+        "karpathy split names in any case, unknown ones counted",
+        _karpathy([_with(split="Test"), _with(split="TRAIN"), _with(split="dev"), _with(split=3)]),
+        {"unknown split name": 2},
+        pairs=4,
+        keys=("dataset_coco.json:images[2]", "dataset_coco.json:images[3]"),
+    ),
+    DataFault(
+        "karpathy image listed twice",
+        _karpathy([None, None, _with(filename="COCO_1.jpg", cocoid=101)]),
+        {"image listed twice": 1},
+        pairs=4,
+        keys=("dataset_coco.json:images[2]",),
+    ),
+    DataFault(
+        "karpathy malformed entries",
+        _karpathy(
+            [None, None, _with(sentences=["a string", "another"]), "junk", _with(sentences=None)]
+        ),
+        {
+            "sentence must be an object with 'raw', got str": 2,
+            "entry must be an object, got str": 1,
+            "'sentences' must be a list, got null": 1,
+            "no caption": 1,
+        },
+        pairs=4,
+        keys=("dataset_coco.json:images[2].sentences[1]", "dataset_coco.json:images[3]"),
+    ),
+    DataFault(
+        "karpathy truncated file",
+        _karpathy([], raw=b'{"images": [{"filename": "a.jpg", "split": "tr'),
+        error=r"retrieval file .*dataset_coco\.json.* not valid JSON \(the file ends early",
+    ),
+    DataFault(
+        "karpathy not UTF-8",
+        _karpathy([], raw=b'{"images": [{"filename": "caf\xe9.jpg"}]}'),
+        error=r"retrieval file .*dataset_coco\.json.* not valid UTF-8 \(byte 29",
+    ),
+    DataFault(
+        "karpathy image that is a FIFO",
+        _karpathy_fifo,
+        {"image is not a regular file (a FIFO)": 1},
+        pairs=4,
+    ),
+    DataFault(
+        "vqa null and numeric questions",
+        _vqa([_q(1), _q(2, question=None), _q(3, question=7), _q(4, question=" ")]),
+        {
+            "'question' must be a string, got null": 1,
+            "'question' must be a string, got int": 1,
+            "empty question": 1,
+        },
+        pairs=1,
+        keys=("q.json:questions[1]",),
+    ),
+    DataFault(
+        "vqa float and null ids",
+        _vqa([_q(1), _q(2, image_id=2.0), _q(3.0), _q(4, image_id=None)]),
+        {
+            "'image_id' must be an integer, got float": 1,
+            "'question_id' must be an integer, got float": 1,
+            "'image_id' must be an integer, got null": 1,
+        },
+        pairs=1,
+        keys=("q.json:questions[1]", "q.json:questions[2]", "q.json:questions[3]"),
+    ),
+    DataFault(
+        "vqa duplicate question ids",
+        _vqa([_q(1), _q(2, 2), _q(2, 3, "another question"), _q(5)]),
+        {"duplicate question_id": 2},
+        pairs=2,
+        keys=("q.json:questions[1]", "q.json:questions[2]"),
+    ),
+    DataFault(
+        "vqa malformed entries",
+        _vqa(
+            [_q(1), {"image_id": 1, "question": "no id?"}, _q(3), _q(4), _q(5)],
+            [
+                {"question_id": 1, "answers": [{"answer": "yes"}] * 10},
+                {"question_id": 3, "answers": [{"answer": "yes"}, {"confidence": "maybe"}]},
+                {"question_id": 4, "answers": [{"answer": None}]},
+                {"answers": [{"answer": "orphan"}]},
+                {"question_id": 5, "answers": [{"answer": "no"}]},
+                {"question_id": 5, "answers": [{"answer": "yes"}]},
+            ],
+        ),
+        {
+            "entry without 'question_id'": 2,
+            "answer without 'answer'": 1,
+            "'answer' must be a string, got null": 1,
+            "duplicate question_id": 2,
+        },
+        pairs=1,
+        keys=("a.json:annotations[1].answers[1]", "a.json:annotations[4]"),
+    ),
+    DataFault(
+        "vqa truncated annotations",
+        _vqa([_q(1)], raw=b'{"annotations": [{"question_id": 1, "ans'),
+        error=r"VQA annotations file .*a\.json.* not valid JSON \(the file ends early",
+    ),
 ]

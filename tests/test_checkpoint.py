@@ -16,9 +16,12 @@ import pytest
 import torch
 
 from semmim.checkpoint import (
+    CheckpointError,
     atomic_torch_save,
     list_checkpoints,
     load_checkpoint,
+    load_latest_intact,
+    open_checkpoint,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
@@ -138,3 +141,65 @@ def test_checkpoint_holds_plain_data_and_checksum(tmp_path):
     with pytest.raises(TypeError, match=r"state\['bad'\]: a Generator"):
         save_checkpoint({"bad": gen}, ckpt_dir, 2)
     assert [os.path.basename(p) for p in list_checkpoints(ckpt_dir)] == ["step_00000001.pt"]
+
+
+def test_one_rule_for_pointers_links_and_special_files(tmp_path):
+    """issue 19 §2: every way of opening a checkpoint refuses a symlinked ``latest`` without
+    reading it, a step file linked from outside the run, and FIFOs (without blocking)."""
+    from fault_cases_data import deadline
+
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    for step in (1, 2):
+        save_checkpoint({"step": step}, str(ckpts), step)
+    openers = {
+        "resolve": resolve_checkpoint,
+        "load": load_checkpoint,
+        "open": open_checkpoint,
+        "resume": lambda path: load_latest_intact(path, required=()),
+    }
+    secret = tmp_path / "secret.txt"
+    secret.write_text("step_00000001.pt TOP-SECRET\n")
+    latest = ckpts / "latest"
+    latest.unlink()
+    latest.symlink_to(secret)
+    for name, opener in openers.items():
+        with pytest.raises(CheckpointError, match="latest: a symlink; refusing") as err:
+            opener(str(run))
+        assert "TOP-SECRET" not in str(err.value), name
+    latest.unlink()
+    os.mkfifo(latest)
+    with deadline("FIFO latest", 20), pytest.raises(CheckpointError, match=r"a FIFO"):
+        open_checkpoint(str(run))
+    latest.unlink()
+    latest.write_text("step_00000002.pt\n")
+    assert open_checkpoint(str(run))[0]["step"] == 2
+
+    # a step file that resolves outside the run: refused through the run and when named
+    other = tmp_path / "other" / "checkpoints"
+    theirs = save_checkpoint({"step": 9}, str(other), 9)
+    link = ckpts / "step_00000009.pt"
+    link.symlink_to(theirs)
+    (ckpts / "step_00000009.pt.json").write_bytes(open(theirs + ".json", "rb").read())
+    latest.unlink()  # without a pointer the newest step file (the link) comes first
+    for name in ("resolve", "load", "open"):
+        with pytest.raises(CheckpointError, match="a link to a file outside"):
+            openers[name](str(run))
+    with pytest.raises(CheckpointError, match="a link to a file outside"):
+        open_checkpoint(str(link))
+    state, path = openers["resume"](str(run))  # resume: skips it for the run's own step 2
+    assert state["step"] == 2 and path.endswith("step_00000002.pt")
+    # a link inside the run, or a file the user names that is not a run's step file, is fine
+    os.unlink(link)
+    link.symlink_to(ckpts / "step_00000002.pt")
+    (ckpts / "step_00000009.pt.json").write_bytes((ckpts / "step_00000002.pt.json").read_bytes())
+    assert open_checkpoint(str(run))[0]["step"] == 2
+    (tmp_path / "best.pt").symlink_to(theirs)
+    (tmp_path / "best.pt.json").symlink_to(theirs + ".json")
+    assert open_checkpoint(str(tmp_path / "best.pt"))[0]["step"] == 9
+
+    side = ckpts / "step_00000002.pt.json"
+    side.unlink()
+    os.mkfifo(side)
+    with deadline("FIFO sidecar", 20), pytest.raises(CheckpointError, match="sidecar .*a FIFO"):
+        open_checkpoint(str(ckpts / "step_00000002.pt"))

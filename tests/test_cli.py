@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from semmim.cli import main, parse_sets, parse_value
+from semmim.cli import main
+from semmim.options import parse_sets, parse_value
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,8 +169,64 @@ def test_every_train_config_field_is_an_option_and_documented(capsys):
         assert f"`{flag}`" in docs and f"`train.{f.name}`" in docs, f"docs/TRAINING.md: {flag}"
 
 
+def test_every_model_config_key_is_listed_in_train_help(capsys):
+    """Every ``--set`` key of the model config (each field of each section dataclass) is in
+    ``semmim train --help`` with its type and default."""
+    import dataclasses
+
+    from semmim.config import SemMIMConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    n = 0
+    for section in dataclasses.fields(SemMIMConfig):
+        for f in dataclasses.fields(section.default_factory):
+            assert f"  {section.name}.{f.name}: " in help_text, f"{section.name}.{f.name}"
+            n += 1
+    assert n > 50
+    assert "  mim.target: semantic|pixel = semantic" in help_text
+    assert "  vision.depth: int = 12" in help_text
+
+
+HELP_BOUND_S = 3.0  # generous: about 0.4 s on a 2-core machine once no torch is imported
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
+def test_help_is_fast_and_imports_no_torch(argv):
+    """``semmim --help`` builds the parser from the config dataclasses only: no torch, no model."""
+    probe = "import sys, semmim.config; print('torch' in sys.modules)"
+    config_imports_torch = subprocess.run(
+        [sys.executable, "-P", "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if config_imports_torch == "True":
+        pytest.skip(
+            "importing semmim.config imports torch (via semmim.kernels): issue 20, model side"
+        )
+    code = (
+        "import sys, time; t = time.perf_counter()\n"
+        "from semmim.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(f'{time.perf_counter() - t:.3f}', 'torch' in sys.modules, file=sys.stderr)"
+    )
+    import time
+
+    t0 = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, "-P", "-c", code, *argv], capture_output=True, text=True, check=True
+    )
+    wall = time.perf_counter() - t0
+    in_process, torch_imported = run.stderr.split()[-2:]
+    assert "usage: semmim" in run.stdout
+    assert torch_imported == "False", "building the parser imported torch"
+    assert wall < HELP_BOUND_S, (
+        f"semmim {' '.join(argv)} took {wall:.2f} s (in-process {in_process} s)"
+    )
+
+
 def test_options_set_the_train_config_fields():
-    from semmim.cli import build_parser, train_overrides
+    from semmim.cli import build_parser
+    from semmim.options import train_overrides
 
     args = build_parser().parse_args(
         ["train", "--batch-size", "8", "--no-eval", "--amp", "bf16", "--compile", "--epochs", "2"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import tarfile
 
@@ -371,6 +372,22 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     assert x.std() > 0.5  # a gradient, not a white square
 
 
+def test_float_tiff_is_scaled_from_unit_range_not_black(tmp_path):
+    """A 32-bit float TIFF (mode F, 0..1) goes through the same conversion as 16-bit PNGs."""
+    values = np.linspace(0, 1, 64 * 16, dtype=np.float32).reshape(16, 64)
+    values[0, :3] = (np.nan, -0.5, 7.0)  # NaN is black, out-of-range values are clipped
+    Image.fromarray(values).save(tmp_path / "float.tif")
+    image = load_image(str(tmp_path / "float.tif"))
+    assert image.mode == "F"
+    assert np.asarray(image.convert("RGB"))[1:].max() <= 1  # what Pillow alone makes of it
+    rgb = np.asarray(to_rgb(image)).astype(int)
+    expected = np.clip(np.rint(np.nan_to_num(values.astype(np.float64) * 255.0)), 0, 255)
+    assert np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 1], expected)
+    assert tuple(rgb[0, :3, 0]) == (0, 0, 255) and len(np.unique(rgb)) > 200
+    x, _ = EvalTransform(16)(image, "c")
+    assert x.std() > 0.5  # a gradient, not a black square
+
+
 def test_upper_case_pair_and_ignored_files_are_reported(tmp_path):
     root = pairs_folder(tmp_path / "d", n=2)
     (root / "X.PNG").write_bytes((root / "good0.png").read_bytes())
@@ -632,3 +649,95 @@ def test_collator_image_ids_follow_the_image_key():
     assert ids[0] == ids[1] == ids[4] and len({ids[0], ids[2], ids[3]}) == 3
     assert all(0 <= x < 2**63 for x in ids) and ids[2] == data_module.image_id("b")
     assert "image_ids" not in Collator(load_tokenizer(), 16)(items)
+
+
+# ------------------------------------------------------------ issue 19 §2: files named elsewhere
+def test_paths_refuse_special_files_from_stat_and_links_out(tmp_path):
+    from fault_cases_data import deadline
+
+    from semmim.paths import NotRegularFile, file_problem, inside, open_regular
+
+    (tmp_path / "d").mkdir()
+    regular = tmp_path / "d" / "a.txt"
+    regular.write_text("hi")
+    os.mkfifo(tmp_path / "d" / "pipe")
+    (tmp_path / "d" / "in").symlink_to(regular)
+    (tmp_path / "d" / "out").symlink_to(tmp_path / "elsewhere.txt")
+    (tmp_path / "elsewhere.txt").write_text("secret")
+    root = str(tmp_path / "d")
+    assert file_problem(str(regular), "caption file", root) is None
+    assert file_problem(str(tmp_path / "d" / "in"), "caption file", root) is None
+    assert file_problem(str(tmp_path / "d" / "out"), "x") is None  # no root: links anywhere
+    assert file_problem(str(tmp_path / "d" / "out"), "x", root) == "x links outside the data folder"
+    assert (
+        file_problem(str(tmp_path / "d" / "pipe"), "image")
+        == "image is not a regular file (a FIFO)"
+    )
+    assert file_problem("/dev/null", "image") == "image is not a regular file (a character device)"
+    assert file_problem(root, "image") == "image is not a regular file (a directory)"
+    assert file_problem(str(tmp_path / "nope"), "image") == "missing image"
+    assert inside(str(regular), root) and not inside(root, root)
+    with deadline("open_regular on a FIFO", 20):
+        with pytest.raises(NotRegularFile, match="pipe: image is not a regular file") as err:
+            open_regular(str(tmp_path / "d" / "pipe"), "image")
+        assert err.value.reason == "image is not a regular file (a FIFO)"
+        # decoding: the same rule, as a counted skip reason
+        assert data_module.decode_failure(str(tmp_path / "d" / "pipe")) == err.value.reason
+    with open_regular(str(regular)) as f:
+        assert f.read() == b"hi"
+
+
+def test_caption_limit_reads_a_bounded_prefix(tmp_path, monkeypatch):
+    """What listing reads of a caption is CAPTION_MAX_BYTES + 1, whatever the file's size."""
+    monkeypatch.setattr(data_module, "CAPTION_MAX_BYTES", 8)
+    root = pairs_folder(tmp_path / "d", n=1, name="ok")
+    (root / "ok0.txt").write_text("short\n" + "z" * 50)
+    (root / "long.png").write_bytes((root / "ok0.png").read_bytes())
+    (root / "long.txt").write_text("123456789")  # 9 bytes: one over
+    (root / "edge.png").write_bytes((root / "ok0.png").read_bytes())
+    (root / "edge.txt").write_text("12345678\nrest")  # exactly at the limit
+    _shard(
+        tmp_path / "s.tar.gz",
+        {"a": {"png": _png_bytes(), "txt": b"x" * 100}, "b": {"png": _png_bytes(), "txt": b"fine"}},
+        "w:gz",
+    )
+    source = open_data(f"folder:{root}", 0)
+    assert sorted(r.caption for r in source.train) == ["12345678", "short"]
+    assert source.skips.counts == {"caption over 8 bytes": 1}
+    source = open_data(f"wds:{tmp_path}/s.tar.gz", 0)
+    assert [r.caption for r in source.train] == ["fine"]
+    assert source.skips.keys == {("caption over 8 bytes", "s.tar.gz/a")}
+
+
+def test_wds_sparse_1p5_gb_text_member_is_listed_without_reading_it(tmp_path):
+    """An uncompressed shard whose .txt member declares 1.5 GB (sparse: no disk is written):
+    listing reads a prefix and seeks past the rest (issue 19 §2)."""
+    import tracemalloc
+
+    size = 1_500_000_000
+    path = tmp_path / "big.tar"
+    with open(path, "wb") as f:
+        for name, data in (("s0.png", _png_bytes()), ("s0.txt", b"a green square\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            f.write(info.tobuf() + data + b"\0" * (-len(data) % 512))
+        info = tarfile.TarInfo("s1.txt")
+        info.size = size
+        f.write(info.tobuf() + b"huge caption ")
+        f.seek(size - len(b"huge caption "), os.SEEK_CUR)  # a hole, not 1.5 GB of writes
+        f.write(b"\0" * (-size % 512))
+        for name, data in (("s1.png", _png_bytes((1, 2, 3))),):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            f.write(info.tobuf() + data + b"\0" * (-len(data) % 512))
+        f.write(b"\0" * 1024)
+    assert os.path.getsize(path) > size and os.stat(path).st_blocks * 512 < 10 * 2**20
+    tracemalloc.start()
+    try:
+        source = open_data(f"wds:{path}", 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r.caption for r in source.train] == ["a green square"]
+    assert source.skips.counts == {"caption over 16384 bytes": 1}
+    assert peak < 4 * 2**20, f"listing allocated {peak / 2**20:.1f} MiB"

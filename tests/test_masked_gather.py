@@ -17,7 +17,7 @@ mg = importlib.import_module("semmim.kernels.masked_gather")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDX_DTYPES = [torch.int32, torch.int64]
-# (P, D, R): awkward sizes from CONVENTIONS (P=1, 49, 196, 197, 576; D=1, 72, 80, 768; R=1, R=P)
+# (P, D, R): awkward sizes from CONTRIBUTING.md (P=1, 49, 196, 197, 576; D=1, 72, 80, 768; R=1, R=P)
 SHAPES = [
     (1, 1, 1),
     (1, 72, 1),
@@ -101,8 +101,11 @@ def test_reference_gradcheck():
 # ------------------------------------------------------------------ backends vs reference
 
 
-def check_backend(backend, dtype, idx_dtype, B, P, D, R, device="cpu", strided=False):
-    """Forward bit-exact; grad_x / grad_y bit-exact; grad_pos / grad_fill within sum_bound."""
+def check_backend(
+    backend, dtype, idx_dtype, B, P, D, R, device="cpu", strided=False, with_pos=True
+):
+    """Forward bit-exact; grad_x / grad_y bit-exact; grad_pos / grad_fill within sum_bound.
+    ``with_pos=False`` calls both ops without ``pos`` (no grad_pos to compare)."""
     if strided == "conv":  # the patch embedding: a (B, D, P) conv output transposed, (PD, 1, P)
         x0 = torch.randn(B, D, P, dtype=dtype, device=device).transpose(1, 2)
         y0 = torch.randn(B, D, R, dtype=dtype, device=device).transpose(1, 2)
@@ -121,15 +124,16 @@ def check_backend(backend, dtype, idx_dtype, B, P, D, R, device="cpu", strided=F
     results = {}
     for be in ("reference", backend):
         x = x0.detach().clone().requires_grad_() if not strided else x0.detach().requires_grad_()
-        pos = pos0.detach().clone().requires_grad_()
+        pos = pos0.detach().clone().requires_grad_() if with_pos else None
         out = K.masked_gather(x, idx, pos, backend=be)
         out.backward(g_gather)
         y = y0.detach().clone().requires_grad_() if not strided else y0.detach().requires_grad_()
         fill = fill0.detach().clone().requires_grad_()
-        pos2 = pos0.detach().clone().requires_grad_()
+        pos2 = pos0.detach().clone().requires_grad_() if with_pos else None
         out2 = K.masked_scatter_fill(y, idx, fill, P, pos2, backend=be)
         out2.backward(g_scatter)
-        results[be] = (out, x.grad, pos.grad, out2, y.grad, fill.grad, pos2.grad)
+        grads_pos = (pos.grad, pos2.grad) if with_pos else (None, None)
+        results[be] = (out, x.grad, grads_pos[0], out2, y.grad, fill.grad, grads_pos[1])
         if strided:
             x0.grad = None
             y0.grad = None
@@ -137,6 +141,8 @@ def check_backend(backend, dtype, idx_dtype, B, P, D, R, device="cpu", strided=F
     ref, got = results["reference"], results[backend]
     names = ("gather out", "grad_x", "grad_pos", "scatter out", "grad_y", "grad_fill", "grad_pos2")
     for name, r, g in zip(names, ref, got):
+        if r is None and g is None and not with_pos:
+            continue
         assert g.shape == r.shape and g.dtype == r.dtype, name
         assert not torch.isnan(g).any(), f"{name}: NaN (unwritten output?)"
         if name in ("grad_pos", "grad_fill", "grad_pos2"):
@@ -481,12 +487,32 @@ def test_triton_takes_the_patch_embedding_layout_interpreted(monkeypatch):
     with K.record_dispatch() as ran:
         got = K.masked_gather(x, idx, torch.randn(49, 16))
     assert ran == {"masked_gather": {"triton"}} and got.shape == (2, 10, 16)
-    why = K.get_op("masked_gather").reasons(x.bfloat16(), idx)["triton"]
+    pos = torch.randn(49, 16).bfloat16()
+    why = K.get_op("masked_gather").reasons(x.bfloat16(), idx, pos)["triton"]
     assert any("interpreter" in r and "bf16" in r for r in why), why
+    why = K.get_op("masked_scatter_fill").reasons(
+        got.bfloat16(), idx, torch.zeros(16).bfloat16(), 49, pos
+    )
+    assert any("interpreter" in r for r in why["triton"]), why
+    # without pos nothing is cast to bf16: triton runs (bit-exact, see the next test)
+    assert K.get_op("masked_gather").reasons(x.bfloat16(), idx)["triton"] == []
     why = K.get_op("masked_scatter_fill").reasons(
         got.bfloat16(), idx, torch.zeros(16).bfloat16(), 49
     )
-    assert any("interpreter" in r for r in why["triton"]), why
+    assert why["triton"] == [], why
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("P,D,R", [(1, 1, 1), (49, 72, 24), (13, 300, 5)])
+def test_triton_bf16_without_pos_matches_reference_interpreted(P, D, R, poison):
+    """bf16 without pos runs on triton under the interpreter: outputs and grad_x / grad_y
+    bit-exact, grad_fill (an fp32-accumulated sum) within the sum bound."""
+    with K.record_dispatch() as ran:
+        check_backend("triton", torch.bfloat16, torch.int64, 2, P, D, R, with_pos=False)
+    assert ran == {
+        "masked_gather": {"reference", "triton"},
+        "masked_scatter_fill": {"reference", "triton"},
+    }
 
 
 @pytest.mark.interpret

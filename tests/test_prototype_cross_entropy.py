@@ -239,8 +239,10 @@ def test_bad_inputs_raise_value_error(backend):
         (6, torch.tensor([TT]), r"teacher_temp must be a number or a 0-d float tensor.*\(1,\)"),
         (6, torch.tensor(1), "teacher_temp must be a number or a 0-d float tensor.*int64"),
         (6, torch.tensor(TT, device="meta"), "one device"),
-        (6, torch.tensor(0.0), r"teacher_temp must be a finite number > 0, got 0.0 \(a tensor"),
-        (5, torch.tensor(nan), "student_temp must be a finite number > 0, got nan"),
+        (6, torch.tensor(0.0), r"teacher_temp must be a finite number >= .* got 0.0 \(a tensor"),
+        (5, torch.tensor(nan), "student_temp must be a finite number >= .* got nan"),
+        (5, 1e-39, r"student_temp must be >= 1.18e-38 for float32 inputs .*overflow"),
+        (6, 5e-324, "teacher_temp must be >= "),
         (0, with_nan(z), "non-finite values .* in z$"),
         (1, with_nan(zt), "non-finite values .* in z_teacher$"),
         (2, with_nan(w), "in prototypes$"),
@@ -252,6 +254,28 @@ def test_bad_inputs_raise_value_error(backend):
         args[pos] = value
         with pytest.raises(ValueError, match=msg):
             K.prototype_cross_entropy(*args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_tiny_temperatures_are_finite_or_refused(backend):
+    """Above the bound every loss is finite (fp32 and fp64); below it, a ValueError instead of
+    every loss NaN (issue 19 §4)."""
+    z, zt, w, wt, c, _ = make_inputs(4, 8, 10)
+    for t in (2e-38, 1e-20):
+        loss, mean = K.prototype_cross_entropy(z, zt, w, wt, c, t, t, backend=backend)
+        assert torch.isfinite(loss).all() and torch.isfinite(mean).all(), t
+    z64, zt64, w64, wt64 = (a.double() for a in (z, zt, w, wt))
+    loss, _ = K.prototype_cross_entropy(z64, zt64, w64, wt64, c, 1e-39, 1e-39, backend=backend)
+    assert torch.isfinite(loss).all()  # the bound follows the compute dtype
+    with pytest.raises(ValueError, match="student_temp must be >= "):
+        K.prototype_cross_entropy(z, zt, w, wt, c, 1e-39, TT, backend=backend)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_meta_tensors_are_a_clear_error(validate):
+    z, zt, w, wt, c, _ = (t.to("meta") for t in make_inputs(4, 8, 10))
+    with pytest.raises(ValueError, match=r"prototype_cross_entropy: z is a meta tensor .*no data"):
+        K.prototype_cross_entropy(z, zt, w, wt, c, TS, TT, validate=validate)
 
 
 def test_validate_false_skips_only_value_checks():

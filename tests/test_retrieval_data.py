@@ -123,8 +123,8 @@ def test_bad_files_raise_naming_the_problem(tmp_path, coco):
         load_retrieval_split(file, "val", image_root=root)
     albef = tmp_path / "list.json"
     albef.write_text(json.dumps([{"image": "a.jpg"}]))
-    with pytest.raises(ValueError, match=r"entry \[0\] needs 'image' and 'caption'"):
-        load_retrieval_split(albef)
+    with pytest.raises(ValueError, match=r"no usable image .*entry without 'caption'"):
+        load_retrieval_split(albef)  # the malformed entry is skipped and counted
     albef.write_text(json.dumps([{"image": "a.jpg", "caption": "x"}]))
     with pytest.raises(ValueError, match="split: .* pass None"):
         load_retrieval_split(albef, "test")
@@ -141,8 +141,10 @@ def test_bad_files_raise_naming_the_problem(tmp_path, coco):
             ]
         )
     )
-    with pytest.raises(ValueError, match="image id '5' names two files"):
-        load_retrieval_split(albef)
+    sp = load_retrieval_split(albef)  # the second file under one id is skipped, named
+    assert [im.path for im in sp.images] == [str(tmp_path / "x.jpg")]
+    assert sp.skips.counts == {"image id already names another file": 1}
+    assert sp.skips.keys == {("image id already names another file", "list.json[1]")}
 
 
 def test_split_feeds_the_model_and_the_evaluation(coco):
@@ -162,3 +164,65 @@ def test_split_feeds_the_model_and_the_evaluation(coco):
     assert torch.isfinite(out.loss)
     result = evaluate(model, split.records(), image_size=S, max_len=16, rerank_k=0)
     assert (result["n_images"], result["n_texts"]) == (3, 6)
+
+
+def test_typed_fields_duplicates_and_split_case(tmp_path, coco):
+    """issue 19 §3: the loaders' typed checks, counted by reason with the entry named."""
+    from semmim.data import SkipLog
+
+    file, root = coco
+    data = json.loads(file.read_text())
+    data["images"][3]["split"] = "Test"  # case-insensitive
+    data["images"].append({**data["images"][3], "split": "dev"})  # unknown split: counted
+    data["images"].append(dict(data["images"][0]))  # the same image listed again
+    file.write_text(json.dumps(data))
+    skips = SkipLog()
+    test = load_retrieval_split(file, "TEST", image_root=root, skips=skips)
+    train = load_retrieval_split(file, ("train", "restval"), image_root=root, skips=skips)
+    assert [im.key for im in test.images] == ["1003"] and test.split == "test"
+    assert [len(im.captions) for im in train.images] == [3, 2, 1]  # not doubled
+    assert skips.counts == {
+        "unknown split name": 1,  # once, though both calls met it
+        "missing image": 1,
+        "empty caption": 1,
+        "image listed twice": 1,
+    }
+    assert ("image listed twice", "dataset_coco.json:images[6]") in skips.keys
+    assert (
+        "image listed twice: 1" in train.describe() and "unknown split name: 1" in train.describe()
+    )
+
+    for n in range(3):
+        png(tmp_path / f"{n}.jpg", (n, n, n))
+    albef = tmp_path / "coco_train.json"
+    albef.write_text(
+        json.dumps(
+            [
+                {"image": "0.jpg", "caption": "a caption", "image_id": "coco_0"},
+                {"image": "0.jpg", "caption": "a caption", "image_id": "coco_0"},  # repeated
+                {"image": "0.jpg", "caption": "another", "image_id": "coco_0"},
+                {"image": "1.jpg", "caption": None, "image_id": "coco_1"},
+                {"image": "1.jpg", "caption": 7, "image_id": "coco_1"},
+                {"image": "2.jpg", "caption": ["x", 3], "image_id": 2.0},
+                {"image": "2.jpg", "caption": ["x", 3], "image_id": 2},
+                {"image": None, "caption": "no image"},
+            ]
+        )
+    )
+    sp = load_retrieval_split(albef)
+    assert [(im.key, im.captions) for im in sp.images] == [
+        ("coco_0", ("a caption", "another")),
+        ("2", ("x",)),
+    ]
+    assert sp.skips.counts == {
+        "caption listed twice for one image": 1,
+        "'caption' must be a string or a list of strings, got null": 1,
+        "'caption' must be a string or a list of strings, got int": 2,
+        "'image_id' must be a string or an integer, got float": 1,
+        "'image' must be a non-empty string, got null": 1,
+        "no caption": 1,
+    }
+    assert (
+        "'caption' must be a string or a list of strings, got int",
+        "coco_train.json[6].caption[1]",
+    ) in sp.skips.keys

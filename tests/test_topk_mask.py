@@ -25,7 +25,7 @@ tm = importlib.import_module("semmim.kernels.topk_mask")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # score gap above which every backend must pick identical indices: the backends differ only in
 # the fp32 summation order (bounded by ~2*d*2^-24 relative to the score scale); the dtype entry
-# keeps the CONVENTIONS "tolerance travels with the dtype" shape (inputs are shared, so the
+# keeps the CONTRIBUTING.md "tolerances travel with the dtype" shape (inputs are shared, so the
 # input dtype does not widen the gap much)
 GAP_TOL = {torch.float32: 2e-4, torch.float16: 5e-4, torch.bfloat16: 1e-3}
 PS = [2, 49, 196, 197, 576, 1024]
@@ -330,6 +330,16 @@ def test_gumbel_noise_reproducible_and_finite():
     big = K.gumbel_noise((200_000,), seed=0, device="cpu")
     assert abs(big.mean().item() - 0.5772) < 0.02  # Euler–Mascheroni: the Gumbel(0,1) mean
     assert abs(big.var().item() - math.pi**2 / 6) < 0.05
+
+
+def test_gumbel_noise_on_a_missing_device_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(ValueError, match=r"^device='cuda(:1)?' but CUDA is not available") as e:
+            K.gumbel_noise((2, 3), seed=0, device=device)
+        assert "\n" not in str(e.value) and "use device='cpu'" in str(e.value)
+    with pytest.raises(ValueError, match="device must name a torch device, got 'gpu'"):
+        K.gumbel_noise((2, 3), seed=0, device="gpu")
 
 
 def test_gumbel_noise_uniform_zero_stays_finite(monkeypatch):
@@ -680,8 +690,8 @@ def test_triton_interpret_opcheck():
 
 # ------------------------------------------------------------------ cuda tier
 
-GPU_SHAPES = [(2, 1), (49, 72), (196, 768), (197, 256), (576, 768), (1024, 72), (1024, 1024),
-              (49, 13), (64, 5000)]  # fmt: skip
+GPU_SHAPES = [(2, 1), (49, 72), (196, 256), (196, 768), (197, 256), (576, 768), (1024, 72),
+              (1024, 1024), (49, 13), (64, 5000)]  # fmt: skip
 
 
 @pytest.mark.cuda

@@ -153,6 +153,48 @@ def test_vqa_files_errors(tmp_path):
         load_vqa(str(bad))
 
 
+def test_vqa_typed_fields_skip_and_count_naming_the_entry(tmp_path, caplog):
+    """issue 19 §3: no "None" / "7" questions, no truncated ids, no duplicate ids scored against
+    another question's answers, no tracebacks on malformed entries."""
+    from semmim.data import DataError, SkipLog
+
+    qf, af = _write_vqa(tmp_path)
+    questions = json.loads(qf.read_text())
+    questions["questions"] += [
+        {"image_id": 42, "question": None, "question_id": 500},
+        {"image_id": 42, "question": 7, "question_id": 501},
+        {"image_id": 42.0, "question": "float image id?", "question_id": 502},
+        {"image_id": 7, "question": "same id as the rain question", "question_id": 70},
+        {"image_id": None, "question": "null image id", "question_id": 503},
+        {"image_id": 7, "question": "no id"},
+        ["not", "an", "object"],
+    ]
+    qf.write_text(json.dumps(questions))
+    skips = SkipLog()
+    recs = load_vqa(str(qf), str(af), skips=skips)
+    assert [r.question_id for r in recs] == [420, 421]  # both questions 70 are ambiguous: out
+    assert all(isinstance(r.caption, str) and r.caption not in ("None", "7") for r in recs)
+    assert skips.summary() == {
+        "'image_id' must be an integer, got float": 1,
+        "'image_id' must be an integer, got null": 1,
+        "'question' must be a string, got int": 1,
+        "'question' must be a string, got null": 1,
+        "duplicate question_id": 2,
+        "entry must be an object, got list": 1,
+        "entry without 'question_id'": 1,
+        "missing image": 1,
+        "total": 9,
+    }
+    assert ("duplicate question_id", "questions.json:questions[2]") in skips.keys
+    assert "question_id 70 is used 2 times" in caplog.text  # the warning names the id
+    af.write_bytes(af.read_bytes()[:-30])
+    with pytest.raises(DataError, match=r"VQA annotations file .*annotations\.json.* ends early"):
+        load_vqa(str(qf), str(af))
+    qf.write_bytes(b'{"questions": [{"question": "caf\xe9"}]}')
+    with pytest.raises(DataError, match=r"VQA questions file .*questions\.json.* not valid UTF-8"):
+        load_vqa(str(qf))
+
+
 def test_synthetic_questions_answer_from_the_scene():
     recs = synthetic_vqa(0, "train", 40, per_scene=6)
     assert len(recs) >= 40 * 5  # "what color is the <shape>" needs a shape seen once

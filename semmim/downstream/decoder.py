@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semmim.layers import MLP, CrossAttention, MLMHead, OpCalls, _dropout
+from semmim.layers import MLP, CrossAttention, MLMHead, OpCalls, dropout_layer
 
 __all__ = ["KVCache", "TextDecoder", "generate"]
 
@@ -55,7 +55,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.drop = _dropout(dropout)
+        self.drop = dropout_layer(dropout)
 
     def forward(
         self,
@@ -159,7 +159,7 @@ class TextDecoder(nn.Module):
         self.position_embeddings = nn.Embedding(max_len, dim)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.drop = _dropout(text_dropout)
+        self.drop = dropout_layer(text_dropout)
         self.layers = nn.ModuleList(
             [
                 DecoderLayer(dim, heads, intermediate, eps, None, text_dropout)

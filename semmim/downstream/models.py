@@ -2,8 +2,8 @@
 
 Both take their encoders from :class:`semmim.model.Towers` (the trained ``net`` of a SemMIM,
 not its EMA copy) and have the loop's interface: ``forward(images, input_ids, attention_mask,
-*, seed, check_inputs, …) -> (loss, {name: loss})``, ``set_step`` and ``update_momentum`` (no
-momentum model here: both are no-ops) and ``tokenizer``.
+*, seed, check_inputs, …) -> (loss, {name: loss})`` and ``tokenizer``; they have no schedules and
+no momentum model, so their tasks do nothing around an optimizer step.
 
 VQA design — a classifier over the N most frequent answers, not an answer decoder: VQA v2 is
 scored on a closed answer set in practice (ALBEF/BLIP's decoder ranks the same ~3k-answer
@@ -37,7 +37,7 @@ def pretrained_towers(cfg: SemMIMConfig, state: dict | None = None) -> Towers:
 
 
 class _Downstream(nn.Module):
-    """Common parts: config, tokenizer, SemMIM's input validator, no momentum model."""
+    """Common parts: config, tokenizer, SemMIM's input validator."""
 
     check_inputs = SemMIM.check_inputs  # one validator: reads self.cfg and self.special_ids
 
@@ -48,12 +48,6 @@ class _Downstream(nn.Module):
         tok = self.tokenizer
         special = [tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id]
         self.register_buffer("special_ids", torch.tensor(special), persistent=False)
-
-    def set_step(self, step: int, total_steps: int) -> None:
-        """No schedule depends on progress here (kept for the training loop's interface)."""
-
-    def update_momentum(self) -> None:
-        """No EMA model here (kept for the training loop's interface)."""
 
 
 class VQAModel(_Downstream):

@@ -15,22 +15,24 @@ Two JSON layouts are read, recognised by their shape:
 An image's identity is its ``cocoid`` / ``imgid`` (Karpathy), its ``image_id`` (ALBEF) or else its
 path; images are numbered 0..N−1 in order of first appearance (:attr:`RetrievalImage.index`),
 which is what the model's ``image_ids=`` argument takes. Paths are resolved against
-``image_root`` (default: the JSON file's folder). Images whose file is missing and empty captions
-are skipped and counted (:class:`semmim.data.SkipLog`); captions are kept verbatim (whitespace
-stripped; the WordPiece tokenizer is uncased).
+``image_root`` (default: the JSON file's folder). The file is read by
+:func:`semmim.data.read_json_file` and every field is type-checked as ``json:`` data is: images
+whose file is missing (or not a regular file), malformed entries and captions that are not
+non-empty strings are skipped and counted by reason with the entry named
+(:class:`semmim.data.SkipLog`); captions are kept verbatim (whitespace stripped; the WordPiece
+tokenizer is uncased). Karpathy split names match in any case.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from semmim.data import Record, SkipLog
+from semmim.data import DataError, Record, SkipLog, int_of, json_type, read_json_file, texts_of
+from semmim.paths import file_problem
 
 __all__ = ["RetrievalImage", "RetrievalSplit", "load_retrieval_split"]
 
@@ -88,39 +90,90 @@ class RetrievalSplit:
         return torch.tensor(self.txt2img, dtype=torch.long)
 
     def describe(self) -> str:
+        """One line: source, split, images, captions and the skips by reason."""
         n_cap = sum(len(im.captions) for im in self.images)
         return (
             f"{self.source} [{self.split}]: {len(self.images)} images, {n_cap} captions, "
-            f"{self.skips.total} skipped"
+            f"{self.skips.describe()}"
         )
 
 
-def _karpathy_entries(data: dict, splits: Sequence[str], file: str) -> list[tuple[str, str, Any]]:
-    """(relative path, key, captions) of the entries in ``splits``."""
+# (where, path relative to the image root, image key, [(where, caption)])
+_Entry = tuple[str, str, str, list[tuple[str, str]]]
+
+
+def _karpathy_entries(data: dict, splits: Sequence[str], file: str, skips: SkipLog) -> list[_Entry]:
+    """The well-formed entries in ``splits``; malformed ones are skipped and counted."""
+    name = os.path.basename(file)
     out = []
     for n, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or "filename" not in im or "sentences" not in im:
-            raise ValueError(
-                f"{file}: images[{n}] needs 'filename' and 'sentences', got {im!r:.120}"
-            )
-        if im.get("split") not in splits:
+        where = f"{name}:images[{n}]"
+        if not isinstance(im, dict):
+            skips.add(f"entry must be an object, got {json_type(im)}", where)
             continue
-        rel = os.path.join(im.get("filepath", ""), im["filename"])
-        key = str(im.get("cocoid", im.get("imgid", rel)))
-        caps = [s.get("raw", " ".join(s.get("tokens", []))) for s in im["sentences"]]
-        out.append((rel, key, caps))
+        split = im.get("split")
+        if "split" not in im:
+            skips.add("entry without 'split'", where)
+            continue
+        if not isinstance(split, str) or split.strip().lower() not in KARPATHY_SPLITS:
+            skips.add("unknown split name", where, f"split {split!r}")
+            continue
+        if split.strip().lower() not in splits:
+            continue
+        filename, filepath = im.get("filename"), im.get("filepath", "")
+        if not isinstance(filename, str) or not filename:
+            skips.add(f"'filename' must be a non-empty string, got {json_type(filename)}", where)
+            continue
+        if not isinstance(filepath, str):
+            skips.add(f"'filepath' must be a string, got {json_type(filepath)}", where)
+            continue
+        rel = os.path.join(filepath, filename)
+        id_field = next((f for f in ("cocoid", "imgid") if f in im), None)
+        image_id = int_of(im, id_field, where, skips) if id_field else None
+        if id_field and image_id is None:
+            continue
+        sentences = im.get("sentences")
+        if not isinstance(sentences, list):
+            skips.add(f"'sentences' must be a list, got {json_type(sentences)}", where)
+            continue
+        caps = []
+        for i, sentence in enumerate(sentences):
+            at = f"{where}.sentences[{i}]"
+            if not isinstance(sentence, dict):
+                skips.add(f"sentence must be an object with 'raw', got {json_type(sentence)}", at)
+            elif "raw" in sentence:
+                caps += texts_of(sentence["raw"], "raw", at, skips, "empty caption", lists=False)
+            elif isinstance(sentence.get("tokens"), list) and all(
+                isinstance(t, str) for t in sentence["tokens"]
+            ):
+                caps += texts_of(" ".join(sentence["tokens"]), "tokens", at, skips, "empty caption")
+            else:
+                skips.add("sentence without 'raw'", at)
+        out.append((where, rel, str(image_id) if id_field else rel, caps))
     return out
 
 
-def _albef_entries(data: list, file: str) -> list[tuple[str, str, Any]]:
+def _albef_entries(data: list, file: str, skips: SkipLog) -> list[_Entry]:
+    name = os.path.basename(file)
     out = []
     for n, entry in enumerate(data):
-        if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
-            raise ValueError(
-                f"{file}: entry [{n}] needs 'image' and 'caption' (ALBEF layout), got {entry!r:.120}"
-            )
-        caps = entry["caption"]
-        out.append((entry["image"], str(entry.get("image_id", entry["image"])), caps))
+        where = f"{name}[{n}]"
+        if not isinstance(entry, dict):
+            skips.add(f"entry must be an object, got {json_type(entry)}", where)
+            continue
+        image = entry.get("image")
+        if not isinstance(image, str) or not image:
+            skips.add(f"'image' must be a non-empty string, got {json_type(image)}", where)
+            continue
+        if "caption" not in entry:
+            skips.add("entry without 'caption'", where)
+            continue
+        key = entry.get("image_id", image)
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            skips.add(f"'image_id' must be a string or an integer, got {json_type(key)}", where)
+            continue
+        caps = texts_of(entry["caption"], "caption", where, skips, "empty caption")
+        out.append((where, image, str(key), caps))
     return out
 
 
@@ -129,79 +182,94 @@ def load_retrieval_split(
     split: str | Sequence[str] | None = None,
     image_root: str | os.PathLike | None = None,
     check_files: bool = True,
+    skips: SkipLog | None = None,
 ) -> RetrievalSplit:
     """Read a Karpathy or ALBEF retrieval JSON (see the module docstring).
 
     Args:
         file: the JSON file.
         split: Karpathy split name(s) to keep: "train", "restval", "val", "test", or several
-            (``("train", "restval")``); required for Karpathy files, must be None for ALBEF
-            lists (one file per split).
+            (``("train", "restval")``), in any case; required for Karpathy files, must be None
+            for ALBEF lists (one file per split).
         image_root: folder the image paths are relative to (default: the file's folder).
-        check_files: skip (and count) images whose file does not exist.
+        check_files: skip (and count) images whose file is missing or not a regular file.
+        skips: where skips are counted (default: a new :class:`semmim.data.SkipLog`); pass one
+            log to several calls on one file to count each bad entry once.
 
-    Raises ValueError naming the file and the problem (unknown layout, unknown split, no images).
+    Malformed entries are skipped and counted with the entry named (``dataset.json:images[3]``),
+    as ``json:`` data does: a caption that is ``null``, a number or empty; a float or ``null``
+    image id; an unknown split name; ``sentences`` that are not objects with ``raw``; the second
+    entry of an image already listed (Karpathy), a caption an image already has (ALBEF). Raises
+    :class:`semmim.data.DataError` (a ValueError) naming the file and the problem: unreadable,
+    truncated, not UTF-8 or not JSON, unknown layout, unknown split, no usable image.
     """
     file = os.fspath(file)
-    with open(file, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json_file(file, "retrieval file")
     root = (
         os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(file))
     )
+    skips = skips if skips is not None else SkipLog()
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         splits = (split,) if isinstance(split, str) else tuple(split or ())
-        bad = [s for s in splits if s not in KARPATHY_SPLITS]
+        names = [s.strip().lower() if isinstance(s, str) else s for s in splits]
+        bad = [s for s in names if s not in KARPATHY_SPLITS]
         if not splits or bad:
-            raise ValueError(
+            raise DataError(
                 f"split: a Karpathy file ({file}) needs split names from {list(KARPATHY_SPLITS)}, "
                 f"got {split!r}"
             )
-        entries = _karpathy_entries(data, splits, file)
-        name = "+".join(splits)
+        entries = _karpathy_entries(data, names, file, skips)
+        name = "+".join(names)
+        merge = False  # one entry per image: a second entry of an image is a mistake
     elif isinstance(data, list):
         if split is not None:
-            raise ValueError(
+            raise DataError(
                 f"split: {file} is an ALBEF per-split list (the file is the split); got "
                 f"split={split!r}, pass None"
             )
-        entries = _albef_entries(data, file)
+        entries = _albef_entries(data, file, skips)
         name = os.path.splitext(os.path.basename(file))[0]
+        merge = True  # the train files list an image once per caption
     else:
-        raise ValueError(
+        raise DataError(
             f"{file}: expected a Karpathy dict with 'images' or an ALBEF list of "
             f"{{image, caption}}, got {type(data).__name__}"
         )
 
-    skips = SkipLog()
     order: dict[str, int] = {}  # key → position in ``grouped``
-    grouped: list[tuple[str, str, list[str]]] = []  # (path, key, captions)
-    for rel, key, caps in entries:
+    grouped: list[tuple[str, str, str, list[str]]] = []  # (where, path, key, captions)
+    for where, rel, key, caps in entries:
         path = rel if os.path.isabs(rel) else os.path.join(root, rel)
-        if check_files and not os.path.exists(path):
-            skips.add("missing image", rel)
+        problem = file_problem(path, "image") if check_files else None
+        if problem:
+            skips.add(problem, rel, where)
             continue
-        caps = [caps] if isinstance(caps, str) else list(caps)
-        clean = [str(c).strip() for c in caps]
-        if any(not c for c in clean):
-            skips.add("empty caption", rel)
-        clean = [c for c in clean if c]
-        if key not in order:
+        if key in order:
+            first_where, first_path, _, kept = grouped[order[key]]
+            if first_path != path:
+                skips.add("image id already names another file", where, f"{key!r}: {first_path}")
+                continue
+            if not merge:
+                skips.add("image listed twice", where, f"first at {first_where}")
+                continue
+        else:
             order[key] = len(grouped)
-            grouped.append((path, key, []))
-        elif grouped[order[key]][0] != path:
-            raise ValueError(
-                f"{file}: image id {key!r} names two files: {grouped[order[key]][0]} and {path}"
-            )
-        grouped[order[key]][2].extend(clean)
+            grouped.append((where, path, key, []))
+        kept = grouped[order[key]][3]
+        for at, cap in caps:
+            if cap in kept:
+                skips.add("caption listed twice for one image", at)
+            else:
+                kept.append(cap)
     images = [
         RetrievalImage(i, path, tuple(caps), key)
-        for i, (path, key, caps) in enumerate(g for g in grouped if g[2])
+        for i, (_, path, key, caps) in enumerate(g for g in grouped if g[3])
     ]
-    for path, _, caps in grouped:
+    for where, _, _, caps in grouped:
         if not caps:
-            skips.add("no caption", os.path.relpath(path, root))
+            skips.add("no caption", where)
     if not images:
-        raise ValueError(
+        raise DataError(
             f"{file}: no usable image in split {name!r} (skipped: {skips.summary()}; "
             f"image_root={root})"
         )

@@ -25,20 +25,18 @@ another spec (all its records; for ``karpathy:`` its test split) instead of the 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from semmim import checkpoint as ckpt
-from semmim.config import SemMIMConfig, _check_types, _in_range, _opt, _positive
+from semmim.config import SemMIMConfig, TaskConfig
 from semmim.data import Collator, DataSource, PairDataset, SkipLog, open_data, split_records
-from semmim.train import Task, run_eval
+from semmim.eval import Evaluation
+from semmim.train import Task
 from semmim.transforms import EvalTransform
 
 log = logging.getLogger("semmim.finetune")
@@ -46,56 +44,11 @@ log = logging.getLogger("semmim.finetune")
 __all__ = ["TaskConfig", "TASKS", "make_task", "RetrievalTask", "VQATask", "CaptionTask"]
 
 
-@dataclass(frozen=True)
-class TaskConfig:
-    """Options of ``semmim finetune`` beyond the run's :class:`semmim.config.TrainConfig`
-    (each field is an option of that command; saved in checkpoints for an exact resume)."""
-
-    init: str = _opt(
-        "",
-        "pre-training checkpoint to start from: run dir, checkpoints dir or step_*.pt (its model "
-        "config is used); omitted = from scratch (random init, --preset)",
-        "PATH",
-        flag="ckpt",
-    )
-    eval_data: str = _opt(
-        "", "evaluate on this data spec instead of the held-out split of --data", "SPEC"
-    )
-    label_smoothing: float = _opt(0.1, "caption: label smoothing of the LM loss", "E")
-    beam_size: int = _opt(3, "caption: beam width at evaluation (1 = greedy)", "K")
-    max_gen_len: int = _opt(30, "caption: most generated tokens", "T")
-    num_answers: int = _opt(3129, "vqa: answer classes (the most frequent training answers)", "N")
-    questions_per_image: int = _opt(3, "vqa: questions per embedded scene (of 6 kinds)", "Q")
-
-    def __post_init__(self) -> None:
-        try:
-            _check_types(self)
-            _positive(self, "beam_size", "max_gen_len", "num_answers", "questions_per_image")
-            _in_range(self, "label_smoothing", 0.0, 1.0, hi_open=True)
-            if self.questions_per_image > 6:
-                raise ValueError(f"questions_per_image: at most 6, got {self.questions_per_image}")
-        except ValueError as e:
-            raise ValueError(f"task.{e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TaskConfig:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"task.{unknown[0]}: unknown key; valid: {list(cls.__dataclass_fields__)}"
-            )
-        return cls(**d)
-
-
 def _init_state(cfg: TaskConfig) -> tuple[dict[str, Any], str] | None:
     """The pre-training checkpoint named by ``cfg.init`` (None when training from scratch)."""
     if not cfg.init:
         return None
-    path = ckpt.resolve_checkpoint(cfg.init)
-    state = ckpt.read_checkpoint(path, "cpu", ckpt.EVAL_KEYS)
+    state, path = ckpt.open_checkpoint(cfg.init, "cpu", ckpt.EVAL_KEYS)
     if state.get("task", "pretrain") != "pretrain":
         raise ValueError(
             f"--ckpt: {path} is a {state['task']!r} fine-tuning checkpoint; start from a "
@@ -104,34 +57,42 @@ def _init_state(cfg: TaskConfig) -> tuple[dict[str, Any], str] | None:
     return state, path
 
 
-def init_model_config(cfg: TaskConfig, preset_cfg: SemMIMConfig) -> SemMIMConfig:
-    """The model config a fresh fine-tuning run uses: the init checkpoint's, else the preset's."""
+def init_model_config(
+    cfg: TaskConfig,
+    preset_cfg: SemMIMConfig,
+    model_sets: dict[str, Any] | None = None,
+    preset_given: bool = False,
+) -> SemMIMConfig:
+    """The model config a fresh fine-tuning run uses: the init checkpoint's (a ``--preset`` given
+    is then ignored, with a warning), else the preset's; model ``--set`` keys (e.g.
+    ``text.dropout=0.1``) on top of either."""
     found = _init_state(cfg)
-    return SemMIMConfig.from_dict(found[0]["config"]) if found else preset_cfg
+    if found is not None and preset_given:
+        log.warning("--preset ignored: the model config is the --ckpt checkpoint's")
+    model_cfg = SemMIMConfig.from_dict(found[0]["config"]) if found else preset_cfg
+    return model_cfg.override(model_sets) if model_sets else model_cfg
 
 
 # -------------------------------------------------------------------------------------- data
-def _karpathy(arg: str, split: tuple[str, ...]) -> tuple[list, SkipLog]:
+def _karpathy(arg: str, split: tuple[str, ...], skips: SkipLog) -> list:
     from semmim.downstream.retrieval_data import load_retrieval_split
 
     file, _, root = arg.partition(",")
-    sp = load_retrieval_split(file, split, root or None)
-    return sp.records(), sp.skips
+    return load_retrieval_split(file, split, root or None, skips=skips).records()
 
 
 def open_pairs(spec: str, val_size: float, seed: int, eval_spec: str = "") -> DataSource:
     """Image-caption data for retrieval / captioning (``karpathy:`` + :func:`open_data` specs)."""
     if spec.startswith("karpathy:"):
-        train, skips = _karpathy(spec[len("karpathy:") :], ("train", "restval"))
-        val, vskips = _karpathy(spec[len("karpathy:") :], ("test",))
-        for reason, n in vskips.counts.items():
-            skips.counts[reason] += n
+        skips = SkipLog()  # one log for both reads: an entry bad in the file is counted once
+        train = _karpathy(spec[len("karpathy:") :], ("train", "restval"), skips)
+        val = _karpathy(spec[len("karpathy:") :], ("test",), skips)
         source = DataSource(spec, train, val, None, "a photo of a {name}", skips)
     else:
         source = open_data(spec or None, val_size, seed)
     if eval_spec:
         if eval_spec.startswith("karpathy:"):
-            source.val, _ = _karpathy(eval_spec[len("karpathy:") :], ("test",))
+            source.val = _karpathy(eval_spec[len("karpathy:") :], ("test",), SkipLog())
         else:
             other = open_data(eval_spec, 0, seed)
             source.val = other.train + other.val
@@ -195,16 +156,6 @@ def open_vqa(
     )
 
 
-def _write(out_dir: str, result: dict[str, Any], table: str, json_path: str | None = None) -> None:
-    print(table, flush=True)
-    json_path = json_path or os.path.join(out_dir, "eval.json")
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.splitext(json_path)[0] + ".txt", "w") as f:
-        f.write(table + "\n")
-
-
 def _eval_batches(records, image_size: int, batch_size: int, num_workers: int, desc: str):
     """Lists of dataset items (``image`` (3, S, S), ``caption``, ``index``; or ``bad``, ``key``
     for an unreadable image) with the evaluation transform, under a progress bar."""
@@ -246,11 +197,6 @@ class _FinetuneTask(Task):
         )
         return state
 
-    def evaluate(self, run) -> dict[str, Any]:
-        return self.evaluate_model(
-            run.model, run.source, run.model_cfg, run.tcfg, run.info.device, run.out_dir
-        )
-
 
 class RetrievalTask(_FinetuneTask):
     """ITC + ITM fine-tuning of the SemMIM model itself, image-identity aware."""
@@ -288,11 +234,12 @@ class RetrievalTask(_FinetuneTask):
         )
         return out.loss, out.losses
 
-    def evaluate_model(self, model, source, model_cfg, tcfg, device, out_dir, json_path=None):
-        from semmim.eval import evaluate, format_table
-
-        result = run_eval(model, source, model_cfg, tcfg, out_dir, device, write=False)
-        table = "fine-tuned:\n" + format_table(result)
+    def evaluate(self, model, source, model_cfg, tcfg, device) -> Evaluation:
+        """Retrieval as pre-training evaluates it; with ``init`` also the starting checkpoint's
+        zero-shot numbers on the same split (``zero_shot_retrieval``)."""
+        evaluation = super().evaluate(model, source, model_cfg, tcfg, device)
+        result = evaluation.result
+        table = "fine-tuned:\n" + evaluation.table
         found = _init_state(self.cfg) if self.cfg.init else None
         if found is not None:
             from semmim import SemMIM
@@ -300,24 +247,25 @@ class RetrievalTask(_FinetuneTask):
             state, path = found
             start = SemMIM(SemMIMConfig.from_dict(state["config"])).to(device)
             start.load_state_dict(state["model"])
-            zero = evaluate(
-                start,
-                source.val,
-                image_size=model_cfg.vision.image_size,
-                max_len=min(tcfg.max_text_len, model_cfg.text.max_len),
-                rerank_k=tcfg.eval_rerank_k,
-                batch_size=tcfg.eval_batch_size,
-                num_workers=tcfg.num_workers,
-                device=device,
-            )
-            zero["checkpoint"] = path
-            result["zero_shot_retrieval"] = zero
-            table += f"\n\nzero-shot (the starting checkpoint {path}):\n" + format_table(zero)
-        _write(out_dir, result, table, json_path)
-        return result
+            zero = super().evaluate(start, source, model_cfg, tcfg, device)
+            zero.result["checkpoint"] = path
+            result["zero_shot_retrieval"] = zero.result
+            table += f"\n\nzero-shot (the starting checkpoint {path}):\n" + zero.table
+        return Evaluation(result, table)
 
 
-class VQATask(_FinetuneTask):
+class _HeadTask(_FinetuneTask):
+    """A task whose model is new heads on the pre-trained towers (VQA, captioning): it has no
+    schedules and no EMA teacher, so the loop has nothing to update around an optimizer step."""
+
+    def on_progress(self, model: nn.Module, step: int, total_steps: int) -> None:
+        pass
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        pass
+
+
+class VQATask(_HeadTask):
     """Answer classification over the most frequent training answers."""
 
     name = "vqa"
@@ -384,7 +332,9 @@ class VQATask(_FinetuneTask):
         )
 
     @torch.no_grad()
-    def evaluate_model(self, model, source, model_cfg, tcfg, device, out_dir, json_path=None):
+    def evaluate(self, model, source, model_cfg, tcfg, device) -> Evaluation:
+        """Official VQA accuracy (overall and per answer type) beside the majority-answer
+        baselines; the predictions in the submission format (``vqa_results.json``)."""
         from semmim.downstream.vqa_data import answer_vocabulary, normalize_answer, vqa_accuracy
 
         was = model.training
@@ -444,19 +394,9 @@ class VQATask(_FinetuneTask):
             ),
             "skipped": skips.summary(),
         }
-        table = self.format_table(result)
-        _write(out_dir, result, table, json_path)
         sub = [{"question_id": q, "answer": a} for q, a in sorted(predictions.items())]
-        sub_path = (
-            os.path.join(os.path.dirname(os.path.abspath(json_path)), "vqa_results.json")
-            if json_path
-            else os.path.join(out_dir, "vqa_results.json")
-        )
-        with open(sub_path, "w") as f:
-            json.dump(sub, f)
-        result["results_file"] = sub_path
         model.train(was)
-        return result
+        return Evaluation(result, self.format_table(result), {"vqa_results.json": sub})
 
     @staticmethod
     def format_table(result: dict[str, Any]) -> str:
@@ -479,7 +419,7 @@ class VQATask(_FinetuneTask):
         return "\n".join(lines)
 
 
-class CaptionTask(_FinetuneTask):
+class CaptionTask(_HeadTask):
     """Image captioning: LM loss with label smoothing; beam-search decoding; COCO metrics."""
 
     name = "caption"
@@ -507,7 +447,8 @@ class CaptionTask(_FinetuneTask):
         )
 
     @torch.no_grad()
-    def evaluate_model(self, model, source, model_cfg, tcfg, device, out_dir, json_path=None):
+    def evaluate(self, model, source, model_cfg, tcfg, device) -> Evaluation:
+        """BLEU / METEOR / ROUGE-L / CIDEr of the decoded captions (``captions.json``)."""
         from semmim.downstream.caption_metrics import caption_metrics, format_caption_table
 
         was = model.training
@@ -553,14 +494,9 @@ class CaptionTask(_FinetuneTask):
         table = format_caption_table(result)
         for ex in result["examples"][:3]:
             table += f"\n  {ex['image']}: {ex['caption']!r}  (ref: {ex['reference']!r})"
-        _write(out_dir, result, table, json_path)
-        cap_path = os.path.join(
-            os.path.dirname(os.path.abspath(json_path)) if json_path else out_dir, "captions.json"
-        )
-        with open(cap_path, "w") as f:
-            json.dump([{"image_id": k, "caption": v} for k, v in preds.items()], f, indent=1)
+        captions = [{"image_id": k, "caption": v} for k, v in preds.items()]
         model.train(was)
-        return result
+        return Evaluation(result, table, {"captions.json": captions})
 
 
 TASKS = {"retrieval": RetrievalTask, "vqa": VQATask, "caption": CaptionTask}

@@ -31,16 +31,26 @@ objects of a shape there are. Each has 10 identical "human" answers.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from semmim import synthetic
-from semmim.data import Record, SkipLog, SyntheticRef
+from semmim.data import (
+    DataError,
+    Record,
+    SkipLog,
+    SyntheticRef,
+    int_of,
+    json_type,
+    read_json_file,
+    texts_of,
+)
+from semmim.paths import file_problem
 
 __all__ = [
     "VQARecord",
@@ -139,14 +149,39 @@ class VQARecord(Record):
     question_type: str = ""
 
 
-def _image_path(image_dir: str, subtype: str, image_id: int) -> str | None:
+def _image_path(image_dir: str, subtype: str, image_id: int) -> tuple[str | None, str]:
+    """(the image file of ``image_id``, or None; the skip reason when there is none)."""
     names = [f"COCO_{subtype}_{image_id:012d}.jpg", f"{image_id:012d}.jpg"]
+    problem = "missing image"
     for folder in (image_dir, os.path.join(image_dir, subtype)):
         for name in names:
             path = os.path.join(folder, name)
-            if os.path.exists(path):
-                return path
-    return None
+            found = file_problem(path, "image")
+            if found is None:
+                return path, ""
+            if found != "missing image":
+                problem = found  # e.g. a FIFO named like the image: never opened
+    return None, problem
+
+
+def _answers(ann: Any, where: str, skips: SkipLog) -> tuple[str, ...] | None:
+    """The human answers of one annotation, or None (counted) when any of them is malformed: a
+    question scored against part of its answers would get the wrong accuracy."""
+    answers = ann.get("answers")
+    if not isinstance(answers, list):
+        skips.add(f"'answers' must be a list, got {json_type(answers)}", where)
+        return None
+    out = []
+    for i, a in enumerate(answers):
+        at = f"{where}.answers[{i}]"
+        if not isinstance(a, dict) or "answer" not in a:
+            skips.add("answer without 'answer'", at)
+            return None
+        text = texts_of(a["answer"], "answer", at, skips, "empty answer", lists=False)
+        if not text:
+            return None
+        out.append(text[0][1])
+    return tuple(out)
 
 
 def load_vqa(
@@ -157,62 +192,121 @@ def load_vqa(
 ) -> list[VQARecord]:
     """Read a VQA v2 questions file (and its annotations file) into records.
 
-    ``image_dir`` defaults to the questions file's folder. Questions whose image file is missing
-    are skipped and counted in ``skips``. Raises ValueError naming the file when the layout is
-    not VQA v2 or an annotation names an unknown question.
+    ``image_dir`` defaults to the questions file's folder. Both files are read by
+    :func:`semmim.data.read_json_file` and every field is type-checked as ``json:`` data is;
+    what cannot be used is skipped and counted in ``skips`` with the entry named
+    (``questions.json:questions[3]``): a missing (or not regular) image file; a question that is
+    not a non-empty string (``null`` and numbers are not turned into text); ``image_id`` /
+    ``question_id`` missing or not an integer (a float id is refused, not truncated); every
+    question sharing a ``question_id`` with another (its answers would be ambiguous); an
+    annotation without ``question_id``, with a duplicated one or with a malformed answer; a
+    question without answers when annotations are given.
+
+    Raises :class:`semmim.data.DataError` (a ValueError) naming the file: unreadable, truncated,
+    not UTF-8 or not JSON; a layout that is not VQA v2; annotations of questions that are not in
+    the questions file.
     """
     skips = skips if skips is not None else SkipLog()
-    with open(questions_file, encoding="utf-8") as f:
-        qdata = json.load(f)
+    qdata = read_json_file(questions_file, "VQA questions file")
     if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
-        raise ValueError(
+        raise DataError(
             f"{questions_file}: expected a VQA questions file {{'questions': [...]}}, got "
             f"{type(qdata).__name__} with keys {sorted(qdata)[:5] if isinstance(qdata, dict) else ''}"
         )
-    subtype = str(qdata.get("data_subtype", ""))
+    subtype = qdata.get("data_subtype", "")
+    subtype = subtype if isinstance(subtype, str) else ""
     image_dir = image_dir or os.path.dirname(os.path.abspath(questions_file))
-    anns: dict[int, dict] = {}
+    qname = os.path.basename(questions_file)
+
+    questions: list[tuple[str, int, int, str]] = []  # (where, question_id, image_id, question)
+    listed: set[int] = set()  # every question id in the file, usable or not
+    for n, q in enumerate(qdata["questions"]):
+        where = f"{qname}:questions[{n}]"
+        if not isinstance(q, dict):
+            skips.add(f"entry must be an object, got {json_type(q)}", where)
+            continue
+        qid = int_of(q, "question_id", where, skips)
+        if qid is not None:
+            listed.add(qid)
+        image_id = int_of(q, "image_id", where, skips) if qid is not None else None
+        if image_id is None:
+            continue
+        text = texts_of(q.get("question"), "question", where, skips, "empty question", False)
+        if text:
+            questions.append((where, qid, image_id, text[0][1]))
+    seen = Counter(qid for _, qid, _, _ in questions)
+    for where, qid, _, _ in questions:
+        if seen[qid] > 1:
+            skips.add(
+                "duplicate question_id", where, f"question_id {qid} is used {seen[qid]} times"
+            )
+    questions = [q for q in questions if seen[q[1]] == 1]
+
+    anns: dict[int, tuple[str, ...]] = {}
+    atypes: dict[int, tuple[str, str]] = {}
+    rejected: set[int] = set()  # questions whose annotation was skipped (counted there)
     if annotations_file:
-        with open(annotations_file, encoding="utf-8") as f:
-            adata = json.load(f)
+        adata = read_json_file(annotations_file, "VQA annotations file")
         if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
-            raise ValueError(
+            raise DataError(
                 f"{annotations_file}: expected a VQA annotations file {{'annotations': [...]}}"
             )
-        anns = {int(a["question_id"]): a for a in adata["annotations"]}
-        known = {int(q["question_id"]) for q in qdata["questions"]}
-        stray = sorted(set(anns) - known)
+        aname = os.path.basename(annotations_file)
+        by_qid: dict[int, list[tuple[str, dict]]] = {}
+        for n, a in enumerate(adata["annotations"]):
+            where = f"{aname}:annotations[{n}]"
+            if not isinstance(a, dict):
+                skips.add(f"entry must be an object, got {json_type(a)}", where)
+                continue
+            qid = int_of(a, "question_id", where, skips)
+            if qid is not None:
+                by_qid.setdefault(qid, []).append((where, a))
+        stray = sorted(set(by_qid) - listed)
         if stray:
-            raise ValueError(
+            raise DataError(
                 f"{annotations_file}: annotations for {len(stray)} question ids not in "
                 f"{questions_file} (e.g. {stray[:3]}): the files do not belong together"
             )
+        for qid, found in by_qid.items():
+            if len(found) > 1:
+                for where, _ in found:
+                    skips.add(
+                        "duplicate question_id", where, f"question_id {qid} is annotated twice"
+                    )
+                rejected.add(qid)
+                continue
+            where, a = found[0]
+            answers = _answers(a, where, skips)
+            if answers is None:
+                rejected.add(qid)
+            else:
+                anns[qid] = answers
+                atypes[qid] = tuple(  # type: ignore[assignment]
+                    v if isinstance(v, str) else ""
+                    for v in (a.get("answer_type"), a.get("question_type"))
+                )
     records = []
-    for n, q in enumerate(qdata["questions"]):
-        if not isinstance(q, dict) or not {"image_id", "question", "question_id"} <= set(q):
-            raise ValueError(
-                f"{questions_file}: questions[{n}] needs image_id, question, question_id; "
-                f"got {q!r:.120}"
-            )
-        image_id, qid = int(q["image_id"]), int(q["question_id"])
-        path = _image_path(image_dir, subtype, image_id)
+    for where, qid, image_id, question in questions:
+        if qid in rejected:
+            continue
+        path, problem = _image_path(image_dir, subtype, image_id)
         if path is None:
-            skips.add("missing image", f"COCO_{subtype}_{image_id:012d}.jpg")
+            skips.add(problem, f"COCO_{subtype}_{image_id:012d}.jpg", where)
             continue
-        a = anns.get(qid, {})
-        answers = tuple(str(x["answer"]) for x in a.get("answers", []))
+        answers = anns.get(qid, ())
         if annotations_file and not answers:
-            skips.add("question without answers", str(qid))
+            skips.add("question without answers", where, f"question_id {qid}")
             continue
+        answer_type, question_type = atypes.get(qid, ("", ""))
         records.append(
             VQARecord(
                 path,
-                str(q["question"]).strip(),
+                question,
                 str(image_id),
                 question_id=qid,
                 answers=answers,
-                answer_type=str(a.get("answer_type", "")),
-                question_type=str(a.get("question_type", "")),
+                answer_type=answer_type,
+                question_type=question_type,
             )
         )
     return records

@@ -1,26 +1,35 @@
 #!/usr/bin/env python3
 """End-to-end GPU check (issue 9 §7): the headline numbers of a whole SemMIM training step.
 
-Run by ``benchmarks/gpu_check.sh`` after the kernel tables, one section per call (each under its
-own ``timeout``), then ``--section table``:
+Run by ``benchmarks/gpu_check.sh`` (its first call, before anything optional), one section per
+call (each under its own ``timeout``), then ``--section table``:
 
     python -P benchmarks/e2e_gpu.py --section fast            # (a) default backends, token dropping, bf16
-    python -P benchmarks/e2e_gpu.py --section fast_compiled   # (b) (a) under torch.compile, (a)'s batch
     python -P benchmarks/e2e_gpu.py --section reference       # (c) reference backends, [MASK] path, fp32
+    python -P benchmarks/e2e_gpu.py --section reference_bf16  # (c') (c) under bf16 autocast
+    python -P benchmarks/e2e_gpu.py --section fast_compiled   # (b) (a) under torch.compile, (a)'s batch
     python -P benchmarks/e2e_gpu.py --section train           # `small`, 200 steps, embedded data, bf16
     python -P benchmarks/e2e_gpu.py --section table           # one table: pairs/s, peak memory, MFU, ratios
 
-Without ``--section`` every section runs in order in one process. (a)-(c) use the ``base`` preset at
-224 px (P = 196) and T = 32 caption tokens; each finds the largest batch that fits (doubling from
-``--min-batch``, then one step between the last fit and the first failure), then times
-``--steps`` training steps (forward with an explicit seed and ``check_inputs=False`` after a
-validating first step, backward, clip, fused AdamW, EMA) after warm-up, with CUDA events.
+Without ``--section`` every section runs in order in one process. (a)-(c') use the ``base`` preset
+at 224 px (P = 196) and T = 32 caption tokens; each finds the largest batch that fits (doubling
+from ``--min-batch``, then one step between the last fit and the first failure; any allocation
+failure counts as "does not fit", :func:`is_oom`), then times ``--steps`` training steps
+(forward with an explicit seed and ``check_inputs=False`` after a validating first step,
+backward, clip, fused AdamW, EMA) after warm-up, with CUDA events. (c') against (a) is "ours vs
+theirs at the same precision"; (c) is the fp32 reference the kernels are checked against.
 
 MFU counts the model's matrix-product FLOPs analytically (:func:`train_flops`: 2·m·n·k per
 product; backward = 2× forward for the trained model; the EMA model runs forward only) over the
-time, against the H200's dense bf16 peak (989 TFLOP/s, datasheet; a measured 8192³ bf16 product
-ran at 770-800 TFLOP/s on these machines, /work/.library/device/KINDS.md). The fp32 reference
-path is reported against the same bf16 peak (what the card could do), so its MFU is low by design.
+time, against the dense bf16 peak of the card the run is on (:func:`card_peak`, datasheet values
+by ``torch.cuda.get_device_name()``: H100 SXM / PCIe / NVL, H200 / H200 NVL, GH200; an unknown
+card gets no MFU, and the table says so). A measured 8192³ bf16 product ran at 770-800 TFLOP/s
+on this workplace's H100 and H200 (/work/.library/device/KINDS.md), ~80% of the datasheet. The
+fp32 reference path is reported against the same bf16 peak (what the card could do), so its MFU
+is low by design.
+
+Results (JSONs, the training's run directory and log) go to ``--out`` (default
+/tmp/semmim-e2e), never to the lease's ``$OUT``: gpu_check.sh packs the logs and JSONs itself.
 
 On a machine without a CUDA GPU every measuring section prints its plan and stops at its first
 GPU step with exit code 3 and a message saying so (the default test tier checks this).
@@ -39,9 +48,31 @@ import subprocess
 import sys
 import time
 
-PEAK_BF16 = 989e12  # FLOP/s: H200 SXM dense bf16, datasheet
 NO_GPU_EXIT = 3
-SECTIONS = ("fast", "fast_compiled", "reference", "train", "table")
+SECTIONS = ("fast", "reference", "reference_bf16", "fast_compiled", "train", "table")
+
+# Dense bf16 tensor-core peaks (FLOP/s, NVIDIA datasheets; the sparse figures are twice these),
+# matched in order against torch.cuda.get_device_name(): the form factors first, since
+# "NVIDIA H100 NVL" and "NVIDIA H100 PCIe" also contain "H100".
+CARD_PEAKS_BF16 = (
+    ("H100 NVL", "H100 NVL", 835e12),
+    ("H100 PCIe", "H100 PCIe", 756e12),
+    ("H200 NVL", "H200 NVL", 835e12),
+    ("GH200", "GH200", 989e12),
+    ("H100", "H100 SXM", 989e12),  # "NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM5 80GB"
+    ("H200", "H200 SXM", 989e12),  # "NVIDIA H200"
+)
+
+# Substrings of the messages of allocation failures that are not torch.OutOfMemoryError (cuBLAS /
+# cuDNN workspaces, cudaMalloc from extensions and Triton launches), matched case-insensitively.
+OOM_MESSAGES = (
+    "out of memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "cudaerrormemoryallocation",
+    "failed to allocate",
+    "cuda_error_out_of_memory",
+)
 PATHS = {
     "fast": {
         "label": "(a) fast: default backends + token dropping, bf16",
@@ -61,7 +92,36 @@ PATHS = {
         "amp": False,
         "compile": False,
     },
+    "reference_bf16": {
+        "label": "(c') reference, bf16 (same precision as (a))",
+        "overrides": {"mim.drop_tokens": False, "kernels.backend": "reference"},
+        "amp": True,
+        "compile": False,
+    },
 }
+
+
+def card_peak(name: str) -> tuple[str, float] | None:
+    """(card label, dense bf16 peak in FLOP/s) for a ``torch.cuda.get_device_name()`` string, or
+    None for a card not in :data:`CARD_PEAKS_BF16` (then no MFU is reported)."""
+    for key, label, peak in CARD_PEAKS_BF16:
+        if key.lower() in name.lower():
+            return label, peak
+    return None
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an allocation failure of any kind: ``torch.OutOfMemoryError`` and the
+    RuntimeErrors (CUDA, cuBLAS, cuDNN, Triton) whose message says the allocation failed. Other
+    errors are bugs, not "does not fit", and must propagate."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    msg = str(exc).lower()
+    return any(m in msg for m in OOM_MESSAGES)
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -228,7 +288,9 @@ def _fits(run: TrainStep, B: int, args) -> bool:
             run.step()
         torch.cuda.synchronize()
         return True
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
         return False
     finally:
         run.batch = None
@@ -279,6 +341,8 @@ def measure(path: str, B: int, args) -> dict:
     torch.cuda.synchronize()
     step_s = start.elapsed_time(end) / 1e3 / args.steps
     flops = train_flops(run.cfg, B, args.tokens)["total"]
+    device = torch.cuda.get_device_name()
+    card = card_peak(device)
     return {
         "path": path,
         "label": PATHS[path]["label"],
@@ -288,7 +352,10 @@ def measure(path: str, B: int, args) -> dict:
         "pairs_per_s": B / step_s,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "flops_per_step": flops,
-        "mfu": flops / step_s / PEAK_BF16,
+        "device": device,
+        "card": card[0] if card else None,
+        "peak_bf16": card[1] if card else None,
+        "mfu": flops / step_s / card[1] if card else None,
         "warmup_s": warm_s,
     }
 
@@ -326,7 +393,7 @@ def section_path(path: str, args) -> None:
         del run
     print(
         f"  batch {B}: {result['step_s'] * 1e3:.1f} ms/step, {result['pairs_per_s']:.1f} pairs/s,"
-        f" peak {result['peak_gib']:.1f} GiB, MFU {100 * result['mfu']:.1f}%",
+        f" peak {result['peak_gib']:.1f} GiB, MFU {_pct(result['mfu'])}",
         flush=True,
     )
     _write(args, path, result)
@@ -371,47 +438,85 @@ def section_train(args) -> int:
     return 0 if fell else 1
 
 
-def section_table(args) -> None:
-    rows = {}
-    for name in ("fast", "fast_compiled", "reference"):
-        p = os.path.join(args.out, f"e2e_{name}.json")
-        if os.path.exists(p):
-            with open(p) as f:
-                rows[name] = json.load(f)
-    print(f"== e2e table: {args.preset} {args.image_size} px, T={args.tokens}, {args.steps} steps")
-    print(f"{'path':<58} {'batch':>5} {'ms/step':>8} {'pairs/s':>8} {'peak GiB':>8} {'MFU':>6}")
-    for r in rows.values():
-        print(
-            f"{r['label']:<58} {r['batch']:>5} {r['step_s'] * 1e3:>8.1f} {r['pairs_per_s']:>8.1f}"
-            f" {r['peak_gib']:>8.1f} {100 * r['mfu']:>5.1f}%"
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def table_lines(rows: dict[str, dict], train: dict | None, args) -> list[str]:
+    """The end-to-end table from the sections' JSON results (``rows``: path -> result)."""
+    lines = []
+    devices = sorted({r.get("device", "?") for r in rows.values()})
+    cards = {(r.get("card"), r.get("peak_bf16")) for r in rows.values()}
+    peak = (
+        ", ".join(
+            f"{c} {p / 1e12:.0f} TFLOP/s dense bf16" if c else "card unknown: no MFU"
+            for c, p in sorted(cards, key=str)
+        )
+        or "-"
+    )
+    lines.append(
+        f"== e2e table: {args.preset} {args.image_size} px, T={args.tokens}, {args.steps} timed "
+        f"steps; device {' / '.join(devices) or '-'}; MFU vs {peak}"
+    )
+    lines.append(
+        f"{'path':<52} {'batch':>5} {'ms/step':>8} {'pairs/s':>8} {'peak GiB':>8} {'MFU':>6}"
+    )
+    for name in PATHS:
+        r = rows.get(name)
+        if r is None:
+            lines.append(f"{PATHS[name]['label']:<52} (not measured)")
+            continue
+        lines.append(
+            f"{r['label']:<52} {r['batch']:>5} {r['step_s'] * 1e3:>8.1f} {r['pairs_per_s']:>8.1f}"
+            f" {r['peak_gib']:>8.1f} {_pct(r['mfu']):>6}"
         )
     if not rows:
-        print("(no results: every measuring section failed or was skipped)")
-    a, b, c = rows.get("fast"), rows.get("fast_compiled"), rows.get("reference")
+        lines.append("(no results: every measuring section failed or was skipped)")
+    a, b = rows.get("fast"), rows.get("fast_compiled")
+    c, c16 = rows.get("reference"), rows.get("reference_bf16")
+    if a and c16:
+        lines.append(
+            f"fast / reference bf16 (same precision): "
+            f"{a['pairs_per_s'] / c16['pairs_per_s']:.2f}x pairs/s"
+        )
     if a and c:
         mem = c.get("fast_peak_gib_at_this_batch")
-        print(
-            f"fast / reference: {a['pairs_per_s'] / c['pairs_per_s']:.2f}x pairs/s (target >= 3x);"
+        lines.append(
+            f"fast / reference fp32: {a['pairs_per_s'] / c['pairs_per_s']:.2f}x pairs/s (target >= 3x);"
             f" peak memory at the reference's batch {c['batch']}: "
             + (f"{mem / c['peak_gib']:.2f}x (target <= 0.6x)" if mem else "not measured")
         )
-        print(f"fast MFU {100 * a['mfu']:.1f}% (target >= 40%)")
+    if a:
+        lines.append(f"fast MFU {_pct(a['mfu'])} (target >= 40%)")
     if a and b:
-        print(f"compiled / eager fast: {b['pairs_per_s'] / a['pairs_per_s']:.2f}x pairs/s")
-    p = os.path.join(args.out, "e2e_train.json")
-    if os.path.exists(p):
-        with open(p) as f:
-            t = json.load(f)
-        print(
-            f"small training: loss {t['first20']:.3f} -> {t['last20']:.3f} over {t['steps']} "
-            f"steps ({'falls' if t['fell'] else 'DOES NOT FALL'})"
+        lines.append(f"compiled / eager fast: {b['pairs_per_s'] / a['pairs_per_s']:.2f}x pairs/s")
+    if train:
+        lines.append(
+            f"small training: loss {train['first20']:.3f} -> {train['last20']:.3f} over "
+            f"{train['steps']} steps in {train['wall_s']:.0f} s "
+            f"({'falls' if train['fell'] else 'DOES NOT FALL'})"
         )
+    return lines
+
+
+def _read(args, name: str) -> dict | None:
+    p = os.path.join(args.out, f"e2e_{name}.json")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def section_table(args) -> None:
+    rows = {name: r for name in PATHS if (r := _read(args, name)) is not None}
+    print("\n".join(table_lines(rows, _read(args, "train"), args)))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--section", choices=SECTIONS, default=None, help="default: all, in order")
-    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/semmim-gpu"))
+    ap.add_argument("--list-sections", action="store_true", help="print the sections and stop")
+    ap.add_argument("--out", default="/tmp/semmim-e2e", help="results (never the lease's $OUT)")
     ap.add_argument("--preset", default="base")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--tokens", type=int, default=32, help="caption length T")
@@ -422,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--search-s", type=float, default=60.0, help="time cap of a batch search")
     ap.add_argument("--train-steps", type=int, default=200)
     args = ap.parse_args(argv)
+    if args.list_sections:
+        print("\n".join(SECTIONS))
+        return 0
     os.makedirs(args.out, exist_ok=True)
 
     from semmim import from_preset

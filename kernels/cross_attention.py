@@ -208,6 +208,13 @@ if not triton_import_error():
     import triton
     import triton.language as tl
 
+    # Sequence lengths, the mask's batch stride (= Lk) and the lse strides (H·Lq, Lq) are not
+    # specialised (Triton would otherwise compile one variant per "== 1" / "% 16 == 0" pattern
+    # of them): they bound loops and masks along rows, where divisibility buys no vector width.
+    # The q/k/v/o strides stay specialised: their divisibility is what lets the Dh-wide rows
+    # load as 16-byte vectors.
+    _SIZE_ARGS = ["stride_mb", "stride_lb", "stride_lh", "Lq", "Lk"]
+
     # ---- shared @triton.jit helpers: one copy of each loop body (as flash-attention's Triton
     # code factors its inner loops), used by the forward and the four backward kernels
 
@@ -267,7 +274,7 @@ if not triton_import_error():
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         return p_t, tl.where(real, p_t * (dp_t - delta[None, :]), 0.0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _cross_attention_fwd_kernel(
         Q, K, V, MASK, O, LSE,
         stride_qb, stride_qm, stride_qh,
@@ -322,7 +329,7 @@ if not triton_import_error():
                     acc.to(O.dtype.element_ty), qm)  # fmt: skip
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=in_m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_lb", "stride_lh", "Lq"])
     def _cross_attention_bwd_preprocess_kernel(
         O, DO, DELTA,
         stride_ob, stride_om, stride_oh,
@@ -342,7 +349,7 @@ if not triton_import_error():
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + b * stride_lb + h * stride_lh + offs_m, delta, mask=offs_m < Lq)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _cross_attention_bwd_dkdv_kernel(
         Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
         stride_qb, stride_qm, stride_qh,
@@ -393,7 +400,7 @@ if not triton_import_error():
         _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d,
                     dv.to(DV.dtype.element_ty), st_mask)  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _cross_attention_bwd_dq_kernel(
         Q, K, V, MASK, DO, LSE, DELTA, DQ,
         stride_qb, stride_qm, stride_qh,
@@ -435,7 +442,7 @@ if not triton_import_error():
         _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqm, offs_d,
                     (dq * scale).to(DQ.dtype.element_ty), qm)  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _cross_attention_bwd_short_k_kernel(
         Q, K, V, MASK, O, DO, LSE, DQ, DK, DV,
         stride_qb, stride_qm, stride_qh,
@@ -495,7 +502,7 @@ if not triton_import_error():
         _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d,
                     dv.to(DV.dtype.element_ty), st_mask)  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _cross_attention_bwd_short_q_kernel(
         Q, K, V, MASK, O, DO, LSE, DQ, DK, DV,
         stride_qb, stride_qm, stride_qh,
@@ -557,7 +564,8 @@ def _tiles(kind: str, lq: int, lk: int, block_d: int, dtype: torch.dtype) -> tup
     """(BLOCK_M, BLOCK_N, num_warps) for one kernel from a small table instead of autotuning.
 
     ``kind``: "fwd", "short_k", "short_q" or "general" (the backward plans). The sizes are the
-    largest that compile for sm_90 without register spills (checked with ptxas on each entry):
+    largest that compile for sm_90 without register spills (every entry is compiled by
+    tests/test_triton_compiles.py with the ptxas of the Triton wheel):
     16-bit inputs use tensor-core tiles up to 128; fp32 (IEEE dots, no tensor cores: a test and
     reference dtype here) uses 16/32-wide tiles. Short sides get one tile: next power of 2 ≥ L.
     """
@@ -573,16 +581,25 @@ def _tiles(kind: str, lq: int, lk: int, block_d: int, dtype: torch.dtype) -> tup
             t = pm, 16
         else:
             t = min(pm, 16), min(pn, 32)
-        return t[0], t[1], 4
+        # 4 warps spill on sm_90 at a 32x32 forward tile with BLOCK_D >= 64 (168 registers, 8 B
+        # of stack) and at the 16x16 dQ tile (4 B); 8 warps take 70 / 52-56 registers
+        more = (kind == "fwd" and t == (32, 32) and block_d >= 64) or (
+            kind == "general" and t == (16, 16)
+        )
+        return t[0], t[1], 8 if more else 4
     if kind == "fwd":
         bm = min(pm, 128)
         bn = min(pn, 64) if wide or lk > 128 else pn
-        return bm, bn, 8 if bm >= 128 or (wide and bm >= 64) else 4
+        # wide 32-row tiles: 4 warps cap at 128 registers and spill 4 B on sm_90; 8 take 104
+        return bm, bn, 8 if bm >= 128 or (wide and bm >= 32) else 4
     if kind == "short_k":  # K, V, dK, dV resident: BLOCK_N = all keys
         return (32 if pn > 64 or wide else 64), pn, 8
     if kind == "short_q":  # Q, dO, dQ resident: BLOCK_M = all queries
         return pm, (32 if wide else 64), 8
-    return min(pm, 64), min(pn, 64), 8
+    # wide 32-row dQ tiles spill 4 B at 8 warps (128 registers) on sm_90; 4 warps take 140-192
+    # (dK/dV: up to 246), no spills
+    bm = min(pm, 64)
+    return bm, min(pn, 64), 4 if wide and bm == 32 else 8
 
 
 def _block_d(dh: int) -> int:

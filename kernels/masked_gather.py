@@ -194,7 +194,10 @@ if not triton_import_error():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Row counts (B·R, B·P, P, R, B, the per-chunk batch count) are not specialised: they only
+    # bound rows, so "== 1" / "% 16 == 0" variants of them would be compiled for nothing. D and
+    # the strides stay specialised (contiguous, 16-byte aligned rows load as vectors).
+    @triton.jit(do_not_specialize=["n_rows", "P", "R"])
     def _masked_gather_fwd_kernel(
         x_ptr, idx_ptr, pos_ptr, out_ptr,
         n_rows, P, R, D, stride_xb, stride_xp, stride_xd,
@@ -220,7 +223,7 @@ if not triton_import_error():
             v = (v.to(tl.float32) + w.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "P"])
     def _masked_scatter_fill_fwd_kernel(
         y_ptr, inv_ptr, fill_ptr, pos_ptr, out_ptr,
         n_rows, P, D, stride_yb, stride_yr, stride_yd,
@@ -250,7 +253,7 @@ if not triton_import_error():
             v = (v.to(tl.float32) + w.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows64[:, None] * D + cols[None, :], v, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "P", "R", "per"])
     def _masked_gather_bwd_kernel(
         g_ptr, inv_ptr, gx_ptr, part_pos_ptr, part_fill_ptr,
         B, P, R, D, per,

@@ -304,6 +304,9 @@ if not triton_import_error():
     import triton
     import triton.language as tl
 
+    # N and K (row and prototype counts) only bound loops and row masks: not specialised, so
+    # one variant per (dtype, E tile) serves every batch and prototype count. E and the row
+    # strides stay specialised (16-byte vector loads of the E-wide rows).
     @triton.jit
     def _pce_tile(z, zt, w, wt, c, k_ok, inv_ts, inv_tt, DOT_PRECISION: tl.constexpr):
         """s/τs and (t - c)/τt for one (rows, K tile) block, -inf at padded prototypes."""
@@ -337,7 +340,7 @@ if not triton_import_error():
         ds = (tl.exp(s - lse_s[:, None]) - tl.exp(u - lse_t[:, None])) * gs[:, None]
         return tl.where(n_ok[:, None], ds, 0.0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "K"])
     def _pce_fwd_kernel(
         Z, ZT, W, WT, C, LOSS, LSE_S, LSE_T,
         N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, inv_ts, inv_tt,
@@ -376,7 +379,7 @@ if not triton_import_error():
         tl.store(LSE_S + rows, lse_s, mask=n_ok)
         tl.store(LSE_T + rows, lse_t, mask=n_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "K"])
     def _pce_bwd_dz_kernel(
         Z, ZT, W, WT, C, LSE_S, LSE_T, G, DZ,
         N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, stride_dzn, inv_ts, inv_tt,
@@ -404,7 +407,7 @@ if not triton_import_error():
         dz_ptrs = DZ + rows.to(tl.int64)[:, None] * stride_dzn + offs_e[None, :]
         tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "K"])
     def _pce_bwd_dw_kernel(
         Z, ZT, W, WT, C, LSE_S, LSE_T, G, DW,
         N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, stride_dwk, inv_ts, inv_tt,
@@ -436,12 +439,20 @@ if not triton_import_error():
 def _tiles(E: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_E, num_warps) from a small table (not autotuned: no GPU has run
     these kernels yet). Every kernel holds two (BLOCK_N, BLOCK_E) row tiles and two
-    (BLOCK_K, BLOCK_E) prototype tiles plus one fp32 accumulator."""
+    (BLOCK_K, BLOCK_E) prototype tiles plus one fp32 accumulator.
+
+    Each entry compiles for sm_90 without register spills (ptxas of the Triton 3.6 wheel,
+    tests/test_triton_compiles.py): 16-bit E = 256 at (64, 64) needed 255 registers and spilled
+    8 B in the dw kernel (255 in dz) with ~200 KB of shared memory; (32, 64) takes 155 / 175 registers
+    (dz / dw) and ~100 KB. fp32 E = 128 at (32, 32) spilled 16 B; (16, 32) takes 70 / 76."""
     block_e = max(16, 1 << max(0, (E - 1).bit_length()))
-    wide = block_e > 256
     if dtype == torch.float32:
-        return (16, 16, block_e, 8) if wide else (32, 32, block_e, 8)
-    return (32, 32, block_e, 8) if wide else (64, 64, block_e, 8)
+        if block_e > 256:
+            return 16, 16, block_e, 8
+        return (16, 32, block_e, 8) if block_e == 128 else (32, 32, block_e, 8)
+    if block_e > 256:
+        return 32, 32, block_e, 8
+    return (32, 64, block_e, 8) if block_e == 256 else (64, 64, block_e, 8)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -311,7 +311,9 @@ if not triton_import_error():
         t_norm = tl.maximum(tl.sqrt_rn(tl.sum(tss, axis=0)), eps * st)
         return tl.math.div_rn(dot, tl.maximum(tl.sqrt_rn(ss), eps * sa) * t_norm)
 
-    @triton.jit
+    # P, M (one variant per mask count otherwise) and the noise strides (one fp32 value per
+    # patch) are not specialised; D and the patch strides are (16-byte loads along D).
+    @triton.jit(do_not_specialize=["P", "M", "stride_nb", "stride_np"])
     def _topk_mask_fwd_kernel(
         patch_ptr, text_ptr, noise_ptr, keep_ptr, mask_idx_ptr, mask_ptr, nonfinite_ptr,
         P, D, M, stride_pb, stride_pp, stride_tb, stride_nb, stride_np, tau, eps,

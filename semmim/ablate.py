@@ -23,7 +23,13 @@ metric per variant, every seed a point).
   not read. For choosing settings; report the chosen ones on the held-out split once.
 - **Parallel** (``--jobs N``): N runs train at once, each in a child process started as
   ``python -P -m semmim.ablate --run RUN/ablate_run.json`` (plain JSON configs) with its output in
-  ``RUN/ablate_run.log``; SIGINT/SIGTERM to the grid are forwarded as one SIGTERM per child.
+  ``RUN/ablate_run.log``; SIGINT/SIGTERM to the grid are forwarded as one SIGTERM per child, and
+  a child receives SIGTERM from the kernel when the grid dies in any way, SIGKILL included
+  (``PR_SET_PDEATHSIG``): it checkpoints and stops, never trains on as an orphan.
+- **Owners**: the grid directory and each run directory are locked by the process writing them
+  (:class:`semmim.rundir.RunLock`); a second grid into the same ``--out``, or a rerun while a run
+  of an earlier grid still trains, is refused naming that process. A truncated ``summary.json`` /
+  ``eval.json`` / ``config.json`` of a run is named in the error.
 
 Variants (``--variants``): names of :data:`VARIANTS` (``default``, ``albef``, ``pixel``,
 ``random_mask``, ``no_text_target``, ``psi_text_cls``; comma-separated or separate words) or
@@ -35,7 +41,7 @@ definitions ``NAME=KEY=VALUE[,KEY=VALUE...]`` with the ``--set`` keys (model key
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import math
 import os
@@ -230,11 +236,9 @@ def plan_grid(
 def _config_differences(plan: RunPlan) -> list[str]:
     """What differs between the run directory's config.json and the plan (empty when none or
     no config.json yet)."""
-    path = os.path.join(plan.out, "config.json")
-    if not os.path.exists(path):
+    saved = _read_json(os.path.join(plan.out, "config.json"))
+    if saved is None:
         return []
-    with open(path) as f:
-        saved = json.load(f)
     diffs = []
     want_model = plan.model_cfg.to_dict()
     got_model = saved.get("model", {})
@@ -277,10 +281,14 @@ def run_state(plan: RunPlan) -> str:
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """A run file's JSON object, None when absent; RunDirError (a ValueError) naming a
+    truncated or unparsable file (``runs/x/seed_0/summary.json: truncated JSON ...``)."""
+    from semmim.rundir import RunDirError, read_json
+
+    value = read_json(path, missing_ok=True)
+    if value is not None and not isinstance(value, dict):
+        raise RunDirError(f"{path}: holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def run_metrics(run_dir: str) -> dict[str, float | None]:
@@ -300,31 +308,34 @@ def run_metrics(run_dir: str) -> dict[str, float | None]:
 
 
 def _write_outputs(report: dict[str, Any], out: str) -> None:
+    """The grid's tables, each written atomically (a reader never sees half a table)."""
+    from semmim.rundir import write_json, write_text
+
     s = report["summary"]
-    with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump(_json_keys(report), f, indent=2)
-    with open(os.path.join(out, "ablation.txt"), "w") as f:
-        f.write(format_table(report) + "\n")
+    write_json(os.path.join(out, "ablation.json"), _json_keys(report))
+    write_text(os.path.join(out, "ablation.txt"), format_table(report) + "\n")
     keys = [k for k, _ in METRICS]
-    with open(os.path.join(out, "ablation.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        header = ["variant", "overrides"]
+    table = io.StringIO()
+    w = csv.writer(table)
+    header = ["variant", "overrides"]
+    for k in keys:
+        header += [f"{k}_mean", f"{k}_std", f"{k}_n", f"{k}_paired_mean", f"{k}_paired_std"]
+    w.writerow(header)
+    for v in report["grid"]["variants"]:
+        row = [v["name"], v["overrides"]]
         for k in keys:
-            header += [f"{k}_mean", f"{k}_std", f"{k}_n", f"{k}_paired_mean", f"{k}_paired_std"]
-        w.writerow(header)
-        for v in report["grid"]["variants"]:
-            row = [v["name"], v["overrides"]]
-            for k in keys:
-                c = s["cells"][v["name"]][k]
-                p = s["paired"].get(v["name"], {}).get(k, {})
-                row += [c["mean"], c["std"], c["n"], p.get("mean"), p.get("std")]
-            w.writerow(["" if x is None else x for x in row])
-    with open(os.path.join(out, "ablation_runs.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["variant", "seed", "run_dir", *keys])
-        for r in report["runs"]:
-            vals = [r["metrics"].get(k) for k in keys]
-            w.writerow([r["variant"], r["seed"], r["dir"], *["" if x is None else x for x in vals]])
+            c = s["cells"][v["name"]][k]
+            p = s["paired"].get(v["name"], {}).get(k, {})
+            row += [c["mean"], c["std"], c["n"], p.get("mean"), p.get("std")]
+        w.writerow(["" if x is None else x for x in row])
+    write_text(os.path.join(out, "ablation.csv"), table.getvalue())
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["variant", "seed", "run_dir", *keys])
+    for r in report["runs"]:
+        vals = [r["metrics"].get(k) for k in keys]
+        w.writerow([r["variant"], r["seed"], r["dir"], *["" if x is None else x for x in vals]])
+    write_text(os.path.join(out, "ablation_runs.csv"), table.getvalue())
     plot_grid(report, os.path.join(out, "ablation.png"))
 
 
@@ -389,17 +400,26 @@ def _start_child(plan: RunPlan, resume: bool):
     """Start ``python -P -m semmim.ablate --run SPEC`` for one plan, output to its RUN_LOG."""
     import subprocess
 
-    os.makedirs(plan.out, exist_ok=True)
+    from semmim.rundir import write_json
+
     spec_path = os.path.join(plan.out, RUN_SPEC)
-    with open(spec_path, "w") as f:
-        json.dump(
-            {"model": plan.model_cfg.to_dict(), "train": plan.tcfg.to_dict(), "resume": resume},
-            f,
-            indent=1,
-        )
+    write_json(
+        spec_path,
+        {"model": plan.model_cfg.to_dict(), "train": plan.tcfg.to_dict(), "resume": resume},
+        indent=1,
+    )
     with open(os.path.join(plan.out, RUN_LOG), "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-P", "-m", "semmim.ablate", "--run", spec_path],
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "semmim.ablate",
+                "--run",
+                spec_path,
+                "--parent",
+                str(os.getpid()),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -417,16 +437,29 @@ def _log_tail(plan: RunPlan, lines: int = 15) -> str:
         return ""
 
 
-def run_child(spec_path: str) -> int:
-    """A child run of a parallel grid: train the spec's configs (exit 0, or 130 if stopped)."""
+def run_child(spec_path: str, parent: int | None = None) -> int:
+    """A child run of a parallel grid: train the spec's configs (exit 0, or 130 if stopped;
+    2 with the reason on stderr for a run directory or data that cannot be used).
+
+    With ``parent`` (the grid's pid) the child dies with the grid: the kernel sends it SIGTERM
+    when the grid dies, even by SIGKILL (:func:`semmim.rundir.die_with_parent`), so it
+    checkpoints and stops instead of training on beside the grid's rerun.
+    """
     from semmim.config import SemMIMConfig, TrainConfig
+    from semmim.data import DataError
+    from semmim.rundir import RunDirError, die_with_parent, read_json
     from semmim.train import open_run_data, train
 
-    with open(spec_path) as f:
-        spec = json.load(f)
-    model_cfg = SemMIMConfig.from_dict(spec["model"])
-    tcfg = TrainConfig.from_dict(spec["train"])
-    summary = train(model_cfg, tcfg, resume=bool(spec["resume"]), source=open_run_data(tcfg))
+    if parent is not None:
+        die_with_parent(parent)
+    try:
+        spec = read_json(spec_path)
+        model_cfg = SemMIMConfig.from_dict(spec["model"])
+        tcfg = TrainConfig.from_dict(spec["train"])
+        summary = train(model_cfg, tcfg, resume=bool(spec["resume"]), source=open_run_data(tcfg))
+    except (RunDirError, DataError) as err:
+        print(f"semmim ablate run: error: {err}", file=sys.stderr)
+        return 2
     return 130 if summary["interrupted"] else 0
 
 
@@ -443,20 +476,40 @@ def run_grid(
     """Run (or resume) the grid and write its outputs under ``base.out``; returns the report.
 
     ``jobs`` > 1 trains that many runs at once, each in its own process (``python -P -m
-    semmim.ablate --run``, its output in the run's ``ablate_run.log``); 1 trains them one after
-    another in this process. ``report["interrupted"]`` is True when a run was stopped by
+    semmim.ablate --run``, its output in the run's ``ablate_run.log``; it dies with the grid);
+    1 trains them one after another in this process. The grid directory is owned by this call
+    (:class:`semmim.rundir.RunLock`): a second grid into it, or a rerun while a run of an
+    earlier one still trains, is refused naming that process. ``report["interrupted"]`` is True when a run was stopped by
     SIGINT/SIGTERM (its checkpoint is written; the same call again resumes it); the outputs
     then hold the finished runs.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs: must be an integer >= 1, got {jobs!r}")
+    from semmim.rundir import RunLock, prepare_out
+
+    prepare_out(base.out, resume=True)  # not a file, writable, not in use (named)
+    with RunLock(base.out, what="grid", command=command or None):
+        return _run_grid(variants, seeds, preset, model_sets, base, command, progress, jobs)
+
+
+def _run_grid(variants, seeds, preset, model_sets, base, command, progress, jobs):
+    """:func:`run_grid` while this process owns the grid directory."""
     from tqdm.auto import tqdm
 
+    from semmim.rundir import lock_owner
     from semmim.train import open_run_data, train
 
     started = time.perf_counter()
     plans = plan_grid(variants, seeds, preset, model_sets, base)
     states = {id(p): run_state(p) for p in plans}  # checks every directory before any work
+    for plan in plans:
+        owner = lock_owner(plan.out) if states[id(plan)] != "done" else None
+        if owner is not None:  # e.g. a child of an earlier grid that is still training
+            raise ValueError(
+                f"{plan.out} ({plan.label}) is in use by another semmim process ({owner}); a "
+                "second trainer would overwrite it. Stop that process (or let it end), then run "
+                "the grid again"
+            )
     source = open_run_data(base)
     log.info("ablate: data %s", source.describe())
     os.makedirs(base.out, exist_ok=True)
@@ -625,6 +678,7 @@ if __name__ == "__main__":  # a child run of a parallel grid (run_grid with jobs
 
     _parser = argparse.ArgumentParser(prog="python -m semmim.ablate")
     _parser.add_argument("--run", required=True, metavar="SPEC", help="ablate_run.json of a run")
+    _parser.add_argument("--parent", type=int, default=None, help="the grid's pid (die with it)")
     _args = _parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(run_child(_args.run))
+    sys.exit(run_child(_args.run, _args.parent))

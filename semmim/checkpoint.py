@@ -6,8 +6,9 @@ Layout of a run directory::
     RUN/checkpoints/step_00000100.pt.json   its sidecar: {"file", "bytes", "sha256", "format"}
     RUN/checkpoints/latest                  text file naming the newest complete checkpoint
 
-Writing: every file goes to a temporary file in the same directory, is flushed, fsync'ed and renamed
-over the destination with ``os.replace`` (atomic on POSIX), then the directory is fsync'ed. The order
+Writing: every file goes through :func:`semmim.rundir.atomic_write` (the one writer of run files): a
+temporary file in the same directory, flushed, fsync'ed and renamed over the destination with
+``os.replace`` (atomic on POSIX), then the directory is fsync'ed. The order
 is checkpoint, then its sidecar, then ``latest``, so a crash (even SIGKILL) at any moment leaves
 ``latest`` naming a checkpoint whose sidecar is complete.
 
@@ -36,7 +37,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from semmim.paths import NotRegularFile, inside, open_regular
+from semmim.rundir import atomic_write
 
 log = logging.getLogger("semmim.checkpoint")
 
@@ -71,37 +72,6 @@ EVAL_KEYS = ("model", "config", "train_config", "step")
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and what is wrong."""
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform / filesystem
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync it, then rename it to ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -347,6 +317,7 @@ def open_checkpoint(
     map_location: str | torch.device = "cpu",
     required: Iterable[str] = (),
     fallback: bool = False,
+    accept: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Open the checkpoint at ``path`` (run dir, checkpoints dir or file): ``(state, file)``.
 
@@ -354,7 +325,9 @@ def open_checkpoint(
     --resume``), so the rules of the module docstring hold for all of them. A directory
     resolves through its ``latest`` pointer, else its newest ``step_*.pt``. With ``fallback``
     (resume), a damaged file is reported with a warning and the next older one is tried;
-    without it the first problem is the error.
+    without it the first problem is the error. ``accept(state)`` returns None for a checkpoint
+    of this run, else why not (e.g. a file copied from another run: refused like a damaged one,
+    by name, never resumed).
 
     Raises FileNotFoundError when there is no checkpoint, CheckpointError (a ValueError) naming
     the file and the problem otherwise (with ``fallback``: when none is intact, listing each).
@@ -366,6 +339,9 @@ def open_checkpoint(
         try:
             _check_own(file, directory)
             state = read_checkpoint(file, map_location, required)
+            reason = accept(state) if accept is not None else None
+            if reason:
+                raise CheckpointError(f"{file}: {reason}; refused")
         except CheckpointError as err:
             if not fallback:
                 raise
@@ -392,11 +368,14 @@ def load_checkpoint(
 
 
 def load_latest_intact(
-    path: str, map_location: str | torch.device = "cpu", required: Iterable[str] = TRAIN_KEYS
+    path: str,
+    map_location: str | torch.device = "cpu",
+    required: Iterable[str] = TRAIN_KEYS,
+    accept: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The newest checkpoint of a run that loads and verifies: :func:`open_checkpoint` with
-    ``fallback=True`` (what ``--resume`` uses)."""
-    return open_checkpoint(path, map_location, required, fallback=True)
+    """The newest checkpoint of a run that loads and verifies (and that ``accept`` takes):
+    :func:`open_checkpoint` with ``fallback=True`` (what ``--resume`` uses)."""
+    return open_checkpoint(path, map_location, required, fallback=True, accept=accept)
 
 
 # ------------------------------------------------------------------------------------ RNG states

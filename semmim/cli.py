@@ -152,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         metavar="FILE",
         default=None,
-        help="where to write the results (default: eval.json beside the run)",
+        help="where to write the results (its folder is created; checked before evaluating). "
+        "Default: beside the run the checkpoint belongs to (RUN for RUN/checkpoints/step_*.pt, "
+        "else the checkpoint's folder): RUN/eval.json for the run's own evaluation (its data, "
+        "the val split, its task, its newest checkpoint); otherwise RUN/eval_<what differs>.json, "
+        "e.g. eval_folder-tux_all_step100.json, so the run's held-out result is never replaced "
+        "by another evaluation. The table goes to the same name with .txt",
     )
 
     ab = sub.add_parser(
@@ -263,10 +268,26 @@ def _resume_point(
             task,
             changes=changes,
             model_sets=model_sets,
-            preset_given=bool(args.preset),
+            preset_given=args.preset or False,
         )
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
+
+
+def _prepare_out(args: argparse.Namespace, out: str, command: str) -> None:
+    """``--out`` before anything is opened: not a file, writable, not in use by another process,
+    and (without --resume) not holding a run unless --overwrite moves it aside
+    (:func:`semmim.rundir.prepare_out`)."""
+    from semmim.rundir import RunDirError, prepare_out
+
+    try:
+        moved = prepare_out(out, args.resume, args.overwrite, command)
+    except (RunDirError, OSError) as err:
+        raise CLIError(str(err)) from None
+    if moved:
+        logging.getLogger("semmim").warning(
+            "--overwrite: moved the old run in %s to %s", out, moved
+        )
 
 
 def _run_options(args: argparse.Namespace, **defaults: Any) -> tuple[dict, dict]:
@@ -279,6 +300,7 @@ def _run_options(args: argparse.Namespace, **defaults: Any) -> tuple[dict, dict]
 def _train(args: argparse.Namespace, model_cfg, tcfg, checkpoint, task=None) -> int:
     """Open the run's data, train, report (exit status 0, or 130 when interrupted)."""
     from semmim.data import DataError
+    from semmim.rundir import RunDirError
     from semmim.train import open_run_data, train
 
     try:
@@ -295,7 +317,7 @@ def _train(args: argparse.Namespace, model_cfg, tcfg, checkpoint, task=None) -> 
             allow_changes=args.allow_changes,
             task=task,
         )
-    except DataError as err:  # the data checks before the first step
+    except (DataError, RunDirError) as err:  # data checks, the run dir's owner, a full disk
         raise CLIError(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(
@@ -312,6 +334,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from semmim.config import TrainConfig, from_preset
 
     model_sets, given = _run_options(args)
+    _prepare_out(args, given.get("out", TrainConfig.out), "semmim train")
     if args.resume:
         point = _resume_point(args, given, model_sets, "pretrain")
         return _train(args, point.model_cfg, point.tcfg, point)
@@ -329,6 +352,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from semmim.downstream.tasks import init_model_config, make_task
 
     model_sets, given = _run_options(args, out=f"runs/{args.task}")
+    _prepare_out(args, given["out"], f"semmim finetune {args.task}")
     task_given = train_overrides(args, TaskConfig, "task_")
     if args.resume:
         point = _resume_point(args, given, model_sets, args.task)
@@ -365,8 +389,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
-    print(job.describe(), flush=True)
+    from semmim.rundir import RunDirError, check_output_file
+
     json_path = args.json or job.json_path
+    try:  # before the evaluation runs, not after
+        check_output_file(json_path, "--json" if args.json else "eval result")
+    except RunDirError as err:
+        raise CLIError(str(err)) from None
+    print(job.describe(), flush=True)
+    if os.path.exists(json_path):
+        print(f"{json_path} exists and will be replaced by this evaluation", flush=True)
     job.run(json_path)
     print(f"wrote {json_path}")
     return 0
@@ -456,6 +488,14 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except CLIError as err:
         print(f"semmim {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk while writing a run file: say so, no traceback
+        from semmim.rundir import no_space_error
+
+        full = no_space_error(err)
+        if full is None:
+            raise
+        print(f"semmim {args.command}: error: {full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("semmim: interrupted", file=sys.stderr)

@@ -16,7 +16,6 @@ prepares a checkpoint for ``semmim eval``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -351,17 +350,19 @@ class Evaluation:
 
 def write_evaluation(evaluation: Evaluation, json_path: str) -> None:
     """The one writer of evaluation results: print the table, write the result to ``json_path``,
-    the table to the same path with ``.txt``, and each of ``evaluation.files`` beside them."""
+    the table to the same path with ``.txt``, and each of ``evaluation.files`` beside them —
+    each file atomically (:mod:`semmim.rundir`). Beside ``eval.json`` the files keep their
+    names; beside any other result (``eval_<...>.json``, a ``--json`` name) they get its stem
+    as a prefix, so another evaluation never replaces the run's own ``captions.json`` / ...."""
+    from semmim.rundir import write_json, write_text
+
     print(evaluation.table, flush=True)
-    folder = os.path.dirname(os.path.abspath(json_path))
-    os.makedirs(folder, exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(evaluation.result, f, indent=2)
-    with open(os.path.splitext(json_path)[0] + ".txt", "w") as f:
-        f.write(evaluation.table + "\n")
+    folder, base = os.path.split(os.path.abspath(json_path))
+    stem = os.path.splitext(base)[0]
+    write_json(json_path, evaluation.result)
+    write_text(os.path.splitext(json_path)[0] + ".txt", evaluation.table + "\n")
     for name, content in evaluation.files.items():
-        with open(os.path.join(folder, name), "w") as f:
-            json.dump(content, f, indent=1)
+        write_json(os.path.join(folder, name if stem == "eval" else f"{stem}.{name}"), content, 1)
 
 
 def run_evaluation(
@@ -396,6 +397,7 @@ class CheckpointEval:
     tcfg: Any
     device: torch.device
     extra: dict[str, Any]
+    default_json: str = ""
 
     def describe(self) -> str:
         return (
@@ -405,8 +407,9 @@ class CheckpointEval:
 
     @property
     def json_path(self) -> str:
-        """Where the results go by default: eval.json of the checkpoint's run directory."""
-        return os.path.join(os.path.dirname(os.path.dirname(self.path)), "eval.json")
+        """Where the results go by default (:func:`semmim.rundir.eval_json_path`): beside the
+        run the checkpoint belongs to; ``eval.json`` only for the run's own evaluation."""
+        return self.default_json or os.path.join(os.path.dirname(self.path), "eval.json")
 
     def run(self, json_path: str | None = None) -> dict[str, Any]:
         """:func:`run_evaluation` of this checkpoint (default: to :attr:`json_path`)."""
@@ -450,6 +453,7 @@ def open_checkpoint_eval(
     from semmim import checkpoint as ckpt_io
     from semmim.config import SemMIMConfig, TrainConfig
     from semmim.downstream.tasks import make_task
+    from semmim.rundir import eval_json_path, run_dir_of
     from semmim.train import Task
 
     try:
@@ -504,7 +508,14 @@ def open_checkpoint_eval(
         "task": name,
         "skipped_listing": source.skips.summary(),
     }
-    return CheckpointEval(path, the_task, model, source, model_cfg, run_cfg, dev, extra)
+    try:
+        latest = ckpt_io.resolve_checkpoint(run_dir_of(path))
+    except (FileNotFoundError, ValueError):
+        latest = None
+    default_json = eval_json_path(path, data, tcfg.data, split, name, saved, latest)
+    return CheckpointEval(
+        path, the_task, model, source, model_cfg, run_cfg, dev, extra, default_json
+    )
 
 
 def _same_kind(err: Exception, message: str) -> Exception:

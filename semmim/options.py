@@ -113,7 +113,7 @@ def train_overrides(
 def add_run_options(
     parser: argparse.ArgumentParser, default_preset: str, scratch_only: bool = False
 ) -> None:
-    """--preset, --resume, --allow-changes, the TrainConfig options and --set."""
+    """--preset, --resume, --overwrite, --allow-changes, the TrainConfig options and --set."""
     from semmim.config import PRESETS
 
     parser.add_argument(
@@ -130,6 +130,13 @@ def add_run_options(
         "config, optimizer, schedule, RNG and data position. Run options given now (e.g. "
         "--steps, --num-workers) override the saved ones; a saved --stop-at is dropped; "
         "--preset and model --set keys are checked, then ignored",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUT already holds a run and you want a new one there: move the old run aside to "
+        "OUT.old-<time> first (nothing is deleted). Without it (or --resume) such an OUT is "
+        "refused",
     )
     parser.add_argument(
         "--allow-changes",

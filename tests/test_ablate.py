@@ -199,9 +199,11 @@ def test_grid_table_equals_the_runs_and_resume_skips_finished_runs(tmp_path, cap
     assert paired["albef"]["itc_mean_recall"]["std"] == pytest.approx(statistics.stdev(d))
     m, sd = cells["albef"]["itc_mean_recall"]["mean"], cells["albef"]["itc_mean_recall"]["std"]
     assert f"{m:.1f} ± {sd:.1f}" in printed and "paired by seed" in printed
-    # The resumed run continued its log (steps 1 and 2), it did not start over.
+    # The resumed run's log reads as one run: the row its --stop-at 1 wrote between two log
+    # steps is replaced by the final row, which averages steps 1 and 2 (the window of step 1
+    # came back from the checkpoint).
     with open(os.path.join(partial.out, "log.csv")) as f:
-        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["1", "2"]
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["2"]
 
     # Again: every run is finished, nothing is retrained (eval.json and checkpoints untouched).
     watched = [os.path.join(p.out, "eval.json") for p in plans]

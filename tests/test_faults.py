@@ -438,6 +438,551 @@ def test_training_on_data_without_one_good_image_is_a_clear_error(tmp_path, caps
     _survived()
 
 
+# --- issue 19 §1: run directories
+# Each class of fault around a run directory: a second writer, an existing run, a path that is
+# a file or read-only, a truncated run file, a foreign checkpoint, a full disk, an orphaned child,
+# results written where the user cannot predict. Every case a clear error or a correct result.
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(ln.startswith("State:") and "Z" in ln.split()[1] for ln in f)
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from semmim.rundir import RunLock
+    RunLock(sys.argv[1], command="holder-cmd").acquire()
+    print("held", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_run_lock_names_its_owner_and_is_released_on_every_exit_path(tmp_path):
+    from semmim.rundir import RunDirError, RunLock, lock_owner
+
+    run = str(tmp_path / "run")
+    _inject(3)  # a second owner in-process, an exception inside the block, a SIGKILL'd owner
+    with RunLock(run, command="first-cmd"):
+        with pytest.raises(RunDirError) as err:
+            RunLock(run).acquire()
+        assert f"pid {os.getpid()}" in str(err.value) and "first-cmd" in str(err.value)
+        assert "first-cmd" in lock_owner(run)
+    assert lock_owner(run) is None
+    _survived()
+    with pytest.raises(KeyError), RunLock(run):
+        raise KeyError("boom")
+    assert lock_owner(run) is None
+    _survived()
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-c", _HOLDER, run], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        owner = lock_owner(run)
+        assert owner is not None and f"pid {proc.pid}" in owner and "holder-cmd" in owner
+        with pytest.raises(RunDirError, match=f"pid {proc.pid}.*holder-cmd"):
+            RunLock(run).acquire()
+        proc.kill()  # SIGKILL: no handler runs; the kernel drops the flock with the process
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert lock_owner(run) is None
+    RunLock(run).acquire().release()
+    _survived()
+
+
+def test_run_files_are_atomic_and_a_damaged_one_is_named(tmp_path, monkeypatch):
+    from semmim.rundir import RunDirError, read_json, write_json, write_text
+
+    path = str(tmp_path / "summary.json")
+    write_json(path, {"step": 3})
+    _inject()  # a writer that dies half-way leaves the old file, and no temp file
+    with monkeypatch.context() as m:
+        m.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+        with pytest.raises(OSError):
+            write_json(path, {"step": 4})
+    assert read_json(path) == {"step": 3} and os.listdir(tmp_path) == ["summary.json"]
+    _survived()
+    cases = {
+        "truncated JSON": '{"step": 3, "tot',
+        "empty file": "",
+        "not valid JSON": '{"step": 3} trailing',
+        "not UTF-8": None,
+    }
+    for needle, text in cases.items():
+        _inject()
+        bad = str(tmp_path / "seed_0" / "summary.json")
+        if text is None:
+            os.makedirs(os.path.dirname(bad), exist_ok=True)
+            with open(bad, "wb") as f:
+                f.write(b'{"a": "\xff\xfe"}')
+        else:
+            write_text(bad, text)
+        with pytest.raises(RunDirError) as err:
+            read_json(bad)
+        assert bad in str(err.value) and needle in str(err.value), err.value
+        _survived()
+    assert read_json(str(tmp_path / "absent.json"), missing_ok=True) is None
+
+
+_ORPHAN_PARENT = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-P", "-c",
+        "import os, sys, time\\n"
+        "from semmim.rundir import die_with_parent\\n"
+        "assert die_with_parent(int(sys.argv[1]))\\n"
+        "print('armed', flush=True)\\n"
+        "time.sleep(120)\\n", str(os.getpid())], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "armed"
+    print(child.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_child_of_a_sigkilled_parent_dies_with_it():
+    """The mechanism ablate's child runs use (rundir.die_with_parent): SIGKILL the parent, the
+    child receives SIGTERM (a trainer checkpoints and stops) instead of training on as an orphan."""
+    _inject()
+    parent = subprocess.Popen(
+        [sys.executable, "-P", "-c", _ORPHAN_PARENT], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()
+        parent.wait(timeout=30)
+        _wait_until(lambda: not _alive(child), 30, f"the orphaned child {child} to exit")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()
+    _survived()
+
+
+def test_empty_generated_captions_are_said_not_silent(caplog, monkeypatch):
+    """A decoder that ends every caption at once: the metrics are 0 and the table says why."""
+    pytest.importorskip("pycocoevalcap")
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no Java: the fast tokenizer path
+    from semmim.downstream.caption_metrics import caption_metrics, format_caption_table
+
+    refs = {"a": ["a red circle"], "b": ["a blue square"], "c": ["two green stars"]}
+    for preds in ({"a": "", "b": "", "c": ""}, {"a": "a red circle", "b": " ", "c": ""}):
+        _inject()
+        with caplog.at_level(logging.WARNING, logger="semmim.caption"):
+            result = caption_metrics(preds, refs)
+        empty = sum(not p.strip() for p in preds.values())
+        assert result["empty_captions"] == empty
+        table = format_caption_table({**result, "n_images": len(preds)})
+        assert f"{empty} of {len(preds)} generated captions are empty" in table, table
+        assert f"{empty} of {len(preds)} generated captions are empty" in caplog.text
+        caplog.clear()
+        _survived()
+    result = caption_metrics({"a": "a red circle"}, {"a": ["a red circle"]})
+    assert result["empty_captions"] == 0 and "WARNING" not in format_caption_table(result)
+
+
+_TINY = ["--preset", "tiny", "--set", "vision.image_size=32", "itc.queue_size=16", "loss.mlm=0"]
+_SMALL_RUN = ["--data", "synthetic:16:4", "--batch-size", "4", "--num-workers", "0"]
+_SMALL_RUN += ["--threads", "1", "--no-eval"]
+
+
+def _train(out, *extra: str) -> int:
+    return main(["train", *_TINY, *_SMALL_RUN, "--out", str(out), *extra])
+
+
+def _files(directory) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative path -> bytes), the lock file excepted."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for n in names:
+            p = os.path.join(root, n)
+            if n != ".semmim.lock":
+                out[os.path.relpath(p, directory)] = open(p, "rb").read()
+    return out
+
+
+def test_out_holding_a_run_is_refused_and_overwrite_moves_it_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, "--steps", "2") == 0
+    before = _files(run)
+    capsys.readouterr()
+    _inject()  # `semmim train --out RUN` again, without --resume: nothing of RUN may change
+    assert _train(run, "--steps", "3") == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err, err
+    assert "another --out" in err and "Traceback" not in err
+    assert _files(run) == before
+    _survived()
+    _inject()  # the same for finetune, whose default is also a fresh run
+    argv = ["finetune", "retrieval", "--preset", "tiny", "--steps", "1", "--out", str(run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "semmim finetune retrieval" in err, err
+    assert _files(run) == before
+    _survived()
+    _inject()  # --overwrite: a new run in RUN, the old one moved aside whole, nothing deleted
+    assert _train(run, "--steps", "1", "--overwrite") == 0
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1 and _files(moved[0]) == before
+    assert "trained 1/1 steps" in capsys.readouterr().out
+    assert load_checkpoint(str(run))["step"] == 1
+    _survived()
+
+
+def test_out_that_is_a_file_or_not_writable_is_refused_before_training(
+    tmp_path, capsys, monkeypatch
+):
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    for argv in (
+        ["train", *_TINY, "--out", str(a_file)],
+        ["train", *_TINY, "--out", str(a_file / "sub")],
+        ["finetune", "vqa", "--out", str(a_file)],
+        ["ablate", "--seeds", "0", "--out", str(a_file)],
+    ):
+        _inject()
+        assert main([*argv, "--steps", "1"]) == 2, argv
+        err = capsys.readouterr().err
+        assert "is a file" in err and str(a_file) in err and "Traceback" not in err, err
+        assert a_file.read_text() == "mine"
+        _survived()
+    # Read-only: the tests run as root here, for whom every directory is writable, so the
+    # permission check itself is made to see a read-only directory.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, m: False if str(p) == str(ro) else real_access(p, m)
+    )
+    for argv in (["train", *_TINY], ["ablate", "--seeds", "0"]):
+        _inject()
+        assert main([*argv, "--steps", "1", "--out", str(ro / "run")]) == 2
+        err = capsys.readouterr().err
+        assert "not writable" in err and str(ro) in err and "Traceback" not in err, err
+        assert os.listdir(ro) == []
+        _survived()
+
+
+_LONG_TRAIN = [sys.executable, "-P", "-m", "semmim", "train", *_TINY, *_SMALL_RUN]
+_LONG_TRAIN += ["--steps", "5000", "--ckpt-every", "100000"]
+
+
+def test_two_writers_into_one_run_directory_the_second_refuses_naming_the_first(tmp_path, capsys):
+    from semmim.config import TrainConfig, from_preset
+    from semmim.rundir import RunDirError, lock_owner
+    from semmim.train import train
+
+    run = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    first = subprocess.Popen(
+        [*_LONG_TRAIN, "--out", run],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        _wait_until(lambda: lock_owner(run) is not None, 120, "the first trainer's lock")
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            _inject()
+            assert _train(run, "--steps", "2", *extra) == 2, extra
+            err = capsys.readouterr().err
+            assert f"pid {first.pid}" in err and "in use" in err, err
+            assert "semmim train" in err and "Traceback" not in err
+            _survived()
+        _inject()  # the library entry point is held to the same lock
+        with pytest.raises(RunDirError, match=f"pid {first.pid}"):
+            train(from_preset("tiny"), TrainConfig(out=run, steps=1))
+        _survived()
+        _inject()  # a grid into a directory a trainer owns
+        assert main(["ablate", "--seeds", "0", "--steps", "1", "--out", run]) == 2
+        assert f"pid {first.pid}" in capsys.readouterr().err
+        _survived()
+        assert first.poll() is None  # the first writer was never disturbed
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    assert lock_owner(run) is None  # SIGKILL released it
+
+
+def test_a_grid_rerun_refuses_while_a_run_of_it_still_trains(tmp_path, capsys):
+    """An orphan of an earlier grid (here: any process holding a run's lock) makes the rerun
+    refuse, naming it, instead of putting a second trainer into that run directory."""
+    grid = tmp_path / "grid"
+    seed_dir = str(grid / "default" / "seed_0")
+    holder = subprocess.Popen(
+        [sys.executable, "-P", "-c", _HOLDER, seed_dir], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _inject()
+        argv = ["ablate", "--variants", "default", "--seeds", "0", *_SMALL_RUN[:6]]
+        assert main([*argv, "--steps", "1", "--out", str(grid)]) == 2
+        err = capsys.readouterr().err
+        assert seed_dir in err and f"pid {holder.pid}" in err and "holder-cmd" in err, err
+        assert not os.path.exists(os.path.join(seed_dir, "config.json"))
+        _survived()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_resume_never_falls_back_to_another_runs_checkpoint(tmp_path, capsys, caplog):
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert _train(run, "--steps", "2", "--ckpt-every", "1", "--keep-ckpts", "3") == 0
+    assert _train(other, "--steps", "3", "--seed", "1", "--ckpt-every", "1") == 0
+    ckpts = run / "checkpoints"
+    foreign = ckpts / "step_00000009.pt"  # newest by name: the fallback would try it first
+    shutil.copy(other / "checkpoints" / "step_00000003.pt", foreign)
+    shutil.copy(other / "checkpoints" / "step_00000003.pt.json", sidecar_path(str(foreign)))
+    _flip_bit(str(ckpts / "step_00000002.pt"))  # the run's own newest checkpoint is damaged
+    capsys.readouterr()
+    _inject()
+    with caplog.at_level(logging.WARNING):
+        assert _train(run, "--steps", "2", "--resume") == 0
+    assert "step_00000009.pt" in caplog.text and "another run" in caplog.text, caplog.text
+    assert "seed 1 (not 0)" in caplog.text
+    assert "trained 2/2 steps" in capsys.readouterr().out  # resumed from its own step 1
+    assert load_checkpoint(str(run))["train_config"]["seed"] == 0
+    _survived()
+    _inject()  # nothing of its own left: a clear error listing why each file was refused
+    for name in os.listdir(ckpts):
+        if name.startswith("step_00000001") or name.startswith("step_00000002"):
+            os.unlink(ckpts / name)
+    (ckpts / "latest").write_text("step_00000009.pt\n")
+    assert _train(run, "--steps", "3", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "no intact checkpoint" in err and "step_00000009.pt" in err and "another run" in err
+    _survived()
+
+
+@pytest.mark.parametrize("kind", ["ENOSPC", "inline_container"])
+def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_last_one(
+    kind, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from semmim import checkpoint as ckpt_mod
+    from semmim import rundir
+
+    run = tmp_path / "run"
+    real_save = ckpt_mod.atomic_torch_save
+
+    def full(obj, path):
+        if "step_00000002" not in path:
+            return real_save(obj, path)
+        if kind == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0; "
+            "PytorchStreamWriter failed writing file data/3: file write failed"
+        )
+
+    monkeypatch.setattr(ckpt_mod, "atomic_torch_save", full)
+    free = type("Usage", (), {"total": 10**9, "used": 10**9, "free": 4096})()
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: free)
+    _inject()
+    assert _train(run, "--steps", "3", "--ckpt-every", "1") == 2
+    err = capsys.readouterr().err
+    assert f"no space left on {run / 'checkpoints'}" in err and "needs ~" in err, err
+    assert "Traceback" not in err
+    kept = load_latest_intact(str(run / "checkpoints"))  # verified: size and sha256
+    assert kept[1].endswith("step_00000001.pt") and kept[0]["step"] == 1
+    assert not [n for n in os.listdir(run / "checkpoints") if n.endswith(".tmp")]
+    _survived()
+
+
+def test_disk_full_writing_a_run_file_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from semmim import rundir
+    from semmim.train import loop
+
+    run = tmp_path / "run"
+
+    def full(path, obj, indent=2):
+        def write(f):
+            f.write(b"{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        rundir.atomic_write(path, write)
+
+    monkeypatch.setattr(loop, "write_json", full)  # summary.json, after the last checkpoint
+    _inject()
+    assert _train(run, "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert f"no space left on {run} writing {run / 'summary.json'}" in err, err
+    assert "Traceback" not in err and not (run / "summary.json").exists()
+    assert load_latest_intact(str(run / "checkpoints"))[0]["step"] == 1
+    _survived()
+
+
+def test_eval_writes_where_its_help_says_and_never_replaces_the_runs_own_result(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, "--steps", "2", "--ckpt-every", "1", "--keep-ckpts", "2") == 0
+    ev = ["eval", "--rerank-k", "0", "--num-workers", "0", "--batch-size", "8"]
+    _inject()  # a step file inside RUN/checkpoints: the result lands in RUN, not above it
+    assert main([*ev, "--ckpt", str(run / "checkpoints" / "step_00000002.pt")]) == 0
+    own = (run / "eval.json").read_bytes()
+    assert not (tmp_path / "eval.json").exists()
+    _survived()
+    _inject()  # other data, another split, an older step: each its own file, eval.json kept
+    for extra, name in (
+        (["--ckpt", str(run), "--data", "synthetic:12:6"], "eval_synthetic-12-6.json"),
+        (["--ckpt", str(run), "--split", "all"], "eval_all.json"),
+        (["--ckpt", str(run / "checkpoints" / "step_00000001.pt")], "eval_step1.json"),
+    ):
+        assert main([*ev, *extra]) == 0, extra
+        assert (run / name).exists() and (run / name.replace(".json", ".txt")).exists(), name
+        assert (run / "eval.json").read_bytes() == own, extra
+        assert f"wrote {run / name}" in capsys.readouterr().out
+    _survived()
+    _inject()  # --json into a missing folder: created; under a file: refused before evaluating
+    target = tmp_path / "new" / "dir" / "r.json"
+    assert main([*ev, "--ckpt", str(run), "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["step"] == 2
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main([*ev, "--ckpt", str(run), "--json", str(tmp_path / "afile" / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "--json" in err and "is a file" in err and "evaluating" not in out, (out, err)
+    _survived()
+
+
+def test_resumed_log_reads_as_one_run_and_resume_warns_only_on_a_real_change(
+    tmp_path, capsys, caplog
+):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _train(ref, "--steps", "4", "--log-every", "2") == 0
+    assert _train(run, "--steps", "4", "--log-every", "2", "--stop-at", "3") == 0
+    _inject()  # stopped between two log steps, then resumed with the same --preset / --set
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _train(run, "--resume") == 0
+    assert "ignored" not in caplog.text, caplog.text
+    assert _log_losses(str(run)) == _log_losses(str(ref))
+    assert [r[0] for r in _log_losses(str(run))] == [2, 4]
+    _survived()
+    _inject()  # a --set that differs from the checkpoint: the warning names it
+    (run / "checkpoints" / "latest").write_text("step_00000003.pt\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        main(["train", *_TINY, "vision.depth=3", *_SMALL_RUN, "--out", str(run), "--resume"])
+    assert "ignored" in caplog.text and "vision.depth" in caplog.text, caplog.text
+    _survived()
+
+
+def test_train_resume_of_a_finetuning_run_is_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "ret"
+    argv = ["finetune", "retrieval", *_TINY, *_SMALL_RUN, "--steps", "1", "--out", str(run)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    _inject()
+    assert main(["train", "--resume", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "'retrieval' run" in err and "semmim finetune retrieval" in err, err
+    assert "Traceback" not in err
+    _survived()
+
+
+def test_diagnostics_plot_labels_the_mask_overlap_references_as_the_metric_means(
+    tmp_path, monkeypatch
+):
+    import matplotlib.axes
+
+    from semmim.train import plot_diagnostics
+
+    _inject()
+    log_csv = tmp_path / "log.csv"
+    log_csv.write_text("step,loss,diag_mask_overlap\n1,1.0,0.9\n2,1.0,0.8\n")
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model": {"vision": {"image_size": 32, "patch_size": 16}}})
+    )
+    lines = []
+    real = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "axhline",
+        lambda self, y=0, *a, **k: lines.append((y, k.get("label"))) or real(self, y, *a, **k),
+    )
+    assert plot_diagnostics(str(log_csv), str(tmp_path / "d.png"))
+    labels = dict(lines)
+    assert labels[1.0].startswith("1 = random masking"), lines
+    assert labels[0.5].startswith("M/P = the text decides"), lines  # round(0.5 * 4) / 4
+    assert not any("M/P (random)" in (label or "") for _, label in lines)
+    _survived()
+
+
+def test_sigkilled_grid_takes_its_children_with_it_and_the_rerun_resumes(tmp_path):
+    """SIGKILL to a --jobs 2 grid: no handler runs in the grid, yet each child run receives
+    SIGTERM from the kernel (PR_SET_PDEATHSIG), checkpoints and exits; the same command then
+    resumes both runs (their logs continue) and finishes the table."""
+    from semmim.rundir import lock_owner
+
+    out = tmp_path / "grid"
+    cmd = [sys.executable, "-P", "-m", "semmim", "ablate", "--variants", "default,albef"]
+    cmd += ["--seeds", "0", "--jobs", "2", "--steps", "100", "--log-every", "1"]
+    cmd += ["--data", "synthetic:12:6", "--batch-size", "4", "--num-workers", "0"]
+    cmd += ["--threads", "1", "--eval-rerank-k", "2", *_TINY[2:], "--out", str(out)]
+    runs = [out / v / "seed_0" for v in ("default", "albef")]
+    _inject()
+    grid = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_until(
+            lambda: all(
+                (r / "log.csv").exists() and len((r / "log.csv").read_text().splitlines()) > 2
+                for r in runs
+            ),
+            300,
+            "both child runs to log steps",
+        )
+        children = [lock_owner(str(r)) for r in runs]
+        assert all(children), children
+        grid.kill()
+        grid.wait(timeout=60)
+        _wait_until(
+            lambda: all(lock_owner(str(r)) is None for r in runs), 120, "the children to exit"
+        )
+    finally:
+        if grid.poll() is None:
+            grid.kill()
+            grid.wait()
+    for r in runs:  # each stopped with a checkpoint (SIGTERM), not killed mid-write
+        assert list((r / "checkpoints").glob("step_*.pt")), r
+        assert "SIGTERM: stopping after step" in (r / "ablate_run.log").read_text()
+    done = subprocess.run(cmd, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    report = json.load(open(out / "ablation.json"))
+    assert len(report["runs"]) == 2 and report["pending"] == []
+    for r in runs:
+        steps = [ln.split(",")[0] for ln in (r / "log.csv").read_text().splitlines()[1:]]
+        assert steps == [str(s) for s in range(1, 101)], steps  # continued where it stopped
+    _survived()
+
+
 # --- issue 19 §2–4: inputs that point elsewhere, downstream loaders, small faults
 # (the data cases of these classes are in tests/fault_cases_data.py, run by test_bad_data_cases)
 def _ckpt_commands(run) -> dict[str, list[str]]:

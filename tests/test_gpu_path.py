@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import math
@@ -678,3 +679,123 @@ def test_e2e_flop_count_matches_a_hand_count():
     # i.e. 35.1 GFLOP at 2 FLOP per multiply-add
     vit = 2 * 196 * 3 * 256 * 768 + 12 * e2e_gpu._self_layer(197, 768, 3072)
     assert 2 * 17.4e9 < vit < 2 * 17.8e9
+
+
+def _e2e_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import e2e_gpu
+    finally:
+        sys.path.pop(0)
+    return e2e_gpu
+
+
+def _gpu_check(*args, env=None, timeout=120):
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_gpu_check_plan_fits_the_first_call_with_the_e2e_table_first():
+    """`gpu_check.sh --plan` (no GPU needed): the first call's caps sum within its 480 s budget,
+    the build comes first and every end-to-end row before the training and the smoke tier; the
+    budget check fails when the budget is smaller than the caps."""
+    proc = _gpu_check("--plan")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [ln.split() for ln in proc.stdout.splitlines()[1:]]
+    rows = [r for r in rows if len(r) > 2 and r[1].isdigit() and r[0] != "total"]
+    names = [r[0] for r in rows]
+    total = sum(int(r[1]) for r in rows)
+    assert total <= 480 and f"total {total} s of caps; budget 480 s" in proc.stdout
+    e2e = [i for i, n in enumerate(names) if n.startswith("e2e_")]
+    assert names[:2] == ["device", "build"] and e2e == list(range(2, 2 + len(e2e)))
+    assert {"e2e_fast", "e2e_reference", "e2e_reference_bf16", "e2e_fast_compiled"} <= set(names)
+    assert max(e2e) < names.index("train_small") < names.index("smoke_tier")
+    full = _gpu_check("--plan", "--full")
+    assert full.returncode == 0 and "mode full" in full.stdout, full.stdout
+    over = _gpu_check("--plan", env={"SEMMIM_DEADLINE_S": "300"})
+    assert over.returncode == 1 and "PLAN OVER BUDGET" in over.stdout, over.stdout
+
+
+def test_gpu_check_without_a_gpu_still_returns_summary_and_logs(tmp_path):
+    """On a machine without CUDA the script stops after the device section with exit code 3
+    and still leaves exactly summary.txt (with the commit passed in) and one tarball of logs in
+    $OUT: no run directory, no checkpoint."""
+    import tarfile
+
+    out = tmp_path / "out"
+    proc = _gpu_check(
+        env={
+            "OUT": str(out),
+            "PYTHON": sys.executable,
+            "SEMMIM_COMMIT": "cafe1234",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check_logs.tar.gz", "summary.txt"]
+    summary = (out / "summary.txt").read_text()
+    assert "commit: cafe1234 (SEMMIM_COMMIT)" in summary
+    assert "torch device: no CUDA GPU" in summary and "skipped: no CUDA GPU" in summary
+    assert proc.stdout.rstrip().endswith("(no e2e table)"), proc.stdout[-500:]
+    with tarfile.open(out / "gpu_check_logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./summary.txt" in names and "./device.txt" in names
+    assert not [n for n in names if n.endswith((".pt", ".safetensors"))]
+
+
+@pytest.mark.parametrize(
+    "name,card,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989e12),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", "H100 NVL", 835e12),
+        ("NVIDIA H200", "H200 SXM", 989e12),
+        ("NVIDIA H200 NVL", "H200 NVL", 835e12),
+        ("NVIDIA A100-SXM4-80GB", None, None),
+    ],
+)
+def test_e2e_mfu_peak_follows_the_detected_card(name, card, peak):
+    got = _e2e_module().card_peak(name)
+    assert got == ((card, peak) if card else None)
+
+
+def test_e2e_every_allocation_failure_means_does_not_fit():
+    e2e = _e2e_module()
+    oom = [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+        RuntimeError("Triton Error [CUDA]: out of memory"),
+    ]
+    bugs = [
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        ValueError("out of memory"),  # not an allocation failure's type
+    ]
+    assert all(e2e.is_oom(e) for e in oom)
+    assert not any(e2e.is_oom(e) for e in bugs)
+
+
+def test_e2e_table_names_the_device_and_says_when_mfu_is_unknown():
+    e2e = _e2e_module()
+    args = argparse.Namespace(preset="base", image_size=224, tokens=32, steps=20)
+    row = dict(batch=64, step_s=0.5, pairs_per_s=128.0, peak_gib=30.0, flops_per_step=1e15)
+    rows = {
+        "fast": dict(row, label="(a)", device="NVIDIA H100 80GB HBM3", card="H100 SXM",
+                     peak_bf16=989e12, mfu=0.2),
+        "reference_bf16": dict(row, label="(c')", device="NVIDIA H100 80GB HBM3",
+                               card="H100 SXM", peak_bf16=989e12, mfu=0.1, pairs_per_s=64.0),
+    }  # fmt: skip
+    text = "\n".join(e2e.table_lines(rows, None, args))
+    assert "device NVIDIA H100 80GB HBM3; MFU vs H100 SXM 989 TFLOP/s dense bf16" in text
+    assert "fast / reference bf16 (same precision): 2.00x pairs/s" in text
+    assert "(c) reference: reference backends, [MASK] tokens, fp32 (not measured)" in text
+    unknown = {"fast": dict(rows["fast"], device="Some GPU", card=None, peak_bf16=None, mfu=None)}
+    text = "\n".join(e2e.table_lines(unknown, None, args))
+    assert "card unknown: no MFU" in text and "fast MFU n/a" in text

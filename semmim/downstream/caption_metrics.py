@@ -22,6 +22,12 @@ log = logging.getLogger("semmim.caption")
 __all__ = ["caption_metrics", "format_caption_table"]
 
 
+_EMPTY_WHY = (
+    "the decoder ended them at once (an undertrained model, or too few fine-tuning steps); "
+    "check the examples and train longer"
+)
+
+
 def _simple_tokenize(captions: Mapping[Any, Sequence[str]]) -> dict[Any, list[str]]:
     return {
         k: [" ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", c.lower())) for c in v]
@@ -54,7 +60,9 @@ def caption_metrics(
         spice: also compute SPICE when its jars are present.
 
     Returns ``{"BLEU-1": …, "BLEU-4": …, "METEOR": …, "ROUGE-L": …, "CIDEr": …, "skipped":
-    {metric: reason}, "tokenizer": …}`` (values on the 0–100 scale, as papers report them).
+    {metric: reason}, "tokenizer": …, "empty_captions": n}`` (values on the 0–100 scale, as
+    papers report them; ``empty_captions`` counts the predictions with no word, which score 0
+    and are warned about, so all-zero metrics are never left unexplained).
     """
     try:
         from pycocoevalcap.bleu.bleu import Bleu
@@ -70,6 +78,14 @@ def caption_metrics(
         raise ValueError(f"predictions and references: different image keys (e.g. {extra})")
     if not predictions:
         raise ValueError("predictions: no image to score")
+    empty = sum(not str(c).strip() for c in predictions.values())
+    if empty:
+        log.warning(
+            "captioning: %d of %d generated captions are empty (they score 0 on every metric): %s",
+            empty,
+            len(predictions),
+            _EMPTY_WHY,
+        )
     java = shutil.which("java") is not None
     skipped: dict[str, str] = {}
     gts = {k: list(v) for k, v in references.items()}
@@ -111,6 +127,7 @@ def caption_metrics(
         skipped["SPICE"] = "not requested"
     out["skipped"] = skipped
     out["tokenizer"] = tokenizer
+    out["empty_captions"] = empty
     return out
 
 
@@ -122,6 +139,12 @@ def format_caption_table(result: dict[str, Any]) -> str:
         "".join(n.rjust(9) for n in names),
         "".join(f"{result[n]:9.2f}" for n in names),
     ]
+    empty = result.get("empty_captions", 0)
+    if empty:
+        lines.append(
+            f"WARNING: {empty} of {result.get('n_images', '?')} generated captions are empty "
+            f"(scored 0): {_EMPTY_WHY}"
+        )
     for metric, reason in result.get("skipped", {}).items():
         lines.append(f"{metric} skipped: {reason}")
     lines.append(f"tokenizer: {result.get('tokenizer', '')}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import os
 import time
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from semmim.diagnostics import DIAG_COLUMNS
+from semmim.rundir import read_json, write_text
 from semmim.train.task import OBJECTIVES
 
 CSV_FIELDS = ("step", "epoch", "lr", "loss", *OBJECTIVES, "pairs_per_s", "data_wait", "elapsed_s")
@@ -24,7 +25,12 @@ def csv_fields(objectives: tuple[str, ...], diagnostics: tuple[str, ...] = ()) -
 
 
 class Window:
-    """Accumulates losses and timings between log steps without host syncs per step."""
+    """Accumulates losses and timings between log steps without host syncs per step.
+
+    Its :meth:`state` goes into every checkpoint and :meth:`load` restores it on resume, so the
+    first log row after a resume averages the same steps (bit for bit the same sums) as the run
+    that was not interrupted: the log of a resumed run reads as one run.
+    """
 
     def __init__(self) -> None:
         self.reset()
@@ -54,6 +60,29 @@ class Window:
             v = v.detach().float()
             self.diag_sums[k] = self.diag_sums[k] + v if k in self.diag_sums else v
         self.diag_steps += 1
+
+    def state(self) -> dict[str, Any]:
+        """The partial window as plain data (CPU tensors): what :meth:`load` takes back."""
+        return {
+            "sums": {k: v.detach().cpu() for k, v in self.sums.items()},
+            "diag_sums": {k: v.detach().cpu() for k, v in self.diag_sums.items()},
+            "diag_steps": self.diag_steps,
+            "steps": self.steps,
+            "pairs": self.pairs,
+            "wait": self.wait,
+            "seconds": time.perf_counter() - self.t0,
+        }
+
+    def load(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+        """Continue the window :meth:`state` saved (an empty dict: a fresh window)."""
+        self.reset()
+        if not state:
+            return
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.diag_sums = {k: v.to(device) for k, v in state["diag_sums"].items()}
+        self.diag_steps, self.steps = int(state["diag_steps"]), int(state["steps"])
+        self.pairs, self.wait = int(state["pairs"]), float(state["wait"])
+        self.t0 = time.perf_counter() - float(state["seconds"])
 
     def row(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
@@ -95,11 +124,21 @@ def plot_losses(csv_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+def mask_overlap_references(m_over_p: float | None) -> list[tuple[float, str]]:
+    """The reference lines of the mask-overlap panel, labelled as :mod:`semmim.diagnostics`
+    defines the metric: 1 = the mask of random masking (the text moves nothing), M/P = what a
+    mask the text alone decides overlaps the random one by."""
+    refs = [(1.0, "1 = random masking (text moves nothing)")]
+    if m_over_p is not None:
+        refs.append((m_over_p, "M/P = the text decides"))
+    return refs
+
+
 def plot_diagnostics(csv_path: str, png_path: str, num_prototypes: int = 0) -> bool:
     """Plot the ``diag_*`` columns of the CSV log beside the losses: teacher entropy (with log K),
     effective K and prototypes in use (with K), student–teacher agreement, text-vs-random mask
-    overlap (with M/P when ``config.json`` beside the log gives it). Returns False (and writes
-    nothing) when the log has no diagnostics."""
+    overlap (with 1 = random masking, and M/P when ``config.json`` beside the log gives it).
+    Returns False (and writes nothing) when the log has no diagnostics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,8 +152,7 @@ def plot_diagnostics(csv_path: str, png_path: str, num_prototypes: int = 0) -> b
     chance = None
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "config.json")
     if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            model = json.load(f).get("model", {})
+        model = read_json(cfg_path).get("model", {})
         num_prototypes = num_prototypes or model.get("head", {}).get("num_prototypes", 0)
         v = model.get("vision", {})
         if v.get("image_size") and v.get("patch_size"):
@@ -129,20 +167,20 @@ def plot_diagnostics(csv_path: str, png_path: str, num_prototypes: int = 0) -> b
         (
             "teacher entropy (nats)",
             ("entropy",),
-            math.log(num_prototypes) if num_prototypes else None,
-            "log K",
+            [(math.log(num_prototypes), "log K")] if num_prototypes else [],
         ),
-        ("prototypes: effective K, in use", ("eff_k", "used"), num_prototypes or None, "K"),
-        ("student–teacher top-1 agreement", ("agree",), None, ""),
-        ("text-guided vs random mask overlap", ("mask_overlap",), chance, "M/P (random)"),
+        ("prototypes: effective K, in use", ("eff_k", "used"), [(num_prototypes, "K")]),
+        ("student–teacher top-1 agreement", ("agree",), []),
+        ("text-guided vs random mask overlap", ("mask_overlap",), mask_overlap_references(chance)),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (title, stats, ref, ref_label) in zip(axes.flat, panels):
+    for ax, (title, stats, refs) in zip(axes.flat, panels):
         for col in cols:
             if any(col.endswith("_" + s) for s in stats):
                 ax.plot(*series(col), label=col.removeprefix("diag_"), marker=".")
-        if ref is not None:
-            ax.axhline(ref, color="grey", linestyle="--", linewidth=1, label=ref_label)
+        for (ref, ref_label), style in zip(refs, ("--", ":")):
+            if ref:
+                ax.axhline(ref, color="grey", linestyle=style, linewidth=1, label=ref_label)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -155,19 +193,32 @@ def plot_diagnostics(csv_path: str, png_path: str, num_prototypes: int = 0) -> b
 
 
 def open_csv(
-    path: str, resume_step: int, fieldnames: tuple[str, ...] = CSV_FIELDS
+    path: str, resume_step: int, fieldnames: tuple[str, ...] = CSV_FIELDS, log_every: int = 1
 ) -> tuple[Any, csv.DictWriter]:
-    """Open the CSV log for appending; on resume drop rows logged after the checkpoint's step."""
+    """Open the CSV log for appending; on resume drop rows logged after the checkpoint's step,
+    and a row at the checkpoint's step itself when it is off the ``log_every`` grid (written by
+    a ``--stop-at``: its steps are averaged again, with the following ones, in the next row), so
+    the log of a resumed run has the rows of one uninterrupted run.
+
+    The header and the kept rows are written atomically (a crash here leaves the old log), then
+    the file is opened for appending one row per log step.
+    """
     rows: list[dict[str, str]] = []
     if resume_step > 0 and os.path.exists(path):
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-    f = open(path, "w", newline="")  # noqa: SIM115 - closed by the caller
-    writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    f.flush()
-    return f, writer
+            rows = [
+                r
+                for r in csv.DictReader(f)
+                if int(r["step"]) < resume_step
+                or (int(r["step"]) == resume_step and resume_step % log_every == 0)
+            ]
+    text = io.StringIO()
+    kept = csv.DictWriter(text, fieldnames=fieldnames, extrasaction="ignore")
+    kept.writeheader()
+    kept.writerows(rows)
+    write_text(path, text.getvalue())
+    f = open(path, "a", newline="")  # noqa: SIM115 - closed by the caller
+    return f, csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
 
 
 def format_dispatch(used: dict[str, set[str]]) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -19,8 +18,8 @@ from semmim import dist
 from semmim.config import TrainConfig
 from semmim.data import DataSource
 from semmim.eval import run_evaluation
+from semmim.rundir import RunLock, write_json
 from semmim.train.logs import (
-    Window,
     csv_fields,
     format_dispatch,
     open_csv,
@@ -151,7 +150,21 @@ def train(
         source: the opened ``tcfg.data`` (opened here when None).
         return_model: also return the trained model (unwrapped from DDP) as ``summary["model"]``.
         checkpoint / allow_changes / task: see :func:`setup` (task: default pre-training).
+
+    The run directory is owned for the whole call (:class:`semmim.rundir.RunLock`, rank 0): a
+    second process training into it gets :class:`semmim.rundir.RunDirError` naming this one.
     """
+    main = int(os.environ.get("RANK", "0")) == 0
+    lock = RunLock(tcfg.out, what="run") if main else contextlib.nullcontext()
+    with lock:
+        return _train_locked(
+            model_cfg, tcfg, resume, source, return_model, checkpoint, allow_changes, task
+        )
+
+
+def _train_locked(
+    model_cfg, tcfg, resume, source, return_model, checkpoint, allow_changes, task
+) -> dict[str, Any]:
     stop = StopRequest()
     stop.install()  # from here on a signal is a stop request, even during setup
     try:
@@ -194,8 +207,10 @@ def train(
                 run.info.device,
                 os.path.join(run.out_dir, "eval.json"),
             )
-        with open(os.path.join(run.out_dir, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)
+        write_json(
+            os.path.join(run.out_dir, "summary.json"),
+            {k: v for k, v in summary.items() if k != "history"},
+        )
     dist.barrier()
     if return_model:
         summary["model"] = run.model
@@ -211,12 +226,13 @@ def _loop(run: Run, stop: StopRequest) -> tuple[bool, list[dict[str, float]], tu
             os.path.join(run.out_dir, "log.csv"),
             run.step,
             csv_fields(run.task.objectives, run.task.diagnostics),
+            tcfg.log_every,
         )
         if info.is_main
         else (None, None)
     )
     history: list[dict[str, float]] = []
-    window = Window()
+    window = run.window  # restored on resume: the first row averages the same steps
     total_wait, total_time = 0.0, 0.0
     stop_at = tcfg.stop_at or run.total_steps
     bar = tqdm(
@@ -244,7 +260,8 @@ def _loop(run: Run, stop: StopRequest) -> tuple[bool, list[dict[str, float]], tu
             total_wait += result["wait"]
             total_time += time.perf_counter() - t_step
             bar.update(1)
-            if run.step % tcfg.log_every == 0 or run.step == stop_at:
+            on_grid = run.step % tcfg.log_every == 0
+            if on_grid or run.step == stop_at:
                 row = window.row()
                 row.update(step=run.step, epoch=run.stream.epoch, lr=result["lr"])
                 row["elapsed_s"] = run.elapsed()
@@ -253,7 +270,10 @@ def _loop(run: Run, stop: StopRequest) -> tuple[bool, list[dict[str, float]], tu
                     writer.writerow(row)
                     csv_file.flush()
                 bar.set_postfix(postfix(row), refresh=False)
-                window.reset()
+                if on_grid:
+                    # A row at a --stop-at between log steps keeps its window (checkpointed):
+                    # the resumed run's next row then averages the same steps as one run's.
+                    window.reset()
             if run.step % tcfg.ckpt_every == 0 and run.step < stop_at:
                 save(run)
                 saved_at = run.step

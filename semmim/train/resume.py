@@ -31,6 +31,16 @@ RESUME_CONTRACT = (
 )
 
 
+def own_checkpoints(out: str):
+    """``accept`` for :func:`semmim.checkpoint.load_latest_intact`: refuses a checkpoint whose
+    resume-contract values differ from OUT's own ``config.json`` (a ``step_*.pt`` of another
+    run, e.g. copied from another seed), so ``--resume`` never falls back to it. None when OUT
+    has no ``config.json``."""
+    from semmim.rundir import own_checkpoint_check
+
+    return own_checkpoint_check(out, RESUME_CONTRACT)
+
+
 def resume_changes(state: dict[str, Any], tcfg: TrainConfig, world_size: int) -> list[str]:
     """What the resume contract (``RESUME_CONTRACT``) says changed since ``state`` was saved.
 
@@ -80,14 +90,19 @@ def resume_point(
     tcfg: TrainConfig | None = None,
     changes: dict[str, Any] | None = None,
     model_sets: dict[str, Any] | None = None,
-    preset_given: bool = False,
+    preset_given: bool | str = False,
 ) -> ResumePoint:
     """Apply the resume rules to the newest intact checkpoint of ``OUT/checkpoints``.
 
-    - The checkpoint must be a run of ``task_name``.
+    - The checkpoint must be this run's: one whose contract values differ from OUT's own
+      ``config.json`` (a ``step_*.pt`` of another run) is refused by name and never resumed
+      (:func:`own_checkpoints`; lifted by ``allow_changes``).
+    - The checkpoint must be a run of ``task_name``; another task's (``semmim train --resume``
+      on a fine-tuning run) is refused naming the command that resumes it.
     - Its model config is used: ``model_sets`` (command-line ``--set`` keys) are validated (a
-      misspelled key is an error, as on a fresh run), then ignored with a warning, as is a
-      ``--preset`` (``preset_given``).
+      misspelled key is an error, as on a fresh run); when they, or the preset ``preset_given``
+      names (True: some unnamed preset), would give another model config, a warning names the
+      differences and says they are ignored (none when they equal the checkpoint's).
     - The run config is ``tcfg`` as given, or the saved one with ``changes`` (the run options
       given on the command line) applied and a saved ``stop_at`` dropped.
     - The contract (:data:`RESUME_CONTRACT`, :func:`check_resume`) holds unless ``allow_changes``
@@ -95,25 +110,52 @@ def resume_point(
 
     Raises FileNotFoundError (no intact checkpoint) or ValueError, each starting ``--resume:``.
     """
+    from semmim.config import from_preset
+
     if (tcfg is None) == (changes is None):
         raise TypeError("resume_point: give exactly one of tcfg (as given) and changes")
     try:
         state, path = ckpt.load_latest_intact(
-            os.path.join(out, "checkpoints"), "cpu", ckpt.TRAIN_KEYS
+            os.path.join(out, "checkpoints"),
+            "cpu",
+            ckpt.TRAIN_KEYS,
+            accept=None if allow_changes else own_checkpoints(out),
         )
     except FileNotFoundError as err:
         raise FileNotFoundError(f"--resume: {err}") from None
     saved_task = state.get("task", "pretrain")
     if saved_task != task_name:
+        how = "semmim train" if saved_task == "pretrain" else f"semmim finetune {saved_task}"
         raise ValueError(
-            f"--resume: the checkpoint {path} is a {saved_task!r} run, not {task_name!r}"
+            f"--resume: the checkpoint {path} is a {saved_task!r} run, not {task_name!r}; "
+            f"resume it with '{how} --out {out} --resume'"
         )
     model_cfg = SemMIMConfig.from_dict(state["config"])
-    if model_sets:
-        model_cfg.override(model_sets)  # a misspelled key is an error, as on a fresh run
-    if preset_given or model_sets:
-        log.warning("--resume: the checkpoint's model config is used; --preset/model --set ignored")
+    given = model_cfg.override(model_sets) if model_sets else model_cfg  # validates the keys
+    if isinstance(preset_given, str):
+        given = from_preset(preset_given, model_sets or {})
+    ignored = _config_differences(model_cfg.to_dict(), given.to_dict())
+    if ignored or preset_given is True:
+        log.warning(
+            "--resume: the checkpoint's model config is used; --preset/model --set ignored "
+            "(they differ from it in: %s)",
+            "; ".join(ignored[:8]) or "unknown: no preset name given",
+        )
     if tcfg is None:
         tcfg = TrainConfig.from_dict({**state["train_config"], "stop_at": 0}).override(changes)
     check_resume(state, path, tcfg, world_size, allow_changes)
     return ResumePoint(state, path, model_cfg, tcfg)
+
+
+def _config_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """``["vision.depth: 2 (checkpoint) vs 4 (given)", ...]`` between two model config dicts."""
+    out = []
+    for section in sorted(set(saved) | set(given)):
+        a, b = saved.get(section), given.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    out.append(f"{section}.{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (given)")
+        elif a != b:
+            out.append(f"{section}: {a!r} (checkpoint) vs {b!r} (given)")
+    return out

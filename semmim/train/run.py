@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,6 +16,8 @@ from semmim import checkpoint as ckpt
 from semmim import dist
 from semmim.config import TrainConfig
 from semmim.data import DataSource, PairDataset, ResumableBatchSampler, SkipLog, make_loader
+from semmim.rundir import RunDirError, is_no_space, no_space_message, write_json
+from semmim.train.logs import Window
 from semmim.train.optim import lr_lambda, param_groups
 from semmim.train.resume import ResumePoint, resume_point
 from semmim.train.signals import signals_blocked
@@ -129,6 +130,7 @@ class Run:
     start_step: int = 0
     elapsed_before: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    window: Window = field(default_factory=Window)  # the log rows' partial window (checkpointed)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -175,22 +177,19 @@ def setup(
     if state is None:
         model_cfg = task.model_config(model_cfg)
     if info.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(
-                {
-                    "model": model_cfg.to_dict(),
-                    "train": tcfg.to_dict(),
-                    "world_size": info.world_size,
-                    **(
-                        {"task": task.name, "task_config": task.config()}
-                        if task.name != "pretrain"
-                        else {}
-                    ),
-                },
-                f,
-                indent=2,
-            )
+        write_json(
+            os.path.join(out_dir, "config.json"),
+            {
+                "model": model_cfg.to_dict(),
+                "train": tcfg.to_dict(),
+                "world_size": info.world_size,
+                **(
+                    {"task": task.name, "task_config": task.config()}
+                    if task.name != "pretrain"
+                    else {}
+                ),
+            },
+        )
 
     # Same init on every rank (DDP also broadcasts rank 0's), then per-rank randomness.
     torch.manual_seed(tcfg.seed)
@@ -238,7 +237,9 @@ def setup(
     for reason, n in source.skips.counts.items():
         skips.counts[reason] += n
     step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
+    window = Window()
     if state is not None:
+        window.load(state.get("log_window", {}), info.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -269,6 +270,7 @@ def setup(
         step=step,
         start_step=step,
         elapsed_before=elapsed_before,
+        window=window,
     )
 
 
@@ -286,12 +288,16 @@ def save(run: Run, final: bool = False) -> str | None:
     path = None
     if info.is_main:
         for attempt in (1, 2):
+            payload = _payload(run, rngs)
             try:
-                path = ckpt.save_checkpoint(
-                    _payload(run, rngs), run.ckpt_dir, run.step, run.tcfg.keep_ckpts
-                )
+                path = ckpt.save_checkpoint(payload, run.ckpt_dir, run.step, run.tcfg.keep_ckpts)
                 break
-            except RuntimeError as err:
+            except (OSError, RuntimeError) as err:
+                need = _tensor_bytes(payload)
+                if is_no_space(err, run.ckpt_dir, need):
+                    # save_checkpoint wrote nothing in place: the previous checkpoint and
+                    # ``latest`` are as they were.
+                    raise RunDirError(no_space_message(run.ckpt_dir, need)) from None
                 if attempt == 2 or "DataLoader worker" not in str(err):
                     raise
                 log.warning("a data worker died (%s); stopping the loader, writing again", err)
@@ -300,6 +306,17 @@ def save(run: Run, final: bool = False) -> str | None:
             log.info("checkpoint %s", path)
     dist.barrier()
     return path
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a checkpoint payload (about the size of its file)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _payload(run: Run, rngs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -318,6 +335,7 @@ def _payload(run: Run, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         "skipped": run.skips.summary(),
         "skip_log": run.skips.state(),
         "elapsed_s": run.elapsed(),
+        "log_window": run.window.state(),
         **(
             {"task": run.task.name, "task_config": run.task.config()}
             if run.task.name != "pretrain"

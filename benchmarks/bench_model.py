@@ -6,7 +6,9 @@ Each row is one training step as ``benchmarks/e2e_gpu.py`` runs it on the GPU (f
 explicit seed and ``check_inputs=False`` after a validating first call, backward, clip, fused
 AdamW, EMA), fp32 (CPU autocast is not what a CPU user would run), tiny at its 64 px (P = 16),
 B = 8, T = 16. The ``reference`` row is the reference path in eager mode; "vs ref" divides its
-time (interleaved in rounds) by the row's.
+time (timed in the row's own rounds, the table's ``ref`` column) by the row's. The second
+warm-up step is the last that compiles: the schedules (the MIM teacher temperature warms up
+over training) reach the compiled forward as tensors (tests/test_gpu_path.py counts it).
 
 Compiled rows compile in their warm-up (minutes on 2 CPU cores: Inductor builds C++ for every
 graph, and the RNG calls split the forward into several graphs, see docs/GPU_PATH.md); under

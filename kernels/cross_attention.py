@@ -179,21 +179,21 @@ def _reference(q, k, v, key_mask, *, scale: float) -> torch.Tensor:
 def _sdpa(q, k, v, key_mask, *, scale: float) -> torch.Tensor:
     """Cross-attention through torch's SDPA (whichever of its backends torch picks).
 
-    The bool key mask becomes a (B, 1, 1, Lk) attention mask; batch rows with no real key are
-    given an all-True dummy mask and then zeroed, because some SDPA backends return NaN for them.
-    Masked-out k/v slots are zeroed first (one copy of k and v): SDPA lets a NaN stored there
-    into the whole row.
+    The bool key mask becomes a (B, 1, 1, Lk) attention mask. Masked-out k/v slots are zeroed
+    first (one copy of k and v): SDPA lets a NaN stored there into the whole row. Batch rows
+    with no real key get an all-True dummy mask (some SDPA backends return NaN for an all-False
+    row): they attend uniformly over those zeroed keys and values, so their output is exactly 0
+    and their gradients too (dQ = dS·K = 0; dS = P∘(dP − D) = 0 since V = 0 and out = 0), with
+    no extra pass over the output (its copy forward and backward was most of this backend's
+    overhead over a direct SDPA call on CPU).
     """
-    sc = scale
     k, v = _zero_masked_keys(k, v, key_mask)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
-    if key_mask is None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, scale=sc)
-        return out.transpose(1, 2)  # (B, Lq, H, Dh)
-    empty = ~key_mask.any(dim=1)  # (B,)
-    mask = (key_mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, Lk)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=sc)
-    out = out.masked_fill(empty[:, None, None, None], 0.0)
+    mask = None
+    if key_mask is not None:
+        empty = ~key_mask.any(dim=1)  # (B,)
+        mask = (key_mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, Lk)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)  # (B, Lq, H, Dh)
 
 

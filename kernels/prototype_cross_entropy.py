@@ -52,10 +52,11 @@ Precision
     features and fp32 prototypes, so its products are fp32 under autocast too.
 
 Limits
-    N, K, E ≥ 1. ``validate=False`` skips the finiteness check of the five tensors (the one
-    value check: a device→host sync); shapes, dtypes, devices and temperatures are always
-    checked. triton: E ≤ 512, fp32/fp16/bf16 (bf16 declined under the Triton interpreter,
-    which computes bf16 dot products wrongly), last dims made contiguous. Tiles come from a small
+    N, K, E ≥ 1. ``validate=False`` skips the value checks (one device→host sync): finiteness
+    of the five tensors, and of a temperature given as a 0-d tensor (> 0 too); shapes, dtypes,
+    devices and temperatures given as numbers are always checked. triton: E ≤ 512,
+    fp32/fp16/bf16 (bf16 declined under the Triton interpreter, which computes bf16 dot
+    products wrongly), last dims made contiguous. Tiles come from a small
     table (``_tiles``), not autotuned (no GPU has run them yet).
 
 Differences vs reference
@@ -107,11 +108,12 @@ def _prepare(
     z, z_teacher, prototypes, prototypes_teacher, center, student_temp, teacher_temp, *,
     validate: bool = True,
 ):  # fmt: skip
-    """ValueError naming the argument (the finiteness check only when ``validate``), then the
+    """ValueError naming the argument (the value checks only when ``validate``), then the
     call as every backend takes it: ``(z, z_teacher, wn, wt, center, τs, τt), {}`` with
     wn = normalise(prototypes) under autograd in z's dtype (the autocast rule),
     wt = normalise(prototypes_teacher) and a copy of center in the compute dtype (constants),
-    z_teacher detached, the temperatures as floats."""
+    z_teacher detached, each temperature a float or (given as a tensor) a copy in the compute
+    dtype (``_snapshot``)."""
     for name, t in (("z_teacher", z_teacher), ("prototypes", prototypes),
                     ("prototypes_teacher", prototypes_teacher), ("center", center)):  # fmt: skip
         if not isinstance(t, torch.Tensor):
@@ -155,7 +157,16 @@ def _prepare(
     # Logits are bounded by 1 (unit vectors) and divided by τ; a softmax takes differences of
     # them (up to ~4/τ with the centre), which must stay finite in the compute dtype.
     min_temp = 4.0 / torch.finfo(_compute_dtype(z)).max
-    for name, v in (("student_temp", student_temp), ("teacher_temp", teacher_temp)):
+    temps = {"student_temp": student_temp, "teacher_temp": teacher_temp}
+    for name, v in temps.items():
+        if isinstance(v, torch.Tensor):  # its value is checked below, with validate
+            if v.dim() != 0 or not v.dtype.is_floating_point:
+                raise ValueError(
+                    f"{name} must be a number or a 0-d float tensor, "
+                    f"got a {v.dtype} tensor of shape {tuple(v.shape)}"
+                )
+            check_same_device(z=z, **{name: v})
+            continue
         ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
         if not ok or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
@@ -167,16 +178,45 @@ def _prepare(
     if validate:
         named = (("z", z), ("z_teacher", z_teacher), ("prototypes", prototypes),
                  ("prototypes_teacher", prototypes_teacher), ("center", center))  # fmt: skip
-        finite = torch.stack([t.detach().isfinite().all() for _, t in named]).tolist()  # 1 sync
-        bad = [name for (name, _), ok in zip(named, finite) if not ok]
-        if bad:
-            raise ValueError(f"non-finite values (NaN or inf) in {', '.join(bad)}")
+        tensor_temps = [(n, v.detach()) for n, v in temps.items() if isinstance(v, torch.Tensor)]
+        oks = [t.detach().isfinite().all() for _, t in named]
+        oks += [v.isfinite() & (v >= min_temp) for _, v in tensor_temps]
+        ok = torch.stack(oks).tolist()  # 1 sync
+        bad = [name for (name, _), good in zip(named, ok) if not good]
+        errors = [f"non-finite values (NaN or inf) in {', '.join(bad)}"] if bad else []
+        errors += [
+            f"{name} must be a finite number >= {min_temp:.3g} (> 0), got {v.item()!r} (a tensor)"
+            for (name, v), good in zip(tensor_temps, ok[len(named) :])
+            if not good
+        ]
+        if errors:
+            raise ValueError("; ".join(errors))
     with _no_autocast(z):
         # normalised in the prototypes' own dtype, then (under autocast: checked above) cast
         wn = F.normalize(prototypes, dim=-1).to(z.dtype)
         wt = F.normalize(prototypes_teacher.detach(), dim=-1).to(z.dtype)
-    c = center.detach().to(_compute_dtype(z)).contiguous()
-    return (z, z_teacher.detach(), wn, wt, c, float(student_temp), float(teacher_temp)), {}
+    cd = _compute_dtype(z)
+    c = _snapshot(center.detach().to(cd))
+    ts, tt = (
+        _snapshot(v.detach().to(cd)) if isinstance(v, torch.Tensor) else float(v)
+        for v in (student_temp, teacher_temp)
+    )
+    return (z, z_teacher.detach(), wn, wt, c, ts, tt), {}
+
+
+def _snapshot_impl(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+# The centre (and a tensor temperature) as the backends see them: a copy made by an opaque op.
+# The model updates its centre buffer in place after the loss, before backward (and a schedule
+# may refill a temperature buffer). Under torch.compile the min-cut partitioner may recompute
+# a plain `.clone()` or `.to()` in backward from the graph input, i.e. the updated buffer
+# (wrong gradients, or autograd's "modified by an inplace operation" error); it never
+# recomputes a custom op, so it saves this copy. One rule for every backend.
+_snapshot = custom_op(
+    "prototype_cross_entropy_snapshot", _snapshot_impl, fake=lambda x: torch.empty_like(x)
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +345,12 @@ if not triton_import_error():
     # one variant per (dtype, E tile) serves every batch and prototype count. E and the row
     # strides stay specialised (16-byte vector loads of the E-wide rows).
     @triton.jit
+    def _pce_inv_temps(TS, TT):
+        """1/τs, 1/τt from the two 0-d temperature tensors (read on the device: a schedule's
+        temperature is a tensor, so no host read and no recompile per step)."""
+        return 1.0 / tl.load(TS).to(tl.float32), 1.0 / tl.load(TT).to(tl.float32)
+
+    @triton.jit
     def _pce_tile(z, zt, w, wt, c, k_ok, inv_ts, inv_tt, DOT_PRECISION: tl.constexpr):
         """s/τs and (t - c)/τt for one (rows, K tile) block, -inf at padded prototypes."""
         s = tl.dot(z, tl.trans(w), input_precision=DOT_PRECISION) * inv_ts
@@ -340,10 +386,11 @@ if not triton_import_error():
     @triton.jit(do_not_specialize=["N", "K"])
     def _pce_fwd_kernel(
         Z, ZT, W, WT, C, LOSS, LSE_S, LSE_T,
-        N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, inv_ts, inv_tt,
+        N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, TS, TT,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
+        inv_ts, inv_tt = _pce_inv_temps(TS, TT)
         # one program per BLOCK_N rows; online softmax of s/τs and of (t - c)/τt over K tiles,
         # plus a = Σ exp(u - m_t) · s/τs rescaled with the teacher's running max
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -379,10 +426,11 @@ if not triton_import_error():
     @triton.jit(do_not_specialize=["N", "K"])
     def _pce_bwd_dz_kernel(
         Z, ZT, W, WT, C, LSE_S, LSE_T, G, DZ,
-        N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, stride_dzn, inv_ts, inv_tt,
+        N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, stride_dzn, TS, TT,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
+        inv_ts, inv_tt = _pce_inv_temps(TS, TT)
         # one program per BLOCK_N rows: dz = Σ over K tiles of ds @ wn
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_e = tl.arange(0, BLOCK_E)
@@ -407,10 +455,11 @@ if not triton_import_error():
     @triton.jit(do_not_specialize=["N", "K"])
     def _pce_bwd_dw_kernel(
         Z, ZT, W, WT, C, LSE_S, LSE_T, G, DW,
-        N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, stride_dwk, inv_ts, inv_tt,
+        N, K, E, stride_zn, stride_ztn, stride_wk, stride_wtk, stride_dwk, TS, TT,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
+        inv_ts, inv_tt = _pce_inv_temps(TS, TT)
         # one program per BLOCK_K prototypes: dwn = Σ over row blocks of dsᵀ @ z
         ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_e = tl.arange(0, BLOCK_E)
@@ -470,7 +519,7 @@ class _TritonImpl:
         _pce_fwd_kernel[(triton.cdiv(N, bn),)](
             z, zt, wn, wt, center, loss, lse_s, lse_t,
             N, K, E, z.stride(0), zt.stride(0), wn.stride(0), wt.stride(0),
-            1.0 / student_temp, 1.0 / teacher_temp,
+            student_temp, teacher_temp,
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=be, DOT_PRECISION=_dot_precision(z.dtype),
             num_warps=warps, num_stages=2,
         )  # fmt: skip
@@ -492,12 +541,12 @@ class _TritonImpl:
         if need_z:
             dz = new_output((N, E), dtype=z.dtype, device=z.device)
             _pce_bwd_dz_kernel[(triton.cdiv(N, bn),)](
-                *args, dz, *sizes, dz.stride(0), 1.0 / student_temp, 1.0 / teacher_temp, **meta
+                *args, dz, *sizes, dz.stride(0), student_temp, teacher_temp, **meta
             )
         if need_w:
             dw = new_output((K, E), dtype=wn.dtype, device=wn.device)
             _pce_bwd_dw_kernel[(triton.cdiv(K, bk),)](
-                *args, dw, *sizes, dw.stride(0), 1.0 / student_temp, 1.0 / teacher_temp, **meta
+                *args, dw, *sizes, dw.stride(0), student_temp, teacher_temp, **meta
             )
         return dz, dw
 
@@ -509,13 +558,11 @@ class _TritonImpl:
 
 def _make_custom_op(impl):
     """semmim::prototype_cross_entropy_<backend>(z, zt, wn, wt, center, τs, τt) ->
-    (loss, lse_s, lse_t, center copy), differentiable in z and wn; its backward is the custom op
-    semmim::prototype_cross_entropy_bwd_<backend>.
+    (loss, lse_s, lse_t), differentiable in z and wn, the temperatures 0-d tensors in the
+    compute dtype; its backward is the custom op semmim::prototype_cross_entropy_bwd_<backend>.
 
-    The backward recomputes the teacher's softmax, so it needs the centre the forward saw. The
-    model updates its centre buffer in place after the loss, before backward, and under
-    torch.compile the partitioner may recompute a copy made outside the op from that buffer:
-    so the op returns its own copy (K values) and the backward saves that output."""
+    The backward recomputes the teacher's softmax from the saved centre and temperatures: the
+    copies ``_prepare`` made (see ``_snapshot``), not the model's buffers."""
     b = impl.name
 
     def fwd_impl(
@@ -524,18 +571,15 @@ def _make_custom_op(impl):
         wn: torch.Tensor,
         wt: torch.Tensor,
         center: torch.Tensor,
-        student_temp: float,
-        teacher_temp: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        student_temp: torch.Tensor,
+        teacher_temp: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with _no_autocast(z):
-            loss, lse_s, lse_t = impl.forward(
-                z, z_teacher, wn, wt, center, student_temp, teacher_temp
-            )
-        return loss, lse_s, lse_t, center.clone()
+            return impl.forward(z, z_teacher, wn, wt, center, student_temp, teacher_temp)
 
     def fwd_fake(z, z_teacher, wn, wt, center, student_temp, teacher_temp):
         stat = z.new_empty((z.shape[0],), dtype=_compute_dtype(z))
-        return stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(center)
+        return stat, torch.empty_like(stat), torch.empty_like(stat)
 
     def bwd_impl(
         g: torch.Tensor,
@@ -546,8 +590,8 @@ def _make_custom_op(impl):
         center: torch.Tensor,
         lse_s: torch.Tensor,
         lse_t: torch.Tensor,
-        student_temp: float,
-        teacher_temp: float,
+        student_temp: torch.Tensor,
+        teacher_temp: torch.Tensor,
         need_z: bool,
         need_w: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -567,18 +611,16 @@ def _make_custom_op(impl):
     bwd_op = custom_op(f"prototype_cross_entropy_bwd_{b}", bwd_impl, fake=bwd_fake)
 
     def setup_context(ctx, inputs, output):
-        z, z_teacher, wn, wt, _, student_temp, teacher_temp = inputs
-        _, lse_s, lse_t, center = output
-        ctx.save_for_backward(z, z_teacher, wn, wt, center, lse_s, lse_t)
-        ctx.temps = (student_temp, teacher_temp)
-        ctx.mark_non_differentiable(lse_s, lse_t, center)
+        z, z_teacher, wn, wt, center, student_temp, teacher_temp = inputs
+        _, lse_s, lse_t = output
+        ctx.save_for_backward(z, z_teacher, wn, wt, center, lse_s, lse_t, student_temp,
+                              teacher_temp)  # fmt: skip
+        ctx.mark_non_differentiable(lse_s, lse_t)
 
-    def backward(ctx, g_loss, g_lse_s, g_lse_t, g_center):
-        z, z_teacher, wn, wt, center, lse_s, lse_t = ctx.saved_tensors
+    def backward(ctx, g_loss, g_lse_s, g_lse_t):
+        z, z_teacher, wn, wt, center, lse_s, lse_t, ts, tt = ctx.saved_tensors
         need_z, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        dz, dw = bwd_op(
-            g_loss, z, z_teacher, wn, wt, center, lse_s, lse_t, *ctx.temps, need_z, need_w
-        )
+        dz, dw = bwd_op(g_loss, z, z_teacher, wn, wt, center, lse_s, lse_t, ts, tt, need_z, need_w)
         return (dz if need_z else None, None, dw if need_w else None, None, None, None, None)
 
     return custom_op(
@@ -603,8 +645,13 @@ def _fused(name: str):
     def fn(z, z_teacher, wn, wt, center, student_temp, teacher_temp):
         if name == "triton":  # the kernels take a row stride and a unit column stride
             z, z_teacher, wn, wt = (_contiguous_rows(t) for t in (z, z_teacher, wn, wt))
+        # the op takes 0-d tensors (a number becomes one here: no host read, no recompile)
+        ts, tt = (
+            t if isinstance(t, torch.Tensor) else z.new_full((), t, dtype=center.dtype)
+            for t in (student_temp, teacher_temp)
+        )
         with _no_autocast(z):
-            loss = _CUSTOM_OPS[name](z, z_teacher, wn, wt, center, student_temp, teacher_temp)[0]
+            loss = _CUSTOM_OPS[name](z, z_teacher, wn, wt, center, ts, tt)[0]
             return loss, _teacher_logit_mean(z_teacher, wt)
 
     return fn
@@ -660,8 +707,8 @@ def prototype_cross_entropy(
     prototypes: torch.Tensor,
     prototypes_teacher: torch.Tensor,
     center: torch.Tensor,
-    student_temp: float,
-    teacher_temp: float,
+    student_temp: float | torch.Tensor,
+    teacher_temp: float | torch.Tensor,
     *,
     backend: str | None = None,
     validate: bool = True,
@@ -678,7 +725,10 @@ def prototype_cross_entropy(
         center: (K,) teacher centre, any float dtype (no gradient).
         student_temp, teacher_temp: temperatures τs, τt > 0, and at least 4 / (largest
             float of the compute dtype), ~1.2e-38 for fp32/fp16/bf16 inputs, so that the
-            logits divided by them stay finite (a ValueError otherwise).
+            logits divided by them stay finite (a ValueError otherwise). Numbers, or 0-d float
+            tensors on z's device (a schedule's value: a compiled caller then reads it as an
+            input instead of recompiling for each new float; a tensor's value is checked only
+            with ``validate``).
         backend: "reference" | "chunked" | "triton"; default: ``SEMMIM_BACKEND`` or the fastest
             that can run (triton on CUDA, chunked elsewhere).
         validate: check that every input is finite (one device→host sync); shape, dtype and

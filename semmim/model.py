@@ -554,7 +554,7 @@ class SemMIM(nn.Module):
                     image_embeds_m,
                     text_embeds_m,
                     self.mim_center,
-                    self.mim_teacher_temp,
+                    self._mim_teacher_temp,
                     diag=diag,
                     update=self.training,
                 )  # fmt: skip

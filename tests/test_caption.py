@@ -87,10 +87,21 @@ def test_generate_errors_and_lm_loss(model):
     images = torch.randn(2, 3, 64, 64)
     loss, parts = model(images, tok["input_ids"], tok["attention_mask"])
     assert loss.ndim == 0 and torch.isfinite(loss) and set(parts) == {"lm"}
-    # label smoothing raises the loss of a confident model above plain cross-entropy
-    plain = CaptionModel(model.cfg, 0.0, pretrained_towers(model.cfg)).eval()
-    plain.load_state_dict(model.state_dict())
-    assert plain(images, tok["input_ids"], tok["attention_mask"])[0] < loss
+    # the loss is the label-smoothed next-token cross-entropy over the non-pad positions,
+    # computed by hand in float64 from the model's own logits (ε = 0.1 and ε = 0)
+    ids, am = tok["input_ids"], tok["attention_mask"]
+    with torch.no_grad():
+        logits = model.decoder(ids[:, :-1], model.vision(images)).double()  # (B, T-1, V)
+    logp = logits.log_softmax(-1)
+    keep = am[:, 1:].bool()  # predicted positions: the next token is not padding
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0][keep]  # (n,)
+    uniform = -logp.mean(-1)[keep]  # (n,): cross-entropy against the uniform distribution
+    assert keep.sum() < keep.numel()  # padding was left out
+    for eps, m in ((0.1, model), (0.0, CaptionModel(model.cfg, 0.0, pretrained_towers(model.cfg)))):
+        m.load_state_dict(model.state_dict())
+        got = m.eval()(images, ids, am)[0]
+        want = ((1 - eps) * nll + eps * uniform).mean()
+        assert abs(got.item() - want.item()) <= 1e-5 * want.item(), (eps, got.item(), want.item())
     with pytest.raises(ValueError, match="label_smoothing"):
         CaptionModel(model.cfg, 1.0)
     caps = model.generate(torch.randn(2, 3, 64, 64), beam_size=2, max_len=5)

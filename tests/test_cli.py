@@ -273,3 +273,39 @@ def test_resume_contract(tmp_path, capsys, monkeypatch):
         main(["train", "--resume", *common, "--steps", "4", "--seed", "1", "--allow-changes"]) == 0
     )
     assert "trained 4/4 steps" in capsys.readouterr().out
+
+
+def test_train_compile_does_not_recompile_per_step(tmp_path, monkeypatch, capsys):
+    """``semmim train --set train.compile=true`` for 12 steps while the MIM teacher temperature
+    warms up over the whole run: the first step runs eagerly, the second compiles, the third
+    once more (the seed turns into a dynamic int), then no step compiles again. torch.compile
+    runs here with a counting ``aot_eager`` backend (Inductor's C++ build takes minutes on
+    CPU; the graphs Dynamo captures, and so its guards, are the same); each captured graph
+    records the model's training progress (= its step) when it was compiled. (Captions of
+    varying length recompile once, then run with a dynamic length; a diagnostic step compiles
+    its own variant once.)"""
+    import torch
+
+    compiled_at: list[float] = []
+    real_compile = torch.compile
+
+    def counting_compile(module, **kwargs):
+        def backend(gm, example_inputs):
+            compiled_at.append(module.progress)
+            return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+        return real_compile(module, backend=backend)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    torch._dynamo.reset()
+    argv = ["train", "--preset", "tiny", "--steps", "12", "--data", "synthetic:16:8"]
+    argv += ["--batch-size", "4", "--num-workers", "0", "--threads", "1"]
+    # captions truncated to one length and no diagnostic step: the batches' shapes and the
+    # step's kind stay the same, so only a schedule could cause a recompile
+    argv += ["--max-text-len", "8", "--out", str(tmp_path / "run"), "--set", "train.compile=true"]
+    argv += ["train.diag_every=100"]
+    argv += ["vision.depth=1", "text.depth=1", "fusion.depth=1", "mim.teacher_temp_warmup=1.0"]
+    assert main(argv) == 0
+    assert "trained 12/12 steps" in capsys.readouterr().out
+    steps = sorted(set(compiled_at))
+    assert len(steps) == 2, f"graphs compiled at progress {compiled_at} (steps of 12 = x * 12)"

@@ -491,6 +491,47 @@ def _eager_vs_compiled(backend: str) -> dict:
     return result
 
 
+class CompileCounter:
+    """A torch.compile backend that counts the graphs Dynamo hands it (one per compiled frame
+    or resumed segment, recompilations included) and runs them with ``aot_eager`` (AOTAutograd
+    and functionalisation, no Inductor C++ build)."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
+def test_compiled_training_step_does_not_recompile_as_schedules_move():
+    """12 compiled training steps (aot_eager) while every schedule moves each step (the MIM
+    teacher temperature warm-up and α's warm-up over the whole run, cosine momentum): the first
+    step compiles, the second once more (the seed turns into a dynamic int), then nothing.
+    Each schedule value a forward reads must be an input tensor (the model's 0-d buffers), not a
+    Python float Dynamo guards on (that recompiled `_mim_loss` every step up to the limit)."""
+    overrides = {
+        **COMPILE_MODEL,
+        "mim.teacher_temp_warmup": 1.0,
+        "itc.alpha_warmup": 1.0,
+        "momentum.schedule": "cosine",
+    }
+    model = make_model(overrides)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counter)
+    trainer = Trainer(model, steps=12, sgd=True)
+    batch = make_batch(model)
+    per_step, temps = [], []
+    for _ in range(12):
+        before = counter.graphs
+        trainer.step(batch, check_inputs=False, forward=compiled)
+        per_step.append(counter.graphs - before)
+        temps.append(model.mim_teacher_temp)
+    assert len(set(temps)) == 12, temps  # the schedule did move every step
+    assert per_step[0] > 0 and sum(per_step[2:]) == 0, f"graphs compiled per step: {per_step}"
+
+
 @pytest.fixture(scope="module")
 def inductor_run():
     """One Inductor compile per test module (minutes on 2 CPU cores)."""

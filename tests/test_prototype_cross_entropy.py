@@ -236,6 +236,11 @@ def test_bad_inputs_raise_value_error(backend):
         (6, 0, "teacher_temp must be a finite number > 0"),
         (6, float("inf"), "teacher_temp"),
         (6, "0.04", "teacher_temp"),
+        (6, torch.tensor([TT]), r"teacher_temp must be a number or a 0-d float tensor.*\(1,\)"),
+        (6, torch.tensor(1), "teacher_temp must be a number or a 0-d float tensor.*int64"),
+        (6, torch.tensor(TT, device="meta"), "one device"),
+        (6, torch.tensor(0.0), r"teacher_temp must be a finite number >= .* got 0.0 \(a tensor"),
+        (5, torch.tensor(nan), "student_temp must be a finite number >= .* got nan"),
         (5, 1e-39, r"student_temp must be >= 1.18e-38 for float32 inputs .*overflow"),
         (6, 5e-324, "teacher_temp must be >= "),
         (0, with_nan(z), "non-finite values .* in z$"),
@@ -309,42 +314,83 @@ def test_opcheck_chunked_custom_ops():
     z, zt, w, wt, c, up = make_inputs(7, 16, 50)
     wn = F.normalize(w, dim=-1).requires_grad_()
     zg = z.clone().requires_grad_()
+    ts, tt = torch.tensor(TS), torch.tensor(TT)
     fwd = pce._CUSTOM_OPS["chunked"]
-    torch.library.opcheck(fwd, (zg, zt, wn, wt, c, TS, TT))
-    torch.library.opcheck(fwd, (z, zt, wn.detach(), wt, c, TS, TT))
-    _, lse_s, lse_t, _ = fwd(z, zt, wn.detach(), wt, c, TS, TT)
+    torch.library.opcheck(fwd, (zg, zt, wn, wt, c, ts, tt))
+    torch.library.opcheck(fwd, (z, zt, wn.detach(), wt, c, ts, tt))
+    _, lse_s, lse_t = fwd(z, zt, wn.detach(), wt, c, ts, tt)
     bwd = torch.ops.semmim.prototype_cross_entropy_bwd_chunked.default
     for need in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(
-            bwd, (up.float(), z, zt, wn.detach(), wt, c, lse_s, lse_t, TS, TT, *need)
+            bwd, (up.float(), z, zt, wn.detach(), wt, c, lse_s, lse_t, ts, tt, *need)
         )
+    torch.library.opcheck(pce._snapshot, (c,))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_torch_compile_fullgraph_matches_eager(backend):
     """As the model uses it: the loss, then the centre buffer updated in place from
-    teacher_logit_mean, then backward (which must still see the centre the forward saw)."""
+    teacher_logit_mean, then backward (which must still see the centre the forward saw), two
+    steps with the teacher temperature a 0-d buffer refilled between them (a schedule).
+    ``aot_eager_decomp_partition`` is Inductor's min-cut partitioner without its C++ build:
+    it recomputed the reference backend's plain centre copy in backward from the updated
+    buffer ("modified by an inplace operation"); the copy is now an opaque op on every
+    backend. One compilation for both steps: the new temperature is an input, not a guard."""
     z0, zt, w0, wt, c0, up = make_inputs(7, 16, 50)
+    compiles = []
 
-    def step(z, w, centre):
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager_decomp_partition")(gm, example_inputs)
+
+    def step(z, w, centre, tt):
         loss, mean = K.prototype_cross_entropy(
-            z, zt, w, wt, centre, TS, TT, backend="chunked", validate=False
+            z, zt, w, wt, centre, TS, tt, backend=backend, validate=False
         )
         centre.mul_(0.9).add_(mean, alpha=0.1)
         return (loss * up.float()).sum()
 
-    compiled = torch.compile(step, fullgraph=True)
-    outs = []
-    for fn in (step, compiled):
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=counting)
+    outs = {}
+    for name, fn in (("eager", step), ("compiled", compiled)):
         z = z0.clone().requires_grad_()
         w = w0.clone().requires_grad_()
-        centre = c0.clone()
-        total = fn(z, w, centre)
-        total.backward()
-        outs.append((total.detach(), centre, z.grad, w.grad))
-    for name, a, b in zip(("loss", "centre", "grad z", "grad w"), *outs):
-        assert_close(f"compiled {name}", b, a, torch.float32)
+        centre, tt = c0.clone(), torch.tensor(TT)
+        outs[name] = []
+        for temp in (TT, 0.07):
+            tt.fill_(temp)
+            z.grad = w.grad = None
+            total = fn(z, w, centre, tt)
+            total.backward()
+            outs[name].append((total.detach(), centre.clone(), z.grad, w.grad))
+    assert len(compiles) == 1, f"{len(compiles)} compilations for two steps"
+    for i, (e, c) in enumerate(zip(outs["eager"], outs["compiled"])):
+        for name, a, b in zip(("loss", "centre", "grad z", "grad w"), e, c):
+            assert_close(f"step {i} compiled {name}", b, a, torch.float32)
     ref = run("reference", z0, zt, w0, wt, c0, up)
-    assert_close("grad z vs reference", outs[1][2], ref[2], torch.float32)
+    assert_close("grad z vs reference", outs["compiled"][0][2], ref[2], torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_tensor_temperatures_equal_numbers(backend):
+    """0-d tensor temperatures (fp32 and fp64) give the numbers' loss, centre statistic and
+    gradients."""
+    check_tensor_temperatures(backend)
+
+
+def check_tensor_temperatures(backend, dtype=torch.float32):
+    z0, zt, w0, wt, c, up = make_inputs(7, 64, 130, dtype)
+    ref = run(backend, z0, zt, w0, wt, c, up)
+    for tdtype in (torch.float32, torch.float64):
+        z, w = z0.clone().requires_grad_(), w0.clone().requires_grad_()
+        ts, tt = torch.tensor(TS, dtype=tdtype), torch.tensor(TT, dtype=tdtype)
+        loss, mean = K.prototype_cross_entropy(z, zt, w, wt, c, ts, tt, backend=backend)
+        (loss * up.to(loss.dtype)).sum().backward()
+        for name, g, r in zip(
+            ("loss", "mean", "grad z", "grad w"), (loss, mean, z.grad, w.grad), ref
+        ):
+            assert_close(f"{name} ({tdtype} temperatures)", g.detach(), r, dtype)
 
 
 def test_info_lists_the_op(capsys):
@@ -484,12 +530,16 @@ def test_triton_non_contiguous_inputs_interpreted(poison):
 
 
 @pytest.mark.interpret
+def test_triton_tensor_temperatures_interpreted(poison):
+    check_tensor_temperatures("triton")
+
+
+@pytest.mark.interpret
 def test_opcheck_triton_interpreted():
     z, zt, w, wt, c, _ = make_inputs(7, 16, 50)
     wn = F.normalize(w, dim=-1).requires_grad_()
-    torch.library.opcheck(
-        pce._CUSTOM_OPS["triton"], (z.clone().requires_grad_(), zt, wn, wt, c, TS, TT)
-    )
+    args = (z.clone().requires_grad_(), zt, wn, wt, c, torch.tensor(TS), torch.tensor(TT))
+    torch.library.opcheck(pce._CUSTOM_OPS["triton"], args)
 
 
 # ------------------------------------------------------------------ cuda tier
@@ -526,6 +576,7 @@ def test_gpu_opcheck():
     z, zt, w, wt, c, _ = make_inputs(7, 64, 200, device="cuda")
     wn = F.normalize(w, dim=-1).requires_grad_()
     for name in ("triton", "chunked"):
+        temps = (torch.tensor(TS, device="cuda"), torch.tensor(TT, device="cuda"))
         torch.library.opcheck(
-            pce._CUSTOM_OPS[name], (z.clone().requires_grad_(), zt, wn, wt, c, TS, TT)
+            pce._CUSTOM_OPS[name], (z.clone().requires_grad_(), zt, wn, wt, c, *temps)
         )

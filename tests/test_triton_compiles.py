@@ -184,8 +184,9 @@ def config_launches(op: str) -> list[dict]:
                 for E in (16, 32, 64, 128, 256, 512):
                     z, w = torch.randn(64, E, dtype=dtype), torch.randn(128, E, dtype=dtype)
                     c = torch.zeros(128)
-                    loss, ls, lt = impl.forward(z, z, w, w, c, 0.1, 0.04)
-                    impl.backward(loss, z, z, w, w, c, ls, lt, 0.1, 0.04, True, True)
+                    ts, tt = torch.tensor(0.1), torch.tensor(0.04)  # the kernels read 0-d temps
+                    loss, ls, lt = impl.forward(z, z, w, w, c, ts, tt)
+                    impl.backward(loss, z, z, w, w, c, ls, lt, ts, tt, True, True)
         elif op == "topk_mask":
             for dtype in dtypes:  # tiles depend on next_pow2(P) up to 1024 and on d
                 for P in (16, 32, 64, 128, 256, 512, 1024):

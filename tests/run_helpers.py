@@ -1,4 +1,5 @@
-"""Helpers shared by the tests that train small runs (imported as ``run_helpers``)."""
+"""Helpers shared by the tests (imported as ``run_helpers``): small training runs, and the
+peak memory of opening a data spec."""
 
 from __future__ import annotations
 
@@ -20,3 +21,19 @@ def small_run(out, **kw) -> TrainConfig:
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+def open_data_peak(spec: str):
+    """``semmim.data.open_data(spec, 0)`` and the peak bytes Python allocated while listing it
+    (tracemalloc): for the bounded-read tests of huge text members."""
+    import tracemalloc
+
+    from semmim.data import open_data
+
+    tracemalloc.start()
+    try:
+        source = open_data(spec, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return source, peak

@@ -712,7 +712,7 @@ def test_caption_limit_reads_a_bounded_prefix(tmp_path, monkeypatch):
 def test_wds_sparse_1p5_gb_text_member_is_listed_without_reading_it(tmp_path):
     """An uncompressed shard whose .txt member declares 1.5 GB (sparse: no disk is written):
     listing reads a prefix and seeks past the rest (issue 19 §2)."""
-    import tracemalloc
+    from run_helpers import open_data_peak
 
     size = 1_500_000_000
     path = tmp_path / "big.tar"
@@ -732,12 +732,7 @@ def test_wds_sparse_1p5_gb_text_member_is_listed_without_reading_it(tmp_path):
             f.write(info.tobuf() + data + b"\0" * (-len(data) % 512))
         f.write(b"\0" * 1024)
     assert os.path.getsize(path) > size and os.stat(path).st_blocks * 512 < 10 * 2**20
-    tracemalloc.start()
-    try:
-        source = open_data(f"wds:{path}", 0)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    source, peak = open_data_peak(f"wds:{path}")
     assert [r.caption for r in source.train] == ["a green square"]
     assert source.skips.counts == {"caption over 16384 bytes": 1}
     assert peak < 4 * 2**20, f"listing allocated {peak / 2**20:.1f} MiB"

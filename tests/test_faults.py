@@ -1075,7 +1075,6 @@ def test_compressed_shard_with_a_huge_text_member_lists_in_bounded_memory(tmp_pa
     ~64 KiB) is listed with a bounded read; the member is skipped and counted."""
     import io
     import tarfile
-    import tracemalloc
 
     from fault_cases_data import png_bytes
 
@@ -1092,14 +1091,9 @@ def test_compressed_shard_with_a_huge_text_member_lists_in_bounded_memory(tmp_pa
             tar.addfile(info, io.BytesIO(data))
             del data
     assert os.path.getsize(path) < 2**20
-    from semmim.data import open_data
+    from run_helpers import open_data_peak
 
-    tracemalloc.start()
-    try:
-        source = open_data(f"wds:{path}", 0)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    source, peak = open_data_peak(f"wds:{path}")
     assert [r.caption for r in source.train] == ["a small caption"]
     assert source.skips.counts == {"caption over 16384 bytes": 1}
     assert peak < 4 * 2**20, f"listing allocated {peak / 2**20:.1f} MiB for one 64 MiB member"

@@ -445,8 +445,9 @@ def run_child(spec_path: str, parent: int | None = None) -> int:
     when the grid dies, even by SIGKILL (:func:`semmim.rundir.die_with_parent`), so it
     checkpoints and stops instead of training on beside the grid's rerun.
     """
-    from semmim.config import SemMIMConfig, TrainConfig
+    from semmim.config import SemMIMConfig
     from semmim.data import DataError
+    from semmim.run_config import TrainConfig
     from semmim.rundir import RunDirError, die_with_parent, read_json
     from semmim.train import open_run_data, train
 

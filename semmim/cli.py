@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         + textwrap.fill("data specs (--data SPEC): " + TASK_DATA_HELP + ". " + DATA_HELP, 96),
     )
     ft.add_argument("task", choices=["retrieval", "vqa", "caption"], help="the downstream task")
-    from semmim.config import TaskConfig
+    from semmim.run_config import TaskConfig
 
     add_train_options(ft, TaskConfig, "task_")
     add_run_options(ft, "tiny", scratch_only=True)
@@ -257,7 +257,7 @@ def _resume_point(
 ):
     """``--resume``: :func:`semmim.train.resume.resume_point` of OUT (refused before any data is
     opened when it breaks the resume contract)."""
-    from semmim.config import TrainConfig
+    from semmim.run_config import TrainConfig
     from semmim.train.resume import resume_point
 
     try:
@@ -331,7 +331,8 @@ def _train(args: argparse.Namespace, model_cfg, tcfg, checkpoint, task=None) -> 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``semmim train``."""
-    from semmim.config import TrainConfig, from_preset
+    from semmim.config import from_preset
+    from semmim.run_config import TrainConfig
 
     model_sets, given = _run_options(args)
     _prepare_out(args, given.get("out", TrainConfig.out), "semmim train")
@@ -348,8 +349,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``semmim finetune {retrieval,vqa,caption}``."""
-    from semmim.config import TaskConfig, TrainConfig, from_preset
+    from semmim.config import from_preset
     from semmim.downstream.tasks import init_model_config, make_task
+    from semmim.run_config import TaskConfig, TrainConfig
 
     model_sets, given = _run_options(args, out=f"runs/{args.task}")
     _prepare_out(args, given["out"], f"semmim finetune {args.task}")
@@ -407,7 +409,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     """``semmim ablate``."""
     from semmim.ablate import format_table, parse_variants, run_grid
-    from semmim.config import TrainConfig
+    from semmim.run_config import TrainConfig
 
     model_sets, train_sets = parse_sets(args.sets)
     explicit = train_overrides(args)

@@ -34,11 +34,13 @@ __all__ = [
     "SemMIMConfig",
     "PRESETS",
     "from_preset",
-    "TrainConfig",
+    "check_types",
+    "check_positive",
+    "check_in_range",
 ]
 
 
-def _check_types(obj: Any) -> None:
+def check_types(obj: Any) -> None:
     """Raise ValueError naming the field whose value has the wrong type (bool is not an int)."""
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
@@ -69,13 +71,13 @@ def _check_types(obj: Any) -> None:
                 raise ValueError(f"{f.name}: must be finite, got {value!r}")
 
 
-def _positive(obj: Any, *names: str) -> None:
+def check_positive(obj: Any, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
             raise ValueError(f"{name}: must be > 0, got {getattr(obj, name)!r}")
 
 
-def _in_range(obj: Any, name: str, lo: float, hi: float, hi_open: bool = False) -> None:
+def check_in_range(obj: Any, name: str, lo: float, hi: float, hi_open: bool = False) -> None:
     v = getattr(obj, name)
     if not (lo <= v < hi if hi_open else lo <= v <= hi):
         raise ValueError(f"{name}: must be in [{lo}, {hi}{')' if hi_open else ']'}, got {v!r}")
@@ -115,11 +117,11 @@ class VisionConfig:
     pretrained: str = ""
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(
+        check_types(self)
+        check_positive(
             self, "image_size", "patch_size", "dim", "depth", "heads", "mlp_ratio", "layer_norm_eps"
         )
-        _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
+        check_in_range(self, "dropout", 0.0, 1.0, hi_open=True)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size: {self.image_size} is not a multiple of patch_size={self.patch_size}"
@@ -155,8 +157,8 @@ class TextConfig:
     pretrained: str = ""
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(
+        check_types(self)
+        check_positive(
             self,
             "vocab_size",
             "dim",
@@ -167,7 +169,7 @@ class TextConfig:
             "type_vocab_size",
             "layer_norm_eps",
         )
-        _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
+        check_in_range(self, "dropout", 0.0, 1.0, hi_open=True)
         if self.dim % self.heads:
             raise ValueError(f"heads: dim={self.dim} is not divisible by heads={self.heads}")
 
@@ -188,9 +190,9 @@ class FusionConfig:
     pretrained_from_text: bool = False
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(self, "depth")
-        _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
+        check_types(self)
+        check_positive(self, "depth")
+        check_in_range(self, "dropout", 0.0, 1.0, hi_open=True)
 
 
 @dataclass(frozen=True)
@@ -202,8 +204,8 @@ class HeadConfig:
     num_prototypes: int = 8192
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(self, "hidden", "bottleneck", "num_prototypes")
+        check_types(self)
+        check_positive(self, "hidden", "bottleneck", "num_prototypes")
 
 
 @dataclass(frozen=True)
@@ -223,8 +225,8 @@ class ITCConfig:
     alpha_warmup: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(self, "embed_dim", "temp_min")
+        check_types(self)
+        check_positive(self, "embed_dim", "temp_min")
         if not self.temp_min <= self.temp <= self.temp_max:
             raise ValueError(
                 f"temp: must be in [temp_min={self.temp_min}, "
@@ -232,8 +234,8 @@ class ITCConfig:
             )
         if self.queue_size < 0:
             raise ValueError(f"queue_size: must be >= 0, got {self.queue_size}")
-        _in_range(self, "alpha", 0.0, 1.0)
-        _in_range(self, "alpha_warmup", 0.0, 1.0)
+        check_in_range(self, "alpha", 0.0, 1.0)
+        check_in_range(self, "alpha_warmup", 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -246,11 +248,11 @@ class MLMConfig:
     random_frac: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(self, "prob")
-        _in_range(self, "prob", 0.0, 1.0)
-        _in_range(self, "mask_frac", 0.0, 1.0)
-        _in_range(self, "random_frac", 0.0, 1.0)
+        check_types(self)
+        check_positive(self, "prob")
+        check_in_range(self, "prob", 0.0, 1.0)
+        check_in_range(self, "mask_frac", 0.0, 1.0)
+        check_in_range(self, "random_frac", 0.0, 1.0)
         if self.mask_frac + self.random_frac > 1.0:
             raise ValueError(
                 f"random_frac: mask_frac + random_frac must be <= 1, got "
@@ -267,9 +269,9 @@ class GlobalConfig:
     center_momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(self, "student_temp", "teacher_temp")
-        _in_range(self, "center_momentum", 0.0, 1.0)
+        check_types(self)
+        check_positive(self, "student_temp", "teacher_temp")
+        check_in_range(self, "center_momentum", 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -308,10 +310,12 @@ class MIMConfig:
     psi_norm: bool = False
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(self, "predictor_depth", "student_temp", "teacher_temp", "teacher_temp_final")
-        _in_range(self, "teacher_temp_warmup", 0.0, 1.0)
-        _in_range(self, "center_momentum", 0.0, 1.0)
+        check_types(self)
+        check_positive(
+            self, "predictor_depth", "student_temp", "teacher_temp", "teacher_temp_final"
+        )
+        check_in_range(self, "teacher_temp_warmup", 0.0, 1.0)
+        check_in_range(self, "center_momentum", 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -327,8 +331,8 @@ class MaskingConfig:
     tau: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _in_range(self, "ratio", 0.0, 1.0, hi_open=True)
+        check_types(self)
+        check_in_range(self, "ratio", 0.0, 1.0, hi_open=True)
         if self.tau < 0:
             raise ValueError(f"tau: must be >= 0, got {self.tau}")
 
@@ -341,8 +345,8 @@ class MomentumConfig:
     schedule: Literal["constant", "cosine"] = "constant"
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _in_range(self, "momentum", 0.0, 1.0)
+        check_types(self)
+        check_in_range(self, "momentum", 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -356,7 +360,7 @@ class LossWeights:
     mim: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         for f in fields(self):
             if getattr(self, f.name) < 0:
                 raise ValueError(f"{f.name}: must be >= 0, got {getattr(self, f.name)}")
@@ -422,7 +426,7 @@ class KernelsConfig:
     validate: bool = True
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
 
     def check_registered(self) -> None:
         """ValueError naming the field whose backend the registry does not know (for that op)."""
@@ -469,7 +473,7 @@ class SemMIMConfig:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         if self.fusion.pretrained_from_text and not self.text.pretrained:
             raise ValueError(
                 "fusion.pretrained_from_text: needs text.pretrained (the BERT folder whose "
@@ -577,200 +581,3 @@ def from_preset(
         raise ValueError(f"preset: unknown preset {name!r}; valid presets: {list(PRESETS)}")
     merged = {**(overrides or {}), **kw_overrides}
     return PRESETS[name].override(merged) if merged else PRESETS[name]
-
-
-# ---------------------------------------------------------------------------------------- training
-def _opt(default: Any, help: str, metavar: str | None = None, flag: str | None = None) -> Any:
-    """A TrainConfig field with its ``semmim train`` help text (the CLI is generated from these)."""
-    meta = {"help": help, "metavar": metavar, "flag": flag}
-    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything about a run that is not the model.
-
-    Each field is a ``semmim train --<field-name>`` option and a ``--set train.<field>=...`` key;
-    the help texts below are the CLI's. The run's length is ``steps`` or, with ``steps=0``,
-    ``epochs`` passes over the training pairs (exactly one of them > 0).
-    """
-
-    data: str = _opt("", "training data (default: the embedded shapes); see 'data specs'", "SPEC")
-    out: str = _opt("runs/semmim", "run directory", "DIR")
-    steps: int = _opt(400, "optimizer steps (0 = derive from --epochs)", "N")
-    epochs: float = _opt(0.0, "passes over the training pairs, instead of --steps", "E")
-    batch_size: int = _opt(
-        32, "pairs per process per micro-batch (effective: × accum-steps × processes)", "B"
-    )
-    accum_steps: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)", "N")
-    lr: float = _opt(3e-4, "peak learning rate (AdamW)", "LR")
-    min_lr_ratio: float = _opt(0.05, "cosine floor as a fraction of --lr", "R")
-    weight_decay: float = _opt(0.05, "AdamW weight decay on weight matrices", "WD")
-    beta1: float = _opt(0.9, "AdamW beta1", "B1")
-    beta2: float = _opt(0.98, "AdamW beta2", "B2")
-    warmup_steps: int = _opt(-1, "linear warm-up steps (-1 = 5% of the steps)", "N")
-    grad_clip: float = _opt(1.0, "gradient-norm clip (0 = off)", "C")
-    log_every: int = _opt(10, "log (CSV row, progress bar) every N steps", "N")
-    diag_every: int = _opt(
-        0,
-        "compute the training diagnostics (teacher entropy, prototypes in use, agreement, mask "
-        "overlap; CSV diag_* columns, diagnostics.png) every N steps (0 = every --log-every)",
-        "N",
-    )
-    ckpt_every: int = _opt(500, "checkpoint every N steps (and at the end)", "N")
-    keep_ckpts: int = _opt(2, "checkpoints kept (the newest N)", "N")
-    stop_at: int = _opt(
-        0,
-        "stop with a checkpoint after this step as if interrupted, keeping the schedule of "
-        "--steps (time-boxed jobs; 0 = off; never carried into a --resume)",
-        "STEP",
-    )
-    num_workers: int = _opt(2, "DataLoader worker processes (0 = load in this process)", "N")
-    seed: int = _opt(0, "seed of init, data order, augmentation and the per-step seeds", "S")
-    split_seed: int = _opt(
-        0, "seed of the held-out split (and of the embedded scenes), independent of --seed", "S"
-    )
-    val_size: float = _opt(
-        0.1,
-        "held-out images: fraction (<1) or count (at most 1000; the embedded data holds out V)",
-        "X",
-    )
-    validation: float = _opt(
-        0.0,
-        "carve this many training images (fraction <1 or count) into a validation split and "
-        "evaluate on it instead of the held-out split, which the run then never reads: for "
-        "choosing settings (0 = off)",
-        "X",
-    )
-    max_text_len: int = _opt(40, "caption tokens kept (capped by the model's text.max_len)", "T")
-    crop_scale_min: float = _opt(
-        -1.0, "random-resized-crop minimum area in (0, 1] (-1 = the data's choice)", "X"
-    )
-    flip: Literal["auto", "swap", "none"] = _opt(
-        "auto", "horizontal flip: swap = flip and swap left/right in the caption; auto = data's"
-    )
-    device: Literal["auto", "cuda", "cpu"] = _opt("auto", "auto = CUDA when available")
-    amp: Literal["auto", "bf16", "off"] = _opt(
-        "auto", "mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = on any device"
-    )
-    compile: bool = _opt(False, "wrap the model in torch.compile")
-    grad_checkpointing: bool = _opt(False, "recompute transformer blocks in backward (less memory)")
-    threads: int = _opt(0, "torch intra-op threads of this process (0 = torch's default)", "N")
-    eval_at_end: bool = _opt(True, "evaluate the held-out split at the end", flag="eval")
-    eval_rerank_k: int = _opt(16, "ITM re-ranked candidates per query at the end (0 = ITC)", "K")
-    eval_batch_size: int = _opt(64, "encoding batch size of the final evaluation", "B")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.amp, bool):  # older configs: amp=True/False
-            object.__setattr__(self, "amp", "auto" if self.amp else "off")
-        try:
-            self._validate()
-        except ValueError as e:
-            raise ValueError(f"train.{e}") from None
-
-    def _validate(self) -> None:
-        _check_types(self)
-        for name in ("batch_size", "accum_steps", "log_every", "ckpt_every", "keep_ckpts"):
-            _positive(self, name)
-        _positive(self, "max_text_len", "lr")
-        for name in (
-            "steps",
-            "epochs",
-            "stop_at",
-            "diag_every",
-            "num_workers",
-            "threads",
-            "weight_decay",
-            "grad_clip",
-            "eval_rerank_k",
-            "val_size",
-            "validation",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
-        _positive(self, "eval_batch_size")
-        _in_range(self, "min_lr_ratio", 0.0, 1.0)
-        _in_range(self, "beta1", 0.0, 1.0, hi_open=True)
-        _in_range(self, "beta2", 0.0, 1.0, hi_open=True)
-        if self.warmup_steps < -1:
-            raise ValueError(f"warmup_steps: must be >= 0 or -1, got {self.warmup_steps}")
-        if (self.steps > 0) == (self.epochs > 0):
-            raise ValueError(
-                f"steps: the run length is steps > 0 or (with steps=0) epochs > 0, exactly one; "
-                f"got steps={self.steps}, epochs={self.epochs}"
-            )
-        if not (self.crop_scale_min == -1.0 or 0 < self.crop_scale_min <= 1):
-            raise ValueError(f"crop_scale_min: must be in (0, 1] or -1, got {self.crop_scale_min}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of builtins (JSON-safe), e.g. for checkpoints."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"train.{unknown[0]}: unknown key; valid keys of train: {valid}")
-        return cls(**d)
-
-    def override(self, overrides: dict[str, Any]) -> TrainConfig:
-        """Copy with ``{"field": value}`` changes; unknown fields raise ValueError naming them.
-
-        Giving ``epochs`` without ``steps`` sets ``steps=0`` (the run is measured in epochs).
-        """
-        valid = [f.name for f in fields(self)]
-        for key in overrides:
-            if key not in valid:
-                raise ValueError(f"train.{key}: unknown key; valid keys of train: {valid}")
-        changes = dict(overrides)
-        if "epochs" in changes and "steps" not in changes:
-            changes["steps"] = 0
-        return replace(self, **changes)
-
-
-# ---------------------------------------------------------------------------------- fine-tuning
-@dataclass(frozen=True)
-class TaskConfig:
-    """Options of ``semmim finetune`` beyond the run's :class:`TrainConfig` (each field is an
-    option of that command; saved in checkpoints for an exact resume). The tasks themselves are
-    in :mod:`semmim.downstream.tasks`."""
-
-    init: str = _opt(
-        "",
-        "pre-training checkpoint to start from: run dir, checkpoints dir or step_*.pt (its model "
-        "config is used); omitted = from scratch (random init, --preset)",
-        "PATH",
-        flag="ckpt",
-    )
-    eval_data: str = _opt(
-        "", "evaluate on this data spec instead of the held-out split of --data", "SPEC"
-    )
-    label_smoothing: float = _opt(0.1, "caption: label smoothing of the LM loss", "E")
-    beam_size: int = _opt(3, "caption: beam width at evaluation (1 = greedy)", "K")
-    max_gen_len: int = _opt(30, "caption: most generated tokens", "T")
-    num_answers: int = _opt(3129, "vqa: answer classes (the most frequent training answers)", "N")
-    questions_per_image: int = _opt(3, "vqa: questions per embedded scene (of 6 kinds)", "Q")
-
-    def __post_init__(self) -> None:
-        try:
-            _check_types(self)
-            _positive(self, "beam_size", "max_gen_len", "num_answers", "questions_per_image")
-            _in_range(self, "label_smoothing", 0.0, 1.0, hi_open=True)
-            if self.questions_per_image > 6:
-                raise ValueError(f"questions_per_image: at most 6, got {self.questions_per_image}")
-        except ValueError as e:
-            raise ValueError(f"task.{e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TaskConfig:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"task.{unknown[0]}: unknown key; valid: {list(cls.__dataclass_fields__)}"
-            )
-        return cls(**d)

@@ -451,8 +451,9 @@ def open_checkpoint_eval(
     ``--beam-size``, ``--data``).
     """
     from semmim import checkpoint as ckpt_io
-    from semmim.config import SemMIMConfig, TrainConfig
+    from semmim.config import SemMIMConfig
     from semmim.downstream.tasks import make_task
+    from semmim.run_config import TrainConfig
     from semmim.rundir import eval_json_path, run_dir_of
     from semmim.train import Task
 

@@ -70,15 +70,15 @@ def _flag(f: dataclasses.Field) -> str:
 def add_train_options(
     parser: argparse.ArgumentParser, cls: type | None = None, prefix: str = "train_"
 ) -> None:
-    """One option per field of a config dataclass (default :class:`semmim.config.TrainConfig`;
-    :class:`semmim.config.TaskConfig` with ``prefix="task_"``), from the field's type
+    """One option per field of a config dataclass (default :class:`semmim.run_config.TrainConfig`;
+    :class:`semmim.run_config.TaskConfig` with ``prefix="task_"``), from the field's type
     and help.
 
     ``--batch-size`` sets ``batch_size``; bools get ``--x / --no-x``; Literal types become choices.
     Every option defaults to None (= not given), so only what the user typed overrides a config.
     ``--steps`` and ``--epochs`` exclude each other.
     """
-    from semmim.config import TrainConfig
+    from semmim.run_config import TrainConfig
 
     cls = cls or TrainConfig
     hints = typing.get_type_hints(cls)
@@ -102,8 +102,8 @@ def train_overrides(
     args: argparse.Namespace, cls: type | None = None, prefix: str = "train_"
 ) -> dict[str, Any]:
     """The config fields given on the command line: ``{"batch_size": 8, ...}`` (default
-    :class:`semmim.config.TrainConfig`, see :func:`add_train_options`)."""
-    from semmim.config import TrainConfig
+    :class:`semmim.run_config.TrainConfig`, see :func:`add_train_options`)."""
+    from semmim.run_config import TrainConfig
 
     cls = cls or TrainConfig
     given = {f.name: getattr(args, f"{prefix}{f.name}") for f in dataclasses.fields(cls)}

@@ -3,7 +3,7 @@ peak memory of opening a data spec."""
 
 from __future__ import annotations
 
-from semmim.config import TrainConfig
+from semmim.run_config import TrainConfig
 
 
 def small_run(out, **kw) -> TrainConfig:

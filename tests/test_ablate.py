@@ -10,7 +10,7 @@ import pytest
 
 from semmim.ablate import VARIANTS, parse_variants, plan_grid, summarize
 from semmim.cli import main
-from semmim.config import TrainConfig
+from semmim.run_config import TrainConfig
 
 
 @pytest.fixture(autouse=True)

@@ -156,7 +156,7 @@ def test_zero_or_negative_length_is_exit_2_before_loading_data(flag, tmp_path, c
 def test_every_train_config_field_is_an_option_and_documented(capsys):
     import dataclasses
 
-    from semmim.config import TrainConfig
+    from semmim.run_config import TrainConfig
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -607,7 +607,7 @@ def test_image_cache_budget_and_errors(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ validation split
 def test_validation_is_carved_from_training_and_never_touches_held_out(tmp_path):
-    from semmim.config import TrainConfig
+    from semmim.run_config import TrainConfig
     from semmim.train import open_run_data
 
     for i in range(40):

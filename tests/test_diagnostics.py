@@ -11,8 +11,8 @@ import torch
 from run_helpers import small_run
 
 from semmim import build_model, from_preset, objectives
-from semmim.config import TrainConfig
 from semmim.diagnostics import DIAG_COLUMNS, check_ranges, head_diagnostics, mask_overlap
+from semmim.run_config import TrainConfig
 from semmim.train import Task, resume_changes, setup, train, train_step
 
 SMALL = {"vision.image_size": 32, "itc.queue_size": 16, "loss.mlm": 0.0}

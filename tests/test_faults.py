@@ -80,7 +80,7 @@ SERVER = textwrap.dedent(
     import json, signal, sys, time
     import torch
     from semmim import from_preset
-    from semmim.config import TrainConfig
+    from semmim.run_config import TrainConfig
     from semmim.train import train
 
     torch.set_num_threads(1)
@@ -689,7 +689,8 @@ _LONG_TRAIN += ["--steps", "5000", "--ckpt-every", "100000"]
 
 
 def test_two_writers_into_one_run_directory_the_second_refuses_naming_the_first(tmp_path, capsys):
-    from semmim.config import TrainConfig, from_preset
+    from semmim.config import from_preset
+    from semmim.run_config import TrainConfig
     from semmim.rundir import RunDirError, lock_owner
     from semmim.train import train
 

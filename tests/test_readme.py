@@ -148,7 +148,8 @@ def check_semmim_synopsis(cmd: Command, args: list[str]) -> None:
 def check_semmim_parses(cmd: Command, args: list[str]) -> None:
     """The command line parses with the real parser, and its ``--set`` keys build a config."""
     from semmim.cli import build_parser, parse_sets
-    from semmim.config import TrainConfig, from_preset
+    from semmim.config import from_preset
+    from semmim.run_config import TrainConfig
 
     try:
         ns = build_parser().parse_args(args)

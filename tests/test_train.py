@@ -11,7 +11,7 @@ from run_helpers import small_run
 
 from semmim import build_model, from_preset
 from semmim.checkpoint import load_checkpoint
-from semmim.config import TrainConfig
+from semmim.run_config import TrainConfig
 from semmim.train import (
     lr_lambda,
     param_groups,

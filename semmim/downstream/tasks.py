@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from semmim import checkpoint as ckpt
-from semmim.config import SemMIMConfig, TaskConfig
+from semmim.config import SemMIMConfig
 from semmim.data import Collator, DataSource, PairDataset, SkipLog, open_data, split_records
 from semmim.eval import Evaluation
+from semmim.run_config import TaskConfig
 from semmim.train import Task
 from semmim.transforms import EvalTransform
 

@@ -33,7 +33,7 @@ One concern per module:
 - :mod:`~semmim.train.signals`: the stop request (SIGINT / SIGTERM) and blocked signals for workers.
 """
 
-from semmim.config import TrainConfig
+from semmim.run_config import TrainConfig
 from semmim.train.logs import CSV_FIELDS, csv_fields, plot_diagnostics, plot_losses
 from semmim.train.loop import diagnostic_step, step_seed, train, train_step
 from semmim.train.optim import lr_lambda, param_groups

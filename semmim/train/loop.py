@@ -15,9 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from semmim import dist
-from semmim.config import TrainConfig
 from semmim.data import DataSource
 from semmim.eval import run_evaluation
+from semmim.run_config import TrainConfig
 from semmim.rundir import RunLock, write_json
 from semmim.train.logs import (
     csv_fields,

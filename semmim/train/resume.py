@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from semmim import checkpoint as ckpt
-from semmim.config import SemMIMConfig, TrainConfig
+from semmim.config import SemMIMConfig
+from semmim.run_config import TrainConfig
 
 log = logging.getLogger("semmim.train")
 

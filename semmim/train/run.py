@@ -14,8 +14,8 @@ from torch import nn
 
 from semmim import checkpoint as ckpt
 from semmim import dist
-from semmim.config import TrainConfig
 from semmim.data import DataSource, PairDataset, ResumableBatchSampler, SkipLog, make_loader
+from semmim.run_config import TrainConfig
 from semmim.rundir import RunDirError, is_no_space, no_space_message, write_json
 from semmim.train.logs import Window
 from semmim.train.optim import lr_lambda, param_groups

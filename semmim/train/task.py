@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from semmim.config import TrainConfig
 from semmim.data import Collator, DataSource, open_data
 from semmim.diagnostics import DIAG_COLUMNS
 from semmim.eval import Evaluation, evaluate, format_table
+from semmim.run_config import TrainConfig
 
 OBJECTIVES = ("itc", "itm", "mlm", "glob", "mim")
 

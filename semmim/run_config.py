@@ -96,6 +96,11 @@ class TrainConfig:
     eval_at_end: bool = opt(True, "evaluate the held-out split at the end", flag="eval")
     eval_rerank_k: int = opt(16, "ITM re-ranked candidates per query at the end (0 = ITC)", "K")
     eval_batch_size: int = opt(64, "encoding batch size of the final evaluation", "B")
+    data_resampled: bool = opt(
+        False,
+        "wds: streams only: each epoch draws its shards with replacement (an epoch is as many "
+        "shard reads as one pass); see docs/TRAINING.md",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.amp, bool):  # older configs: amp=True/False

@@ -186,7 +186,7 @@ def _folder_bad_caption(tmp: Path) -> str:
 def _wds_bad_caption(tmp: Path) -> str:
     samples = _four_samples()
     samples["s3"]["txt"] = b"\xff\xfe not utf-8"
-    return f"wds:{shard(tmp / 'a.tar', samples)}"
+    return f"wds-map:{shard(tmp / 'a.tar', samples)}"
 
 
 def _csv_bad_caption(tmp: Path) -> str:
@@ -302,7 +302,7 @@ def _wds_cut_inside_member(tmp: Path) -> str:
         s2 = tar.getmember("s2.png")
     data = path.read_bytes()
     path.write_bytes(data[: s2.offset_data + s2.size // 2])  # cut in the middle of s2's image
-    return f"wds:{path}"
+    return f"wds-map:{path}"
 
 
 def _wds_cut_at_header(tmp: Path) -> str:
@@ -310,14 +310,14 @@ def _wds_cut_at_header(tmp: Path) -> str:
     with tarfile.open(path) as tar:
         s2 = tar.getmember("s2.png")
     path.write_bytes(path.read_bytes()[: s2.offset])  # cut exactly before s2's header
-    return f"wds:{path}"
+    return f"wds-map:{path}"
 
 
 def _wds_gz_cut(tmp: Path) -> str:
     path = shard(tmp / "a.tar.gz", _four_samples(noise=True), mode="w:gz")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 5 // 8])
-    return f"wds:{path}"
+    return f"wds-map:{path}"
 
 
 # ------------------------------------------------- issue 19: inputs that point elsewhere
@@ -384,7 +384,7 @@ def _wds_fifo_shard_and_long_text(tmp: Path) -> str:
     samples["s2"]["txt"] = b"kept\n" + b"w" * 100_000
     shard(tmp / "a-0.tar", samples)
     os.mkfifo(tmp / "a-1.tar")
-    return f"wds:{tmp}/a-{{0..1}}.tar"
+    return f"wds-map:{tmp}/a-{{0..1}}.tar"
 
 
 # ------------------------------------------------- issue 19: karpathy: and vqa: loaders

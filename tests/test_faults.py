@@ -1094,7 +1094,7 @@ def test_compressed_shard_with_a_huge_text_member_lists_in_bounded_memory(tmp_pa
     assert os.path.getsize(path) < 2**20
     from run_helpers import open_data_peak
 
-    source, peak = open_data_peak(f"wds:{path}")
+    source, peak = open_data_peak(f"wds-map:{path}")
     assert [r.caption for r in source.train] == ["a small caption"]
     assert source.skips.counts == {"caption over 16384 bytes": 1}
     assert peak < 4 * 2**20, f"listing allocated {peak / 2**20:.1f} MiB for one 64 MiB member"

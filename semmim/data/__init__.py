@@ -14,8 +14,13 @@ Specs (all read offline):
 * ``csv:FILE`` / ``tsv:FILE`` — a header row; the image column is one of ``image, image_path, filepath,
   file, filename, path``, the caption column one of ``caption, text, title, sentence``; an optional
   ``label``/``class``/``category`` column gives zero-shot classes.
-* ``wds:PATTERN`` — webdataset tar shards (brace ranges like ``shard-{000..009}.tar`` and globs); a
-  sample is the members sharing a key, one image (jpg/jpeg/png/webp) and one ``txt``.
+* ``wds:PATTERN`` — webdataset tar shards, streamed (:mod:`semmim.data.stream`: nothing is listed,
+  the held-out split is a whole shard, resume takes every sample of an epoch once) through the
+  ``webdataset`` library (the ``[wds]`` extra): brace ranges like ``shard-{000..009}.tar``, local
+  globs, ``pipe:COMMAND`` and URLs. A sample is the consecutive members sharing a key, one image
+  (jpg/jpeg/png/webp) and one ``txt``.
+* ``wds-map:PATTERN`` — the same shards read whole when the spec is opened into map-style records
+  (every sample's bytes in memory: small data, where the exact resume of map-style data matters).
 
 Text is UTF-8 (a leading BOM is dropped); only a caption's first line is read, at most
 ``CAPTION_MAX_BYTES``. Bad samples — missing or corrupt image, a caption that is empty, too long, not
@@ -31,7 +36,7 @@ split before training and raises :class:`DataError` when none of it can be read.
 Modules: :mod:`~semmim.data.records` (records, skips, caption bytes, the held-out split),
 :mod:`~semmim.data.source` (:class:`DataSource`, :func:`open_data`: spec dispatch),
 :mod:`~semmim.data.listing` (``folder:`` / ``json:`` / ``csv:`` / ``tsv:``), :mod:`~semmim.data.wds`
-(``wds:``), :mod:`~semmim.data.images` (decoding and the image cache), :mod:`~semmim.data.loader`
+(reading shards), :mod:`~semmim.data.stream` (``wds:`` streams), :mod:`~semmim.data.images` (decoding and the image cache), :mod:`~semmim.data.loader`
 (dataset, collate, sampler, DataLoader). This package re-exports their public names.
 """
 
@@ -61,6 +66,7 @@ from semmim.data.loader import (
     PairDataset,
     ResumableBatchSampler,
     image_id,
+    load_pair,
     make_loader,
 )
 from semmim.data.records import (
@@ -72,10 +78,10 @@ from semmim.data.records import (
     SYNTHETIC_VAL,
     DataError,
     ImageRef,
+    MemberBytes,
     Record,
     SkipLog,
     SyntheticRef,
-    TarMember,
     caption_prefix,
     decode_caption,
     split_records,
@@ -84,6 +90,7 @@ from semmim.data.source import (
     DataSource,
     open_data,
 )
+from semmim.data.stream import StreamBatches, StreamDataset, StreamSource
 from semmim.data.wds import (
     WDS_IMAGE_EXTS,
     expand_braces,
@@ -102,6 +109,7 @@ __all__ = [
     "IMAGE_EXTS",
     "ImageRef",
     "LABEL_COLUMNS",
+    "MemberBytes",
     "MissingDecoder",
     "PairDataset",
     "Record",
@@ -109,8 +117,10 @@ __all__ = [
     "SYNTHETIC_TRAIN",
     "SYNTHETIC_VAL",
     "SkipLog",
+    "StreamBatches",
+    "StreamDataset",
+    "StreamSource",
     "SyntheticRef",
-    "TarMember",
     "WDS_IMAGE_EXTS",
     "caption_prefix",
     "decode_caption",
@@ -122,6 +132,7 @@ __all__ = [
     "int_of",
     "json_type",
     "load_image",
+    "load_pair",
     "make_loader",
     "missing_decoder",
     "open_data",

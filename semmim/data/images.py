@@ -8,13 +8,12 @@ import io
 import os
 import re
 import struct
-import tarfile
 from typing import Any
 
 from PIL import Image
 
 from semmim import synthetic
-from semmim.data.records import ImageRef, SyntheticRef, TarMember
+from semmim.data.records import ImageRef, MemberBytes, SyntheticRef
 from semmim.paths import NotRegularFile, open_regular, require_regular
 
 # What a corrupt or hostile image file can raise while Pillow opens and decodes it. Anything else is a
@@ -27,7 +26,6 @@ DECODE_ERRORS = (
     struct.error,
     IndexError,
     Image.DecompressionBombError,  # more than 2 * Image.MAX_IMAGE_PIXELS pixels
-    tarfile.TarError,  # a shard that became unreadable after listing
 )
 
 
@@ -76,9 +74,6 @@ def missing_decoder(image: ImageRef) -> str | None:
     return None
 
 
-_TAR_CACHE: dict[tuple[int, str], tarfile.TarFile] = {}
-
-
 def image_cache_budget() -> int:
     """Bytes of decoded images each process keeps (``SEMMIM_IMAGE_CACHE_MB``, default 512; 0 = off)."""
     raw = os.environ.get("SEMMIM_IMAGE_CACHE_MB", "512")
@@ -120,11 +115,12 @@ _IMAGE_CACHE = _ImageCache()
 
 
 def load_image(ref: ImageRef, cache: bool = True) -> Image.Image:
-    """Load an image reference (file path, tar member or synthetic scene) as a decoded PIL image.
+    """Load an image reference (file path, shard member's bytes or synthetic scene) as a decoded
+    PIL image.
 
     Raises one of :data:`DECODE_ERRORS` on a missing, corrupt or oversized image, and
     :class:`MissingDecoder` when an optional decoder is not installed (the dataset turns these into
-    skips; :func:`image_error_reason` names them). File and tar images are kept decoded in this
+    skips; :func:`image_error_reason` names them). File and member images are kept decoded in this
     process's cache (:class:`_ImageCache`) unless ``cache`` is False: callers must not modify the
     returned image in place.
     """
@@ -132,11 +128,14 @@ def load_image(ref: ImageRef, cache: bool = True) -> Image.Image:
         return synthetic.render(ref.seed, ref.split, ref.index, ref.size)
     if not cache:
         return _decode(ref)
-    try:  # the file's identity: a rewritten file is decoded again
-        st = os.stat(ref.path if isinstance(ref, TarMember) else ref)
-    except OSError:
-        return _decode(ref)  # raises the decoder's own error for a missing file
-    key = (ref, st.st_mtime_ns, st.st_size, st.st_ino)
+    if isinstance(ref, MemberBytes):
+        key: Any = ref  # the bytes themselves are the identity
+    else:
+        try:  # the file's identity: a rewritten file is decoded again
+            st = os.stat(ref)
+        except OSError:
+            return _decode(ref)  # raises the decoder's own error for a missing file
+        key = (ref, st.st_mtime_ns, st.st_size, st.st_ino)
     cached = _IMAGE_CACHE.get(key)
     if cached is not None:
         return cached
@@ -146,26 +145,8 @@ def load_image(ref: ImageRef, cache: bool = True) -> Image.Image:
 
 
 def _decode(ref: ImageRef) -> Image.Image:
-    if isinstance(ref, TarMember):
-        if ref.compressed:
-            cache_key = (os.getpid(), ref.path)
-            if cache_key not in _TAR_CACHE:
-                f = open_regular(ref.path, "shard")
-                try:
-                    _TAR_CACHE[cache_key] = tarfile.open(ref.path, "r:*", fileobj=f)
-                except BaseException:
-                    f.close()
-                    raise
-            stream = _TAR_CACHE[cache_key].fileobj  # seekable decompressed view of the tar
-            stream.seek(ref.offset)
-            data = stream.read(ref.size)
-        else:
-            with open_regular(ref.path, "shard") as f:
-                f.seek(ref.offset)
-                data = f.read(ref.size)
-        if len(data) != ref.size:
-            raise OSError(f"truncated tar member {ref.name}")
-        image = Image.open(io.BytesIO(data))
+    if isinstance(ref, MemberBytes):
+        image = Image.open(io.BytesIO(ref.data))
     elif ref.lower().endswith(".svg"):
         image = _rasterise_svg(ref)
     else:

@@ -32,15 +32,24 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = item if isinstance(item, tuple) else (0, item)
-        record = self.records[index]
-        try:
-            image = load_image(record.image)
-            tensor, caption = self.transform(
-                image, record.caption, sample_rng(self.seed, epoch, index)
-            )
-        except DECODE_ERRORS as err:
-            return {"bad": image_error_reason(err), "key": record.key}
-        return {"image": tensor, "caption": caption, "index": index, "label": record.label}
+        return load_pair(
+            self.records[index], self.transform, sample_rng(self.seed, epoch, index), index
+        )
+
+
+def load_pair(record: Record, transform, rng, index: int, cache: bool = True) -> dict[str, Any]:
+    """One training item: ``{"image": (3,H,W), "caption", "index", "label"}`` from ``record``
+    transformed with ``rng``, or ``{"bad": reason, "key"}`` when its image cannot be loaded.
+
+    The one decode path of every training dataset (map-style and streamed); ``cache`` False for
+    images seen once (a stream) so they do not fill the decoded-image cache.
+    """
+    try:
+        image = load_image(record.image, cache)
+        tensor, caption = transform(image, record.caption, rng)
+    except DECODE_ERRORS as err:
+        return {"bad": image_error_reason(err), "key": record.key}
+    return {"image": tensor, "caption": caption, "index": index, "label": record.label}
 
 
 def image_id(key: str) -> int:
@@ -143,7 +152,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             yield [(self.epoch, i) for i in mine[b * self.batch_size : (b + 1) * self.batch_size]]
 
 
-def _worker_init(worker_id: int) -> None:
+def worker_init(worker_id: int) -> None:
+    """A loader worker's start: one intra-op thread."""
     # Decoding is per-sample work; intra-op threads in every worker would oversubscribe the CPU.
     torch.set_num_threads(1)
 
@@ -164,6 +174,6 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        worker_init_fn=worker_init if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )

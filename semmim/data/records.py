@@ -11,7 +11,7 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("semmim.data")
@@ -33,19 +33,16 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
-class TarMember:
-    """An image stored in a tar shard: ``size`` bytes at ``offset`` of the (decompressed) tar stream.
+class MemberBytes:
+    """An image read from a webdataset shard and kept in memory: member ``name``'s bytes.
 
-    Uncompressed shards are read directly at the file offset; compressed ones (``compressed``) are
-    decompressed up to it. Either way a read never depends on the rest of the shard, so the whole
-    members of a truncated shard stay readable.
+    Held by the records of a ``wds-map:`` source (all of them: small data) and by the held-out
+    pairs of a ``wds:`` stream (at most ``max_val``); a streamed training sample is decoded in
+    the worker that read it and never becomes a record.
     """
 
-    path: str
     name: str
-    offset: int
-    size: int
-    compressed: bool = False
+    data: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,7 @@ class SyntheticRef:
     size: int = 128
 
 
-ImageRef = str | TarMember | SyntheticRef
+ImageRef = str | MemberBytes | SyntheticRef
 
 
 @dataclass(frozen=True)

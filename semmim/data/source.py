@@ -50,6 +50,8 @@ class DataSource:
     # What ``val`` is: the "held-out" split, or a "validation" split carved from the training
     # pairs (:meth:`carve_validation`; the held-out pairs are then not in this source at all).
     eval_split: str = "held-out"
+    # A stream (semmim.data.stream.StreamSource) has no list of training records.
+    streaming = False
 
     def carve_validation(self, size: float, seed: int) -> DataSource:
         """This source with ``size`` training images (a fraction < 1 or a count) moved into a
@@ -107,7 +109,7 @@ class DataSource:
         """
         skips = self.skips if skips is None else skips
         return {
-            split: _decode_images(records, limit, skips, progress, split)
+            split: decode_images(records, limit, skips, progress, split)
             for split, records in (("train", self.train), ("held-out", self.val))
         }
 
@@ -127,7 +129,7 @@ class DataSource:
             ("held-out", self.val, "held-out", "the evaluation would have no images"),
         ):
             trial = SkipLog(max_warnings=0)
-            ok, tried = result[split] = _decode_images(records, sample, trial, False, split)
+            ok, tried = result[split] = decode_images(records, sample, trial, False, split)
             if tried and not ok and (split == "train" or held_out):
                 reasons = ", ".join(f"{r}: {n}" for r, n in sorted(trial.counts.items()))
                 advice = (
@@ -142,7 +144,7 @@ class DataSource:
         return result
 
 
-def _decode_images(
+def decode_images(
     records: Sequence[Record], limit: int | None, skips: SkipLog, progress: bool, desc: str
 ) -> tuple[int, int]:
     """Decode each image of ``records`` once (or ``limit`` evenly spaced ones); count failures.
@@ -178,7 +180,8 @@ def open_data(
 
     Args:
         spec: ``synthetic[:N]``, ``folder:PATH``, ``json:FILE``, ``csv:FILE``, ``tsv:FILE``,
-            ``wds:PATTERN`` or ``None``.
+            ``wds:PATTERN`` (a stream: :class:`semmim.data.stream.StreamSource`, held out by
+            whole shard), ``wds-map:PATTERN`` or ``None``.
         val_size: held-out images, a fraction (< 1) or a count (>= 1); ignored for ``synthetic``.
         split_seed: seeds the held-out split (by a hash of each image key, so it is stable as data
             grows) and the embedded scenes. It is not the training seed, so runs with different
@@ -195,7 +198,7 @@ def open_data(
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
         raise DataError(
-            f"data spec must look like KIND:PATH (folder, json, csv, tsv, wds) or "
+            f"data spec must look like KIND:PATH (folder, json, csv, tsv, wds, wds-map) or "
             f"'synthetic[:N]', got {spec!r}"
         )
     skips = SkipLog()
@@ -211,12 +214,16 @@ def open_data(
         records, class_names = list_table(arg, "," if kind == "csv" else "\t", skips)
         template = "a photo of a {name}"
     elif kind == "wds":
+        from semmim.data.stream import open_stream  # it builds on this module
+
+        return open_stream(spec, arg, val_size, split_seed, max_val)
+    elif kind == "wds-map":
         records = list_wds(arg, skips)
         template = "a photo of a {name}"
     else:
         raise DataError(
             f"unknown data kind {kind!r} in spec {spec!r}; expected folder, json, csv, "
-            f"tsv, wds or synthetic"
+            f"tsv, wds, wds-map or synthetic"
         )
     if not records:
         raise DataError(

@@ -34,7 +34,15 @@ from torch import nn
 
 from semmim import checkpoint as ckpt
 from semmim.config import SemMIMConfig
-from semmim.data import Collator, DataSource, PairDataset, SkipLog, open_data, split_records
+from semmim.data import (
+    Collator,
+    DataError,
+    DataSource,
+    PairDataset,
+    SkipLog,
+    open_data,
+    split_records,
+)
 from semmim.eval import Evaluation
 from semmim.run_config import TaskConfig
 from semmim.train import Task
@@ -91,6 +99,10 @@ def open_pairs(spec: str, val_size: float, seed: int, eval_spec: str = "") -> Da
         source = DataSource(spec, train, val, None, "a photo of a {name}", skips)
     else:
         source = open_data(spec or None, val_size, seed)
+        if source.streaming:
+            raise DataError(
+                f"{spec}: fine-tuning reads map-style data; read these shards as wds-map:"
+            )
     if eval_spec:
         if eval_spec.startswith("karpathy:"):
             source.val = _karpathy(eval_spec[len("karpathy:") :], ("test",), SkipLog())

@@ -178,7 +178,7 @@ def _train_locked(
         "step": run.step,
         "total_steps": run.total_steps,
         "interrupted": interrupted,
-        "train_pairs": len(run.source.train),
+        "train_pairs": None if run.source.streaming else len(run.source.train),
         "heldout_pairs": len(run.source.val),
         "seconds": run.elapsed(),
         "seconds_this_session": time.perf_counter() - run.started,

@@ -29,6 +29,7 @@ RESUME_CONTRACT = (
     "batch_size",
     "accum_steps",
     "world_size",
+    "data_resampled",
 )
 
 

@@ -14,7 +14,16 @@ from torch import nn
 
 from semmim import checkpoint as ckpt
 from semmim import dist
-from semmim.data import DataSource, PairDataset, ResumableBatchSampler, SkipLog, make_loader
+from semmim.data import (
+    DataError,
+    DataSource,
+    PairDataset,
+    ResumableBatchSampler,
+    SkipLog,
+    StreamBatches,
+    make_loader,
+)
+from semmim.data.stream import open_stream_batches
 from semmim.run_config import TrainConfig
 from semmim.rundir import RunDirError, is_no_space, no_space_message, write_json
 from semmim.train.logs import Window
@@ -84,7 +93,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     source: DataSource
-    stream: BatchStream
+    stream: BatchStream | StreamBatches
     skips: SkipLog
     total_steps: int
     out_dir: str
@@ -169,15 +178,23 @@ def setup(
     source.verify(held_out=tcfg.eval_at_end)
     max_len = min(tcfg.max_text_len, model_cfg.text.max_len)
     transform = build_transform(tcfg, source, model_cfg.vision.image_size)
-    dataset = PairDataset(source.train, transform, tcfg.seed)
-    sampler = ResumableBatchSampler(
-        len(dataset), tcfg.batch_size, tcfg.seed, info.rank, info.world_size
-    )
-    loader = make_loader(
-        dataset, sampler, task.collate(model, source.train, max_len), tcfg.num_workers, tcfg.seed
-    )
-    steps_per_epoch = max(1, len(sampler) // tcfg.accum_steps)
-    total_steps = tcfg.steps or math.ceil(tcfg.epochs * steps_per_epoch)
+    if source.streaming:
+        stream: BatchStream | StreamBatches = open_stream_batches(
+            source, tcfg, info, transform, task.collate(model, None, max_len), signals_blocked
+        )
+        total_steps = tcfg.steps
+    else:
+        if tcfg.data_resampled:
+            raise DataError(f"--data-resampled: {source.spec!r} is not a wds: stream")
+        dataset = PairDataset(source.train, transform, tcfg.seed)
+        sampler = ResumableBatchSampler(
+            len(dataset), tcfg.batch_size, tcfg.seed, info.rank, info.world_size
+        )
+        collate = task.collate(model, source.train, max_len)
+        loader = make_loader(dataset, sampler, collate, tcfg.num_workers, tcfg.seed)
+        stream = BatchStream(loader, sampler, 0, 0)
+        steps_per_epoch = max(1, len(sampler) // tcfg.accum_steps)
+        total_steps = tcfg.steps or math.ceil(tcfg.epochs * steps_per_epoch)
     warmup = tcfg.warmup_steps if tcfg.warmup_steps >= 0 else max(1, total_steps // 20)
 
     eager: nn.Module = model
@@ -200,21 +217,25 @@ def setup(
     skips = SkipLog()
     for reason, n in source.skips.counts.items():
         skips.counts[reason] += n
-    step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
+    step, elapsed_before = 0, 0.0
     window = Window()
     if state is not None:
         window.load(state.get("log_window", {}), info.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        step = state["step"]
+        if isinstance(stream, StreamBatches):
+            stream.load(state["data_stream"][info.rank])
+        else:
+            stream.epoch, stream.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         elapsed_before = float(state.get("elapsed_s", 0.0))
         skips.load(state.get("skip_log", {}))
         rngs = state["rng"]
         if info.rank < len(rngs):
             ckpt.set_rng_state(rngs[info.rank])
         if info.is_main:
-            log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, batch_in_epoch)
+            log.info("resumed from step %d (epoch %d)", step, stream.epoch)
     return Run(
         model_cfg=model_cfg,
         tcfg=tcfg,
@@ -225,7 +246,7 @@ def setup(
         optimizer=optimizer,
         scheduler=scheduler,
         source=source,
-        stream=BatchStream(loader, sampler, epoch, batch_in_epoch),
+        stream=stream,
         skips=skips,
         total_steps=total_steps,
         out_dir=out_dir,
@@ -246,13 +267,17 @@ def save(run: Run, final: bool = False) -> str | None:
     """
     info = run.info
     rngs = [ckpt.rng_state()]
+    streams = [run.stream.state()] if run.source.streaming else []
     if info.distributed:
         rngs = [None] * info.world_size
         torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+        if streams:
+            streams = [None] * info.world_size
+            torch.distributed.all_gather_object(streams, run.stream.state())
     path = None
     if info.is_main:
         for attempt in (1, 2):
-            payload = _payload(run, rngs)
+            payload = _payload(run, rngs, streams)
             try:
                 path = ckpt.save_checkpoint(payload, run.ckpt_dir, run.step, run.tcfg.keep_ckpts)
                 break
@@ -283,7 +308,7 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _payload(run: Run, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+def _payload(run: Run, rngs: list[dict[str, Any]], streams: list[dict]) -> dict[str, Any]:
     return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -300,6 +325,7 @@ def _payload(run: Run, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         "skip_log": run.skips.state(),
         "elapsed_s": run.elapsed(),
         "log_window": run.window.state(),
+        **({"data_stream": streams} if streams else {}),  # each rank's stream position
         **(
             {"task": run.task.name, "task_config": run.task.config()}
             if run.task.name != "pretrain"

@@ -5,8 +5,9 @@ The folder follows the Hugging Face layout (what ``save_pretrained`` writes)::
     DIR/model.safetensors    the weights (safetensors: tensors only, no pickle)
     DIR/config.json          {"model_type": "semmim", "semmim_config": SemMIMConfig.to_dict(),
                               "weights": "net" | "ema", "source": {...}, "files": {sha256, bytes}}
-    DIR/vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
-                             the caption tokenizer (BertTokenizerFast.save_pretrained)
+    DIR/vocab.txt, tokenizer.json, tokenizer_config.json
+                             the caption tokenizer (WordPiece vocabulary; save_pretrained's files,
+                             so transformers' AutoTokenizer.from_pretrained(DIR) reads it too)
     DIR/README.md            a model card: what it is, how to load it, the config, the source
 
 **What is exported**: the trained towers ``net.*`` and the ITC temperature ``temp``, named as in
@@ -149,8 +150,8 @@ def export_hf(run: str, out: str, ema: bool = False, overwrite: bool = False) ->
 
     from semmim.checkpoint import EVAL_KEYS, file_sha256, open_checkpoint
     from semmim.model import SemMIM
-    from semmim.rundir import write_json, write_text
-    from semmim.tokenizer import load_tokenizer
+    from semmim.rundir import run_dir_of, write_json, write_text
+    from semmim.tokenizer import VOCAB_PATH, load_tokenizer
 
     _check_target(out, run, overwrite)
     state, file = open_checkpoint(run, required=EVAL_KEYS)
@@ -176,14 +177,17 @@ def export_hf(run: str, out: str, ema: bool = False, overwrite: bool = False) ->
     os.makedirs(out, exist_ok=True)
     weights = os.path.join(out, WEIGHTS)
     _save_atomic(tensors, weights, save_file)
-    load_tokenizer().save_pretrained(out)
+    load_tokenizer().save_pretrained(out)  # tokenizer.json + tokenizer_config.json (AutoTokenizer)
+    with open(VOCAB_PATH, encoding="utf-8") as f:  # what load_tokenizer(DIR/vocab.txt) reads
+        write_text(os.path.join(out, "vocab.txt"), f.read())
     meta = {
         "model_type": MODEL_TYPE,
         "format": 1,
         "weights": "ema" if ema else "net",
         "semmim_config": plain.to_dict(),
         "source": {
-            "checkpoint": os.path.abspath(file),
+            # the run's name and the file, not the absolute path (an export is shared)
+            "checkpoint": os.path.relpath(file, os.path.dirname(run_dir_of(file))),
             "step": state["step"],
             "total_steps": state.get("total_steps"),
             "pretrained": {

@@ -74,6 +74,15 @@ def test_export_round_trip_is_bit_exact(run, tmp_path, capsys):
         assert torch.equal(loaded.encode_text(ids, mask), ref.encode_text(ids, mask))
         assert torch.equal(loaded.itm_score(images, ids, mask), ref.itm_score(images, ids, mask))
 
+    # the loaded model trains as a fresh one does (EMA, queues and centres initialised), here a
+    # bf16-autocast step on CPU as a GPU runs it
+    loaded.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step = loaded(images, ids, mask, seed=0)
+    step.loss.backward()
+    assert torch.isfinite(step.loss) and set(step.losses) == {"itc", "itm", "mlm", "glob", "mim"}
+    assert loaded.net.vision.patch_embed.weight.grad is not None
+
     meta = json.load(open(os.path.join(out, "config.json")))
     assert meta["model_type"] == "semmim" and meta["weights"] == "net"
     assert SemMIMConfig.from_dict(meta["semmim_config"]) == ref.cfg

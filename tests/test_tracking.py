@@ -79,6 +79,16 @@ def test_unknown_reporter_and_missing_extra_are_clear_cli_errors(tmp_path, capsy
     assert not os.path.exists(tmp_path / "b" / "log.csv")  # refused before anything ran
 
 
+def test_only_rank_0_reports():
+    from types import SimpleNamespace
+
+    other_rank = SimpleNamespace(
+        tcfg=TrainConfig(report_to="tensorboard,wandb"),
+        info=SimpleNamespace(is_main=False, world_size=2),
+    )
+    assert tracking.open_tracker(other_rank) is None
+
+
 def test_wandb_mode_is_offline_without_a_key(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -49,6 +49,7 @@ holds data, never code. Head counts and LayerNorm epsilons are not in a state di
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -67,6 +68,7 @@ __all__ = [
     "semmim_to_albef",
     "read_albef",
     "load_albef",
+    "check_init",
     "init_from",
 ]
 
@@ -369,19 +371,30 @@ def load_albef(model: torch.nn.Module, path: str) -> InitReport:
     return report
 
 
-def init_from(model: torch.nn.Module, spec: str, out_dir: str | None) -> InitReport:
-    """Apply ``train.init`` (``albef:FILE``) to a freshly built model; the report goes to
-    ``out_dir/init_report.txt`` when ``out_dir`` is given (rank 0)."""
-    import os
-
+def check_init(spec: str) -> str | None:
+    """The file of ``train.init`` (``albef:FILE``; None for ""), InitError when it is not a
+    readable file: checked before a run lists its data or builds its model."""
     from semmim.run_config import parse_init
-    from semmim.rundir import write_text
 
     parsed = parse_init(spec)
-    assert parsed is not None
-    _, path = parsed
+    if parsed is None:
+        return None
+    path = parsed[1]
     if not os.path.isfile(path):
         raise InitError(f"--init albef:{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise InitError(f"--init albef:{path}: not readable (permissions)")
+    return path
+
+
+def init_from(model: torch.nn.Module, spec: str, out_dir: str | None) -> InitReport | None:
+    """Apply ``train.init`` (``albef:FILE``) to a freshly built model; the report goes to
+    ``out_dir/init_report.txt`` when ``out_dir`` is given (rank 0). None for ``spec=""``."""
+    from semmim.rundir import write_text
+
+    path = check_init(spec)
+    if path is None:
+        return None
     report = load_albef(model, path)
     if out_dir is not None:
         write_text(os.path.join(out_dir, REPORT_FILE), report.text())

@@ -329,13 +329,16 @@ def _run_options(args: argparse.Namespace, **defaults: Any) -> tuple[dict, dict]
 
 def _train(args: argparse.Namespace, model_cfg, tcfg, checkpoint, task=None) -> int:
     """Open the run's data, train, report (exit status 0, or 130 when interrupted)."""
-    from semmim.albef import InitError
+    from semmim.albef import InitError, check_init
     from semmim.data import DataError
     from semmim.rundir import RunDirError
     from semmim.train import open_run_data, train
-    from semmim.train.tracking import TrackingError
+    from semmim.train.tracking import TrackingError, check_available, parse_reporters
 
     try:
+        if not args.resume:  # --report-to extras, the --init file: before the data is listed
+            check_init(tcfg.init)
+        check_available(parse_reporters(tcfg.report_to))
         source = open_run_data(tcfg, task)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None

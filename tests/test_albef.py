@@ -357,3 +357,7 @@ def test_train_init_albef_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "net.text.layers.0.mlp.0.weight" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "r2" / "log.csv")  # refused before a step ran
+    # a missing file: refused before the data is listed or the run dir written
+    assert main(["train", *common, "--out", str(tmp_path / "r3"), "--init", "albef:nope.pth"]) == 2
+    assert "--init albef:nope.pth: no such file" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r3" / "config.json")

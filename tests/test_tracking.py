@@ -76,7 +76,7 @@ def test_unknown_reporter_and_missing_extra_are_clear_cli_errors(tmp_path, capsy
     assert main(_argv(tmp_path / "b", "--steps", "1", "--report-to", "wandb")) == 2
     err = capsys.readouterr().err
     assert "pip install 'semmim[wandb]'" in err and "Traceback" not in err
-    assert not os.path.exists(tmp_path / "b" / "log.csv")  # refused before anything ran
+    assert not os.path.exists(tmp_path / "b" / "config.json")  # refused before anything ran
 
 
 def test_only_rank_0_reports():

@@ -167,7 +167,7 @@ def _train_locked(
     model_cfg, tcfg, resume, source, return_model, checkpoint, allow_changes, task
 ) -> dict[str, Any]:
     if int(os.environ.get("RANK", "0")) == 0:
-        check_available(parse_reporters(tcfg.report_to))  # before any data or model is built
+        check_available(parse_reporters(tcfg.report_to))  # before the model is built
     stop = StopRequest()
     stop.install()  # from here on a signal is a stop request, even during setup
     tracker = None

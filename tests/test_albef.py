@@ -233,10 +233,7 @@ def test_round_trips_are_the_identity(base_meta):
     """ALBEF → ours → ALBEF and ours → ALBEF → ours give back every tensor (base geometry)."""
     cfg, _ = base_meta
     published = albef_published_shapes()
-    albef = {k: v.clone() if v.numel() < 4096 else v for k, v in _tagged(published).items()}
-    g = torch.Generator().manual_seed(0)
-    for k in [k for k in albef if ".attention.self." in k or "crossattention.self" in k][:40]:
-        albef[k] = torch.randn(albef[k].shape, generator=g)  # distinct rows in the fused q/k/v
+    albef = _tagged(published)  # distinct values: the order of fused rows is checked too
     ours, _ = albef_to_semmim(albef, cfg)
     back = semmim_to_albef(ours, cfg)
     assert sorted(back) == sorted(albef)

@@ -308,10 +308,7 @@ def load_albef(model: torch.nn.Module, path: str) -> InitReport:
     from semmim.pretrained import interpolate_pos_embed
 
     if not isinstance(model, SemMIM):
-        raise InitError(
-            f"--init albef:{path}: starts pre-training (semmim train); a fine-tuning run starts "
-            "from a semmim checkpoint (--ckpt)"
-        )
+        raise InitError(f"--init albef:{path}: needs a SemMIM, got a {type(model).__name__}")
     cfg = model.cfg
     ours, unused = albef_to_semmim(read_albef(path), cfg)
     own = model.state_dict()
@@ -371,15 +368,21 @@ def load_albef(model: torch.nn.Module, path: str) -> InitReport:
     return report
 
 
-def check_init(spec: str) -> str | None:
+def check_init(spec: str, task: str = "pretrain") -> str | None:
     """The file of ``train.init`` (``albef:FILE``; None for ""), InitError when it is not a
-    readable file: checked before a run lists its data or builds its model."""
+    readable file or the run is not pre-training: checked before a run lists its data or
+    builds its model."""
     from semmim.run_config import parse_init
 
     parsed = parse_init(spec)
     if parsed is None:
         return None
     path = parsed[1]
+    if task != "pretrain":
+        raise InitError(
+            f"--init albef:{path}: starts pre-training (semmim train), not a {task} fine-tuning "
+            "run, which starts from a semmim checkpoint (--ckpt): pre-train from --init first"
+        )
     if not os.path.isfile(path):
         raise InitError(f"--init albef:{path}: no such file")
     if not os.access(path, os.R_OK):
@@ -387,12 +390,14 @@ def check_init(spec: str) -> str | None:
     return path
 
 
-def init_from(model: torch.nn.Module, spec: str, out_dir: str | None) -> InitReport | None:
-    """Apply ``train.init`` (``albef:FILE``) to a freshly built model; the report goes to
-    ``out_dir/init_report.txt`` when ``out_dir`` is given (rank 0). None for ``spec=""``."""
+def init_from(
+    model: torch.nn.Module, spec: str, out_dir: str | None, task: str = "pretrain"
+) -> InitReport | None:
+    """Apply ``train.init`` (``albef:FILE``) to a freshly built pre-training model; the report
+    goes to ``out_dir/init_report.txt`` when ``out_dir`` is given (rank 0). None for ``""``."""
     from semmim.rundir import write_text
 
-    path = check_init(spec)
+    path = check_init(spec, task)
     if path is None:
         return None
     report = load_albef(model, path)

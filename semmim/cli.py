@@ -337,7 +337,7 @@ def _train(args: argparse.Namespace, model_cfg, tcfg, checkpoint, task=None) -> 
 
     try:
         if not args.resume:  # --report-to extras, the --init file: before the data is listed
-            check_init(tcfg.init)
+            check_init(tcfg.init, task.name if task is not None else "pretrain")
         check_available(parse_reporters(tcfg.report_to))
         source = open_run_data(tcfg, task)
     except (ValueError, FileNotFoundError) as err:

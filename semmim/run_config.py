@@ -136,8 +136,9 @@ class TrainConfig:
     )
     init: str = opt(
         "",
-        "start from released weights: albef:FILE (an ALBEF pre-training checkpoint mapped onto "
-        "the model; what does not map is listed in OUT/init_report.txt); a --resume ignores it",
+        "pre-training only: start from released weights: albef:FILE (an ALBEF checkpoint mapped "
+        "onto the model; what does not map is listed in OUT/init_report.txt); a --resume ignores "
+        "it",
         "SPEC",
     )
 

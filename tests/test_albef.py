@@ -358,3 +358,15 @@ def test_train_init_albef_cli(tmp_path, capsys):
     assert main(["train", *common, "--out", str(tmp_path / "r3"), "--init", "albef:nope.pth"]) == 2
     assert "--init albef:nope.pth: no such file" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r3" / "config.json")
+    # fine-tuning starts from a semmim checkpoint, not from --init
+    ft = [
+        "finetune",
+        "retrieval",
+        *common,
+        "--out",
+        str(tmp_path / "ft"),
+        "--init",
+        f"albef:{path}",
+    ]
+    assert main(ft) == 2
+    assert "starts pre-training (semmim train), not a retrieval" in capsys.readouterr().err

@@ -161,7 +161,7 @@ def setup(
     if state is None and tcfg.init:  # --init albef:FILE (a resume has the weights already)
         from semmim.albef import init_from
 
-        init_from(model, tcfg.init, out_dir if info.is_main else None)
+        init_from(model, tcfg.init, out_dir if info.is_main else None, task.name)
     torch.manual_seed(tcfg.seed + 1000 * info.rank)
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)  # the model's switch (timm's convention)

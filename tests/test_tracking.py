@@ -176,3 +176,36 @@ def test_wandb_offline_run_is_written_and_resumed_with_the_same_id(tmp_path, cap
     assert b"plots/loss" in data and b"eval/" in data
     images = glob.glob(os.path.join(run, "wandb", "*", "files", "media", "images", "plots", "*"))
     assert images, "the plots were not logged as images"
+
+
+def test_wandb_online_start_that_fails_continues_offline(tmp_path, monkeypatch, caplog):
+    """An API key but no network: the online start fails (W&B raises after its init timeout),
+    the run goes on offline; the run id is stored once and reused by the next session."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    calls = []
+
+    def init(mode, **kw):
+        calls.append((mode, kw["id"], kw["resume"], kw["dir"]))
+        if mode == "online":
+            raise TimeoutError("init timed out after 60 s")
+        return SimpleNamespace(
+            dir=str(tmp_path), define_metric=lambda *a, **k: None, log=lambda *a, **k: None
+        )
+
+    fake = ModuleType("wandb")
+    fake.init, fake.Settings = init, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(tracking, "check_available", lambda names: None)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    out = str(tmp_path)
+    with caplog.at_level("WARNING", logger="semmim.train"):
+        tracking.Tracker(("wandb",), out, {"train": {"lr": 1.0}})
+    assert [c[0] for c in calls] == ["online", "offline"]
+    assert "online start failed" in caplog.text and "init timed out" in caplog.text
+    run_id = open(os.path.join(out, tracking.WANDB_ID_FILE)).read().strip()
+    assert calls[0][1:] == (run_id, "allow", out)
+    tracking.Tracker(("wandb",), out, {"train": {"lr": 1.0}}, resume_step=3)
+    assert calls[-1][1] == run_id  # the resumed session is the same run

@@ -70,13 +70,16 @@ def exported_tensors(
 
 
 def _check_target(out: str, run: str, overwrite: bool) -> None:
+    from semmim.paths import inside
     from semmim.rundir import holds_run
 
-    out_abs = os.path.realpath(out)
-    run_abs = os.path.realpath(run if os.path.isdir(run) else os.path.dirname(run))
-    if out_abs in (run_abs, os.path.dirname(run_abs)) or out_abs.startswith(
-        os.path.join(run_abs, "checkpoints")
-    ):
+    run_dir = os.path.realpath(run)
+    if os.path.isfile(run_dir):
+        run_dir = os.path.dirname(run_dir)  # RUN/checkpoints/step_*.pt
+    if os.path.basename(run_dir) == "checkpoints":
+        run_dir = os.path.dirname(run_dir)
+    ckpts, out_abs = os.path.join(run_dir, "checkpoints"), os.path.realpath(out)
+    if out_abs in (run_dir, ckpts) or inside(out_abs, ckpts):
         raise ExportError(f"export: DIR {out} is the run's own folder; give another folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"export: DIR {out} is a file, not a folder")

@@ -116,9 +116,16 @@ def test_a_users_folder_is_not_overwritten(run, tmp_path, capsys):
     assert main(["export", run, "--format", "hf", str(out), "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "keep me"  # other files are left alone
     assert SemMIM.from_pretrained(str(out)).cfg.vision.dim == 64
-    for target in (run, os.path.join(run, "checkpoints")):
+    step_file = os.path.join(run, "checkpoints", "step_00000002.pt")
+    for source, target in [
+        (run, run),
+        (run, os.path.join(run, "checkpoints")),
+        (step_file, run),
+        (os.path.join(run, "checkpoints"), os.path.join(run, "checkpoints", "x")),
+    ]:
         with pytest.raises(ExportError, match="run's own folder"):
-            export_hf(run, target, overwrite=True)
+            export_hf(source, target, overwrite=True)
+    export_hf(step_file, os.path.join(run, "export"))  # a new folder inside the run is fine
     other_run = tmp_path / "other_run"
     other_run.mkdir()
     (other_run / "log.csv").write_text("step\n")

@@ -19,8 +19,9 @@ DATA_HELP = (
     "synthetic[:N[:V]] (N training scenes, default 50000, V held-out, default 500); folder:PATH (images with a "
     "same-named .txt caption beside each, first line; sub-folder names become zero-shot classes); "
     "json:FILE (list of {image, caption|captions} or COCO captions); csv:FILE / tsv:FILE (header with "
-    "image and caption columns, optional label); wds:PATTERN (webdataset .tar shards, brace ranges "
-    "and globs, jpg/png + txt)"
+    "image and caption columns, optional label); wds:PATTERN (webdataset .tar shards streamed: "
+    "brace ranges, local globs, pipe:CMD, URLs, jpg/png + txt; needs --steps and the [wds] "
+    "extra); wds-map:PATTERN (the same shards read into memory, map-style)"
 )
 
 TASK_DATA_HELP = (

@@ -34,7 +34,8 @@ split, and named in :meth:`DataSource.describe`. :meth:`DataSource.verify` decod
 split before training and raises :class:`DataError` when none of it can be read.
 
 Modules: :mod:`~semmim.data.records` (records, skips, caption bytes, the held-out split),
-:mod:`~semmim.data.source` (:class:`DataSource`, :func:`open_data`: spec dispatch),
+:mod:`~semmim.data.specs` (:func:`open_data`: spec dispatch), :mod:`~semmim.data.source`
+(:class:`DataSource`),
 :mod:`~semmim.data.listing` (``folder:`` / ``json:`` / ``csv:`` / ``tsv:``), :mod:`~semmim.data.wds`
 (reading shards), :mod:`~semmim.data.stream` (``wds:`` streams), :mod:`~semmim.data.images` (decoding and the image cache), :mod:`~semmim.data.loader`
 (dataset, collate, sampler, DataLoader). This package re-exports their public names.
@@ -86,10 +87,8 @@ from semmim.data.records import (
     decode_caption,
     split_records,
 )
-from semmim.data.source import (
-    DataSource,
-    open_data,
-)
+from semmim.data.source import DataSource
+from semmim.data.specs import open_data
 from semmim.data.stream import StreamBatches, StreamDataset, StreamSource
 from semmim.data.wds import (
     WDS_IMAGE_EXTS,

@@ -96,6 +96,12 @@ class TrainConfig:
     eval_at_end: bool = opt(True, "evaluate the held-out split at the end", flag="eval")
     eval_rerank_k: int = opt(16, "ITM re-ranked candidates per query at the end (0 = ITC)", "K")
     eval_batch_size: int = opt(64, "encoding batch size of the final evaluation", "B")
+    fsdp: bool = opt(
+        False,
+        "under torchrun: shard the model, its EMA copy and the AdamW state over the processes "
+        "(FSDP2) instead of replicating them (DDP); checkpoints become sharded step_<N>/ "
+        "directories (torch.distributed.checkpoint), resumable on another process count",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.amp, bool):  # older configs: amp=True/False

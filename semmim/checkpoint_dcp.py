@@ -372,16 +372,44 @@ def by_names(
     }
 
 
-def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Put a checkpoint's ``model`` / ``optimizer`` (by parameter names, full tensors: what
-    :func:`read_sharded` returns) into ``model`` and ``optimizer``, sharded (FSDP2) or not:
-    each rank keeps the part of every tensor its shards hold."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def _like(full: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``current``: this rank's shard when ``current`` is a DTensor (cut
+    locally from the full tensor every rank holds: no communication), else ``full`` itself."""
+    mesh = getattr(current, "device_mesh", None)
+    if mesh is None:
+        return full
+    from torch.distributed.tensor import distribute_tensor
 
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True, strict=True),
+    return distribute_tensor(full.to(current.device), mesh, current.placements, src_data_rank=None)
+
+
+def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Put a checkpoint's ``model`` / ``optimizer`` (full tensors, optimizer state by parameter
+    names: what :func:`read_sharded` and :func:`by_names` return) into ``model`` and
+    ``optimizer``, sharded (FSDP2) or not: each rank keeps the part of every tensor its shards
+    hold. Missing or unexpected names are errors (``load_state_dict``'s strict rule)."""
+    current = model.state_dict()
+    full = state["model"]
+    model.load_state_dict(
+        {k: _like(full[k], current[k]) if k in current else full[k] for k in full}, strict=True
+    )
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {names[id(p)]: i for i, p in enumerate(params)}
+    osd = state["optimizer"]
+    unknown = sorted(set(osd["state"]) - set(index))
+    if unknown:
+        raise ValueError(f"optimizer state for unknown parameter(s) {unknown[:5]}")
+    optimizer.load_state_dict(
+        {
+            "state": {
+                index[n]: {
+                    k: _like(v, params[index[n]]) if v.ndim > 0 else v for k, v in st.items()
+                }
+                for n, st in osd["state"].items()
+            },
+            "param_groups": [
+                {**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]
+            ],
+        }
     )

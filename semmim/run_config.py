@@ -142,6 +142,11 @@ class TrainConfig:
                 f"steps: the run length is steps > 0 or (with steps=0) epochs > 0, exactly one; "
                 f"got steps={self.steps}, epochs={self.epochs}"
             )
+        if self.fsdp and self.compile:
+            raise ValueError(
+                "fsdp: --fsdp with --compile is not supported (the combination is untested); "
+                "drop one of them"
+            )
         if not (self.crop_scale_min == -1.0 or 0 < self.crop_scale_min <= 1):
             raise ValueError(f"crop_scale_min: must be in (0, 1] or -1, got {self.crop_scale_min}")
 

@@ -25,9 +25,9 @@ plain ``pickle`` and its planner unpickles non-tensor entries with ``weights_onl
 ``.metadata`` is unpickled by :class:`_MetadataUnpickler`, which builds only the classes of DCP's
 index (and tensor dtypes / sizes), and a checkpoint with a non-tensor entry is refused — so no
 file of a checkpoint can name code to run. Tensors are read from the shards with
-``weights_only=True`` (DCP's own rule). The tensors load on any number of processes: in full
-(one process, ``semmim eval``, a resume without ``--fsdp``) or into the sharded parameters of an
-FSDP model (:func:`load_sharded_into`), whatever the number of ranks that wrote them.
+``weights_only=True`` (DCP's own rule). The tensors are read whole, whatever the number of ranks
+that wrote them, and :func:`load_into` puts them into an unsharded model or cuts each rank's
+shards of an FSDP model from them — so a step resumes on any number of processes.
 
 The tensors of a step are the model's and the optimizer's state in the form of
 ``torch.distributed.checkpoint.state_dict.get_state_dict`` (parameter names as keys, so they map

@@ -349,3 +349,16 @@ def test_fsdp_bf16_autocast_matches_ddp(tmp_path):
     assert all(torch.isfinite(torch.tensor(fs["losses"])))
     diffs = [abs(a - b) for a, b in zip(fs["losses"], ddp["losses"], strict=True)]
     assert max(diffs) <= 1e-2, diffs  # bf16 matmuls: reduction order moves more bits
+
+
+def test_sharded_step_exports_and_evaluates_like_a_file(tmp_path, sharded_run):
+    """``semmim export`` and ``eval`` read a sharded step through the same open_checkpoint."""
+    from semmim.export import export_hf
+    from semmim.model import SemMIM
+
+    step = sharded_run / "checkpoints" / "step_00000003"
+    export_hf(str(step), str(tmp_path / "hf"))
+    state, _ = ckpt.open_checkpoint(str(sharded_run), required=ckpt.EVAL_KEYS)
+    back = SemMIM.from_pretrained(str(tmp_path / "hf"))
+    for k, v in back.net.state_dict().items():
+        assert torch.equal(v, state["model"][f"net.{k}"]), k

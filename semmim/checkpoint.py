@@ -36,7 +36,6 @@ directly; a pointer or sidecar that is a FIFO or device is refused without being
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ import numpy as np
 import torch
 
 from semmim.paths import NotRegularFile, inside, open_regular
-from semmim.rundir import atomic_write
+from semmim.rundir import atomic_write, file_sha256
 
 log = logging.getLogger("semmim.checkpoint")
 
@@ -90,15 +89,6 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 def sidecar_path(path: str) -> str:
     """The checksum sidecar of checkpoint ``path``: ``path + ".json"``."""
     return path + ".json"
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_plain(obj: Any, where: str = "state") -> None:

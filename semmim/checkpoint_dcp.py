@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from semmim.paths import NotRegularFile, open_regular
-from semmim.rundir import _fsync_dir, atomic_write
+from semmim.rundir import atomic_write, file_sha256, fsync_dir
 
 FORMAT = 3  # 3 = sharded directory: DCP shards + meta.pt + manifest.json
 MANIFEST = "manifest.json"
@@ -138,8 +138,6 @@ def write_sharded(
     for name in sorted(os.listdir(tmp)):
         path = os.path.join(tmp, name)
         if os.path.isfile(path) and not name.endswith(".tmp"):
-            from semmim.checkpoint import file_sha256
-
             files[name] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
     manifest = {"format": FORMAT, "step": step, "files": files}
     atomic_write(
@@ -157,7 +155,7 @@ def write_sharded(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
     return final
 
 
@@ -169,8 +167,6 @@ def _err(path: str, what: str) -> ShardedCheckpointError:
 def verify_sharded(directory: str) -> dict[str, Any]:
     """Check every file of ``manifest.json``: present, regular, same size and SHA-256. Returns
     the manifest. Raises :class:`ShardedCheckpointError` naming the file and what is wrong."""
-    from semmim.checkpoint import file_sha256
-
     path = os.path.join(directory, MANIFEST)
     try:
         with open_regular(path, "checkpoint manifest") as f:

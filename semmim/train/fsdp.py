@@ -24,8 +24,8 @@ float32, autocast casts per op, the fp32 regions of :mod:`semmim.layers` hold), 
 reduced in float32 — so an FSDP step computes what a DDP step computes; only the order of the
 float reductions differs (the tolerance is in docs/TRAINING.md).
 
-Only APIs meant to be present in torch 2.11 and 2.13 are used (run here with 2.13 only) (``fully_shard`` with ``ignored_params``,
-``set_requires_gradient_sync``, DTensor ``to_local``).
+Only APIs meant to be present in torch 2.11 and 2.13 are used (``fully_shard`` with
+``ignored_params``, ``set_requires_gradient_sync``, DTensor ``to_local``); run here with 2.13 only.
 """
 
 from __future__ import annotations

@@ -47,12 +47,13 @@ __all__ = ["FORMATS", "ExportError", "export_hf"]
 
 
 def _check_target(out: str, run: str, overwrite: bool) -> None:
+    from semmim.checkpoint import is_sharded_step
     from semmim.paths import inside
     from semmim.rundir import holds_run
 
     run_dir = os.path.realpath(run)
-    if os.path.isfile(run_dir):
-        run_dir = os.path.dirname(run_dir)  # RUN/checkpoints/step_*.pt
+    if os.path.isfile(run_dir) or is_sharded_step(run_dir):
+        run_dir = os.path.dirname(run_dir)  # RUN/checkpoints/step_*.pt or a sharded step_*/
     if os.path.basename(run_dir) == "checkpoints":
         run_dir = os.path.dirname(run_dir)
     ckpts, out_abs = os.path.join(run_dir, "checkpoints"), os.path.realpath(out)

@@ -391,3 +391,59 @@ def test_split_seed_is_the_held_out_seed_and_in_the_resume_contract():
     assert resume_changes(state, TrainConfig(split_seed=1), 1) == ["split_seed: 0 -> 1"]
     del state["train_config"]["split_seed"]  # a checkpoint from before the field
     assert resume_changes(state, TrainConfig(), 1) == []
+
+
+# ------------------------------------------------------------------------ alpha → coverage
+def _stamp(path, side: int, left: bool) -> None:
+    """An RGBA stamp: an opaque red block on the left (or right) half, transparent elsewhere."""
+    from PIL import Image
+
+    image = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    box = (0, 0, side // 2, side) if left else (side // 2, 0, side, side)
+    image.paste((255, 0, 0, 255), box)
+    image.save(path)
+
+
+def test_transforms_carry_the_alpha_channel_through_crop_and_flip(tmp_path):
+    import random
+
+    from PIL import Image
+
+    from semmim.transforms import EvalTransform, TrainTransform
+
+    _stamp(tmp_path / "s.png", 64, left=True)
+    image = Image.open(tmp_path / "s.png")
+    t, cap, alpha = EvalTransform(32).apply(image, "left", alpha=True)
+    assert alpha.shape == (32, 32) and alpha[:, :14].min() > 0.99 and alpha[:, 18:].max() < 0.01
+    torch.testing.assert_close(t, EvalTransform(32)(image, "left")[0], rtol=0, atol=0)
+    no_crop = TrainTransform(32, scale=(1.0, 1.0))
+    flipped = None
+    for seed in range(8):  # half the draws flip: the alpha flips with the image and caption
+        t2, cap2, a2 = no_crop.apply(image, "on the left", random.Random(seed), alpha=True)
+        t3, cap3 = no_crop(image, "on the left", random.Random(seed))
+        torch.testing.assert_close(t2, t3, rtol=0, atol=0)  # the RGB path is unchanged
+        assert cap2 == cap3
+        if cap2 == "on the right":
+            flipped = a2
+            torch.testing.assert_close(a2, alpha.flip(-1), rtol=0, atol=1e-6)
+    assert flipped is not None
+    rgb = Image.new("RGB", (8, 8))
+    assert EvalTransform(8).apply(rgb, "x", alpha=True)[2] is None
+
+
+def test_training_on_rgba_stamps_logs_coverage_overlap(tmp_path):
+    folder = tmp_path / "stamps"
+    folder.mkdir()
+    for i in range(8):
+        _stamp(folder / f"s{i}.png", 48, left=i % 2 == 0)
+        (folder / f"s{i}.txt").write_text(f"a red block number {i}\n")
+    out = tmp_path / "run"
+    train(
+        from_preset("tiny", SMALL),
+        _tcfg(out, data=f"folder:{folder}", steps=2, diag_every=1, val_size=0),
+    )
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        assert all(r[c] != "" for c in COVERAGE_COLUMNS), r
+        assert check_ranges(r, 256) == []

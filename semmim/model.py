@@ -228,10 +228,10 @@ class SemMIM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> SemMIM:
         """The model ``semmim export RUN --format hf DIR`` wrote to ``path`` (eval mode):
-        :func:`semmim.export.load_hf`."""
-        from semmim.export import load_hf
+        :func:`semmim.hf_format.load_hf`."""
+        from semmim.hf_format import load_hf
 
-        return load_hf(path, device)
+        return load_hf(path, cls, device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before the queue kept image ids: their queue has no ids (-1)

@@ -64,7 +64,7 @@ def probe_checkpoint(
     / FileNotFoundError naming the option at fault.
     """
     from semmim.data import Collator, PairDataset
-    from semmim.eval import open_checkpoint_eval
+    from semmim.eval_checkpoint import open_checkpoint_eval
     from semmim.train import Task
     from semmim.transforms import EvalTransform
 

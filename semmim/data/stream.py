@@ -254,8 +254,10 @@ class StreamDataset(torch.utils.data.IterableDataset):
         world_size: int = 1,
         resampled: bool = False,
         buffer: int = SHUFFLE_BUFFER,
+        alpha: bool = False,
     ) -> None:
         self.shards, self.transform, self.batch_size = list(shards), transform, batch_size
+        self.alpha = alpha  # items carry their image's alpha channel (see load_pair)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.resampled, self.buffer = resampled, buffer
         self.slots_per_epoch = len(self.shards) // world_size
@@ -302,7 +304,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         if s.record is None:
             return {"bad": s.reason, "key": s.name, "pos": where}
         rng = sample_rng(self.seed, epoch, slot << 32 | offset)
-        item = load_pair(s.record, self.transform, rng, offset, cache=False)
+        item = load_pair(s.record, self.transform, rng, offset, cache=False, alpha=self.alpha)
         item["pos"] = where
         if "bad" not in item:
             item["image_id"] = image_id(s.record.key)
@@ -433,6 +435,7 @@ def open_stream_batches(
     transform,
     collate: Callable,
     start_context: Callable[[], Any] = contextlib.nullcontext,
+    alpha: bool = False,
 ) -> StreamBatches:
     """The training stream of this rank (``info.rank`` of ``info.world_size``) for a run's
     ``tcfg`` (a :class:`semmim.run_config.TrainConfig`): batches of ``tcfg.batch_size``, shards
@@ -450,5 +453,6 @@ def open_stream_batches(
         info.rank,
         info.world_size,
         tcfg.data_resampled,
+        alpha=alpha,
     )
     return StreamBatches(dataset, collate, tcfg.num_workers, tcfg.seed, start_context)

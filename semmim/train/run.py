@@ -190,15 +190,23 @@ def setup(
     source.verify(held_out=tcfg.eval_at_end)
     max_len = min(tcfg.max_text_len, model_cfg.text.max_len)
     transform = build_transform(tcfg, source, model_cfg.vision.image_size)
+    # alpha channels (where the images have them) for the object-coverage diagnostics
+    alpha = bool(task.diagnostics)
     if source.streaming:
         stream: BatchStream | StreamBatches = open_stream_batches(
-            source, tcfg, info, transform, task.collate(model, None, max_len), signals_blocked
+            source,
+            tcfg,
+            info,
+            transform,
+            task.collate(model, None, max_len),
+            signals_blocked,
+            alpha,
         )
         total_steps = tcfg.steps
     else:
         if tcfg.data_resampled:
             raise DataError(f"--data-resampled: {source.spec!r} is not a wds: stream")
-        dataset = PairDataset(source.train, transform, tcfg.seed)
+        dataset = PairDataset(source.train, transform, tcfg.seed, alpha=alpha)
         sampler = ResumableBatchSampler(
             len(dataset), tcfg.batch_size, tcfg.seed, info.rank, info.world_size
         )

@@ -293,6 +293,12 @@ class MIMConfig:
     psi_norm: apply the EMA predictor's final LayerNorm (the one that ends the student's φ) to
         ψ's output before the teacher head, so teacher and student heads see normalised inputs
         (at init ψ's output has std ≈ 1.3, the student's 1.0). Only with ``text_in_target``.
+    student_view: what the student ViT encodes. "full" (two passes): the full image for ITC,
+        ITM and MLM, and the masked view for the global agreement and MIM. "masked" (one
+        pass, FLIP-style): only CLS + the kept patches of the masked view (``masking.ratio``),
+        and that one encoding serves every objective (fusion keys = the kept patches); the EMA
+        teacher still encodes the full image (ITC keys and queue, distillation, mask scores,
+        MIM targets). Needs ``drop_tokens``; with ``enabled=False`` it is masked ITC/ITM/MLM.
     """
 
     enabled: bool = True
@@ -308,12 +314,18 @@ class MIMConfig:
     center_momentum: float = 0.9
     center_over: Literal["masked", "all"] = "masked"
     psi_norm: bool = False
+    student_view: Literal["full", "masked"] = "full"
 
     def __post_init__(self) -> None:
         check_types(self)
         check_positive(
             self, "predictor_depth", "student_temp", "teacher_temp", "teacher_temp_final"
         )
+        if self.student_view == "masked" and not self.drop_tokens:
+            raise ValueError(
+                "student_view: 'masked' (the student encodes only CLS + the kept patches) "
+                "needs drop_tokens=True, got drop_tokens=False"
+            )
         check_in_range(self, "teacher_temp_warmup", 0.0, 1.0)
         check_in_range(self, "center_momentum", 0.0, 1.0)
 
@@ -481,11 +493,22 @@ class SemMIMConfig:
             )
         p = self.vision.num_patches
         m = round(self.masking.ratio * p)
-        if self.mim.enabled and m >= p:
+        if (self.mim.enabled or self.one_pass) and m >= p:
             raise ValueError(
                 f"masking.ratio: {self.masking.ratio} masks all {p} patches "
                 f"(M = round(ratio·P) = {m}); at least one must stay visible"
             )
+
+    @property
+    def one_pass(self) -> bool:
+        """The student ViT encodes only the masked view (``mim.student_view == "masked"``)."""
+        return self.mim.student_view == "masked"
+
+    @property
+    def draws_mask(self) -> bool:
+        """Whether a training step draws an image mask: for the one-pass student, or for the
+        masked-view objectives (MIM enabled with a global or MIM weight)."""
+        return self.one_pass or (self.mim.enabled and (self.loss.glob > 0 or self.loss.mim > 0))
 
     @property
     def num_masked(self) -> int:

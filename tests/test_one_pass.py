@@ -184,3 +184,89 @@ def test_one_pass_resume_continues_exactly(tmp_path, one_thread):
     a = load_checkpoint(str(tmp_path / "a"))["model"]
     b = load_checkpoint(str(tmp_path / "b"))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ the work counted (benchmarks)
+def _e2e():
+    import sys
+
+    from test_gpu_path import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import e2e_gpu
+    finally:
+        sys.path.pop(0)
+    return e2e_gpu
+
+
+def test_train_flops_of_the_one_pass_student_by_hand():
+    """base at 224 px, B = 64, T = 32: the one-pass student drops the full-image ViT pass and its
+    fusion (ITM's 3B rows and MLM's B) reads 99 image keys instead of 197; the EMA is unchanged."""
+    e2e = _e2e()
+    cfg = from_preset("base")
+    two = e2e.train_flops(cfg, 64, 32)
+    one = e2e.train_flops(cfg.override(ONE_PASS), 64, 32)
+    assert one["ema_fwd"] == two["ema_fwd"]
+    P, Dv, Dt, depth = 196, 768, 768, cfg.fusion.depth
+    vit = 2 * P * 3 * 256 * Dv + 12 * e2e._self_layer(P + 1, Dv, 4 * Dv)
+    cross = e2e._cross(32, P + 1, Dt, Dv) - e2e._cross(32, P - 98 + 1, Dt, Dv)
+    assert two["student_fwd"] - one["student_fwd"] == pytest.approx(
+        64 * vit + 4 * 64 * depth * cross
+    )
+    ratio75 = e2e.train_flops(cfg.override({**ONE_PASS, "masking.ratio": 0.75}), 64, 32)
+    assert ratio75["total"] < one["total"] < two["total"]
+
+
+def test_train_flops_agree_with_the_flop_counter():
+    """FlopCounterMode over a tiny training forward + backward, per path, against the analytic
+    count: the counted one-pass / two-pass ratio is the analytic one within 0.03, and each count
+    within 15% of the analytic one (which leaves out element-wise work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    e2e = _e2e()
+    counted, analytic = {}, {}
+    for name, over in (("two", {}), ("one", ONE_PASS)):
+        torch.manual_seed(0)
+        model = make_model({**over, "vision.image_size": 64})
+        batch = make_batch(model)
+        T = batch[1].shape[1]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(*batch, seed=0).loss.backward()
+        counted[name] = counter.get_total_flops()
+        analytic[name] = e2e.train_flops(model.cfg, 4, T)["total"]
+        assert counted[name] == pytest.approx(analytic[name], rel=0.15), name
+    assert counted["one"] / counted["two"] == pytest.approx(
+        analytic["one"] / analytic["two"], abs=0.03
+    )
+
+
+def test_e2e_lists_and_tables_the_one_pass_section(tmp_path):
+    """`e2e_gpu.py --list-sections` prints one_pass (gpu_check.sh runs it when listed), and the
+    table gives the one-pass rows with their ratios to (a) at one batch."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from test_gpu_path import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-P", str(ROOT / "benchmarks" / "e2e_gpu.py"), "--list-sections"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "one_pass" in proc.stdout.split(), proc.stdout
+    e2e = _e2e()
+    row = {"batch": 64, "step_s": 0.5, "pairs_per_s": 128.0, "peak_gib": 20.0, "mfu": None}
+    rows = {
+        "fast": {**row, "label": "fast", "flops_per_step": 10e12},
+        "reference": {**row, "label": "ref", "flops_per_step": 12e12},
+        "one_pass": {**row, "label": "one", "pairs_per_s": 192.0, "flops_per_step": 6e12},
+    }
+    args = SimpleNamespace(preset="base", image_size=224, tokens=32, steps=10)
+    lines = e2e.table_lines(rows, None, args)
+    assert any(ln.startswith("one_pass / fast at batch 64: 1.50x pairs/s") for ln in lines), lines
+    assert any("0.50x the reference's FLOPs per pair" in ln for ln in lines), lines
+    assert any(ln.startswith("(d') one-pass") and "(not measured)" in ln for ln in lines), lines

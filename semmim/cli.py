@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train on the embedded default or real data, evaluate retrieval.",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{train,finetune,eval,ablate,data}"
+        dest="command", required=True, metavar="{train,finetune,eval,ablate,data,export}"
     )
 
     tr = sub.add_parser(
@@ -241,7 +241,37 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("spec", nargs="?", default=None, metavar="SPEC", help=DATA_HELP)
     da.add_argument("--check", action="store_true", help="decode every image and count failures")
     da.add_argument("--val-size", type=float, default=0.1, help="held-out fraction or count")
+    _add_export_parser(sub)
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    """``semmim export RUN --format hf DIR`` (:mod:`semmim.export`)."""
+    ex = sub.add_parser(
+        "export",
+        help="write a run's weights as a folder others can load (safetensors + config.json + "
+        "tokenizer + model card)",
+        description=textwrap.fill(
+            "Export the newest checkpoint of RUN (run dir, checkpoints dir or step_*.pt) in the "
+            "Hugging Face layout: DIR/model.safetensors (the trained towers and the ITC "
+            "temperature; --ema: the momentum towers instead), DIR/config.json, the tokenizer "
+            "files and DIR/README.md (a model card). Load it with "
+            "semmim.SemMIM.from_pretrained(DIR). The EMA copy, queues and centres are training "
+            "state and stay in the checkpoint.",
+            96,
+        ),
+    )
+    ex.add_argument("run", metavar="RUN", help="run directory, checkpoints dir or step_*.pt")
+    ex.add_argument("dir", metavar="DIR", help="output folder (new or empty)")
+    ex.add_argument("--format", choices=["hf"], default="hf", help="hf: Hugging Face layout")
+    ex.add_argument(
+        "--ema", action="store_true", help="export the momentum (EMA) towers as the weights"
+    )
+    ex.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="DIR is not empty: replace the export's files in it (others are left alone)",
+    )
 
 
 def _setup_logging() -> None:
@@ -299,11 +329,16 @@ def _run_options(args: argparse.Namespace, **defaults: Any) -> tuple[dict, dict]
 
 def _train(args: argparse.Namespace, model_cfg, tcfg, checkpoint, task=None) -> int:
     """Open the run's data, train, report (exit status 0, or 130 when interrupted)."""
+    from semmim.albef import InitError, check_init
     from semmim.data import DataError
     from semmim.rundir import RunDirError
     from semmim.train import open_run_data, train
+    from semmim.train.tracking import TrackingError, check_available, parse_reporters
 
     try:
+        if not args.resume:  # --report-to extras, the --init file: before the data is listed
+            check_init(tcfg.init, task.name if task is not None else "pretrain")
+        check_available(parse_reporters(tcfg.report_to))
         source = open_run_data(tcfg, task)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
@@ -317,7 +352,8 @@ def _train(args: argparse.Namespace, model_cfg, tcfg, checkpoint, task=None) -> 
             allow_changes=args.allow_changes,
             task=task,
         )
-    except (DataError, RunDirError) as err:  # data checks, the run dir's owner, a full disk
+    # data checks, the run dir's owner, a full disk, --report-to / --init problems
+    except (DataError, RunDirError, TrackingError, InitError) as err:
         raise CLIError(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(
@@ -472,6 +508,23 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``semmim export``."""
+    from semmim.export import export_hf
+
+    try:
+        meta = export_hf(args.run, args.dir, ema=args.ema, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from None
+    src = meta["source"]
+    print(
+        f"exported {'the momentum (EMA)' if args.ema else 'the trained'} weights of "
+        f"{src['checkpoint']} (step {src['step']}) to {args.dir}; load with "
+        f"SemMIM.from_pretrained({args.dir!r})"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``semmim`` console script; returns the exit status."""
     parser = build_parser()
@@ -485,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "ablate": cmd_ablate,
         "data": cmd_data,
+        "export": cmd_export,
     }
     try:
         return handlers[args.command](args)

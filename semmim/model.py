@@ -222,6 +222,14 @@ class SemMIM(nn.Module):
         self.register_buffer("_mim_teacher_temp", torch.tensor(0.0), persistent=False)
         self.set_progress(0.0)
 
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> SemMIM:
+        """The model ``semmim export RUN --format hf DIR`` wrote to ``path`` (eval mode):
+        :func:`semmim.export.load_hf`."""
+        from semmim.export import load_hf
+
+        return load_hf(path, device)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before the queue kept image ids: their queue has no ids (-1)
         if prefix + "image_queue" in state_dict and prefix + "id_queue" not in state_dict:

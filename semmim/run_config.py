@@ -14,7 +14,38 @@ from typing import Any, Literal
 
 from semmim.config import check_in_range, check_positive, check_types
 
-__all__ = ["TrainConfig", "TaskConfig", "opt"]
+__all__ = ["TrainConfig", "TaskConfig", "opt", "REPORTERS", "parse_reporters", "parse_init"]
+
+REPORTERS = ("tensorboard", "wandb")  # --report-to (semmim.train.tracking)
+INIT_KINDS = ("albef",)  # --init KIND:FILE (semmim.albef)
+
+
+def parse_reporters(spec: str) -> tuple[str, ...]:
+    """``"tensorboard,wandb"`` → ``("tensorboard", "wandb")`` (blanks and repeats dropped).
+
+    ValueError ``report_to: unknown reporter …`` naming the first unknown name.
+    """
+    names = [n.strip().lower() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REPORTERS]
+    if unknown:
+        raise ValueError(
+            f"report_to: unknown reporter {unknown[0]!r}; valid: {', '.join(REPORTERS)} "
+            "(comma-separated)"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def parse_init(spec: str) -> tuple[str, str] | None:
+    """``"albef:FILE"`` → ``("albef", "FILE")``; ``""`` → None. ValueError naming ``init``."""
+    if not spec:
+        return None
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in INIT_KINDS or not path:
+        raise ValueError(
+            f"init: expected {' or '.join(k + ':FILE' for k in INIT_KINDS)} (e.g. "
+            f"albef:ALBEF.pth), got {spec!r}"
+        )
+    return kind, path
 
 
 def opt(default: Any, help: str, metavar: str | None = None, flag: str | None = None) -> Any:
@@ -96,6 +127,20 @@ class TrainConfig:
     eval_at_end: bool = opt(True, "evaluate the held-out split at the end", flag="eval")
     eval_rerank_k: int = opt(16, "ITM re-ranked candidates per query at the end (0 = ITC)", "K")
     eval_batch_size: int = opt(64, "encoding batch size of the final evaluation", "B")
+    report_to: str = opt(
+        "",
+        "experiment trackers, comma-separated: tensorboard (OUT/tensorboard), wandb (offline "
+        "unless WANDB_MODE=online or an API key is set; OUT/wandb): the log.csv scalars and "
+        "diagnostics, the plots, the configs (extras semmim[tensorboard] / semmim[wandb])",
+        "LIST",
+    )
+    init: str = opt(
+        "",
+        "pre-training only: start from released weights: albef:FILE (an ALBEF checkpoint mapped "
+        "onto the model; what does not map is listed in OUT/init_report.txt); a --resume ignores "
+        "it",
+        "SPEC",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.amp, bool):  # older configs: amp=True/False
@@ -138,6 +183,8 @@ class TrainConfig:
             )
         if not (self.crop_scale_min == -1.0 or 0 < self.crop_scale_min <= 1):
             raise ValueError(f"crop_scale_min: must be in (0, 1] or -1, got {self.crop_scale_min}")
+        parse_reporters(self.report_to)
+        parse_init(self.init)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (JSON-safe), e.g. for checkpoints."""

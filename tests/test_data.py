@@ -30,6 +30,8 @@ from semmim.data import (
     open_data,
     split_records,
 )
+from semmim.data import images as data_images
+from semmim.data import records as data_records
 from semmim.tokenizer import load_tokenizer
 from semmim.transforms import (
     EvalTransform,
@@ -420,7 +422,7 @@ def test_missing_svg_decoder_is_counted_by_split_and_named(tmp_path, monkeypatch
     spec = _svg_folder(tmp_path / "d")
     with_svg = open_data(spec, 4)
     reason = "SVG image: cairosvg not installed (pip install 'cairosvg>=2.7', semmim's [svg] extra)"
-    monkeypatch.setattr(data_module, "svg_decoder_problem", lambda: reason)
+    monkeypatch.setattr(data_images, "svg_decoder_problem", lambda: reason)
     source = open_data(spec, 4)
     svg_keys = {f"vec{i}.svg" for i in range(5)}
     # The split does not move with the installed packages: the same images, minus the SVGs.
@@ -569,7 +571,7 @@ def test_verify_held_out_only_when_evaluating(tmp_path):
 
 # ------------------------------------------------------------------ decoded-image cache
 def test_image_cache_gives_the_decoded_pixels_and_sees_rewritten_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "_IMAGE_CACHE", data_module._ImageCache())
+    monkeypatch.setattr(data_images, "_IMAGE_CACHE", data_images._ImageCache())
     path = str(tmp_path / "a.png")
     _png(path, colour=(200, 30, 30))
     first = load_image(path)
@@ -583,12 +585,12 @@ def test_image_cache_gives_the_decoded_pixels_and_sees_rewritten_files(tmp_path,
     other = str(tmp_path / "b.png")
     _png(other)
     assert data_module.decode_failure(other) is None
-    assert all(key[0] != other for key in data_module._IMAGE_CACHE.images)
+    assert all(key[0] != other for key in data_images._IMAGE_CACHE.images)
 
 
 def test_image_cache_budget_and_errors(tmp_path, monkeypatch):
-    cache = data_module._ImageCache()
-    monkeypatch.setattr(data_module, "_IMAGE_CACHE", cache)
+    cache = data_images._ImageCache()
+    monkeypatch.setattr(data_images, "_IMAGE_CACHE", cache)
     path = str(tmp_path / "a.png")
     _png(path)
     monkeypatch.setenv("SEMMIM_IMAGE_CACHE_MB", "0")
@@ -689,7 +691,7 @@ def test_paths_refuse_special_files_from_stat_and_links_out(tmp_path):
 
 def test_caption_limit_reads_a_bounded_prefix(tmp_path, monkeypatch):
     """What listing reads of a caption is CAPTION_MAX_BYTES + 1, whatever the file's size."""
-    monkeypatch.setattr(data_module, "CAPTION_MAX_BYTES", 8)
+    monkeypatch.setattr(data_records, "CAPTION_MAX_BYTES", 8)
     root = pairs_folder(tmp_path / "d", n=1, name="ok")
     (root / "ok0.txt").write_text("short\n" + "z" * 50)
     (root / "long.png").write_bytes((root / "ok0.png").read_bytes())

@@ -31,6 +31,7 @@ from semmim.train.resume import ResumePoint
 from semmim.train.run import Run, save, setup
 from semmim.train.signals import StopRequest
 from semmim.train.task import Task
+from semmim.train.tracking import Tracker, check_available, open_tracker, parse_reporters
 
 log = logging.getLogger("semmim.train")
 
@@ -165,13 +166,27 @@ def train(
 def _train_locked(
     model_cfg, tcfg, resume, source, return_model, checkpoint, allow_changes, task
 ) -> dict[str, Any]:
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_available(parse_reporters(tcfg.report_to))  # before the model is built
     stop = StopRequest()
     stop.install()  # from here on a signal is a stop request, even during setup
+    tracker = None
     try:
-        run = setup(model_cfg, tcfg, resume, source, checkpoint, allow_changes, task)
-        interrupted, history, seconds = _loop(run, stop)
+        try:
+            run = setup(model_cfg, tcfg, resume, source, checkpoint, allow_changes, task)
+            tracker = open_tracker(run)
+            interrupted, history, seconds = _loop(run, stop, tracker)
+        finally:
+            stop.restore()
+        return _finish(run, interrupted, history, seconds, return_model, tracker)
     finally:
-        stop.restore()
+        if tracker is not None:
+            tracker.close()
+
+
+def _finish(run, interrupted, history, seconds, return_model, tracker) -> dict[str, Any]:
+    """The session's summary, plots and final evaluation (rank 0), reported to the trackers."""
+    tcfg = run.tcfg
     info = run.info
     total_wait, total_time = seconds
     summary: dict[str, Any] = {
@@ -196,6 +211,8 @@ def _train_locked(
         plot_losses(csv_path, os.path.join(run.out_dir, "loss.png"))
         if run.task.diagnostics:
             plot_diagnostics(csv_path, os.path.join(run.out_dir, "diagnostics.png"))
+        if tracker is not None:
+            tracker.log_plots(run.out_dir, run.step)
         finished = not interrupted and run.step >= run.total_steps
         if tcfg.eval_at_end and finished and run.source.val:
             summary["eval"] = run_evaluation(
@@ -207,6 +224,8 @@ def _train_locked(
                 run.info.device,
                 os.path.join(run.out_dir, "eval.json"),
             )
+            if tracker is not None:
+                tracker.log_eval(summary["eval"], run.step)
         write_json(
             os.path.join(run.out_dir, "summary.json"),
             {k: v for k, v in summary.items() if k != "history"},
@@ -217,7 +236,9 @@ def _train_locked(
     return summary
 
 
-def _loop(run: Run, stop: StopRequest) -> tuple[bool, list[dict[str, float]], tuple]:
+def _loop(
+    run: Run, stop: StopRequest, tracker: Tracker | None = None
+) -> tuple[bool, list[dict[str, float]], tuple]:
     """Steps until ``stop_at`` or a stop request, logging and checkpointing; a final checkpoint."""
     tcfg = run.tcfg
     info = run.info
@@ -269,6 +290,8 @@ def _loop(run: Run, stop: StopRequest) -> tuple[bool, list[dict[str, float]], tu
                 if writer is not None:
                     writer.writerow(row)
                     csv_file.flush()
+                if tracker is not None:  # the row's values: no further host read
+                    tracker.log_row(row)
                 bar.set_postfix(postfix(row), refresh=False)
                 if on_grid:
                     # A row at a --stop-at between log steps keeps its window (checkpointed):

@@ -158,6 +158,10 @@ def setup(
     # Same init on every rank (DDP also broadcasts rank 0's), then per-rank randomness.
     torch.manual_seed(tcfg.seed)
     model = task.build_model(model_cfg, pretrained=state is None).to(info.device)
+    if state is None and tcfg.init:  # --init albef:FILE (a resume has the weights already)
+        from semmim.albef import init_from
+
+        init_from(model, tcfg.init, out_dir if info.is_main else None, task.name)
     torch.manual_seed(tcfg.seed + 1000 * info.rank)
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)  # the model's switch (timm's convention)

@@ -531,13 +531,12 @@ class SemMIM(nn.Module):
         kept: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Global agreement and MIM on the masked view (keep_idx (B, R), mask_idx (B, M),
-        mask (B, P) from :func:`~semmim.objectives.image_mask`); ``diag``: where diagnostics go
-        (None = none); ``kept``: the student's encoding of it (B, R+1, Dv) if already run."""
+        mask (B, P) from :func:`~semmim.objectives.image_mask`; ``kept``: the student's (B, R+1,
+        Dv) encoding of it, None = encode it here); ``diag``: where diagnostics go (None = none)."""
         cfg, net, ema = self.cfg, self.net, self.ema
         P, M = cfg.vision.num_patches, cfg.num_masked
         if cfg.mim.drop_tokens:
-            if kept is None:
-                kept = net.vision.forward_kept(images, keep_idx)  # (B, R+1, Dv)
+            kept = kept if kept is not None else net.vision.forward_kept(images, keep_idx)
             cls_masked = kept[:, 0]
             patches = self.ops.masked_scatter_fill(  # (B, P, Dv), [MASK]+pos at masked slots
                 kept[:, 1:], keep_idx, net.predictor_mask_token, P, pos=net.predictor_pos[0, 1:]

@@ -918,9 +918,9 @@ def _example(device: torch.device) -> tuple[tuple, dict]:
 
 
 OP = define_op("cross_attention", prepare=_prepare, example=_example)
-OP.register("reference", _reference, supports_reference, 0)
-OP.register("sdpa", _sdpa, supports_sdpa, 10)
-OP.register("triton", _triton, supports_triton, 20)
+OP.register("reference", _reference, supports_reference)
+OP.register("sdpa", _sdpa, supports_sdpa)
+OP.register("triton", _triton, supports_triton)
 
 
 def _on(backend: str):

@@ -672,12 +672,11 @@ def _example_scatter(device: torch.device):
 
 GATHER = define_op("masked_gather", prepare=_prepare_gather, example=_example_gather)
 SCATTER = define_op("masked_scatter_fill", prepare=_prepare_scatter, example=_example_scatter)
-_PRIORITY = {"cuda": 40, "triton": 30, "cpu": 20}
 for _name, (_gather_op, _scatter_op) in _CUSTOM_OPS.items():
-    GATHER.register(_name, _gather_op, _supports_gather(_name), _PRIORITY[_name])
-    SCATTER.register(_name, _scatter_op, _supports_scatter(_name), _PRIORITY[_name])
-GATHER.register("reference", _gather_reference, supports_reference, 0)
-SCATTER.register("reference", _scatter_reference, supports_reference, 0)
+    GATHER.register(_name, _gather_op, _supports_gather(_name))
+    SCATTER.register(_name, _scatter_op, _supports_scatter(_name))
+GATHER.register("reference", _gather_reference, supports_reference)
+SCATTER.register("reference", _scatter_reference, supports_reference)
 
 
 def masked_gather(

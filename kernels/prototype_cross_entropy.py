@@ -696,9 +696,9 @@ def _example(device: torch.device) -> tuple[tuple, dict]:
 
 
 OP = define_op(OP_NAME, prepare=_prepare, example=_example)
-OP.register("triton", _fused("triton"), supports_triton, 30)
-OP.register("chunked", _fused("chunked"), supports_chunked, 20)
-OP.register("reference", _reference, supports_reference, 0)
+OP.register("triton", _fused("triton"), supports_triton)
+OP.register("chunked", _fused("chunked"), supports_chunked)
+OP.register("reference", _reference, supports_reference)
 
 
 def prototype_cross_entropy(

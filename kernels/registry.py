@@ -21,21 +21,51 @@ Every call is reported to the active :func:`record_dispatch` contexts. The fast 
 ``torch.library`` custom ops made by :func:`custom_op` (fake impl for torch.compile, optional
 autograd), and allocate their outputs with :func:`semmim.kernels._common.new_output` (the one
 allocator, which tests poison through :func:`semmim.kernels._common.poisoned_outputs`).
+
+The op list itself is :data:`OP_SPECS`: each op's name, the module that defines it and its
+backends by name, highest priority first. It is the one list: ``semmim.config.KernelsConfig``
+has a backend field per op and ``semmim.layers.OpCalls`` a method per op from it, config
+validation checks backend names against it, and :meth:`Op.register` refuses a backend it does not
+declare. This module imports neither torch, Triton nor ``semmim._C`` (only the functions that
+work on tensors import torch), so reading the list and building a config stay light; an op's
+module is imported the first time :data:`OPS` (or ``semmim.kernels.<op>``) is asked for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-# every backend name any op may register (SEMMIM_BACKEND must be one of them); "chunked" is
-# prototype_cross_entropy's blockwise PyTorch backend
-BACKENDS = ("reference", "triton", "cuda", "cpu", "sdpa", "chunked")
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op as the rest of the package sees it before its module is imported."""
+
+    module: str  # the module of semmim.kernels that defines the op (kernels/<module>.py)
+    backends: tuple[str, ...]  # every backend it registers, highest priority first
+
+
+# THE op list (see the module docstring). Adding an op: kernels/README.md, "Module layout".
+# "chunked" is prototype_cross_entropy's blockwise PyTorch backend.
+OP_SPECS: dict[str, OpSpec] = {
+    "masked_gather": OpSpec("masked_gather", ("cuda", "triton", "cpu", "reference")),
+    "masked_scatter_fill": OpSpec("masked_gather", ("cuda", "triton", "cpu", "reference")),
+    "topk_mask": OpSpec("topk_mask", ("cuda", "triton", "cpu", "reference")),
+    "cross_attention": OpSpec("cross_attention", ("triton", "sdpa", "reference")),
+    "prototype_cross_entropy": OpSpec(
+        "prototype_cross_entropy", ("triton", "chunked", "reference")
+    ),
+}
+OP_NAMES: tuple[str, ...] = tuple(OP_SPECS)
+# every backend name of any op (SEMMIM_BACKEND must be one of them)
+BACKENDS: tuple[str, ...] = tuple(dict.fromkeys(b for s in OP_SPECS.values() for b in s.backends))
 ENV_VAR = "SEMMIM_BACKEND"
 
 Prepared = tuple[tuple, dict]
@@ -43,6 +73,8 @@ Prepared = tuple[tuple, dict]
 
 def describe(*args: Any, **kwargs: Any) -> str:
     """One-line description of call arguments: tensors as dtype[shape] device, others by repr."""
+
+    import torch
 
     def one(v: Any) -> str:
         if isinstance(v, torch.Tensor):
@@ -103,7 +135,6 @@ class Backend:
     name: str
     fn: Callable[..., Any]
     supports: Callable[..., list[str]]
-    priority: int
 
 
 def _no_prepare(*args: Any, validate: bool = True, **kwargs: Any) -> Prepared:
@@ -122,15 +153,21 @@ class Op:
     backends: dict[str, Backend] = field(default_factory=dict)
 
     def register(
-        self, name: str, fn: Callable[..., Any], supports: Callable[..., list[str]], priority: int
+        self, name: str, fn: Callable[..., Any], supports: Callable[..., list[str]]
     ) -> None:
-        """Add backend ``name``; higher priority is tried first by auto-dispatch."""
-        if name not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-        self.backends[name] = Backend(name, fn, supports, priority)
+        """Add backend ``name``, one of the op's declared backends (:data:`OP_SPECS`, whose order
+        is the priority order of auto-dispatch)."""
+        declared = OP_SPECS[self.name].backends
+        if name not in declared:
+            raise ValueError(
+                f"{self.name}: backend {name!r} is not declared in semmim.kernels.registry."
+                f"OP_SPECS (declared: {list(declared)}): add it there"
+            )
+        self.backends[name] = Backend(name, fn, supports)
 
     def ordered(self) -> list[Backend]:
-        return sorted(self.backends.values(), key=lambda b: -b.priority)
+        """The registered backends, highest priority (first declared) first."""
+        return [self.backends[b] for b in OP_SPECS[self.name].backends if b in self.backends]
 
     def reasons(self, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
         """Backend name -> reasons it cannot run on these (raw) inputs (empty list = can run).
@@ -203,7 +240,7 @@ class Op:
         return out
 
 
-OPS: dict[str, Op] = {}
+_DEFINED: dict[str, Op] = {}  # the ops whose module has been imported
 
 
 def define_op(
@@ -213,24 +250,60 @@ def define_op(
     finish: Callable[[Any, tuple, dict, bool], Any] | None = None,
     example: Callable[[torch.device], Prepared] | None = None,
 ) -> Op:
-    """Create and register the public op ``name`` (once per process); ``name`` must be one of
-    :data:`semmim.config.KERNEL_OPS`, the list the model's config and op calls derive from."""
-    from semmim.config import KERNEL_OPS
-
-    if name not in KERNEL_OPS:
+    """Create and register the public op ``name`` (once per process, from its module); ``name``
+    must be declared in :data:`OP_SPECS`."""
+    if name not in OP_SPECS:
         raise ValueError(
-            f"op {name!r} is not in semmim.config.KERNEL_OPS {KERNEL_OPS}: add it there"
+            f"op {name!r} is not declared in semmim.kernels.registry.OP_SPECS "
+            f"{list(OP_SPECS)}: add it there"
         )
-    if name in OPS:
+    if name in _DEFINED:
         raise ValueError(f"op {name!r} is already defined")
-    OPS[name] = Op(name, prepare=prepare, finish=finish, example=example)
-    return OPS[name]
+    _DEFINED[name] = Op(name, prepare=prepare, finish=finish, example=example)
+    return _DEFINED[name]
+
+
+def _load(name: str) -> Op:
+    """The op ``name``, importing its module the first time (Triton, ``semmim._C``)."""
+    if name not in _DEFINED:
+        spec = OP_SPECS[name]
+        importlib.import_module(f"{__package__}.{spec.module}")
+        op = _DEFINED.get(name)
+        if op is None:
+            raise RuntimeError(f"semmim.kernels.{spec.module} defines no op {name!r} (OP_SPECS)")
+        missing = [b for b in spec.backends if b not in op.backends]
+        if missing:
+            raise RuntimeError(
+                f"semmim.kernels.{spec.module}: op {name!r} registers no backend {missing} "
+                "although OP_SPECS declares it"
+            )
+    return _DEFINED[name]
+
+
+class _Ops(Mapping):
+    """Op name -> :class:`Op` for every op of :data:`OP_SPECS`; reading an op imports its module
+    (iterating over the names does not)."""
+
+    def __getitem__(self, name: str) -> Op:
+        if name not in OP_SPECS:
+            raise KeyError(f"no op named {name!r}; ops: {sorted(OP_SPECS)}")
+        return _load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(OP_SPECS)
+
+    def __len__(self) -> int:
+        return len(OP_SPECS)
+
+    def __repr__(self) -> str:
+        return f"OPS({list(OP_SPECS)})"
+
+
+OPS: Mapping[str, Op] = _Ops()
 
 
 def get_op(name: str) -> Op:
     """The op named ``name``; KeyError listing the ops when there is none."""
-    if name not in OPS:
-        raise KeyError(f"no op named {name!r}; ops: {sorted(OPS)}")
     return OPS[name]
 
 
@@ -254,6 +327,8 @@ def custom_op(
     autograd formula (fine for integer outputs or ops that are called on detached inputs).
     Custom ops cannot return None: return ``no_grad_placeholder(ref)`` instead.
     """
+    import torch
+
     op = torch.library.custom_op(f"semmim::{name}", impl, mutates_args=())
     op.register_fake(fake)
     if backward is not None:

@@ -554,10 +554,10 @@ def _example(device: torch.device) -> tuple[tuple, dict]:
 
 
 OP = define_op("topk_mask", prepare=_prepare, finish=_finish, example=_example)
-OP.register("cuda", _backend_fn("cuda"), supports_cuda, 40)
-OP.register("triton", _backend_fn("triton"), supports_triton, 30)
-OP.register("cpu", _backend_fn("cpu"), supports_cpu, 20)
-OP.register("reference", _reference_backend, supports_reference, 0)
+OP.register("cuda", _backend_fn("cuda"), supports_cuda)
+OP.register("triton", _backend_fn("triton"), supports_triton)
+OP.register("cpu", _backend_fn("cpu"), supports_cpu)
+OP.register("reference", _reference_backend, supports_reference)
 
 
 def gumbel_noise(

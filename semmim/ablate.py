@@ -274,8 +274,9 @@ def run_state(plan: RunPlan) -> str:
         and os.path.exists(os.path.join(plan.out, "eval.json"))
     ):
         return "done"
-    ckpt_dir = os.path.join(plan.out, "checkpoints")
-    if os.path.isdir(ckpt_dir) and any(n.endswith(".pt") for n in os.listdir(ckpt_dir)):
+    from semmim.checkpoint import list_checkpoints
+
+    if list_checkpoints(os.path.join(plan.out, "checkpoints")):  # step files or sharded steps
         return "partial"
     return "new"
 

@@ -4,7 +4,13 @@ Layout of a run directory::
 
     RUN/checkpoints/step_00000100.pt        one file per saved step (the newest ``keep`` are kept)
     RUN/checkpoints/step_00000100.pt.json   its sidecar: {"file", "bytes", "sha256", "format"}
+    RUN/checkpoints/step_00000100/          or a sharded step (``--fsdp``): a directory whose
+                                            manifest.json holds each file's size and sha256
     RUN/checkpoints/latest                  text file naming the newest complete checkpoint
+
+Sharded steps (:mod:`semmim.checkpoint_dcp`: ``torch.distributed.checkpoint`` shards written by
+every rank, renamed into place complete) go through the same functions here: found, verified,
+named by ``latest``, rotated and opened like the single files, with the same rules below.
 
 Writing: every file goes through :func:`semmim.rundir.atomic_write` (the one writer of run files): a
 temporary file in the same directory, flushed, fsync'ed and renamed over the destination with
@@ -30,13 +36,13 @@ directly; a pointer or sidecar that is a FIFO or device is refused without being
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import pickle
 import random
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,13 +50,14 @@ import numpy as np
 import torch
 
 from semmim.paths import NotRegularFile, inside, open_regular
-from semmim.rundir import atomic_write
+from semmim.rundir import atomic_write, file_sha256
 
 log = logging.getLogger("semmim.checkpoint")
 
 LATEST = "latest"
 FORMAT = 2  # 2 = weights_only payload + sha256 sidecar
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+_STEP_DIR = re.compile(r"^step_(\d+)$")  # a sharded step (semmim.checkpoint_dcp)
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size)
 
 # What a training checkpoint must hold (``semmim train --resume``), and what evaluation needs.
@@ -84,15 +91,6 @@ def sidecar_path(path: str) -> str:
     return path + ".json"
 
 
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_plain(obj: Any, where: str = "state") -> None:
     """Raise TypeError naming the first value ``torch.load(weights_only=True)`` would refuse."""
     if isinstance(obj, dict):
@@ -110,50 +108,95 @@ def check_plain(obj: Any, where: str = "state") -> None:
         )
 
 
-def save_checkpoint(state: dict[str, Any], ckpt_dir: str, step: int, keep: int = 2) -> str:
+def save_checkpoint(
+    state: dict[str, Any],
+    ckpt_dir: str,
+    step: int,
+    keep: int = 2,
+    shards: dict[str, torch.Tensor] | None = None,
+    is_main: bool = True,
+) -> str | None:
     """Write ``state`` as ``step_<step>.pt`` + sidecar, point ``latest`` at it, keep the newest ``keep``.
 
     ``state`` may hold only tensors and plain containers (checked first: TypeError otherwise).
     Returns the checkpoint path.
+
+    With ``shards`` (``--fsdp``: :func:`semmim.checkpoint_dcp.flat_tensors` of this rank) the step
+    is a sharded directory ``step_<step>/`` instead: every rank calls this with its shards, rank 0
+    (``is_main``) with ``state`` too; the path is returned on rank 0 only.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    check_plain(state)
-    _remove_stale_temp_files(ckpt_dir)
-    name = f"step_{step:08d}.pt"
-    path = os.path.join(ckpt_dir, name)
-    atomic_torch_save(state, path)
-    meta = {
-        "file": name,
-        "bytes": os.path.getsize(path),
-        "sha256": file_sha256(path),
-        "format": FORMAT,
-    }
-    atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta).encode() + b"\n"))
+    if is_main:
+        check_plain(state)
+        _remove_stale_temp_files(ckpt_dir)
+    if shards is not None:
+        from semmim import checkpoint_dcp
+
+        path = checkpoint_dcp.write_sharded(state, shards, ckpt_dir, step, is_main)
+        if path is None:
+            return None
+        name = os.path.basename(path)
+    else:
+        name = f"step_{step:08d}.pt"
+        path = os.path.join(ckpt_dir, name)
+        atomic_torch_save(state, path)
+        meta = {
+            "file": name,
+            "bytes": os.path.getsize(path),
+            "sha256": file_sha256(path),
+            "format": FORMAT,
+        }
+        atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta).encode() + b"\n"))
     atomic_write(os.path.join(ckpt_dir, LATEST), lambda f: f.write(name.encode() + b"\n"))
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         if os.path.basename(old) != name:
-            for p in (old, sidecar_path(old)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+            _remove_step(old)
     return path
 
 
+def _remove_step(path: str) -> None:
+    """Delete an old step: a file and its sidecar, or a sharded step directory."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for p in (path, sidecar_path(path)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
 def _remove_stale_temp_files(ckpt_dir: str) -> None:
-    """Delete temp files an interrupted writer left behind (one writer per directory: rank 0)."""
+    """Delete temp files (and sharded steps' temp directories) an interrupted writer left
+    behind (one writer per directory: rank 0)."""
     if not os.path.isdir(ckpt_dir):
         return
     for name in os.listdir(ckpt_dir):
         if name.startswith(".") and name.endswith(".tmp"):
+            path = os.path.join(ckpt_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(ckpt_dir, name))
+                os.unlink(path)
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a checkpoint name (``step_<N>.pt`` or a sharded ``step_<N>``), else None."""
+    m = _STEP_FILE.match(name) or _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+def is_sharded_step(path: str) -> bool:
+    """Whether ``path`` is a sharded step directory (``step_<N>/``, :mod:`semmim.checkpoint_dcp`)."""
+    return bool(_STEP_DIR.match(os.path.basename(os.path.normpath(path)))) and os.path.isdir(path)
 
 
 def list_checkpoints(ckpt_dir: str) -> list[str]:
-    """Checkpoint files ``step_*.pt`` in ``ckpt_dir``, oldest step first."""
+    """Checkpoints in ``ckpt_dir`` (files ``step_*.pt`` and sharded ``step_*/`` directories),
+    oldest step first."""
     if not os.path.isdir(ckpt_dir):
         return []
-    found = [(int(m.group(1)), n) for n in os.listdir(ckpt_dir) if (m := _STEP_FILE.match(n))]
+    found = [(n_step, n) for n in os.listdir(ckpt_dir) if (n_step := _step_of(n)) is not None]
     return [os.path.join(ckpt_dir, n) for _, n in sorted(found)]
 
 
@@ -175,10 +218,10 @@ def _read_latest(directory: str) -> str | None:
         raise CheckpointError(f"{pointer}: cannot read the pointer ({err})") from None
     name = raw.decode("utf-8", errors="replace").strip()
     target = os.path.join(directory, name)
-    if not _STEP_FILE.match(name) or not inside(target, directory):
+    if _step_of(name) is None or not inside(target, directory):
         shown = repr(name) if len(name) <= 120 and name.isprintable() else f"{len(raw)} bytes"
         raise CheckpointError(
-            f"{pointer}: names {shown}, which is not a step_<N>.pt file inside "
+            f"{pointer}: names {shown}, which is not a step_<N>.pt file (or step_<N> directory) inside "
             f"{directory}; refusing to follow it (the pointer may have been tampered with)"
         )
     return target
@@ -204,6 +247,8 @@ def _candidates(path: str) -> tuple[str | None, list[str]]:
     A file named directly is the only candidate; when it is a ``step_*.pt`` file its own folder
     is its checkpoints directory (so a link out of it is refused as through the run directory).
     """
+    if is_sharded_step(path):
+        return os.path.dirname(os.path.abspath(os.path.normpath(path))), [path]
     if os.path.isdir(path):
         found = _run_dir_candidates(path)
         if found:
@@ -281,6 +326,17 @@ def read_checkpoint(
 
     Raises :class:`CheckpointError` (a ValueError) naming the file and the problem.
     """
+    if is_sharded_step(path):
+        from semmim import checkpoint_dcp
+
+        try:
+            state = checkpoint_dcp.read_sharded(path, verify)
+        except checkpoint_dcp.ShardedCheckpointError as err:
+            raise CheckpointError(str(err)) from None
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise CheckpointError(f"{path}: missing key(s) {missing} (have {sorted(state)})")
+        return state
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: not a file")
     if verify:

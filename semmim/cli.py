@@ -410,8 +410,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``semmim eval``: :func:`semmim.eval.open_checkpoint_eval`, then its one evaluation path."""
-    from semmim.eval import open_checkpoint_eval
+    """``semmim eval``: :func:`semmim.eval_checkpoint.open_checkpoint_eval`, then its one
+    evaluation path."""
+    from semmim.eval_checkpoint import open_checkpoint_eval
 
     try:
         job = open_checkpoint_eval(

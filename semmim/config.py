@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from semmim.kernels.registry import BACKENDS, OP_SPECS
+
 __all__ = [
     "VisionConfig",
     "TextConfig",
@@ -378,37 +380,17 @@ class LossWeights:
                 raise ValueError(f"{f.name}: must be >= 0, got {getattr(self, f.name)}")
 
 
-# The ops of semmim.kernels the model calls: the one list. KernelsConfig has a field per op,
-# semmim.layers.OpCalls a method per op, and the registry refuses to define an op not listed here
-# (kernels/README.md: adding an op). Plain names, so building a config imports no kernel.
-KERNEL_OPS = (
-    "masked_gather",
-    "masked_scatter_fill",
-    "topk_mask",
-    "cross_attention",
-    "prototype_cross_entropy",
-)
-
-
-def _op_backends(op: str) -> list[str]:
-    """Backend names ``op`` registers in :mod:`semmim.kernels` (every known name for an op this
-    version does not register yet). Imports the kernels (Triton, ``semmim._C`` where present)."""
-    import semmim.kernels as K
-
-    registered = K.OPS.get(op)
-    return sorted(registered.backends if registered and registered.backends else K.BACKENDS)
-
-
 def _with_op_fields(cls: type) -> type:
-    """One ``str = "auto"`` field per op of :data:`KERNEL_OPS`, between ``backend`` and
-    ``validate`` (the order of the fields as they were written out before)."""
+    """One ``str = "auto"`` field per op of :data:`semmim.kernels.registry.OP_SPECS` (the one op
+    list), between ``backend`` and ``validate`` (the order of the fields as they were written out
+    before)."""
     own = cls.__dict__["__annotations__"]
     cls.__annotations__ = {
         "backend": own["backend"],
-        **{op: "str" for op in KERNEL_OPS},
+        **{op: "str" for op in OP_SPECS},
         "validate": own["validate"],
     }
-    for op in KERNEL_OPS:
+    for op in OP_SPECS:
         setattr(cls, op, "auto")
     return cls
 
@@ -423,15 +405,14 @@ class KernelsConfig:
         backend that can run) or a backend name ("reference", "triton", "cuda", "cpu", "sdpa",
         ...). An op without a backend of that name dispatches automatically (as with
         ``SEMMIM_BACKEND``); training logs at its first step which backend each op ran.
-    one field per op of :data:`KERNEL_OPS` (masked_gather, masked_scatter_fill, topk_mask,
-        cross_attention, prototype_cross_entropy): per-op override ("auto" = follow
-        ``backend``); must be a backend that op has.
+    one field per op of :data:`~semmim.kernels.registry.OP_SPECS` (masked_gather,
+        masked_scatter_fill, topk_mask, cross_attention, prototype_cross_entropy): per-op
+        override ("auto" = follow ``backend``); must be a backend that op declares.
     validate: ops check values on the host (index ranges, uniqueness, finiteness; each check
         is a device→host sync). ``SemMIM.forward(check_inputs=False)`` turns them off for one
         call whatever this says; shape/dtype/device checks always run.
 
-    The backend names are checked against the registry by :meth:`check_registered` when a model
-    is built (:class:`semmim.layers.OpCalls`), so building a config imports no kernel.
+    Backend names are checked against the op list's declared backends, which import no kernel.
     """
 
     backend: str = "auto"
@@ -439,30 +420,23 @@ class KernelsConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-
-    def check_registered(self) -> None:
-        """ValueError naming the field whose backend the registry does not know (for that op)."""
-        import semmim.kernels as K
-
-        every = sorted(K.BACKENDS)
+        every = sorted(BACKENDS)
         if self.backend != "auto" and self.backend not in every:
             raise ValueError(
-                f"kernels.backend: unknown backend {self.backend!r}; valid: {['auto', *every]}"
+                f"backend: unknown backend {self.backend!r}; valid: {['auto', *every]}"
             )
-        for op in KERNEL_OPS:
+        for op, spec in OP_SPECS.items():
             name = getattr(self, op)
-            valid = _op_backends(op)
-            if name != "auto" and name not in valid:
-                raise ValueError(
-                    f"kernels.{op}: unknown backend {name!r}; valid: {['auto', *valid]}"
-                )
+            if name != "auto" and name not in spec.backends:
+                valid = sorted(spec.backends)
+                raise ValueError(f"{op}: unknown backend {name!r}; valid: {['auto', *valid]}")
 
     def backend_for(self, op: str) -> str | None:
         """The ``backend=`` argument for ``op``: None = the op dispatches automatically."""
         name = getattr(self, op)
         if name == "auto":
             name = self.backend
-            if name != "auto" and name not in _op_backends(op):
+            if name != "auto" and name not in OP_SPECS[op].backends:
                 return None
         return None if name == "auto" else name
 

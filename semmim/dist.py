@@ -93,3 +93,10 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()  # all_reduce works in place
     dist.all_reduce(x)
     return x / dist.get_world_size()
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (an FSDP2 parameter; a view, so in-place ops write the
+    shard); ``t`` itself for a plain tensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t

@@ -22,7 +22,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from semmim import kernels
-from semmim.config import KERNEL_OPS, KernelsConfig
+from semmim.config import KernelsConfig
+from semmim.kernels.registry import OP_NAMES
 
 __all__ = [
     "OpCalls",
@@ -44,20 +45,19 @@ class OpCalls:
     """How one model calls :mod:`semmim.kernels`: each op's ``backend=`` (from
     :class:`~semmim.config.KernelsConfig`) and the ``validate=`` flag, passed to every call.
 
-    One method per op of :data:`semmim.config.KERNEL_OPS`, named as the op, with the op's own
-    arguments: ``ops.masked_gather(x, index)`` is ``semmim.kernels.masked_gather(x, index,
-    backend=..., validate=...)`` (see each op's docstring for shapes). The model owns one instance
-    and hands it to each layer that calls an op (its EMA copy shares it), so settings belong to a
-    model, never to the process. ``validate`` is what the ops get now:
+    One method per op of :data:`semmim.kernels.registry.OP_SPECS` (the one op list), named as
+    the op, with the op's own arguments: ``ops.masked_gather(x, index)`` is
+    ``semmim.kernels.masked_gather(x, index, backend=..., validate=...)`` (see each op's
+    docstring for shapes); the op's module is imported at its first call. The model owns one
+    instance and hands it to each layer that calls an op (its EMA copy shares it), so settings
+    belong to a model, never to the process. ``validate`` is what the ops get now:
     :meth:`semmim.SemMIM.forward` sets it to False for a ``check_inputs=False`` call (no value
-    checks, so no device→host sync) and restores it afterwards. Building one checks the
-    configured backend names against the registry (ValueError naming the field).
+    checks, so no device→host sync) and restores it afterwards.
     """
 
     def __init__(self, cfg: KernelsConfig | None = None) -> None:
         cfg = cfg if cfg is not None else KernelsConfig()
-        cfg.check_registered()
-        self.backends: dict[str, str | None] = {op: cfg.backend_for(op) for op in KERNEL_OPS}
+        self.backends: dict[str, str | None] = {op: cfg.backend_for(op) for op in OP_NAMES}
         self.configured: bool = cfg.validate  # what the config asks for
         self.validate: bool = cfg.validate
 
@@ -88,7 +88,7 @@ def _op_call(op: str):
     return call
 
 
-for _op in KERNEL_OPS:
+for _op in OP_NAMES:
     setattr(OpCalls, _op, _op_call(_op))
 
 

@@ -32,6 +32,7 @@ from semmim import kernels
 from semmim import objectives as obj
 from semmim.config import SemMIMConfig
 from semmim.diagnostics import mask_overlap
+from semmim.dist import local_shard
 from semmim.inputs import check_image_ids, check_inputs, special_token_ids
 from semmim.layers import (
     FusionEncoder,
@@ -225,10 +226,10 @@ class SemMIM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> SemMIM:
         """The model ``semmim export RUN --format hf DIR`` wrote to ``path`` (eval mode):
-        :func:`semmim.export.load_hf`."""
-        from semmim.export import load_hf
+        :func:`semmim.hf_format.load_hf`."""
+        from semmim.hf_format import load_hf
 
-        return load_hf(path, device)
+        return load_hf(path, cls, device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before the queue kept image ids: their queue has no ids (-1)
@@ -312,8 +313,9 @@ class SemMIM(nn.Module):
         also clamps the ITC temperature parameter into [itc.temp_min, itc.temp_max]."""
         self.temp.clamp_(self.cfg.itc.temp_min, self.cfg.itc.temp_max)
         m = self.momentum
-        ema = list(self.ema.parameters())
-        net = list(self.net.parameters())
+        # FSDP2: net and ema are sharded alike, so the update is local to each rank's shards
+        ema = [local_shard(p) for p in self.ema.parameters()]
+        net = [local_shard(p) for p in self.net.parameters()]
         torch._foreach_mul_(ema, m)
         torch._foreach_add_(ema, net, alpha=1 - m)
 

@@ -141,6 +141,12 @@ class TrainConfig:
         "it",
         "SPEC",
     )
+    fsdp: bool = opt(
+        False,
+        "under torchrun: shard the model, its EMA copy and the AdamW state over the processes "
+        "(FSDP2) instead of replicating them (DDP); checkpoints become sharded step_<N>/ "
+        "directories (torch.distributed.checkpoint), resumable on another process count",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.amp, bool):  # older configs: amp=True/False
@@ -180,6 +186,11 @@ class TrainConfig:
             raise ValueError(
                 f"steps: the run length is steps > 0 or (with steps=0) epochs > 0, exactly one; "
                 f"got steps={self.steps}, epochs={self.epochs}"
+            )
+        if self.fsdp and self.compile:
+            raise ValueError(
+                "fsdp: --fsdp with --compile is not supported (the combination is untested); "
+                "drop one of them"
             )
         if not (self.crop_scale_min == -1.0 or 0 < self.crop_scale_min <= 1):
             raise ValueError(f"crop_scale_min: must be in (0, 1] or -1, got {self.crop_scale_min}")

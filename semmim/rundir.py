@@ -45,6 +45,8 @@ __all__ = [
     "RunLock",
     "lock_owner",
     "atomic_write",
+    "fsync_dir",
+    "file_sha256",
     "write_text",
     "write_json",
     "read_json",
@@ -70,7 +72,8 @@ class RunDirError(ValueError):
 
 
 # ----------------------------------------------------------------------------- atomic writes
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """fsync a directory (its entries: a rename into it is durable); a no-op where unsupported."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -101,7 +104,18 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
         if isinstance(err, OSError) and err.errno in _NO_SPACE_ERRNOS and not err.filename:
             raise OSError(err.errno, err.strerror, path) from err  # name the file
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_text(path: str, text: str) -> None:

@@ -3,7 +3,29 @@ peak memory of opening a data spec."""
 
 from __future__ import annotations
 
+import os
+import socket
+
 from semmim.run_config import TrainConfig
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env(rank: int, world_size: int, port: int) -> None:
+    """torchrun's environment for ``rank`` of a ``world_size``-process gloo job on ``port``
+    (for workers started with ``torch.multiprocessing.spawn``)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
 
 
 def small_run(out, **kw) -> TrainConfig:

@@ -105,41 +105,67 @@ def test_from_dict_rejects_unknown_keys():
 
 
 def test_importing_semmim_and_building_a_config_imports_no_kernel():
-    """``import semmim`` and building any preset (with a kernels override) load neither Triton
-    nor the compiled ``semmim._C``: backend names are checked when a model is built."""
+    """``import semmim``, reading the op list and building (and validating) any preset load
+    neither torch, Triton, ``semmim._C`` nor an op module: only the registry's declarations."""
     import subprocess
     import sys
 
     code = (
         "import sys, semmim\n"
-        "from semmim.config import from_preset\n"
+        "from semmim import from_preset\n"
+        "from semmim.kernels import OP_NAMES\n"
         "for name in ('tiny', 'small', 'base'):\n"
         "    from_preset(name, {'kernels.cross_attention': 'sdpa'})\n"
-        "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', "
-        "'semmim._C', 'semmim.kernels'))))\n"
+        "try:\n"
+        "    from_preset('tiny', {'kernels.topk_mask': 'sdpa'})\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+        "print(sorted(m for m in sys.modules if m in ('torch', 'triton') or m.startswith(("
+        "'torch.', 'triton.', 'semmim._C', 'semmim.kernels'))))\n"
     )
     out = subprocess.run(
         [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "[]"
+    ).stdout.splitlines()
+    assert out[0].startswith("kernels.topk_mask: unknown backend 'sdpa'"), out
+    assert out[1] == "['semmim.kernels', 'semmim.kernels.registry']", out
 
 
-def test_kernel_op_list_is_the_registry_s_and_the_model_s():
-    """One op list (config.KERNEL_OPS): the registry defines exactly these ops, KernelsConfig
-    has a field and OpCalls a method for each, and the registry refuses any other op."""
-    import semmim.kernels as K
-    from semmim.config import KERNEL_OPS, KernelsConfig
-    from semmim.kernels.registry import define_op
+def test_the_op_list_has_one_source():
+    """The registry's OP_SPECS is the one op list: KernelsConfig has a field and OpCalls a
+    method per op, config validation uses the declared backends, and no other module of the
+    package spells out op names together (a second list)."""
+    import ast
+    from pathlib import Path
+
+    from semmim.config import KernelsConfig
+    from semmim.kernels.registry import OP_NAMES, OP_SPECS
     from semmim.layers import OpCalls
 
-    assert set(K.OPS) == set(KERNEL_OPS)
-    assert [f.name for f in dataclasses.fields(KernelsConfig)] == [
-        "backend",
-        *KERNEL_OPS,
-        "validate",
-    ]
-    assert all(callable(getattr(OpCalls, op)) for op in KERNEL_OPS)
-    with pytest.raises(ValueError, match="not in semmim.config.KERNEL_OPS"):
-        define_op("not_an_op", prepare=lambda *a, **k: (a, k))
+    assert OP_NAMES == tuple(OP_SPECS)
+    assert [f.name for f in dataclasses.fields(KernelsConfig)] == ["backend", *OP_NAMES, "validate"]
+    assert all(getattr(OpCalls, op).__name__ == op for op in OP_NAMES)
+    for op, spec in OP_SPECS.items():  # every declared backend is accepted, nothing else
+        for backend in spec.backends:
+            assert (
+                from_preset("tiny", {f"kernels.{op}": backend}).kernels.backend_for(op) == backend
+            )
     with pytest.raises(ValueError, match=r"kernels\.topk_mask: unknown backend 'sdpa'"):
-        OpCalls(from_preset("tiny", {"kernels.topk_mask": "sdpa"}).kernels)
+        from_preset("tiny", {"kernels.topk_mask": "sdpa"})
+    root = Path(__file__).resolve().parents[1]
+    for path in [*(root / "semmim").rglob("*.py"), *(root / "kernels").glob("*.py")]:
+        if path.name == "registry.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        exports = {  # a module's __all__ names what it defines, not the op list
+            id(n.value)
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Assign)
+            and any(getattr(t, "id", "") == "__all__" for t in n.targets)
+        }
+        for node in ast.walk(tree):
+            if id(node) in exports:
+                continue
+            if isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict)):
+                items = node.keys if isinstance(node, ast.Dict) else node.elts
+                named = {c.value for c in items if isinstance(c, ast.Constant)} & set(OP_NAMES)
+                assert len(named) < 2, f"{path}:{node.lineno}: a second op list {sorted(named)}"

@@ -4,27 +4,15 @@ and centres agree; the fine-tuning tasks too."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from run_helpers import dist_env, free_port
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, task_name: str = "") -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
+    dist_env(rank, world_size, port)
     torch.set_num_threads(1)
     from semmim import from_preset
     from semmim.train import TrainConfig, train
@@ -51,7 +39,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, task_name: str 
 
 
 def test_two_process_gloo_ddp(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert r0["step"] == r1["step"] == 3
@@ -71,7 +59,7 @@ def test_two_process_gloo_ddp(tmp_path):
 def test_two_process_gloo_ddp_finetuning(tmp_path, task):
     """Each fine-tuning task on the same loop under DDP: both ranks end with identical weights
     (gradients averaged), the step count and checkpoint written once."""
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), task), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), task), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert r0["step"] == r1["step"] == 3

@@ -5,7 +5,10 @@ misspelled SEMMIM_BACKEND is an error, the info table lists the op."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,3 +90,43 @@ def test_compiles_without_graph_breaks_when_not_validating(name):
     for g, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
         assert torch.equal(g, w)
     assert set(ran) == {name}
+
+
+def test_every_op_registers_exactly_its_declared_backends_in_priority_order():
+    """OP_SPECS declares each op's module and backends (highest priority first); the module
+    defines the op and registers exactly those, and auto-dispatch tries them in that order."""
+    from semmim.kernels.registry import OP_SPECS, define_op
+
+    for name, spec in OP_SPECS.items():
+        op = OPS[name]
+        assert [b.name for b in op.ordered()] == list(spec.backends), name
+        assert getattr(importlib.import_module(f"semmim.kernels.{spec.module}"), name) is public(
+            name
+        )
+    with pytest.raises(ValueError, match="not declared in semmim.kernels.registry.OP_SPECS"):
+        define_op("not_an_op", prepare=lambda *a, **k: (a, k))
+    with pytest.raises(ValueError, match=r"topk_mask: backend 'sdpa' is not declared"):
+        OPS["topk_mask"].register("sdpa", lambda *a: None, lambda *a: [])
+    assert set(OPS["topk_mask"].backends) == set(OP_SPECS["topk_mask"].backends)
+
+
+def test_kernels_package_imports_an_op_module_on_first_use():
+    """``import semmim.kernels`` imports no op module, torch or Triton; ``K.<op>`` is the public
+    function whichever way its module was imported first (directly, through OPS, or by name)."""
+    code = (
+        "import importlib, sys\n"
+        "import semmim.kernels as K\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('torch', 'triton', 'semmim.'))))\n"
+        "tm = importlib.import_module('semmim.kernels.topk_mask')\n"  # directly
+        "assert K.topk_mask is tm.topk_mask and K.gumbel_noise is tm.gumbel_noise\n"
+        "K.get_op('cross_attention')\n"  # through the registry
+        "assert callable(K.cross_attention) and K.cross_attention.__module__.endswith('attention')\n"
+        "from semmim.kernels import masked_scatter_fill\n"  # by name
+        "assert K.masked_gather.__name__ == 'masked_gather'\n"
+        "print(sorted(n for n in K.OP_NAMES if callable(getattr(K, n))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0] == "['semmim.config', 'semmim.kernels', 'semmim.kernels.registry']", out
+    assert out[1] == str(sorted(K.OP_NAMES))

@@ -19,6 +19,7 @@ from semmim.data import DataSource
 from semmim.eval import run_evaluation
 from semmim.run_config import TrainConfig
 from semmim.rundir import RunLock, write_json
+from semmim.train import fsdp
 from semmim.train.logs import (
     csv_fields,
     format_dispatch,
@@ -81,7 +82,7 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
         last = micro == tcfg.accum_steps - 1
         no_sync = info.distributed and not last
         module = run.eager if check_inputs else run.forward
-        sync = run.eager.no_sync() if no_sync else contextlib.nullcontext()
+        sync = fsdp.no_sync(run.eager) if no_sync else contextlib.nullcontext()
         amp = torch.autocast(
             info.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
         )
@@ -104,7 +105,11 @@ def train_step(run: Run, check_inputs: bool = False) -> dict[str, Any]:
             losses[k] = losses[k] + v if k in losses else v
         diag_micro += bool(diag_names)
     diag = {k: v / diag_micro for k, v in diag.items()}
-    if tcfg.grad_clip > 0:
+    if run.sharded:
+        fsdp.finish_backward(run.model)  # the replicated (0-d) parameters' gradients
+    if tcfg.grad_clip > 0 and run.sharded:
+        fsdp.clip_grad_norm(run.model, tcfg.grad_clip)
+    elif tcfg.grad_clip > 0:
         params = [p for g in run.optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
     lr = run.optimizer.param_groups[0]["lr"]
@@ -189,6 +194,14 @@ def _finish(run, interrupted, history, seconds, return_model, tracker) -> dict[s
     tcfg = run.tcfg
     info = run.info
     total_wait, total_time = seconds
+    finished = not interrupted and run.step >= run.total_steps
+    evaluate = tcfg.eval_at_end and finished and bool(run.source.val)
+    model = run.model
+    if run.sharded and (evaluate or return_model):  # gathered on every rank (a collective)
+        model = fsdp.full_model(
+            run.model,
+            lambda: run.task.build_model(run.model_cfg, pretrained=False).to(info.device),
+        )
     summary: dict[str, Any] = {
         "step": run.step,
         "total_steps": run.total_steps,
@@ -213,11 +226,10 @@ def _finish(run, interrupted, history, seconds, return_model, tracker) -> dict[s
             plot_diagnostics(csv_path, os.path.join(run.out_dir, "diagnostics.png"))
         if tracker is not None:
             tracker.log_plots(run.out_dir, run.step)
-        finished = not interrupted and run.step >= run.total_steps
-        if tcfg.eval_at_end and finished and run.source.val:
+        if evaluate:
             summary["eval"] = run_evaluation(
                 run.task,
-                run.model,
+                model,
                 run.source,
                 run.model_cfg,
                 run.tcfg,
@@ -232,7 +244,7 @@ def _finish(run, interrupted, history, seconds, return_model, tracker) -> dict[s
         )
     dist.barrier()
     if return_model:
-        summary["model"] = run.model
+        summary["model"] = model
     return summary
 
 

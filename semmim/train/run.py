@@ -14,9 +14,12 @@ from torch import nn
 
 from semmim import checkpoint as ckpt
 from semmim import dist
+from semmim.checkpoint_dcp import by_names, flat_tensors, load_into
 from semmim.data import DataSource, PairDataset, ResumableBatchSampler, SkipLog, make_loader
+from semmim.dist import local_shard
 from semmim.run_config import TrainConfig
 from semmim.rundir import RunDirError, is_no_space, no_space_message, write_json
+from semmim.train.fsdp import is_sharded, shard_model
 from semmim.train.logs import Window
 from semmim.train.optim import lr_lambda, param_groups
 from semmim.train.resume import ResumePoint, resume_point
@@ -79,7 +82,7 @@ class Run:
     tcfg: TrainConfig
     info: dist.DistInfo
     model: nn.Module  # the task's model itself, unwrapped (state_dict, the task's step hooks)
-    eager: nn.Module  # model or DDP(model): runs the first, checked step of a session
+    eager: nn.Module  # model, DDP(model) or FSDP2-sharded model: the first, checked step
     forward: nn.Module  # what runs the other steps: ``eager``, or torch.compile of it
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -102,6 +105,11 @@ class Run:
         amp = self.tcfg.amp
         on = amp == "bf16" or (amp == "auto" and self.info.device.type == "cuda")
         return torch.bfloat16 if on else None
+
+    @property
+    def sharded(self) -> bool:
+        """True when the model is FSDP2-sharded (``--fsdp`` with more than one process)."""
+        return is_sharded(self.model)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -185,7 +193,9 @@ def setup(
     warmup = tcfg.warmup_steps if tcfg.warmup_steps >= 0 else max(1, total_steps // 20)
 
     eager: nn.Module = model
-    if info.distributed:
+    if tcfg.fsdp and info.distributed:
+        eager = shard_model(model)  # in place: the optimizer below holds the sharded params
+    elif info.distributed:
         eager = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[info.local_rank] if info.device.type == "cuda" else None,
@@ -208,8 +218,12 @@ def setup(
     window = Window()
     if state is not None:
         window.load(state.get("log_window", {}), info.device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded") or is_sharded(model):
+            # by parameter names: onto a sharded or an unsharded model, any process count
+            load_into(model, optimizer, by_names(state, model, optimizer))
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         elapsed_before = float(state.get("elapsed_s", 0.0))
@@ -254,7 +268,9 @@ def save(run: Run, final: bool = False) -> str | None:
         rngs = [None] * info.world_size
         torch.distributed.all_gather_object(rngs, ckpt.rng_state())
     path = None
-    if info.is_main:
+    if run.tcfg.fsdp:
+        path = _save_sharded(run, rngs)
+    elif info.is_main:
         for attempt in (1, 2):
             payload = _payload(run, rngs)
             try:
@@ -276,6 +292,22 @@ def save(run: Run, final: bool = False) -> str | None:
     return path
 
 
+def _save_sharded(run: Run, rngs: list[dict[str, Any]]) -> str | None:
+    """``--fsdp``: every rank writes its shards of one sharded step (:mod:`semmim.checkpoint_dcp`)."""
+    shards, groups = flat_tensors(run.model, run.optimizer)
+    payload = _payload(run, rngs, tensors=False) if run.info.is_main else {}
+    payload["optimizer_groups"] = groups
+    try:
+        return ckpt.save_checkpoint(
+            payload, run.ckpt_dir, run.step, run.tcfg.keep_ckpts, shards, run.info.is_main
+        )
+    except OSError as err:
+        need = sum(_tensor_bytes(local_shard(t)) for t in shards.values())
+        if is_no_space(err, run.ckpt_dir, need):
+            raise RunDirError(no_space_message(run.ckpt_dir, need)) from None
+        raise
+
+
 def _tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in a checkpoint payload (about the size of its file)."""
     if isinstance(obj, torch.Tensor):
@@ -287,10 +319,14 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _payload(run: Run, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+def _payload(run: Run, rngs: list[dict[str, Any]], tensors: bool = True) -> dict[str, Any]:
+    """The checkpoint's state; without ``tensors`` (sharded steps) no model / optimizer state."""
     return {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        **(
+            {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
+            if tensors
+            else {}
+        ),
         "scheduler": run.scheduler.state_dict(),
         "step": run.step,
         "epoch": run.stream.epoch,

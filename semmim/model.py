@@ -452,8 +452,7 @@ class SemMIM(nn.Module):
         same = obj.matching_pairs(input_ids, key_mask, image_ids)  # (B, B) bool, diagonal True
 
         temp = self._temperature()
-        if not cfg.one_pass:
-            image_embeds = net.vision(images)  # (B, P+1, Dv)
+        image_embeds = None if cfg.one_pass else net.vision(images)  # (B, P+1, Dv)
         text_embeds = net.text(input_ids, attention_mask)  # (B, T, Dt)
         text_feat = obj.unit(net.text_proj(text_embeds[:, 0]))  # (B, E) float32
         with torch.no_grad():

@@ -232,6 +232,39 @@ def build_parser() -> argparse.ArgumentParser:
         "own overrides apply on top",
     )
 
+    pr = sub.add_parser(
+        "probe",
+        help="diagnostics of a pre-training checkpoint: what the MIM targets rest on, gradient "
+        "norms per objective, mask vs object coverage",
+        description="Probe a pre-training checkpoint on held-out images: the student's MIM "
+        "agreement with the teacher's codes with the real image, a blank image and another "
+        "caption; how often another caption flips the teacher's code; each objective's gradient "
+        "norm on the image and text encoders; and, for images with an alpha channel, the "
+        "text-guided mask's overlap with the most object-covered patches (docs/METHOD.md).",
+    )
+    pr.add_argument(
+        "ckpt",
+        metavar="CHECKPOINT",
+        help="run directory, checkpoints directory, or a step_*.pt file",
+    )
+    pr.add_argument(
+        "--data",
+        metavar="SPEC",
+        default=None,
+        help="data to probe (default: the run's). " + DATA_HELP,
+    )
+    pr.add_argument(
+        "--split",
+        choices=["val", "all"],
+        default="val",
+        help="val = the held-out split made as in training (default); all = every pair",
+    )
+    pr.add_argument("--batch-size", type=int, default=32, help="pairs per batch (>= 2; default 32)")
+    pr.add_argument("--max-pairs", type=int, default=0, help="probe at most N pairs (0 = all)")
+    pr.add_argument("--num-workers", type=int, default=0, help="image loading workers (default 0)")
+    pr.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    pr.add_argument("--json", metavar="FILE", default=None, help="also write the means as JSON")
+
     da = sub.add_parser(
         "data",
         help="open a data spec, report counts and skipped samples",
@@ -443,6 +476,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """``semmim probe``: :func:`semmim.probe.probe_checkpoint`, printed."""
+    from semmim.probe import format_probe, probe_checkpoint
+    from semmim.rundir import RunDirError, check_output_file, write_json
+
+    try:
+        if args.json:
+            check_output_file(args.json, "--json")
+        result = probe_checkpoint(
+            args.ckpt,
+            data=args.data,
+            split=args.split,
+            batch_size=args.batch_size,
+            max_pairs=args.max_pairs,
+            num_workers=args.num_workers,
+            device=args.device,
+        )
+    except (ValueError, FileNotFoundError, RunDirError) as err:
+        raise CLIError(str(err)) from None
+    print(format_probe(result))
+    if args.json:
+        write_json(args.json, {"pairs": result.pairs, "chance": result.chance, **result.means})
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     """``semmim ablate``."""
     from semmim.ablate import format_table, parse_variants, run_grid
@@ -538,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         "finetune": cmd_finetune,
         "eval": cmd_eval,
         "ablate": cmd_ablate,
+        "probe": cmd_probe,
         "data": cmd_data,
         "export": cmd_export,
     }

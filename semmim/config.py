@@ -264,16 +264,26 @@ class MLMConfig:
 
 @dataclass(frozen=True)
 class GlobalConfig:
-    """DINO-style global agreement on the image CLS: student τ_s, teacher τ_t, centre momentum."""
+    """DINO-style global agreement on the image CLS: student τ_s, teacher τ_t, centre momentum.
+
+    views: "same" = the student's CLS of the masked view against the EMA's CLS of the same crop
+        unmasked (the spec); "cross" = against the EMA's CLS of a second view of the image, a
+        random resized crop (area fraction in [``crop_min``, 1], aspect 3/4–4/3) and a
+        horizontal flip made on device from the step's seed (:mod:`semmim.views`), so the CLS
+        loss compares two views only, as iBOT's (one direction: masked view → second view).
+    """
 
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     center_momentum: float = 0.9
+    views: Literal["same", "cross"] = "same"
+    crop_min: float = 0.4
 
     def __post_init__(self) -> None:
         check_types(self)
-        check_positive(self, "student_temp", "teacher_temp")
+        check_positive(self, "student_temp", "teacher_temp", "crop_min")
         check_in_range(self, "center_momentum", 0.0, 1.0)
+        check_in_range(self, "crop_min", 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -295,6 +305,15 @@ class MIMConfig:
     psi_norm: apply the EMA predictor's final LayerNorm (the one that ends the student's φ) to
         ψ's output before the teacher head, so teacher and student heads see normalised inputs
         (at init ψ's output has std ≈ 1.3, the student's 1.0). Only with ``text_in_target``.
+    psi_scale: ψ = v + psi_scale · CA(LN v, text): how much of the text residual enters the
+        target (1 = the spec; 0 = as ``text_in_target=false``). Only with ``text_in_target``.
+    psi_max_ratio: when > 0, each patch's text residual is scaled down (never up) so its L2 norm
+        is at most psi_max_ratio · ‖v‖ of that patch: the image feature stays the larger part
+        of the target (an audit measured the unbounded residual at 1.5× the patch feature).
+        0 = unbounded. Applied after ``psi_scale``.
+    text_grad: whether the MIM loss trains the text encoder. False feeds φ's cross-attention
+        the text features without gradient (stop-gradient), so MIM trains φ, the head and the
+        image encoder only; the text encoder learns from ITC / ITM / MLM.
     student_view: what the student ViT encodes. "full" (two passes): the full image for ITC,
         ITM and MLM, and the masked view for the global agreement and MIM. "masked" (one
         pass, FLIP-style): only CLS + the kept patches of the masked view (``masking.ratio``),
@@ -316,6 +335,9 @@ class MIMConfig:
     center_momentum: float = 0.9
     center_over: Literal["masked", "all"] = "masked"
     psi_norm: bool = False
+    psi_scale: float = 1.0
+    psi_max_ratio: float = 0.0
+    text_grad: bool = True
     student_view: Literal["full", "masked"] = "full"
 
     def __post_init__(self) -> None:
@@ -323,6 +345,9 @@ class MIMConfig:
         check_positive(
             self, "predictor_depth", "student_temp", "teacher_temp", "teacher_temp_final"
         )
+        for name in ("psi_scale", "psi_max_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.student_view == "masked" and not self.drop_tokens:
             raise ValueError(
                 "student_view: 'masked' (the student encodes only CLS + the kept patches) "
@@ -338,17 +363,32 @@ class MaskingConfig:
 
     text_guided: top-M of s_i / tau + Gumbel noise, s_i = cos(momentum patch, momentum text CLS)
     in ITC space; tau = 0 turns the noise off (hard top-k). random: uniform random subset.
+
+    score: how text_guided scores a patch. "itc" = the spec: the patch through ``vision_proj``,
+        which ITC trains on the CLS token only. "patch" = the patch through its own projection
+        ``patch_proj``, trained by the patch–text alignment loss (``loss.patch``, must be > 0):
+        a contrastive loss over the batch whose image–text score is the softmax-pooled
+        (temperature ``patch_pool_temp``) cosine of the caption's ITC feature with each patch,
+        so the patches that tell the matching caption from the others score highest
+        (:func:`semmim.objectives.patch_alignment`).
+    patch_pool_temp: the pooling's softmax temperature over patches (cosines lie in [−1, 1]):
+        1 (default) is close to a mean, so every patch gets a gradient; small values approach a
+        max, which trains only the patches already on top (a toy test with 0.1 leaves an object
+        patch that starts low below the shared background for good).
     """
 
     strategy: Literal["text_guided", "random"] = "text_guided"
     ratio: float = 0.5
     tau: float = 0.1
+    score: Literal["itc", "patch"] = "itc"
+    patch_pool_temp: float = 1.0
 
     def __post_init__(self) -> None:
         check_types(self)
         check_in_range(self, "ratio", 0.0, 1.0, hi_open=True)
         if self.tau < 0:
             raise ValueError(f"tau: must be >= 0, got {self.tau}")
+        check_positive(self, "patch_pool_temp")
 
 
 @dataclass(frozen=True)
@@ -365,13 +405,15 @@ class MomentumConfig:
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weight of each objective in the total loss; an objective with weight 0 is not computed."""
+    """Weight of each objective in the total loss; an objective with weight 0 is not computed.
+    ``patch``: the patch–text alignment loss, computed only with ``masking.score=patch``."""
 
     itc: float = 1.0
     itm: float = 1.0
     mlm: float = 1.0
     glob: float = 1.0
     mim: float = 1.0
+    patch: float = 1.0
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -464,6 +506,11 @@ class SemMIMConfig:
             raise ValueError(
                 "fusion.pretrained_from_text: needs text.pretrained (the BERT folder whose "
                 "upper layers initialise the fusion encoder)"
+            )
+        if self.masking.score == "patch" and self.loss.patch <= 0:
+            raise ValueError(
+                "masking.score: 'patch' scores patches with patch_proj, which only loss.patch "
+                "trains; loss.patch must be > 0"
             )
         p = self.vision.num_patches
         m = round(self.masking.ratio * p)

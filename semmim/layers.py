@@ -205,11 +205,17 @@ class PredictorBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
+    def text_residual(
+        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """CA(LN x, text): what the cross-attention step adds to x (same shape as x)."""
+        return self.cross(self.norm_cross(x), text, text_mask)
+
     def cross_step(
         self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """x + CA(LN x, text): the step ψ reuses (with EMA weights) to put text into targets."""
-        return x + self.cross(self.norm_cross(x), text, text_mask)
+        return x + self.text_residual(x, text, text_mask)
 
     def forward(
         self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
@@ -544,3 +550,9 @@ class Predictor(GradCheckpointing, nn.Module):
     ) -> torch.Tensor:
         """One cross-attention residual step (first layer): x (B, L, Dv) → (B, L, Dv)."""
         return self.blocks[0].cross_step(x, text, text_mask.bool())
+
+    def text_residual(
+        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """What :meth:`cross_step` adds to x: (B, L, Dv) → (B, L, Dv)."""
+        return self.blocks[0].text_residual(x, text, text_mask.bool())

@@ -85,6 +85,7 @@ class Towers(nn.Module):
         self.ops = ops  # how every layer here calls the kernels (a downstream model's too)
         v, t, mim = cfg.vision, cfg.text, cfg.mim
         self.vision = self.text = self.fusion = self.vision_proj = self.text_proj = None
+        self.patch_proj = None  # masking.score="patch": the patches' own ITC-space projection
         self.itm_head = self.mlm_head = None
         if "vision" in parts:
             self.vision = VisionEncoder(
@@ -126,6 +127,8 @@ class Towers(nn.Module):
         if "itc" in parts:
             self.vision_proj = nn.Linear(v.dim, cfg.itc.embed_dim)
             self.text_proj = nn.Linear(t.dim, cfg.itc.embed_dim)
+            if cfg.masking.score == "patch":
+                self.patch_proj = nn.Linear(v.dim, cfg.itc.embed_dim)
         if "itm" in parts:
             self.itm_head = nn.Linear(t.dim, 2)
         if "mlm" in parts:
@@ -488,13 +491,15 @@ class SemMIM(nn.Module):
                 self.special_ids, input_ids, attention_mask, image_embeds, image_embeds_m,
                 alpha, gen,
             )  # fmt: skip
+        if cfg.masking.score == "patch" and w.patch > 0:
+            losses["patch"] = obj.patch_alignment(cfg, net, image_embeds, text_feat, temp, same)
         # Plain locals only across calls that may break a torch.compile graph (the RNG draws):
         # a per-call object held on the stack there (a bound method, an output dataclass)
         # would invalidate the resumed graph every step and recompile it.
         if cfg.mim.enabled and (w.glob > 0 or w.mim > 0):
             image_losses = self._masked_image(
                 images, keep_idx, mask_idx, mask, text_embeds, key_mask, image_embeds_m,
-                text_embeds_m, diag, image_embeds if cfg.one_pass else None,
+                text_embeds_m, diag, seed=seed, kept=image_embeds if cfg.one_pass else None,
             )  # fmt: skip
             for k, v in image_losses.items():
                 losses[k] = v
@@ -529,53 +534,33 @@ class SemMIM(nn.Module):
         image_embeds_m: torch.Tensor,
         text_embeds_m: torch.Tensor,
         diag: dict[str, torch.Tensor] | None = None,
+        seed: int | None = None,
         kept: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Global agreement and MIM on the masked view (keep_idx (B, R), mask_idx (B, M),
-        mask (B, P) from :func:`~semmim.objectives.image_mask`; ``kept``: the student's (B, R+1,
-        Dv) encoding of it, None = encode it here); ``diag``: where diagnostics go (None = none)."""
+        mask (B, P) from :func:`~semmim.objectives.image_mask`); ``diag``: where diagnostics go
+        (None = none); ``seed``: the step's (``glob.views="cross"`` draws its view from it);
+        ``kept``: the one-pass student's (B, R+1, Dv) encoding of the view (None: encode it)."""
         cfg, net, ema = self.cfg, self.net, self.ema
-        P, M = cfg.vision.num_patches, cfg.num_masked
-        if cfg.mim.drop_tokens:
-            kept = kept if kept is not None else net.vision.forward_kept(images, keep_idx)
-            cls_masked = kept[:, 0]
-            patches = self.ops.masked_scatter_fill(  # (B, P, Dv), [MASK]+pos at masked slots
-                kept[:, 1:], keep_idx, net.predictor_mask_token, P, pos=net.predictor_pos[0, 1:]
-            )
-            x = torch.cat([kept[:, :1] + net.predictor_pos[:, :1], patches], dim=1)
-        else:
-            full = net.vision.forward_masked(images, mask)  # (B, P+1, Dv)
-            cls_masked = full[:, 0]
-            x = full + net.predictor_pos  # (B, P+1, Dv)
-
+        semantic_mim = cfg.loss.mim > 0 and cfg.num_masked > 0 and cfg.mim.target == "semantic"
+        cls_masked, x = obj.masked_view(cfg, self.ops, net, images, keep_idx, mask, kept)
+        if diag is not None and semantic_mim:  # before the loss moves the MIM centre
+            diag.update(obj.mim_reliance(
+                cfg, self.ops, net, ema, images, keep_idx, mask, mask_idx, text_embeds,
+                key_mask, image_embeds_m, text_embeds_m, self.mim_center,
+            ))  # fmt: skip
         losses = {}
         if cfg.loss.glob > 0:
             losses["glob"] = obj.global_agreement(
                 cfg, self.ops, net, ema, cls_masked, image_embeds_m[:, 0], self.glob_center,
-                diag=diag, update=self.training,
+                diag=diag, update=self.training, images=images, seed=seed,
             )  # fmt: skip
         if cfg.loss.mim > 0:
-            losses["mim"] = (
-                obj.mim(
-                    cfg,
-                    self.ops,
-                    net,
-                    ema,
-                    images,
-                    x,
-                    mask_idx,
-                    text_embeds,
-                    key_mask,
-                    image_embeds_m,
-                    text_embeds_m,
-                    self.mim_center,
-                    self._mim_teacher_temp,
-                    diag=diag,
-                    update=self.training,
-                )  # fmt: skip
-                if M > 0
-                else images.new_zeros(())
-            )
+            losses["mim"] = images.new_zeros(()) if cfg.num_masked == 0 else obj.mim(
+                cfg, self.ops, net, ema, images, x, mask_idx, text_embeds, key_mask,
+                image_embeds_m, text_embeds_m, self.mim_center, self._mim_teacher_temp,
+                diag=diag, update=self.training,
+            )  # fmt: skip
         return losses
 
 

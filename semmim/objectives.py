@@ -12,6 +12,10 @@ those of its own modules and buffers. The loss formulas themselves are in :mod:`
 - Prototype agreement: :func:`prototype_agreement`, the one unit behind both the global
   agreement (:func:`global_agreement`, image CLS) and the MIM head (:func:`mim`, masked patches):
   loss, diagnostics, centre update.
+- The masked view the student sees (:func:`masked_view`), the patch scores of text-guided
+  masking (:func:`patch_score_features`) and the patch–text alignment loss that can train them
+  (:func:`patch_alignment`); ψ's bound on the text it adds (:func:`bound_text_residual`).
+- :func:`mim_reliance`: diagnostics of what the MIM targets and predictions depend on.
 
 Shape letters: B batch, P patches, M masked, T tokens, Dv/Dt vision/text width, E ITC width,
 K prototypes, Q queue length, N rows.
@@ -30,6 +34,7 @@ from semmim.dist import all_gather_no_grad, mean_over_ranks
 from semmim.layers import OpCalls, PrototypeHead, fp32_region
 from semmim.losses import itc_loss, mlm_loss, pixel_targets, sample_hard_negatives
 from semmim.masking import mlm_mask, mlm_positions, random_mask, text_guided_mask
+from semmim.views import second_view
 
 __all__ = [
     "unit",
@@ -42,9 +47,15 @@ __all__ = [
     "update_center",
     "prototype_agreement",
     "global_agreement",
+    "masked_view",
+    "patch_score_features",
+    "patch_alignment",
+    "text_patch_scores",
     "image_mask",
+    "bound_text_residual",
     "teacher_inputs",
     "mim",
+    "mim_reliance",
 ]
 
 
@@ -277,17 +288,108 @@ def global_agreement(
     *,
     diag: dict[str, torch.Tensor] | None = None,
     update: bool = False,
+    images: torch.Tensor | None = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """Global agreement: the student's CLS of the masked view (B, Dv) against the EMA's CLS of
-    the full image (B, Dv), through the prototype head. → scalar (mean over images)."""
+    the full image (B, Dv), through the prototype head. → scalar (mean over images).
+
+    ``glob.views="cross"``: the teacher's CLS is instead the EMA's CLS of a second view of
+    ``images`` (B, 3, S, S), :func:`semmim.views.second_view` drawn from ``seed``."""
+    c = cfg.glob
     z = net.head.features(cls_masked)  # (B, bottleneck)
     with torch.no_grad():
+        if c.views == "cross":
+            if images is None or seed is None:
+                raise ValueError("glob.views='cross' needs the images and the step's seed")
+            # seed + 5: a stream of its own (the mask noise draws from seed, the ITM / MLM
+            # generator from seed + 1, the diagnostics' noise from seed + 3)
+            cls_m = ema.vision(second_view(images, seed + 5, c.crop_min))[:, 0]  # (B, Dv)
         z_m = ema.head.features(cls_m)  # (B, bottleneck)
-    c = cfg.glob
     return prototype_agreement(
         "glob", ops, net.head, ema.head, z, z_m, center, c.student_temp, c.teacher_temp,
         c.center_momentum, diag=diag, update=update,
     ).mean()  # fmt: skip
+
+
+def masked_view(
+    cfg: SemMIMConfig,
+    ops: OpCalls,
+    net,
+    images: torch.Tensor,
+    keep_idx: torch.Tensor,
+    mask: torch.Tensor,
+    kept: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's masked view: images (B, 3, S, S), keep_idx (B, R), mask (B, P) →
+    (CLS of the masked view (B, Dv), what φ reads (B, P+1, Dv): the encoded view with the
+    predictor's positions, [MASK] at masked slots). ``mim.drop_tokens``: the ViT runs on CLS +
+    kept patches only (``kept`` (B, R+1, Dv): that encoding when the one-pass student already
+    ran it); else on the full sequence with the [MASK] embedding at masked slots."""
+    P = cfg.vision.num_patches
+    if cfg.mim.drop_tokens:
+        if kept is None:
+            kept = net.vision.forward_kept(images, keep_idx)  # (B, R+1, Dv)
+        patches = ops.masked_scatter_fill(  # (B, P, Dv), [MASK]+pos at masked slots
+            kept[:, 1:], keep_idx, net.predictor_mask_token, P, pos=net.predictor_pos[0, 1:]
+        )
+        return kept[:, 0], torch.cat([kept[:, :1] + net.predictor_pos[:, :1], patches], dim=1)
+    full = net.vision.forward_masked(images, mask)  # (B, P+1, Dv)
+    return full[:, 0], full + net.predictor_pos
+
+
+def patch_score_features(cfg: SemMIMConfig, towers, image_embeds: torch.Tensor) -> torch.Tensor:
+    """The patches of image tokens (B, L+1, Dv) projected into ITC space, (B, L, E), as the
+    text-guided mask scores them: ``vision_proj`` (``masking.score="itc"``) or ``patch_proj``
+    (``"patch"``)."""
+    proj = towers.patch_proj if cfg.masking.score == "patch" else towers.vision_proj
+    return proj(image_embeds[:, 1:])
+
+
+def patch_alignment(
+    cfg: SemMIMConfig,
+    net,
+    image_embeds: torch.Tensor,
+    text_feat: torch.Tensor,
+    temp: torch.Tensor,
+    same: torch.Tensor,
+) -> torch.Tensor:
+    """Patch–text alignment loss (``masking.score="patch"``), which trains ``patch_proj``.
+
+    image_embeds (B, L+1, Dv) the student's image tokens (L = P, or the kept patches when the
+    student encodes only those); text_feat (B, E) unit ITC text features; temp the ITC
+    temperature (its value only: this loss does not move it); same (B, B) the matching pairs
+    (positives). Image i and caption j score s_ij = Σ_l softmax_l(c_ijl / patch_pool_temp)·c_ijl,
+    c_ijl the cosine of patch l of image i with caption j: a soft maximum over patches, so
+    s_ij is high when *some* patches match the caption. InfoNCE over the batch, both ways
+    (s / temp), targets spread over the positives. Patches all images share (a plain background)
+    cannot tell captions apart, so the loss raises the caption's object patches. → scalar.
+    """
+    patch = unit(net.patch_proj(image_embeds[:, 1:]))  # (B, L, E) float32
+    with fp32_region(patch):
+        cos = torch.einsum("ile,je->ijl", patch, text_feat.float())  # (B, B, L)
+        weights = torch.softmax(cos / cfg.masking.patch_pool_temp, dim=-1)
+        logits = (weights * cos).sum(-1) / temp.detach().float()  # (B, B): image i, caption j
+        targets = same.float() / same.float().sum(1, keepdim=True)  # (B, B), rows sum to 1
+        i2t = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+        t2i = -(targets.T * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (i2t + t2i) / 2
+
+
+@torch.no_grad()
+def text_patch_scores(
+    cfg: SemMIMConfig,
+    ema,
+    images: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """The text-guided mask's score of every patch before noise, (B, P): the cosine of the EMA's
+    patch features (:func:`patch_score_features`) with its ITC text feature, for images
+    (B, 3, S, S) and captions (B, T). An extra EMA pass: for diagnostics."""
+    patch = unit(patch_score_features(cfg, ema, ema.vision(images)))  # (B, P, E)
+    text = unit(ema.text_proj(ema.text(input_ids, attention_mask)[:, 0]))  # (B, E)
+    return torch.einsum("bpe,be->bp", patch, text)
 
 
 @torch.no_grad()
@@ -306,8 +408,25 @@ def image_mask(
     if c.strategy == "random":
         B, L, _ = image_embeds_m.shape
         return random_mask(B, L - 1, M, noise=noise, device=image_embeds_m.device)
-    patch_feat_m = ema.vision_proj(image_embeds_m[:, 1:])  # (B, P, E) in ITC space
+    patch_feat_m = patch_score_features(cfg, ema, image_embeds_m)  # (B, P, E) in ITC space
     return text_guided_mask(patch_feat_m, text_feat_m, M, tau=c.tau, noise=noise, ops=ops)
+
+
+def bound_text_residual(
+    v: torch.Tensor, residual: torch.Tensor, scale: float, max_ratio: float
+) -> torch.Tensor:
+    """ψ's text residual (B, L, Dv) times ``scale``, then (``max_ratio`` > 0) scaled down per
+    token so that its L2 norm is at most ``max_ratio`` times that of the patch feature v
+    (B, L, Dv); never scaled up. Scale 1 and ratio 0 return ``residual`` itself."""
+    if scale != 1.0:
+        residual = residual * scale
+    if max_ratio > 0:
+        with fp32_region(v):
+            r_norm = residual.float().norm(dim=-1, keepdim=True)  # (B, L, 1)
+            cap = max_ratio * v.float().norm(dim=-1, keepdim=True)
+            factor = (cap / r_norm.clamp_min(1e-12)).clamp(max=1.0)
+        residual = residual * factor.to(residual.dtype)
+    return residual
 
 
 @torch.no_grad()
@@ -317,17 +436,17 @@ def teacher_inputs(
     """ψ: EMA patch features v (B, L, Dv) → what the MIM teacher head reads (B, L, Dv).
 
     With ``mim.text_in_target``, one cross-attention step of the EMA φ to the text (all
-    tokens, or only the text CLS with ``mim.psi="text_cls"``), then the EMA φ's final
-    LayerNorm with ``mim.psi_norm``. Per token (no patch–patch mixing), so ψ of a subset of
-    patches equals that subset of ψ of all patches.
+    tokens, or only the text CLS with ``mim.psi="text_cls"``), its residual bounded by
+    ``mim.psi_scale`` / ``mim.psi_max_ratio`` (:func:`bound_text_residual`), then the EMA φ's
+    final LayerNorm with ``mim.psi_norm``. Per token (no patch–patch mixing), so ψ of a subset
+    of patches equals that subset of ψ of all patches.
     """
     if not cfg.text_in_target:
         return v
-    text_mask = key_mask
-    if cfg.psi == "text_cls":  # a single key: adds the projected text CLS
-        text_mask = torch.zeros_like(key_mask)
-        text_mask[:, 0] = True
-    v = ema.predictor.cross_step(v, text_embeds_m, text_mask)
+    # psi="text_cls": a single key, the text CLS (adds a projected text CLS)
+    text_mask = key_mask if cfg.psi == "cross_attention" else _cls_only(key_mask)
+    residual = ema.predictor.text_residual(v, text_embeds_m, text_mask)
+    v = v + bound_text_residual(v, residual, cfg.psi_scale, cfg.psi_max_ratio)
     return ema.predictor.norm(v) if cfg.psi_norm else v
 
 
@@ -358,7 +477,9 @@ def mim(
     head on ψ of the EMA's patches (``center``: the MIM centre). → scalar.
     """
     c = cfg.mim
-    pred = net.predictor(x, text_embeds, key_mask)  # (B, P+1, Dv)
+    # mim.text_grad=False: φ reads the text, but the MIM loss does not train the text encoder
+    text = text_embeds if c.text_grad else text_embeds.detach()
+    pred = net.predictor(x, text, key_mask)  # (B, P+1, Dv)
     pred = ops.masked_gather(pred[:, 1:], mask_idx)  # (B, M, Dv)
     if c.target == "pixel":
         target = ops.masked_gather(
@@ -388,3 +509,71 @@ def mim(
         c.center_momentum, diag=diag, update=update, batch_center=batch_center,
     )  # fmt: skip
     return per_patch.view(B, M).mean(1).mean(0)
+
+
+@torch.no_grad()
+def mim_reliance(
+    cfg: SemMIMConfig,
+    ops: OpCalls,
+    net,
+    ema,
+    images: torch.Tensor,
+    keep_idx: torch.Tensor,
+    mask: torch.Tensor,
+    mask_idx: torch.Tensor,
+    text_embeds: torch.Tensor,
+    key_mask: torch.Tensor,
+    image_embeds_m: torch.Tensor,
+    text_embeds_m: torch.Tensor,
+    center: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """What the semantic MIM targets and predictions rest on (diagnostic steps only).
+
+    The teacher's code (argmax of the centred teacher logits) of each masked patch is compared
+    with the student's argmax code when the student sees a blank image (every pixel the
+    normalised white of :func:`semmim.diagnostics.blank_images`, the real caption), the real
+    image with another pair's caption (the batch's captions rolled by one), and with the
+    teacher's own code under the rolled caption. Same mask, same centre (the one the loss uses).
+    Shapes as :func:`mim`; ``keep_idx`` (B, R), ``mask`` (B, P) for :func:`masked_view`.
+    Returns the 0-d float32 tensors of :data:`semmim.diagnostics.RELIANCE_COLUMNS`.
+    """
+    from semmim.diagnostics import blank_images  # diagnostics imports this module
+
+    c = cfg.mim
+    v = ops.masked_gather(image_embeds_m[:, 1:], mask_idx)  # (B, M, Dv)
+    text_m_rolled, key_rolled = text_embeds_m.roll(1, 0), key_mask.roll(1, 0)
+
+    def teacher_codes(text_m: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:  # (B, M)
+        return (ema.head(teacher_inputs(ema, c, v, text_m, keys)).float() - center).argmax(-1)
+
+    def student_codes(imgs: torch.Tensor, text: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        _, x = masked_view(cfg, ops, net, imgs, keep_idx, mask)
+        pred = ops.masked_gather(net.predictor(x, text, keys)[:, 1:], mask_idx)  # (B, M, Dv)
+        return net.head(pred).float().argmax(-1)
+
+    codes = teacher_codes(text_embeds_m, key_mask)
+    blank = student_codes(blank_images(images), text_embeds, key_mask)
+    rolled = student_codes(images, text_embeds.roll(1, 0), key_rolled)
+    if c.text_in_target:
+        residual = ema.predictor.text_residual(
+            v, text_embeds_m, key_mask if c.psi == "cross_attention" else _cls_only(key_mask)
+        )
+        residual = bound_text_residual(v, residual, c.psi_scale, c.psi_max_ratio)
+        ratio = (residual.float().norm(dim=-1) / v.float().norm(dim=-1).clamp_min(1e-12)).mean()
+    else:
+        ratio = v.new_zeros((), dtype=torch.float32)
+    return {
+        "diag_mim_agree_blank": (blank == codes).float().mean(),
+        "diag_mim_agree_shuffled": (rolled == codes).float().mean(),
+        "diag_mim_target_caption_flip": (teacher_codes(text_m_rolled, key_rolled) != codes)
+        .float()
+        .mean(),
+        "diag_mim_psi_ratio": ratio,
+    }
+
+
+def _cls_only(key_mask: torch.Tensor) -> torch.Tensor:
+    """A key mask (B, T) with only the text CLS (position 0) as key (``mim.psi="text_cls"``)."""
+    only = torch.zeros_like(key_mask)
+    only[:, 0] = True
+    return only

@@ -66,6 +66,22 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
+def alpha_channel(image: Image.Image) -> Image.Image | None:
+    """The image's alpha channel (mode L) when it has one (RGBA, LA, PA, or a palette image
+    with a transparent colour), else None: the object coverage of a stamp on a transparent
+    background (:func:`semmim.diagnostics.coverage_overlap`)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        return image.convert("RGBA").getchannel("A")
+    return None
+
+
+def alpha_tensor(alpha: Image.Image) -> torch.Tensor:
+    """Mode-L alpha channel -> float tensor (H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(alpha, dtype=np.uint8).copy()).float().div_(255.0)
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB image -> float tensor (3, H, W) in [0, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
@@ -141,16 +157,28 @@ class TrainTransform:
         self, image: Image.Image, caption: str, rng: random.Random
     ) -> tuple[torch.Tensor, str]:
         """Return (normalised tensor (3, S, S), possibly left/right-swapped caption)."""
+        tensor, caption, _ = self.apply(image, caption, rng)
+        return tensor, caption
+
+    def apply(
+        self, image: Image.Image, caption: str, rng: random.Random, alpha: bool = False
+    ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+        """As :meth:`__call__`, plus (``alpha`` True and the image has an alpha channel) the
+        alpha channel through the same crop, resize and flip, (S, S) in [0, 1]; else None.
+        The RGB result and the draws from ``rng`` are the same either way."""
+        a = alpha_channel(image) if alpha else None
         image = to_rgb(image)
+        size = (self.image_size, self.image_size)
+        box = None
         if self.scale != (1.0, 1.0):
             box = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
-            image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
-        else:
-            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        image = image.resize(size, Image.BICUBIC, box=box)
+        a = a.resize(size, Image.BICUBIC, box=box) if a is not None else None
         if self.flip == "swap" and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            a = a.transpose(Image.FLIP_LEFT_RIGHT) if a is not None else None
             caption = swap_left_right(caption)
-        return normalize(to_tensor(image)), caption
+        return normalize(to_tensor(image)), caption, alpha_tensor(a) if a is not None else None
 
 
 @dataclass(frozen=True)
@@ -163,5 +191,20 @@ class EvalTransform:
         self, image: Image.Image, caption: str, rng: random.Random | None = None
     ) -> tuple[torch.Tensor, str]:
         """Return (normalised tensor (3, S, S), caption unchanged)."""
-        image = to_rgb(image).resize((self.image_size, self.image_size), Image.BICUBIC)
-        return normalize(to_tensor(image)), caption
+        tensor, caption, _ = self.apply(image, caption, rng)
+        return tensor, caption
+
+    def apply(
+        self,
+        image: Image.Image,
+        caption: str,
+        rng: random.Random | None = None,
+        alpha: bool = False,
+    ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+        """As :meth:`__call__`, plus the resized alpha channel (S, S) in [0, 1] when ``alpha``
+        and the image has one (else None)."""
+        size = (self.image_size, self.image_size)
+        a = alpha_channel(image) if alpha else None
+        image = to_rgb(image).resize(size, Image.BICUBIC)
+        a = alpha_tensor(a.resize(size, Image.BICUBIC)) if a is not None else None
+        return normalize(to_tensor(image)), caption, a

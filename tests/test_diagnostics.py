@@ -11,7 +11,17 @@ import torch
 from run_helpers import small_run
 
 from semmim import build_model, from_preset, objectives
-from semmim.diagnostics import DIAG_COLUMNS, check_ranges, head_diagnostics, mask_overlap
+from semmim.diagnostics import (
+    COVERAGE_COLUMNS,
+    DIAG_COLUMNS,
+    GRAD_COLUMNS,
+    blank_images,
+    check_ranges,
+    coverage_overlap,
+    head_diagnostics,
+    mask_overlap,
+    objective_grad_norms,
+)
 from semmim.run_config import TrainConfig
 from semmim.train import Task, resume_changes, setup, train, train_step
 
@@ -139,10 +149,12 @@ def test_training_log_has_diagnostic_columns_in_range_and_a_plot(tmp_path):
     with open(tmp_path / "log.csv") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-        assert set(DIAG_COLUMNS) <= set(reader.fieldnames)
+        assert set(DIAG_COLUMNS) | set(GRAD_COLUMNS) <= set(reader.fieldnames)
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    # the objectives this run has (MLM off, no patch loss) reach the towers they reach
+    grads = [c for c in GRAD_COLUMNS if "_mlm_" not in c and "_patch_" not in c]
     for r in rows:  # diag_every=2: steps 2 and 4 carry them, 1 and 3 leave the cells empty
-        filled = [r[c] != "" for c in DIAG_COLUMNS]
+        filled = [r[c] != "" for c in (*DIAG_COLUMNS, *grads)]
         assert all(filled) if int(r["step"]) % 2 == 0 else not any(filled), r
         assert check_ranges(r, 256) == []
         assert float(r["loss"]) > 0
@@ -164,6 +176,128 @@ def test_non_diagnostic_steps_do_not_ask_the_model(tmp_path, monkeypatch):
     assert asked == [False, False, True, False, False, True]  # diag_every 0 = log_every (3)
     assert [bool(r["diagnostics"]) for r in results] == asked
     assert not any(k.startswith("diag_") for r in results for k in r["losses"])
+
+
+# ------------------------------------------------------------------------- issue 17's probes
+def test_mim_reliance_matches_a_direct_recomputation():
+    """Blank-image / rolled-caption agreement and the teacher's caption flips, recomputed here
+    from the towers (eval mode: the centre does not move)."""
+    torch.manual_seed(0)
+    model = build_model(from_preset("tiny", SMALL)).eval()
+    model.mim_center.normal_(std=0.02)  # a non-zero centre: the codes must subtract it
+    images, ids, mask = batch = _batch(model)
+    out = model(*batch, seed=9, diagnostics=True)
+    d = {k: float(v) for k, v in out.diagnostics.items()}
+    net, ema, cfg = model.net, model.ema, model.cfg
+    keys = mask.bool()
+    with torch.no_grad():
+        v = torch.stack([ema.vision(images)[b, 1:][out.mask_idx[b]] for b in range(4)])
+        text_m = ema.text(ids, mask)
+
+        def teacher(text, k):
+            z = objectives.teacher_inputs(ema, cfg.mim, v, text, k)
+            return (ema.head(z) - model.mim_center).argmax(-1)
+
+        def student(imgs, text, k):
+            _, x = objectives.masked_view(cfg, model.ops, net, imgs, out.keep_idx, out.mask)
+            pred = net.predictor(x, text, k)[:, 1:]
+            pred = torch.stack([pred[b][out.mask_idx[b]] for b in range(4)])
+            return net.head(pred).argmax(-1)
+
+        codes = teacher(text_m, keys)
+        text = net.text(ids, mask)
+        blank = student(blank_images(images), text, keys)
+        rolled = student(images, text.roll(1, 0), keys.roll(1, 0))
+        flips = teacher(text_m.roll(1, 0), keys.roll(1, 0)) != codes
+        residual = ema.predictor.text_residual(v, text_m, keys)
+    assert math.isclose(d["diag_mim_agree_blank"], (blank == codes).float().mean().item())
+    assert math.isclose(d["diag_mim_agree_shuffled"], (rolled == codes).float().mean().item())
+    assert math.isclose(d["diag_mim_target_caption_flip"], flips.float().mean().item())
+    ratio = (residual.norm(dim=-1) / v.norm(dim=-1)).mean().item()
+    assert math.isclose(d["diag_mim_psi_ratio"], ratio, rel_tol=1e-4)
+    assert 0.3 < ratio < 3  # at init the residual is of the patch feature's size
+    assert d["diag_mim_target_caption_flip"] > 0  # random weights: the caption moves codes
+    # blank images are constant white, in the transforms' normalisation
+    assert blank_images(images).std(dim=(2, 3)).max() == 0
+    # without text in the target the teacher cannot flip with the caption
+    off = build_model(from_preset("tiny", {**SMALL, "mim.text_in_target": False})).eval()
+    d_off = off(*batch, seed=9, diagnostics=True).diagnostics
+    assert float(d_off["diag_mim_target_caption_flip"]) == 0.0
+    assert float(d_off["diag_mim_psi_ratio"]) == 0.0
+    # pixel targets have no codes: no reliance columns, no error
+    pixel = build_model(from_preset("tiny", {**SMALL, "mim.target": "pixel"})).eval()
+    assert "diag_mim_agree_blank" not in pixel(*batch, seed=9, diagnostics=True).diagnostics
+
+
+def test_objective_grad_norms_match_separate_backward_passes():
+    torch.manual_seed(0)
+    model = build_model(from_preset("tiny", SMALL)).train()
+    batch = _batch(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = model(*batch, seed=4)
+    towers = {"vision": model.net.vision, "text": model.net.text}
+    weights = from_preset("tiny", {**SMALL, "loss.mim": 0.5}).loss
+    got = objective_grad_norms(out.losses, weights, towers)
+    assert set(got) == {f"diag_grad_{k}_{t}" for k in out.losses for t in towers}
+    assert all(p.grad is None for p in model.parameters())  # nothing written into .grad
+    assert got["diag_grad_glob_text"] == 0  # the global loss never reaches the text encoder
+    for name in out.losses:
+        model.load_state_dict(state)
+        model.zero_grad()
+        fresh = model(*batch, seed=4)
+        (fresh.losses[name] * getattr(weights, name)).backward()
+        for tower, module in towers.items():
+            sq = sum(p.grad.pow(2).sum() for p in module.parameters() if p.grad is not None)
+            want = math.sqrt(float(sq)) if torch.is_tensor(sq) else 0.0
+            assert math.isclose(
+                float(got[f"diag_grad_{name}_{tower}"]), want, rel_tol=1e-4, abs_tol=1e-7
+            ), (name, tower)
+
+
+def test_coverage_overlap_on_known_masks():
+    """2×2 patches of 4 pixels; the object covers patches 0 and 3 of image 0, patch 1 fully and
+    patch 2 partly of image 1; M = 2."""
+    alpha = torch.zeros(2, 4, 4)
+    alpha[0, :2, :2] = 1  # patch 0
+    alpha[0, 2:, 2:] = 1  # patch 3
+    alpha[1, :2, 2:] = 1  # patch 1
+    alpha[1, 2, 0] = 1  # a quarter of patch 2
+    coverage = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0.25, 0]])
+    mask = torch.tensor([[True, True, False, False], [False, True, True, False]])
+    good = coverage_overlap(coverage, mask, alpha, 2, 2)
+    assert set(good) == set(COVERAGE_COLUMNS)
+    assert float(good["diag_cov_overlap_hard"]) == 1.0  # the score is the coverage itself
+    assert float(good["diag_cov_overlap_mask"]) == 0.75  # 1/2 and 2/2
+    assert math.isclose(float(good["diag_cov_score_corr"]), 1.0, rel_tol=1e-6)
+    bad = coverage_overlap(-coverage, mask, alpha, 2, 2)
+    assert float(bad["diag_cov_overlap_hard"]) == 0.0
+    assert math.isclose(float(bad["diag_cov_score_corr"]), -1.0, rel_tol=1e-6)
+    flat = coverage_overlap(torch.ones(2, 4), mask, alpha, 2, 2)
+    assert float(flat["diag_cov_score_corr"]) == 0.0  # a constant score: no correlation
+    # random scores: the hard top-M overlaps the most-covered patches M/P on average
+    g = torch.Generator().manual_seed(0)
+    big_alpha = (torch.rand(512, 8, 8, generator=g) > 0.5).float()
+    rand = coverage_overlap(
+        torch.rand(512, 16, generator=g), torch.zeros(512, 16, dtype=torch.bool), big_alpha, 8, 2
+    )
+    assert abs(float(rand["diag_cov_overlap_hard"]) - 0.5) < 0.03
+    with pytest.raises(ValueError, match="alpha"):
+        coverage_overlap(coverage, mask, torch.zeros(2, 6, 6), 2, 2)
+
+
+def test_step_diagnostics_add_grad_norms_and_coverage_with_alpha():
+    torch.manual_seed(0)
+    model = build_model(from_preset("tiny", SMALL)).train()
+    images, ids, mask = _batch(model)
+    batch = {"images": images, "input_ids": ids, "attention_mask": mask}
+    _, parts = Task().loss(model, batch, "cpu", 3, True, diagnostics=True)
+    assert {c for c in GRAD_COLUMNS if "_mlm_" not in c and "_patch_" not in c} <= set(parts)
+    assert not set(COVERAGE_COLUMNS) & set(parts)  # no alpha: no coverage columns
+    batch["alpha"] = torch.rand(4, 32, 32)
+    loss, parts = Task().loss(model, batch, "cpu", 3, True, diagnostics=True)
+    assert set(COVERAGE_COLUMNS) <= set(parts)
+    assert check_ranges({k: float(v) for k, v in parts.items() if k.startswith("diag_")}, 256) == []
+    loss.backward()  # the step's own backward still runs after the per-objective passes
 
 
 # ------------------------------------------------------------------------------- §3 switches
@@ -257,3 +391,59 @@ def test_split_seed_is_the_held_out_seed_and_in_the_resume_contract():
     assert resume_changes(state, TrainConfig(split_seed=1), 1) == ["split_seed: 0 -> 1"]
     del state["train_config"]["split_seed"]  # a checkpoint from before the field
     assert resume_changes(state, TrainConfig(), 1) == []
+
+
+# ------------------------------------------------------------------------ alpha → coverage
+def _stamp(path, side: int, left: bool) -> None:
+    """An RGBA stamp: an opaque red block on the left (or right) half, transparent elsewhere."""
+    from PIL import Image
+
+    image = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    box = (0, 0, side // 2, side) if left else (side // 2, 0, side, side)
+    image.paste((255, 0, 0, 255), box)
+    image.save(path)
+
+
+def test_transforms_carry_the_alpha_channel_through_crop_and_flip(tmp_path):
+    import random
+
+    from PIL import Image
+
+    from semmim.transforms import EvalTransform, TrainTransform
+
+    _stamp(tmp_path / "s.png", 64, left=True)
+    image = Image.open(tmp_path / "s.png")
+    t, cap, alpha = EvalTransform(32).apply(image, "left", alpha=True)
+    assert alpha.shape == (32, 32) and alpha[:, :14].min() > 0.99 and alpha[:, 18:].max() < 0.01
+    torch.testing.assert_close(t, EvalTransform(32)(image, "left")[0], rtol=0, atol=0)
+    no_crop = TrainTransform(32, scale=(1.0, 1.0))
+    flipped = None
+    for seed in range(8):  # half the draws flip: the alpha flips with the image and caption
+        t2, cap2, a2 = no_crop.apply(image, "on the left", random.Random(seed), alpha=True)
+        t3, cap3 = no_crop(image, "on the left", random.Random(seed))
+        torch.testing.assert_close(t2, t3, rtol=0, atol=0)  # the RGB path is unchanged
+        assert cap2 == cap3
+        if cap2 == "on the right":
+            flipped = a2
+            torch.testing.assert_close(a2, alpha.flip(-1), rtol=0, atol=1e-6)
+    assert flipped is not None
+    rgb = Image.new("RGB", (8, 8))
+    assert EvalTransform(8).apply(rgb, "x", alpha=True)[2] is None
+
+
+def test_training_on_rgba_stamps_logs_coverage_overlap(tmp_path):
+    folder = tmp_path / "stamps"
+    folder.mkdir()
+    for i in range(8):
+        _stamp(folder / f"s{i}.png", 48, left=i % 2 == 0)
+        (folder / f"s{i}.txt").write_text(f"a red block number {i}\n")
+    out = tmp_path / "run"
+    train(
+        from_preset("tiny", SMALL),
+        _tcfg(out, data=f"folder:{folder}", steps=2, diag_every=1, val_size=0),
+    )
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        assert all(r[c] != "" for c in COVERAGE_COLUMNS), r
+        assert check_ranges(r, 256) == []

@@ -44,6 +44,11 @@ ABLATIONS = [
     {"masking.strategy": "random"},
     {"mim.enabled": False},
     {"mim.psi": "text_cls"},
+    # issue 17's switches
+    {"mim.psi_scale": 0.5, "mim.psi_max_ratio": 0.5},
+    {"mim.text_grad": False},
+    {"glob.views": "cross"},
+    {"masking.score": "patch"},
 ]
 # every ablation on both masked-image paths (mim.enabled=False has no masked image: once)
 CASES = [
@@ -462,12 +467,12 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float, what: str) -> None:
     assert err <= rel * scale + 1e-6, f"{what}: max|diff| {err:.3g}, max|ref| {scale:.3g}"
 
 
-def _eager_vs_compiled(backend: str) -> dict:
+def _eager_vs_compiled(backend: str, overrides: dict | None = None) -> dict:
     """STEPS training steps (SGD with momentum: Adam's first steps would turn rounding
     differences of near-zero gradients into full lr steps) of an eager model and of an
     identical copy under ``torch.compile(backend=...)``, same seeds. Returns each side's
     per-step losses, step-0 gradients, final parameters and buffers."""
-    eager = make_model(COMPILE_MODEL)
+    eager = make_model({**COMPILE_MODEL, **(overrides or {})})
     twin = copy.deepcopy(eager)  # one deepcopy call: net and ema of the twin share its ops
     assert twin.ops is twin.ema.vision.ops is not eager.ops
     compiled = torch.compile(twin, backend=backend)
@@ -555,6 +560,60 @@ def test_aot_eager_training_step_matches_eager():
     for what in ("grads", "params", "buffers"):
         for n, t in e[what].items():
             _close(c[what][n].float(), t.float(), 1e-4, f"{what} {n}")
+
+
+# issue 17's switches, all at once (one aot_eager compile)
+NEW_SWITCHES = {
+    "mim.psi_scale": 0.5,
+    "mim.psi_max_ratio": 0.5,
+    "mim.text_grad": False,
+    "glob.views": "cross",
+    "masking.score": "patch",
+}
+
+
+def test_compiled_training_step_with_the_new_switches_matches_eager():
+    """ψ bound, MIM stop-gradient into the text, cross-view global agreement and the patch
+    score + patch loss under torch.compile (aot_eager): STEPS steps' losses, the step-0
+    gradients and the final parameters as eager's."""
+    torch._dynamo.reset()
+    r = _eager_vs_compiled("aot_eager", NEW_SWITCHES)
+    e, c = r["eager"], r["compiled"]
+    assert "patch" in e["losses"][0]
+    for i, (le, lc) in enumerate(zip(e["losses"], c["losses"])):
+        assert le.keys() == lc.keys()
+        for k in le:
+            _close(lc[k], le[k], 1e-4, f"step {i} loss {k}")
+    for what in ("grads", "params"):
+        for n, t in e[what].items():
+            _close(c[what][n].float(), t.float(), 1e-4, f"{what} {n}")
+
+
+def test_compiled_diagnostic_step_runs_the_per_objective_gradients_without_host_reads():
+    """A diagnostic step through a compiled forward (aot_eager): the per-objective
+    ``autograd.grad`` passes (retain_graph) and then the step's own backward, no host read;
+    the gradients equal those of a step without diagnostics."""
+    from semmim.train.task import Task
+
+    torch._dynamo.reset()
+    model = make_model({**COMPILE_MODEL, **NEW_SWITCHES})
+    twin = copy.deepcopy(model)
+    images, ids, am = make_batch(model)
+    batch = {"images": images, "input_ids": ids, "attention_mask": am}
+    batch["alpha"] = torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="aot_eager")
+    Task().loss(compiled, batch, "cpu", 1, False, diagnostics=True)[0].backward()  # compile
+    model.zero_grad()
+    twin.load_state_dict(model.state_dict())  # the same queue and centres as step 2 sees
+    with count_host_reads() as reads:
+        loss, parts = Task().loss(compiled, batch, "cpu", 2, False, diagnostics=True)
+        loss.backward()
+    assert reads == [], reads[0]
+    assert parts["diag_grad_patch_vision"] > 0 and parts["diag_grad_mim_text"] == 0
+    Task().loss(twin, batch, "cpu", 2, False)[0].backward()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        if p.grad is not None:
+            _close(p.grad, q.grad, 1e-4, n)
 
 
 @pytest.mark.slow

@@ -19,13 +19,18 @@ class PairDataset(torch.utils.data.Dataset):
     Augmentation randomness comes from ``sample_rng(seed, epoch, index)`` only, so it does not depend on
     worker count, worker assignment, or whether the run was resumed. A sample whose image cannot be
     loaded comes back as ``{"bad": reason, "key": key}`` (reason from :func:`image_error_reason`);
-    :class:`Collator` drops it.
+    :class:`Collator` drops it. ``alpha``: items of images with an alpha channel also carry it,
+    transformed with the image (``"alpha"`` (S, S) in [0, 1]; the transform's ``apply``), for
+    the object-coverage diagnostics.
     """
 
-    def __init__(self, records: Sequence[Record], transform, seed: int = 0) -> None:
+    def __init__(
+        self, records: Sequence[Record], transform, seed: int = 0, alpha: bool = False
+    ) -> None:
         self.records = list(records)
         self.transform = transform
         self.seed = seed
+        self.alpha = alpha
 
     def __len__(self) -> int:
         return len(self.records)
@@ -35,12 +40,17 @@ class PairDataset(torch.utils.data.Dataset):
         record = self.records[index]
         try:
             image = load_image(record.image)
-            tensor, caption = self.transform(
-                image, record.caption, sample_rng(self.seed, epoch, index)
-            )
+            rng = sample_rng(self.seed, epoch, index)
+            if self.alpha:
+                tensor, caption, alpha = self.transform.apply(image, record.caption, rng, True)
+            else:
+                (tensor, caption), alpha = self.transform(image, record.caption, rng), None
         except DECODE_ERRORS as err:
             return {"bad": image_error_reason(err), "key": record.key}
-        return {"image": tensor, "caption": caption, "index": index, "label": record.label}
+        item = {"image": tensor, "caption": caption, "index": index, "label": record.label}
+        if alpha is not None:
+            item["alpha"] = alpha
+        return item
 
 
 def image_id(key: str) -> int:
@@ -55,7 +65,8 @@ class Collator:
     Returns ``images (B,3,H,W)``, ``input_ids (B,T)``, ``attention_mask (B,T)``, ``index (B,)``,
     ``label (B,)``, ``captions`` and ``bad`` — a list of (key, reason) for dropped samples; given
     the dataset's ``records``, also ``image_ids (B,)`` (:func:`image_id` of each pair's key: the
-    model never treats two pairs of one image as each other's negatives).
+    model never treats two pairs of one image as each other's negatives); ``alpha (B,H,W)``
+    when every pair of the batch carries its image's alpha channel (:class:`PairDataset`).
     """
 
     def __init__(self, tokenizer, max_len: int, records: Sequence[Record] | None = None) -> None:
@@ -89,6 +100,8 @@ class Collator:
         )
         if self.image_ids is not None:
             batch["image_ids"] = self.image_ids[batch["index"]]
+        if all("alpha" in it for it in good):
+            batch["alpha"] = torch.stack([it["alpha"] for it in good])
         return batch
 
 

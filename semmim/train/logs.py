@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from semmim.diagnostics import DIAG_COLUMNS
+from semmim.diagnostics import STEP_COLUMNS
 from semmim.rundir import read_json, write_text
 from semmim.train.task import OBJECTIVES
 
@@ -136,9 +136,12 @@ def mask_overlap_references(m_over_p: float | None) -> list[tuple[float, str]]:
 
 def plot_diagnostics(csv_path: str, png_path: str, num_prototypes: int = 0) -> bool:
     """Plot the ``diag_*`` columns of the CSV log beside the losses: teacher entropy (with log K),
-    effective K and prototypes in use (with K), student–teacher agreement, text-vs-random mask
-    overlap (with 1 = random masking, and M/P when ``config.json`` beside the log gives it).
-    Returns False (and writes nothing) when the log has no diagnostics."""
+    effective K and prototypes in use (with K), student–teacher agreement (real image, blank
+    image, another caption; the teacher's codes flipped by another caption), text-vs-random mask
+    overlap (with 1 = random masking, and M/P when ``config.json`` beside the log gives it), ψ's
+    text/image norm ratio, per-objective gradient norms on the image and on the text encoder,
+    and the mask's overlap with object coverage (with M/P = a random mask). Returns False (and
+    writes nothing) when the log has no diagnostics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +149,7 @@ def plot_diagnostics(csv_path: str, png_path: str, num_prototypes: int = 0) -> b
 
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    cols = [c for c in DIAG_COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
+    cols = [c for c in STEP_COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
     if not cols:
         return False
     chance = None
@@ -163,29 +166,59 @@ def plot_diagnostics(csv_path: str, png_path: str, num_prototypes: int = 0) -> b
         pts = [(int(r["step"]), float(r[col])) for r in rows if r.get(col) not in (None, "")]
         return [s for s, _ in pts], [v for _, v in pts]
 
+    def ending(*stats):
+        return lambda c: any(c.endswith("_" + s) for s in stats) and "_grad_" not in c
+
+    agreement = ("agree", "agree_blank", "agree_shuffled", "target_caption_flip")
     panels = [
         (
             "teacher entropy (nats)",
-            ("entropy",),
+            ending("entropy"),
             [(math.log(num_prototypes), "log K")] if num_prototypes else [],
+            False,
         ),
-        ("prototypes: effective K, in use", ("eff_k", "used"), [(num_prototypes, "K")]),
-        ("student–teacher top-1 agreement", ("agree",), []),
-        ("text-guided vs random mask overlap", ("mask_overlap",), mask_overlap_references(chance)),
+        (
+            "prototypes: effective K, in use",
+            ending("eff_k", "used"),
+            [(num_prototypes, "K")],
+            False,
+        ),
+        ("top-1 codes: agreement; teacher flips", ending(*agreement), [], False),
+        (
+            "text-guided vs random mask overlap",
+            ending("mask_overlap"),
+            mask_overlap_references(chance),
+            False,
+        ),
+        ("ψ: ‖text residual‖ / ‖patch‖", ending("psi_ratio"), [], False),
+        ("grad norm on the image encoder", lambda c: c.endswith("_vision"), [], True),
+        ("grad norm on the text encoder", lambda c: c.endswith("_text"), [], True),
+        (
+            "mask ∩ most-covered patches / M",
+            ending("overlap_hard", "overlap_mask"),
+            [(chance, "M/P = random mask")] if chance else [],
+            False,
+        ),
+        ("corr(text score, coverage)", ending("score_corr"), [(0.0, "0")], False),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (title, stats, refs) in zip(axes.flat, panels):
+    fig, axes = plt.subplots(3, 3, figsize=(15, 10))
+    for ax, (title, wanted, refs, log_scale) in zip(axes.flat, panels):
         for col in cols:
-            if any(col.endswith("_" + s) for s in stats):
-                ax.plot(*series(col), label=col.removeprefix("diag_"), marker=".")
+            if wanted(col):
+                steps, values = series(col)
+                if log_scale and not any(v > 0 for v in values):
+                    continue  # an objective that never reaches this tower
+                ax.plot(steps, values, label=col.removeprefix("diag_"), marker=".")
         for (ref, ref_label), style in zip(refs, ("--", ":")):
-            if ref:
+            if ref is not None:
                 ax.axhline(ref, color="grey", linestyle=style, linewidth=1, label=ref_label)
+        if log_scale and ax.lines:
+            ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

@@ -181,7 +181,8 @@ def setup(
     source.verify(held_out=tcfg.eval_at_end)
     max_len = min(tcfg.max_text_len, model_cfg.text.max_len)
     transform = build_transform(tcfg, source, model_cfg.vision.image_size)
-    dataset = PairDataset(source.train, transform, tcfg.seed)
+    # alpha channels (where the images have them) for the object-coverage diagnostics
+    dataset = PairDataset(source.train, transform, tcfg.seed, alpha=bool(task.diagnostics))
     sampler = ResumableBatchSampler(
         len(dataset), tcfg.batch_size, tcfg.seed, info.rank, info.world_size
     )

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from semmim.data import Collator, DataSource, open_data
-from semmim.diagnostics import DIAG_COLUMNS
+from semmim.diagnostics import STEP_COLUMNS, coverage_overlap, objective_grad_norms
 from semmim.eval import Evaluation, evaluate, format_table
 from semmim.run_config import TrainConfig
 
-OBJECTIVES = ("itc", "itm", "mlm", "glob", "mim")
+OBJECTIVES = ("itc", "itm", "mlm", "glob", "mim", "patch")
 
 
 class Task:
@@ -35,7 +35,7 @@ class Task:
     objectives: tuple[str, ...] = OBJECTIVES
     # Diagnostic columns (semmim.diagnostics); a task whose loss() takes no ``diagnostics``
     # argument sets () and the loop never asks for them.
-    diagnostics: tuple[str, ...] = DIAG_COLUMNS
+    diagnostics: tuple[str, ...] = STEP_COLUMNS
     min_batch = 2
 
     def config(self) -> dict[str, Any]:
@@ -67,7 +67,9 @@ class Task:
         diagnostics: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, named losses); with ``diagnostics`` the dict also holds the model's
-        diagnostic tensors (names in :attr:`diagnostics`)."""
+        diagnostic tensors, each objective's gradient norms on the image and text encoders and,
+        when the batch has ``alpha`` (B, S, S), the mask's overlap with object coverage (names in
+        :attr:`diagnostics`; :mod:`semmim.diagnostics`)."""
         images = batch["images"].to(device, non_blocking=True)
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
@@ -85,7 +87,7 @@ class Task:
         )
         if not diagnostics:
             return out.loss, out.losses
-        return out.loss, {**out.losses, **out.diagnostics}
+        return out.loss, {**out.losses, **step_diagnostics(forward, batch, out, device)}
 
     def on_progress(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called before each optimizer step with the step about to run (0-based) and the
@@ -116,6 +118,35 @@ class Task:
         )
         result["split"] = source.eval_split
         return Evaluation(result, format_table(result))
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` and DistributedDataParallel wrappers."""
+    module = getattr(module, "_orig_mod", module)
+    return getattr(module, "module", module)
+
+
+def step_diagnostics(forward: nn.Module, batch: dict[str, Any], out, device) -> dict[str, Any]:
+    """The model's diagnostics of one pre-training step (``out``: its SemMIMOutput) plus each
+    objective's gradient norms on the student's image and text encoders and, for a batch with
+    ``alpha``, the mask's overlap with object coverage (:mod:`semmim.diagnostics`)."""
+    from semmim.objectives import text_patch_scores
+
+    model = unwrap(forward)
+    diag = dict(out.diagnostics)
+    towers = {"vision": model.net.vision, "text": model.net.text}
+    diag.update(objective_grad_norms(out.losses, model.cfg.loss, towers))
+    alpha = batch.get("alpha")
+    if alpha is not None and out.mask is not None:
+        images = batch["images"].to(device, non_blocking=True)
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        am = batch["attention_mask"].to(device, non_blocking=True)
+        score = text_patch_scores(model.cfg, model.ema, images, ids, am)  # (B, P)
+        v = model.cfg.vision
+        diag.update(
+            coverage_overlap(score, out.mask, alpha.to(device), model.cfg.num_masked, v.patch_size)
+        )
+    return diag
 
 
 def open_run_data(tcfg: TrainConfig, task: Task | None = None) -> DataSource:

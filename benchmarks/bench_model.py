@@ -1,6 +1,8 @@
 """Whole training steps of the ``tiny`` model on CPU: eager vs torch.compile, for our default
 backends with token dropping ("fast") and for the reference path (reference backends, [MASK]
-tokens) that a user would compile instead of using our kernels.
+tokens) that a user would compile instead of using our kernels, and the one-pass student
+(``mim.student_view=masked``, masking ratio 0.5 and 0.75: the student ViT encodes only CLS + the
+kept patches).
 
 Each row is one training step as ``benchmarks/e2e_gpu.py`` runs it on the GPU (forward with an
 explicit seed and ``check_inputs=False`` after a validating first call, backward, clip, fused
@@ -29,6 +31,10 @@ ROWS = {
     "reference+compile": ("reference", True),
     "fast": ("fast", False),
     "fast+compile": ("fast", True),
+    # the one-pass student (issue 18, mim.student_view=masked) at masking ratio 0.5 and 0.75;
+    # benchmarks/work_per_pair.py counts the FLOPs and memory of the same steps
+    "one_pass": ("one_pass", False),
+    "one_pass75": ("one_pass75", False),
 }
 
 

@@ -8,6 +8,7 @@ call (each under its own ``timeout``), then ``--section table``:
     python -P benchmarks/e2e_gpu.py --section reference       # (c) reference backends, [MASK] path, fp32
     python -P benchmarks/e2e_gpu.py --section reference_bf16  # (c') (c) under bf16 autocast
     python -P benchmarks/e2e_gpu.py --section fast_compiled   # (b) (a) under torch.compile, (a)'s batch
+    python -P benchmarks/e2e_gpu.py --section one_pass        # (d), (d') one-pass student at ratio 0.5, 0.75, (a)'s batch
     python -P benchmarks/e2e_gpu.py --section train           # `small`, 200 steps, embedded data, bf16
     python -P benchmarks/e2e_gpu.py --section table           # one table: pairs/s, peak memory, MFU, ratios
 
@@ -18,6 +19,8 @@ failure counts as "does not fit", :func:`is_oom`), then times ``--steps`` traini
 (forward with an explicit seed and ``check_inputs=False`` after a validating first step,
 backward, clip, fused AdamW, EMA) after warm-up, with CUDA events. (c') against (a) is "ours vs
 theirs at the same precision"; (c) is the fp32 reference the kernels are checked against.
+(d) / (d') (``mim.student_view=masked``, issue 18: the student ViT encodes only CLS + the kept
+patches, once) run at (a)'s batch, so their peak memory and pairs/s compare with (a) at one batch.
 
 MFU counts the model's matrix-product FLOPs analytically (:func:`train_flops`: 2·m·n·k per
 product; backward = 2× forward for the trained model; the EMA model runs forward only) over the
@@ -49,7 +52,7 @@ import sys
 import time
 
 NO_GPU_EXIT = 3
-SECTIONS = ("fast", "reference", "reference_bf16", "fast_compiled", "train", "table")
+SECTIONS = ("fast", "reference", "reference_bf16", "fast_compiled", "one_pass", "train", "table")
 
 # Dense bf16 tensor-core peaks (FLOP/s, NVIDIA datasheets; the sparse figures are twice these),
 # matched in order against torch.cuda.get_device_name(): the form factors first, since
@@ -98,7 +101,25 @@ PATHS = {
         "amp": True,
         "compile": False,
     },
+    "one_pass": {
+        "label": "(d) one-pass student, ratio 0.5, bf16, (a)'s batch",
+        "overrides": {"mim.drop_tokens": True, "mim.student_view": "masked"},
+        "amp": True,
+        "compile": False,
+    },
+    "one_pass75": {
+        "label": "(d') one-pass student, ratio 0.75, bf16, (a)'s batch",
+        "overrides": {
+            "mim.drop_tokens": True,
+            "mim.student_view": "masked",
+            "masking.ratio": 0.75,
+        },
+        "amp": True,
+        "compile": False,
+    },
 }
+# the section that measures each path (the one-pass section measures both ratios)
+SECTION_PATHS = {"one_pass": ("one_pass", "one_pass75")}
 
 
 def card_peak(name: str) -> tuple[str, float] | None:
@@ -140,7 +161,9 @@ def _cross(Lq: int, Lk: int, D: int, Dk: int) -> float:
 def train_flops(cfg, B: int, T: int) -> dict[str, float]:
     """Matrix-product FLOPs of one training step of ``cfg`` at batch B, T caption tokens.
 
-    Returns {"student_fwd", "ema_fwd", "total"}; total = 3·student_fwd + ema_fwd.
+    Returns {"student_fwd", "ema_fwd", "total"}; total = 3·student_fwd + ema_fwd. The
+    one-pass student (``mim.student_view="masked"``) runs its ViT once on CLS + the P − M kept
+    patches, and its fusion (ITM, MLM) reads those R + 1 keys; the EMA reads the full image.
     """
     v, t, h = cfg.vision, cfg.text, cfg.head
     P, Dv, Dt, E = v.num_patches, v.dim, t.dim, cfg.itc.embed_dim
@@ -152,7 +175,10 @@ def train_flops(cfg, B: int, T: int) -> dict[str, float]:
         return patch + v.depth * _self_layer(L, Dv, Fv)
 
     bert = t.depth * _self_layer(T, Dt, t.intermediate)
-    fusion = cfg.fusion.depth * (_self_layer(T, Dt, t.intermediate) + _cross(T, P + 1, Dt, Dv))
+
+    def fusion(Lk: int) -> float:  # Lk image keys
+        return cfg.fusion.depth * (_self_layer(T, Dt, t.intermediate) + _cross(T, Lk, Dt, Dv))
+
     mlm_head = N * (2 * Dt * Dt + 2 * Dt * t.vocab_size)
     itc = B * 2 * (Dv + Dt) * E + 2 * 2 * B * (B + Q) * E
 
@@ -163,17 +189,20 @@ def train_flops(cfg, B: int, T: int) -> dict[str, float]:
         return 2 * rows * h.bottleneck * h.num_prototypes
 
     w, mim = cfg.loss, cfg.mim
-    student = B * vit(P + 1) + B * bert + itc
+    # image tokens the student's ITC / ITM / MLM read: the full image, or (one-pass) CLS + kept
+    Ls = P - M + 1 if cfg.one_pass else P + 1
+    student = B * vit(Ls) + B * bert + itc
     ema = B * vit(P + 1) + B * bert + itc
     if w.itm > 0:
-        student += 3 * B * fusion
+        student += 3 * B * fusion(Ls)
     if w.mlm > 0:
-        student += B * (bert + fusion + mlm_head)
-        ema += B * (bert + fusion + mlm_head)
-    if mim.enabled:
-        L = P - M + 1 if mim.drop_tokens else P + 1
-        student += B * vit(L)
+        student += B * (bert + fusion(Ls) + mlm_head)
+        ema += B * (bert + fusion(P + 1) + mlm_head)
+    if cfg.draws_mask and cfg.masking.strategy == "text_guided":
         ema += B * P * 2 * Dv * E  # text-guided masking scores in ITC space
+    if mim.enabled and (w.glob > 0 or w.mim > 0):
+        if not cfg.one_pass:  # the two-pass student's second ViT pass, on the masked view
+            student += B * vit(P - M + 1 if mim.drop_tokens else P + 1)
         if w.glob > 0:
             student += head(B) + logits(B)
             ema += head(B) + logits(B)
@@ -372,10 +401,10 @@ def section_path(path: str, args) -> None:
     import torch
 
     print(f"  {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    if path == "fast_compiled":
+    if path in ("fast_compiled", "one_pass", "one_pass75"):
         fast = os.path.join(args.out, "e2e_fast.json")
         if not os.path.exists(fast):
-            raise SystemExit(f"e2e fast_compiled: needs (a)'s result {fast}; run --section fast")
+            raise SystemExit(f"e2e {path}: needs (a)'s result {fast}; run --section fast")
         with open(fast) as f:
             B = json.load(f)["batch"]  # the same batch as (a): compile once, at that shape
     else:
@@ -490,6 +519,20 @@ def table_lines(rows: dict[str, dict], train: dict | None, args) -> list[str]:
         lines.append(f"fast MFU {_pct(a['mfu'])} (target >= 40%)")
     if a and b:
         lines.append(f"compiled / eager fast: {b['pairs_per_s'] / a['pairs_per_s']:.2f}x pairs/s")
+    for name in ("one_pass", "one_pass75"):
+        d = rows.get(name)
+        if a and d:
+            lines.append(
+                f"{name} / fast at batch {d['batch']}: {d['pairs_per_s'] / a['pairs_per_s']:.2f}x "
+                f"pairs/s, {d['peak_gib'] / a['peak_gib']:.2f}x peak memory, "
+                f"{d['flops_per_step'] / a['flops_per_step']:.2f}x FLOPs"
+                + (
+                    f", {d['flops_per_step'] / c['flops_per_step'] * c['batch'] / d['batch']:.2f}x"
+                    " the reference's FLOPs per pair"
+                    if c
+                    else ""
+                )
+            )
     if train:
         lines.append(
             f"small training: loss {train['first20']:.3f} -> {train['last20']:.3f} over "
@@ -547,8 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     sections = [args.section] if args.section else list(SECTIONS)
     status = 0
     for s in sections:
-        if s in PATHS:
-            section_path(s, args)
+        if s in PATHS or s in SECTION_PATHS:
+            for path in SECTION_PATHS.get(s, (s,)):
+                section_path(path, args)
         elif s == "train":
             status |= section_train(args)
         else:

@@ -314,6 +314,12 @@ class MIMConfig:
     text_grad: whether the MIM loss trains the text encoder. False feeds φ's cross-attention
         the text features without gradient (stop-gradient), so MIM trains φ, the head and the
         image encoder only; the text encoder learns from ITC / ITM / MLM.
+    student_view: what the student ViT encodes. "full" (two passes): the full image for ITC,
+        ITM and MLM, and the masked view for the global agreement and MIM. "masked" (one
+        pass, FLIP-style): only CLS + the kept patches of the masked view (``masking.ratio``),
+        and that one encoding serves every objective (fusion keys = the kept patches); the EMA
+        teacher still encodes the full image (ITC keys and queue, distillation, mask scores,
+        MIM targets). Needs ``drop_tokens``; with ``enabled=False`` it is masked ITC/ITM/MLM.
     """
 
     enabled: bool = True
@@ -332,6 +338,7 @@ class MIMConfig:
     psi_scale: float = 1.0
     psi_max_ratio: float = 0.0
     text_grad: bool = True
+    student_view: Literal["full", "masked"] = "full"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -341,6 +348,11 @@ class MIMConfig:
         for name in ("psi_scale", "psi_max_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.student_view == "masked" and not self.drop_tokens:
+            raise ValueError(
+                "student_view: 'masked' (the student encodes only CLS + the kept patches) "
+                "needs drop_tokens=True, got drop_tokens=False"
+            )
         check_in_range(self, "teacher_temp_warmup", 0.0, 1.0)
         check_in_range(self, "center_momentum", 0.0, 1.0)
 
@@ -502,11 +514,22 @@ class SemMIMConfig:
             )
         p = self.vision.num_patches
         m = round(self.masking.ratio * p)
-        if self.mim.enabled and m >= p:
+        if (self.mim.enabled or self.one_pass) and m >= p:
             raise ValueError(
                 f"masking.ratio: {self.masking.ratio} masks all {p} patches "
                 f"(M = round(ratio·P) = {m}); at least one must stay visible"
             )
+
+    @property
+    def one_pass(self) -> bool:
+        """The student ViT encodes only the masked view (``mim.student_view == "masked"``)."""
+        return self.mim.student_view == "masked"
+
+    @property
+    def draws_mask(self) -> bool:
+        """Whether a training step draws an image mask: for the one-pass student, or for the
+        masked-view objectives (MIM enabled with a global or MIM weight)."""
+        return self.one_pass or (self.mim.enabled and (self.loss.glob > 0 or self.loss.mim > 0))
 
     @property
     def num_masked(self) -> int:

@@ -444,7 +444,7 @@ class SemMIM(nn.Module):
         # noise (what the mask would be if the text scored every patch alike); with no noise
         # (tau = 0) with an independent random mask
         diag_noise = None
-        if diag is not None and cfg.mim.enabled and cfg.num_masked > 0:
+        if diag is not None and cfg.draws_mask and cfg.num_masked > 0:
             diag_noise = mask_noise
             if diag_noise is None:
                 diag_noise = kernels.gumbel_noise(
@@ -455,15 +455,24 @@ class SemMIM(nn.Module):
         same = obj.matching_pairs(input_ids, key_mask, image_ids)  # (B, B) bool, diagonal True
 
         temp = self._temperature()
-        image_embeds = net.vision(images)  # (B, P+1, Dv)
+        image_embeds = None if cfg.one_pass else net.vision(images)  # (B, P+1, Dv)
         text_embeds = net.text(input_ids, attention_mask)  # (B, T, Dt)
-        image_feat = obj.unit(net.vision_proj(image_embeds[:, 0]))  # (B, E) float32
         text_feat = obj.unit(net.text_proj(text_embeds[:, 0]))  # (B, E) float32
         with torch.no_grad():
             image_embeds_m = ema.vision(images)
             text_embeds_m = ema.text(input_ids, attention_mask)
             image_feat_m = obj.unit(ema.vision_proj(image_embeds_m[:, 0]))
             text_feat_m = obj.unit(ema.text_proj(text_embeds_m[:, 0]))
+        keep_idx = mask_idx = mask = None
+        if cfg.draws_mask:  # from the EMA's full-image pass: before the one-pass student's
+            keep_idx, mask_idx, mask = obj.image_mask(
+                cfg, self.ops, ema, image_embeds_m, text_feat_m, mask_noise
+            )
+            if diag_noise is not None:
+                diag.update(mask_overlap(mask, cfg.num_masked, noise=diag_noise))
+        if cfg.one_pass:  # the student's only ViT pass: CLS + kept patches, (B, R+1, Dv)
+            image_embeds = net.vision.forward_kept(images, keep_idx)
+        image_feat = obj.unit(net.vision_proj(image_embeds[:, 0]))  # (B, E) float32
 
         losses: dict[str, torch.Tensor] = {}
         if w.itc > 0:
@@ -487,16 +496,10 @@ class SemMIM(nn.Module):
         # Plain locals only across calls that may break a torch.compile graph (the RNG draws):
         # a per-call object held on the stack there (a bound method, an output dataclass)
         # would invalidate the resumed graph every step and recompile it.
-        keep_idx = mask_idx = mask = None
         if cfg.mim.enabled and (w.glob > 0 or w.mim > 0):
-            keep_idx, mask_idx, mask = obj.image_mask(
-                cfg, self.ops, ema, image_embeds_m, text_feat_m, mask_noise
-            )
-            if diag_noise is not None:
-                diag.update(mask_overlap(mask, cfg.num_masked, noise=diag_noise))
             image_losses = self._masked_image(
                 images, keep_idx, mask_idx, mask, text_embeds, key_mask, image_embeds_m,
-                text_embeds_m, diag, seed=seed,
+                text_embeds_m, diag, seed=seed, kept=image_embeds if cfg.one_pass else None,
             )  # fmt: skip
             for k, v in image_losses.items():
                 losses[k] = v
@@ -514,7 +517,7 @@ class SemMIM(nn.Module):
         """The image mask's Gumbel noise (B, P) from ``seed`` (None when no mask is drawn or
         the text-guided mask has tau = 0)."""
         cfg, M = self.cfg, self.cfg.num_masked
-        if not cfg.mim.enabled or not (cfg.loss.glob > 0 or cfg.loss.mim > 0) or M == 0:
+        if not cfg.draws_mask or M == 0:
             return None
         if cfg.masking.strategy == "text_guided" and cfg.masking.tau == 0:
             return None
@@ -532,13 +535,15 @@ class SemMIM(nn.Module):
         text_embeds_m: torch.Tensor,
         diag: dict[str, torch.Tensor] | None = None,
         seed: int | None = None,
+        kept: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Global agreement and MIM on the masked view (keep_idx (B, R), mask_idx (B, M),
         mask (B, P) from :func:`~semmim.objectives.image_mask`); ``diag``: where diagnostics go
-        (None = none); ``seed``: the step's (``glob.views="cross"`` draws its view from it)."""
+        (None = none); ``seed``: the step's (``glob.views="cross"`` draws its view from it);
+        ``kept``: the one-pass student's (B, R+1, Dv) encoding of the view (None: encode it)."""
         cfg, net, ema = self.cfg, self.net, self.ema
         semantic_mim = cfg.loss.mim > 0 and cfg.num_masked > 0 and cfg.mim.target == "semantic"
-        cls_masked, x = obj.masked_view(cfg, self.ops, net, images, keep_idx, mask)
+        cls_masked, x = obj.masked_view(cfg, self.ops, net, images, keep_idx, mask, kept)
         if diag is not None and semantic_mim:  # before the loss moves the MIM centre
             diag.update(obj.mim_reliance(
                 cfg, self.ops, net, ema, images, keep_idx, mask, mask_idx, text_embeds,

@@ -319,14 +319,17 @@ def masked_view(
     images: torch.Tensor,
     keep_idx: torch.Tensor,
     mask: torch.Tensor,
+    kept: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's masked view: images (B, 3, S, S), keep_idx (B, R), mask (B, P) →
     (CLS of the masked view (B, Dv), what φ reads (B, P+1, Dv): the encoded view with the
     predictor's positions, [MASK] at masked slots). ``mim.drop_tokens``: the ViT runs on CLS +
-    kept patches only; else on the full sequence with the [MASK] embedding at masked slots."""
+    kept patches only (``kept`` (B, R+1, Dv): that encoding when the one-pass student already
+    ran it); else on the full sequence with the [MASK] embedding at masked slots."""
     P = cfg.vision.num_patches
     if cfg.mim.drop_tokens:
-        kept = net.vision.forward_kept(images, keep_idx)  # (B, R+1, Dv)
+        if kept is None:
+            kept = net.vision.forward_kept(images, keep_idx)  # (B, R+1, Dv)
         patches = ops.masked_scatter_fill(  # (B, P, Dv), [MASK]+pos at masked slots
             kept[:, 1:], keep_idx, net.predictor_mask_token, P, pos=net.predictor_pos[0, 1:]
         )

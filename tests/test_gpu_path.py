@@ -56,6 +56,9 @@ CASES = [
     for a in ABLATIONS
     for drop in (True, False)
     if not (a.get("mim.enabled") is False and not drop)
+] + [  # the one-pass student (issue 18): token dropping only
+    {**a, "mim.student_view": "masked"}
+    for a in ({}, {"mim.target": "pixel"}, {"mim.enabled": False}, {"masking.ratio": 0.75})
 ]
 CASE_IDS = [",".join(f"{k}={v}" for k, v in c.items()) for c in CASES]
 

@@ -49,8 +49,14 @@ def test_forward_steps_match_the_old_code(name, one_thread, monkeypatch):
     # record.py builds with the old constructor SemMIM(cfg); the factory is today's equivalent
     monkeypatch.setattr(record, "SemMIM", build_model)
     new = record.record(old["overrides"])
-    for part in ("step1", "diag", "step2", "state", "eval"):
+    for part in ("step1", "step2", "state", "eval"):
         assert new[part] == old[part], f"{name} {part}: {new[part]} != {old[part]}"
+    # diagnostics added since (issue 17's diag_mim_agree_blank, ...) are new columns; every
+    # diagnostic the old code computed keeps its value bit for bit
+    missing = sorted(set(old["diag"]) - set(new["diag"]))
+    assert not missing, f"{name} diag: the old diagnostics {missing} are gone"
+    kept = {k: new["diag"][k] for k in old["diag"]}
+    assert kept == old["diag"], f"{name} diag: {kept} != {old['diag']}"
 
 
 def _checkpoint_dir(tmp_path: Path) -> Path:

@@ -24,16 +24,8 @@ from multiprocessing import Pool
 
 from PIL import Image, ImageDraw
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (230, 210, 40),
-    "purple": (140, 50, 170),
-    "orange": (240, 140, 30),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
+from semmim.synthetic import COLOURS  # the embedded scenes' palette
+
 NAMES = list(COLOURS)
 
 

@@ -41,6 +41,17 @@ EPILOG = """examples:
 """
 
 
+def _add_data_and_split(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """``--data SPEC`` and ``--split {val,all}`` of the commands that read a checkpoint's data."""
+    parser.add_argument("--data", metavar="SPEC", default=None, help=data_help + DATA_HELP)
+    parser.add_argument(
+        "--split",
+        choices=["val", "all"],
+        default="val",
+        help="val = the held-out split made as in training (default); all = every pair",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (``semmim --help``)."""
     from semmim.config import PRESETS
@@ -114,18 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="run directory, checkpoints directory, or a step_*.pt file",
     )
-    ev.add_argument(
-        "--data",
-        metavar="SPEC",
-        default=None,
-        help="data to evaluate (default: the run's training data spec). " + DATA_HELP,
-    )
-    ev.add_argument(
-        "--split",
-        choices=["val", "all"],
-        default="val",
-        help="val = the held-out split made as in training (default); all = every pair",
-    )
+    _add_data_and_split(ev, "data to evaluate (default: the run's training data spec). ")
     ev.add_argument(
         "--rerank-k",
         type=int,
@@ -247,18 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="run directory, checkpoints directory, or a step_*.pt file",
     )
-    pr.add_argument(
-        "--data",
-        metavar="SPEC",
-        default=None,
-        help="data to probe (default: the run's). " + DATA_HELP,
-    )
-    pr.add_argument(
-        "--split",
-        choices=["val", "all"],
-        default="val",
-        help="val = the held-out split made as in training (default); all = every pair",
-    )
+    _add_data_and_split(pr, "data to probe (default: the run's). ")
     pr.add_argument("--batch-size", type=int, default=32, help="pairs per batch (>= 2; default 32)")
     pr.add_argument("--max-pairs", type=int, default=0, help="probe at most N pairs (0 = all)")
     pr.add_argument("--num-workers", type=int, default=0, help="image loading workers (default 0)")

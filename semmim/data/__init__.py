@@ -69,6 +69,7 @@ from semmim.data.loader import (
     image_id,
     load_pair,
     make_loader,
+    stop_workers,
 )
 from semmim.data.records import (
     BAD_UTF8,
@@ -133,6 +134,7 @@ __all__ = [
     "load_image",
     "load_pair",
     "make_loader",
+    "stop_workers",
     "missing_decoder",
     "open_data",
     "read_json_file",

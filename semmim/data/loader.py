@@ -179,6 +179,14 @@ def worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def stop_workers(it: Any) -> None:
+    """Stop the worker processes of a DataLoader iterator ``it`` (None or a single-process
+    iterator: nothing to stop)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def make_loader(
     dataset: PairDataset, batch_sampler, collate: Collator, num_workers: int, seed: int = 0
 ) -> torch.utils.data.DataLoader:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from semmim.data.images import decode_failure
-from semmim.data.loader import image_id, load_pair, worker_init
+from semmim.data.loader import image_id, load_pair, stop_workers, worker_init
 from semmim.data.records import DataError, Record, SkipLog
 from semmim.data.source import DataSource, decode_images
 from semmim.data.wds import ShardSample, shard_name, shard_samples, shard_urls
@@ -417,9 +417,7 @@ class StreamBatches:
     def close(self) -> None:
         """Stop the loader's worker processes."""
         it, self._it = self._it, None
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        stop_workers(it)
 
     def state(self) -> dict[str, Any]:
         return self.position.state()

@@ -23,6 +23,7 @@ from semmim.data import (
     SkipLog,
     StreamBatches,
     make_loader,
+    stop_workers,
 )
 from semmim.data.stream import open_stream_batches
 from semmim.dist import local_shard
@@ -78,9 +79,7 @@ class BatchStream:
     def close(self) -> None:
         """Stop the loader's worker processes."""
         it, self._it = self._it, None
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        stop_workers(it)
 
 
 @dataclass

@@ -209,7 +209,9 @@ def plot_diagnostics(csv_path: str, png_path: str, num_prototypes: int = 0) -> b
                 if log_scale and not any(v > 0 for v in values):
                     continue  # an objective that never reaches this tower
                 ax.plot(steps, values, label=col.removeprefix("diag_"), marker=".")
-        for (ref, ref_label), style in zip(refs, ("--", ":")):
+        # reference lines only beside a series: an empty panel (e.g. coverage on data without
+        # alpha) shows nothing rather than a reference for a metric that was not measured
+        for (ref, ref_label), style in zip(refs if ax.lines else [], ("--", ":")):
             if ref is not None:
                 ax.axhline(ref, color="grey", linestyle=style, linewidth=1, label=ref_label)
         if log_scale and ax.lines:

@@ -130,7 +130,9 @@ def test_tensorboard_events_parse_with_the_csv_scalars_and_resume_continues(tmp_
     rows = _csv(run)
     acc = _events(run)
     tags = acc.Tags()
-    columns = [c for c in rows[0] if c != "step"]
+    # the columns this run filled (e.g. diag_cov_* stay empty on data without alpha, and so
+    # have no TensorBoard tag: nothing was measured)
+    columns = [c for c in rows[0] if c != "step" and any(r[c] not in ("", None) for r in rows)]
     assert any(c.startswith("diag_") for c in columns)  # the diagnostics are in the log
     assert sorted(tags["scalars"]) == sorted(f"train/{c}" for c in columns)
     for c in columns:

@@ -63,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="SemMIM vision-language pre-training (ALBEF + semantic masked image modeling): "
         "train on the embedded default or real data, evaluate retrieval.",
     )
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{train,finetune,eval,ablate,data,export}"
-    )
+    sub = parser.add_subparsers(dest="command", required=True)  # usage lists every command
 
     tr = sub.add_parser(
         "train",

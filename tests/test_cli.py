@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from semmim.cli import main
+from semmim.cli import build_parser, main
 from semmim.options import parse_sets, parse_value
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +27,12 @@ def test_help_lists_commands_and_options(capsys):
     out = capsys.readouterr().out
     for word in ("train", "eval", "data", "torchrun"):
         assert word in out
+    # The usage line names every subcommand the parser accepts (it once missed `probe`).
+    usage = out.split("\n")[0]
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == {"train", "finetune", "eval", "ablate", "probe", "data", "export"}
+    for name in sub.choices:
+        assert name in usage, (name, usage)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out

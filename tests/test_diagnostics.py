@@ -178,6 +178,36 @@ def test_non_diagnostic_steps_do_not_ask_the_model(tmp_path, monkeypatch):
     assert not any(k.startswith("diag_") for r in results for k in r["losses"])
 
 
+@pytest.mark.parametrize(
+    "sets",
+    [{}, {"masking.score": "patch", "glob.views": "cross", "mim.psi_max_ratio": 0.5}],
+    ids=["default", "issue17_switches"],
+)
+def test_diagnostic_steps_leave_the_training_trajectory_unchanged(tmp_path, sets):
+    """Diagnostics (blank-image/rolled-caption probes, per-objective gradient norms, coverage)
+    on every other step train the same weights as a run without any: they draw no random
+    numbers the training uses, write no .grad and move no centre or queue. A grid may therefore
+    vary --diag-every between runs it compares."""
+
+    def run_(out, **kw):
+        run = setup(from_preset("tiny", {**SMALL, **sets}), _tcfg(out, steps=6, **kw))
+        results = [train_step(run, check_inputs=i == 0) for i in range(6)]
+        run.stream.close()
+        state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        return results, state
+
+    r_diag, s_diag = run_(tmp_path / "diag", log_every=1, diag_every=2)
+    r_plain, s_plain = run_(tmp_path / "plain", log_every=100, diag_every=100)
+    assert any(k.startswith("diag_grad_") for k in r_diag[1]["diagnostics"])  # they did run
+    assert not any(r["diagnostics"] for r in r_plain)
+    for a, b in zip([r["losses"] for r in r_diag], [r["losses"] for r in r_plain]):
+        for k in b:
+            assert float(a[k]) == float(b[k]), k
+    assert s_diag.keys() == s_plain.keys()
+    for k in s_plain:
+        assert torch.equal(s_diag[k], s_plain[k]), k
+
+
 # ------------------------------------------------------------------------- issue 17's probes
 def test_mim_reliance_matches_a_direct_recomputation():
     """Blank-image / rolled-caption agreement and the teacher's caption flips, recomputed here

@@ -9,6 +9,7 @@ call (each under its own ``timeout``), then ``--section table``:
     python -P benchmarks/e2e_gpu.py --section reference_bf16  # (c') (c) under bf16 autocast
     python -P benchmarks/e2e_gpu.py --section fast_compiled   # (b) (a) under torch.compile, (a)'s batch
     python -P benchmarks/e2e_gpu.py --section one_pass        # (d), (d') one-pass student at ratio 0.5, 0.75, (a)'s batch
+    python -P benchmarks/e2e_gpu.py --section reference_compiled  # (c'') (c') under torch.compile, (c')'s batch
     python -P benchmarks/e2e_gpu.py --section train           # `small`, 200 steps, embedded data, bf16
     python -P benchmarks/e2e_gpu.py --section table           # one table: pairs/s, peak memory, MFU, ratios
 
@@ -18,7 +19,9 @@ from ``--min-batch``, then one step between the last fit and the first failure; 
 failure counts as "does not fit", :func:`is_oom`), then times ``--steps`` training steps
 (forward with an explicit seed and ``check_inputs=False`` after a validating first step,
 backward, clip, fused AdamW, EMA) after warm-up, with CUDA events. (c') against (a) is "ours vs
-theirs at the same precision"; (c) is the fp32 reference the kernels are checked against.
+theirs at the same precision"; (c'') against (b) is the same comparison with both compiled (at
+(c')'s batch; without (c')'s result in ``--out``, e.g. in gpu_check.sh's second call, it searches
+(c')'s batch first); (c) is the fp32 reference the kernels are checked against.
 (d) / (d') (``mim.student_view=masked``, issue 18: the student ViT encodes only CLS + the kept
 patches, once) run at (a)'s batch, so their peak memory and pairs/s compare with (a) at one batch.
 
@@ -52,7 +55,16 @@ import sys
 import time
 
 NO_GPU_EXIT = 3
-SECTIONS = ("fast", "reference", "reference_bf16", "fast_compiled", "one_pass", "train", "table")
+SECTIONS = (
+    "fast",
+    "reference",
+    "reference_bf16",
+    "fast_compiled",
+    "one_pass",
+    "reference_compiled",
+    "train",
+    "table",
+)
 
 # Dense bf16 tensor-core peaks (FLOP/s, NVIDIA datasheets; the sparse figures are twice these),
 # matched in order against torch.cuda.get_device_name(): the form factors first, since
@@ -100,6 +112,12 @@ PATHS = {
         "overrides": {"mim.drop_tokens": False, "kernels.backend": "reference"},
         "amp": True,
         "compile": False,
+    },
+    "reference_compiled": {
+        "label": "(c'') reference, bf16, torch.compile, (c')'s batch",
+        "overrides": {"mim.drop_tokens": False, "kernels.backend": "reference"},
+        "amp": True,
+        "compile": True,
     },
     "one_pass": {
         "label": "(d) one-pass student, ratio 0.5, bf16, (a)'s batch",
@@ -407,6 +425,9 @@ def section_path(path: str, args) -> None:
             raise SystemExit(f"e2e {path}: needs (a)'s result {fast}; run --section fast")
         with open(fast) as f:
             B = json.load(f)["batch"]  # the same batch as (a): compile once, at that shape
+    elif path == "reference_compiled":
+        ref = _read(args, "reference_bf16")  # compile once, at (c')'s batch
+        B = ref["batch"] if ref else search_batch("reference_bf16", args)
     else:
         B = search_batch(path, args)
     result = measure(path, B, args)
@@ -519,6 +540,13 @@ def table_lines(rows: dict[str, dict], train: dict | None, args) -> list[str]:
         lines.append(f"fast MFU {_pct(a['mfu'])} (target >= 40%)")
     if a and b:
         lines.append(f"compiled / eager fast: {b['pairs_per_s'] / a['pairs_per_s']:.2f}x pairs/s")
+    c2 = rows.get("reference_compiled")
+    if b and c2:
+        lines.append(
+            f"fast / reference, both bf16 and compiled: "
+            f"{b['pairs_per_s'] / c2['pairs_per_s']:.2f}x pairs/s"
+            + ("" if b["batch"] == c2["batch"] else f" (batches {b['batch']} / {c2['batch']})")
+        )
     for name in ("one_pass", "one_pass75"):
         d = rows.get(name)
         if a and d:

@@ -899,6 +899,15 @@ def test_e2e_table_names_the_device_and_says_when_mfu_is_unknown():
     assert "device NVIDIA H100 80GB HBM3; MFU vs H100 SXM 989 TFLOP/s dense bf16" in text
     assert "fast / reference bf16 (same precision): 2.00x pairs/s" in text
     assert "(c) reference: reference backends, [MASK] tokens, fp32 (not measured)" in text
+    # (c'') the reference compiled against (b) the fast path compiled (issue 18)
+    both = {
+        **rows,
+        "fast_compiled": dict(rows["fast"], label="(b)", pairs_per_s=160.0),
+        "reference_compiled": dict(rows["fast"], label="(c'')", pairs_per_s=80.0, batch=32),
+    }
+    text = "\n".join(e2e.table_lines(both, None, args))
+    assert "fast / reference, both bf16 and compiled: 2.00x pairs/s (batches 64 / 32)" in text
+    assert "reference_compiled" in e2e.SECTIONS and e2e.PATHS["reference_compiled"]["compile"]
     unknown = {"fast": dict(rows["fast"], device="Some GPU", card=None, peak_bf16=None, mfu=None)}
     text = "\n".join(e2e.table_lines(unknown, None, args))
     assert "card unknown: no MFU" in text and "fast MFU n/a" in text

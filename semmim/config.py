@@ -320,6 +320,10 @@ class MIMConfig:
         and that one encoding serves every objective (fusion keys = the kept patches); the EMA
         teacher still encodes the full image (ITC keys and queue, distillation, mask scores,
         MIM targets). Needs ``drop_tokens``; with ``enabled=False`` it is masked ITC/ITM/MLM.
+    unmasked_from: with ``student_view="masked"``, the training progress (fraction of the
+        steps) from which the student encodes the full image again, as with "full" (FLIP's
+        unmasked tuning: 0.9 = the last 10% of the steps); 1 = never. Evaluation always
+        encodes the full image.
     """
 
     enabled: bool = True
@@ -339,6 +343,7 @@ class MIMConfig:
     psi_max_ratio: float = 0.0
     text_grad: bool = True
     student_view: Literal["full", "masked"] = "full"
+    unmasked_from: float = 1.0
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -355,6 +360,12 @@ class MIMConfig:
             )
         check_in_range(self, "teacher_temp_warmup", 0.0, 1.0)
         check_in_range(self, "center_momentum", 0.0, 1.0)
+        check_in_range(self, "unmasked_from", 0.0, 1.0)
+        if self.unmasked_from < 1.0 and self.student_view != "masked":
+            raise ValueError(
+                f"unmasked_from: {self.unmasked_from} (a final phase with the full image) is "
+                "for the one-pass student; it needs student_view='masked', got 'full'"
+            )
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,9 @@ class SemMIM(nn.Module):
     def set_progress(self, progress: float) -> None:
         """Set training progress ∈ [0, 1] directly (clamped); see :meth:`set_step`."""
         self.progress = min(max(float(progress), 0.0), 1.0)
+        # the one-pass student's view this step: a Python bool (torch.compile guards on it and
+        # recompiles once when the unmasked phase, mim.unmasked_from, begins)
+        self.one_pass_now = self.cfg.one_pass and self.progress < self.cfg.mim.unmasked_from
         self._alpha.fill_(self.alpha)  # no host read: Python floats into device tensors
         self._mim_teacher_temp.fill_(self.mim_teacher_temp)
 
@@ -455,7 +458,8 @@ class SemMIM(nn.Module):
         same = obj.matching_pairs(input_ids, key_mask, image_ids)  # (B, B) bool, diagonal True
 
         temp = self._temperature()
-        image_embeds = None if cfg.one_pass else net.vision(images)  # (B, P+1, Dv)
+        one_pass = self.one_pass_now  # mim.student_view="masked", before mim.unmasked_from
+        image_embeds = None if one_pass else net.vision(images)  # (B, P+1, Dv)
         text_embeds = net.text(input_ids, attention_mask)  # (B, T, Dt)
         text_feat = obj.unit(net.text_proj(text_embeds[:, 0]))  # (B, E) float32
         with torch.no_grad():
@@ -470,7 +474,7 @@ class SemMIM(nn.Module):
             )
             if diag_noise is not None:
                 diag.update(mask_overlap(mask, cfg.num_masked, noise=diag_noise))
-        if cfg.one_pass:  # the student's only ViT pass: CLS + kept patches, (B, R+1, Dv)
+        if one_pass:  # the student's only ViT pass: CLS + kept patches, (B, R+1, Dv)
             image_embeds = net.vision.forward_kept(images, keep_idx)
         image_feat = obj.unit(net.vision_proj(image_embeds[:, 0]))  # (B, E) float32
 
@@ -499,7 +503,7 @@ class SemMIM(nn.Module):
         if cfg.mim.enabled and (w.glob > 0 or w.mim > 0):
             image_losses = self._masked_image(
                 images, keep_idx, mask_idx, mask, text_embeds, key_mask, image_embeds_m,
-                text_embeds_m, diag, seed=seed, kept=image_embeds if cfg.one_pass else None,
+                text_embeds_m, diag, seed=seed, kept=image_embeds if one_pass else None,
             )  # fmt: skip
             for k, v in image_losses.items():
                 losses[k] = v

@@ -58,7 +58,13 @@ CASES = [
     if not (a.get("mim.enabled") is False and not drop)
 ] + [  # the one-pass student (issue 18): token dropping only
     {**a, "mim.student_view": "masked"}
-    for a in ({}, {"mim.target": "pixel"}, {"mim.enabled": False}, {"masking.ratio": 0.75})
+    for a in (
+        {},
+        {"mim.target": "pixel"},
+        {"mim.enabled": False},
+        {"masking.ratio": 0.75},
+        {"mim.unmasked_from": 0.2},  # the Trainer's 10 steps: the full image from step 3 on
+    )
 ]
 CASE_IDS = [",".join(f"{k}={v}" for k, v in c.items()) for c in CASES]
 

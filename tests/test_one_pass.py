@@ -42,6 +42,13 @@ def test_config_key_validated_with_its_name():
     with pytest.raises(ValueError, match=r"masking\.ratio: .*at least one must stay visible"):
         from_preset("tiny", {**ONE_PASS, "mim.enabled": False, "masking.ratio": 0.99})
     from_preset("tiny", {"mim.enabled": False, "masking.ratio": 0.99})  # two-pass: no mask
+    assert from_preset("tiny", {**ONE_PASS, "mim.unmasked_from": 0.9}).mim.unmasked_from == 0.9
+    with pytest.raises(
+        ValueError, match=r"mim\.unmasked_from: must be in \[0\.0, 1\.0\], got 1\.5"
+    ):
+        from_preset("tiny", {**ONE_PASS, "mim.unmasked_from": 1.5})
+    with pytest.raises(ValueError, match=r"mim\.unmasked_from: 0\.9 .*needs student_view='masked'"):
+        from_preset("tiny", {"mim.unmasked_from": 0.9})
 
 
 def _vision_calls(model):
@@ -141,11 +148,49 @@ def test_forward_kept_runs_one_vit_call(monkeypatch):
     assert calls == [1]
 
 
-def test_one_pass_compiled_step_matches_eager():
-    """Three SGD steps of the one-pass model compiled with aot_eager (graph capture,
+def test_unmasked_phase_encodes_the_full_image_as_the_two_pass_student():
+    """mim.unmasked_from=0.5: before half of the steps one student ViT pass of the kept
+    patches; from there the full image and the masked view, with the losses of the two-pass
+    model of the same weights (FLIP's unmasked tuning)."""
+    model = make_model({**ONE_PASS, "mim.unmasked_from": 0.5})
+    two_pass = make_model({})
+    assert model.state_dict().keys() == two_pass.state_dict().keys()
+    P, M = model.cfg.vision.num_patches, model.cfg.num_masked
+    batch = make_batch(model)
+    fresh = copy.deepcopy(model)  # the forward below moves the queue: compare from the start
+    seen, hooks = _vision_calls(model)
+    model.set_step(4, 10)
+    model(*batch, seed=3)
+    assert seen["net"] == [P - M + 1], seen
+    for h in hooks:
+        h.remove()
+    model = fresh
+    seen, hooks = _vision_calls(model)
+    model.set_step(5, 10)
+    two_pass.set_step(5, 10)
+    out = model(*batch, seed=3)
+    for h in hooks:
+        h.remove()
+    assert seen["net"] == [P + 1, P - M + 1], seen
+    ref = two_pass(*batch, seed=3)
+    assert out.losses.keys() == ref.losses.keys()
+    for k in ref.losses:
+        assert torch.equal(out.losses[k], ref.losses[k]), k
+
+
+@pytest.mark.parametrize("unmasked_from", [1.0, 0.5], ids=["one_pass", "unmasked_phase"])
+def test_one_pass_compiled_step_matches_eager(unmasked_from):
+    """Four SGD steps of the one-pass model compiled with aot_eager (graph capture,
     AOTAutograd, buffer mutations) against eager: losses and final parameters within 1e-4 of
-    each tensor's largest magnitude."""
-    overrides = {**ONE_PASS, "vision.depth": 1, "text.depth": 1, "fusion.depth": 1}
+    each tensor's largest magnitude; with mim.unmasked_from=0.5 the last two steps encode the
+    full image (one recompile at the switch)."""
+    overrides = {
+        **ONE_PASS,
+        "mim.unmasked_from": unmasked_from,
+        "vision.depth": 1,
+        "text.depth": 1,
+        "fusion.depth": 1,
+    }
     eager = make_model(overrides)
     twin = copy.deepcopy(eager)
     torch._dynamo.reset()
@@ -153,8 +198,8 @@ def test_one_pass_compiled_step_matches_eager():
     batch = make_batch(eager)
     result = {}
     for name, model, fwd in (("eager", eager, None), ("compiled", twin, compiled)):
-        trainer = Trainer(model, sgd=True, image_ids=torch.tensor([0, 0, 1, 2]))
-        losses = [trainer.step(batch, check_inputs=False, forward=fwd).losses for _ in range(3)]
+        trainer = Trainer(model, steps=4, sgd=True, image_ids=torch.tensor([0, 0, 1, 2]))
+        losses = [trainer.step(batch, check_inputs=False, forward=fwd).losses for _ in range(4)]
         result[name] = losses, {n: p.detach().clone() for n, p in model.named_parameters()}
     (le, pe), (lc, pc) = result["eager"], result["compiled"]
     for i, (a, b) in enumerate(zip(le, lc)):
@@ -165,10 +210,12 @@ def test_one_pass_compiled_step_matches_eager():
         _close(pc[n], t, 1e-4, f"param {n}")
 
 
-def test_one_pass_resume_continues_exactly(tmp_path, one_thread):
+@pytest.mark.parametrize("unmasked_from", [1.0, 0.7], ids=["one_pass", "unmasked_phase"])
+def test_one_pass_resume_continues_exactly(tmp_path, one_thread, unmasked_from):
     """10 training steps straight = 5 steps, stop, resume, 5 more: the same losses and the same
-    final state (weights, EMA, queue, centres)."""
-    cfg = from_preset("tiny", {**SMALL_IMAGES, **ONE_PASS})
+    final state (weights, EMA, queue, centres); with mim.unmasked_from=0.7 the resumed half
+    crosses into the unmasked phase."""
+    cfg = from_preset("tiny", {**SMALL_IMAGES, **ONE_PASS, "mim.unmasked_from": unmasked_from})
 
     def tcfg(out, **kw):
         return small_run(out, **{"data": "synthetic:64:24", "steps": 10, **kw})

@@ -514,6 +514,19 @@ def _run_grid(variants, seeds, preset, model_sets, base, command, progress, jobs
             )
     source = open_run_data(base)
     log.info("ablate: data %s", source.describe())
+    listing = source.listing()
+    for plan in plans:  # a run trained on other pairs (its config.json says) must not join
+        saved = (_read_json(os.path.join(plan.out, "config.json")) or {}).get("data_listing")
+        if states[id(plan)] != "new" and saved is not None and listing not in (None, saved):
+            raise ValueError(
+                f"{plan.out} ({plan.label}) was trained on data that listed "
+                f"{saved['train_pairs']} training and {saved['eval_pairs']} {saved['eval_split']} "
+                f"pairs (digest {saved['digest'][:12]}); --data now lists "
+                f"{listing['train_pairs']} and {listing['eval_pairs']} (digest "
+                f"{listing['digest'][:12]}): {source.describe()}. The grid would mix the two "
+                "into one table. Restore the data (e.g. install the missing decoder), or use "
+                "another --out"
+            )
     os.makedirs(base.out, exist_ok=True)
     reference = "default" if any(v.name == "default" for v in variants) else variants[0].name
     results: dict[tuple[str, int], dict[str, float | None]] = {}

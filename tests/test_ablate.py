@@ -293,3 +293,31 @@ def test_table_header_names_the_split_it_evaluated():
     assert _split_name({}) == "held-out"  # grids written before the validation split existed
     text = _split_name({"eval_split": "validation", "validation": 95.0})
     assert "validation split (--validation 95, carved from the training data)" == text
+
+
+def test_grid_refuses_runs_trained_on_data_that_listed_other_pairs(tmp_path, capsys):
+    """A finished run whose config.json records another data listing (here: an image removed
+    since; in practice a decoder missing on another machine) is refused by name, not mixed
+    into the table with runs of the data as it is now."""
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (24, 24), (20 * i, 100, 200 - 10 * i)).save(folder / f"p{i}.png")
+        (folder / f"p{i}.txt").write_text(f"picture number {i}\n")
+    out = tmp_path / "grid"
+    argv = ["ablate", "--variants", "default", "--seeds", "0", "--data", f"folder:{folder}"]
+    argv += ["--steps", "1", "--batch-size", "4", "--val-size", "3", "--out", str(out)]
+    argv += ["--set", "vision.image_size=32", "loss.mlm=0", "itc.queue_size=16"]
+    argv += ["train.num_workers=0", "train.eval_rerank_k=2"]
+    assert main(argv) == 0
+    saved = json.load(open(out / "default" / "seed_0" / "config.json"))["data_listing"]
+    assert saved["train_pairs"] + saved["eval_pairs"] == 10
+    capsys.readouterr()
+    assert main(argv) == 0  # same data: the finished run is kept
+    (folder / "p4.png").unlink()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "default seed 0" in err and "was trained on data that listed" in err, err
+    assert "would mix the two" in err and "Traceback" not in err, err

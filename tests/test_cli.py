@@ -273,6 +273,38 @@ def test_resume_contract(tmp_path, capsys, monkeypatch):
     assert "trained 4/4 steps" in capsys.readouterr().out
 
 
+def test_resume_refuses_data_that_lists_other_pairs(tmp_path, capsys):
+    """The same --data spec can list other pairs later (an optional decoder missing, a file
+    removed, a caption edited): --resume refuses by what changed, naming what it lists now;
+    --allow-changes continues. Once happened: a grid resumed on a machine without cairosvg
+    trained its second half on 609 instead of 760 Tux Paint pairs, silently."""
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (24, 24), (20 * i, 100, 200 - 10 * i)).save(folder / f"p{i}.png")
+        (folder / f"p{i}.txt").write_text(f"picture number {i}\n")
+    run = str(tmp_path / "run")
+    common = ["--num-workers", "0", "--out", run, "--threads", "1", "--no-eval"]
+    small = ["--set", "vision.image_size=32", "loss.mlm=0", "itc.queue_size=16"]
+    first = ["train", "--preset", "tiny", "--data", f"folder:{folder}", "--batch-size", "4"]
+    assert main([*first, "--steps", "3", "--stop-at", "1", *common, *small]) == 0
+    capsys.readouterr()
+    (folder / "p3.txt").write_text("an edited caption\n")  # same counts, other pairs
+    assert main(["train", "--resume", *common]) == 2
+    err = capsys.readouterr().err
+    assert "same number of pairs, but other ones" in err and "--allow-changes" in err, err
+    (folder / "p3.txt").write_text("picture number 3\n")  # restored: resumes again ...
+    (folder / "p5.png").unlink()  # ... until an image goes
+    assert main(["train", "--resume", *common]) == 2
+    err = capsys.readouterr().err
+    assert "now lists 10 training and 1 held-out pairs; the run trained on 11" in err, err
+    assert f"folder:{folder}: 10 train pairs" in err and "Traceback" not in err, err
+    assert main(["train", "--resume", *common, "--allow-changes"]) == 0
+    assert "trained 3/3 steps" in capsys.readouterr().out
+
+
 def test_train_compile_does_not_recompile_per_step(tmp_path, monkeypatch, capsys):
     """``semmim train --set train.compile=true`` for 12 steps while the MIM teacher temperature
     warms up over the whole run: the first step runs eagerly, the second compiles, the third

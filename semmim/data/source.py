@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from semmim.data.images import decode_failure
 from semmim.data.records import DEFAULT_SPLIT_SEED, DataError, Record, SkipLog, split_records
@@ -54,6 +56,26 @@ class DataSource:
         if not val:
             raise DataError(f"validation={size} carves no images from {len(self.train)} pairs")
         return dataclasses.replace(self, train=train, val=val, eval_split="validation")
+
+    def listing(self) -> dict[str, Any] | None:
+        """What a run reads, for the resume check: the pair counts of both splits and a digest
+        of every (image key, caption) in order. Two openings of the same data give the same
+        listing; one that lists other pairs (a decoder missing now, files added or removed, a
+        caption edited) does not. None for a stream (it has no list)."""
+        if self.streaming:
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        for records in (self.train, self.val):
+            for r in records:
+                for text in (r.key, r.caption):
+                    h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+            h.update(b"\1")
+        return {
+            "train_pairs": len(self.train),
+            "eval_pairs": len(self.val),
+            "eval_split": self.eval_split,
+            "digest": h.hexdigest(),
+        }
 
     def describe(self) -> str:
         """One line: spec, pair/image counts, classes, split seed, skipped, missing decoders, ignored."""

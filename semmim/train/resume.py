@@ -72,6 +72,36 @@ def check_resume(
         log.warning("resuming with changes (allowed): %s", "; ".join(changed))
 
 
+def check_data_listing(state: dict[str, Any], source: Any, path: str, allow_changes: bool) -> None:
+    """Refuse (DataError) to resume ``path`` when the data now lists other pairs than the
+    run's checkpoint recorded (``data_listing``: counts and a digest of every key and caption),
+    unless ``allow_changes`` (logged). The same ``--data`` spec can list other pairs on another
+    machine or install: an optional decoder missing (its images skipped), files added, removed
+    or edited. Checkpoints without a listing, and streams, are not checked."""
+    saved, now = state.get("data_listing"), source.listing()
+    if saved is None or now is None or saved == now:
+        return
+    if (saved["train_pairs"], saved["eval_pairs"]) != (now["train_pairs"], now["eval_pairs"]):
+        what = (
+            f"now lists {now['train_pairs']} training and {now['eval_pairs']} "
+            f"{now['eval_split']} pairs; the run trained on {saved['train_pairs']} and "
+            f"evaluates {saved['eval_pairs']}"
+        )
+    else:
+        what = "now lists the same number of pairs, but other ones (image keys or captions differ)"
+    if not allow_changes:
+        from semmim.data import DataError
+
+        raise DataError(
+            f"--resume: refusing to continue {path}: its data {what}, so the remaining steps "
+            f"would train on other pairs than the run that stopped. The data as listed now: "
+            f"{source.describe()}. Restore the data (e.g. install the missing decoder), or "
+            "pass --allow-changes to continue anyway"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.warning("resuming on other data (allowed): the data %s", what)
+
+
 @dataclass
 class ResumePoint:
     """A checkpoint to continue, with the rules applied: ``model_cfg`` is the checkpoint's,

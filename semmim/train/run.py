@@ -32,7 +32,7 @@ from semmim.rundir import RunDirError, is_no_space, no_space_message, write_json
 from semmim.train.fsdp import is_sharded, shard_model
 from semmim.train.logs import Window
 from semmim.train.optim import lr_lambda, param_groups
-from semmim.train.resume import ResumePoint, resume_point
+from semmim.train.resume import ResumePoint, check_data_listing, resume_point
 from semmim.train.signals import signals_blocked
 from semmim.train.task import Task, open_run_data
 from semmim.transforms import TrainTransform
@@ -106,6 +106,7 @@ class Run:
     elapsed_before: float = 0.0
     started: float = field(default_factory=time.perf_counter)
     window: Window = field(default_factory=Window)  # the log rows' partial window (checkpointed)
+    data_listing: dict[str, Any] | None = None  # source.listing(), saved for --resume to check
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -154,6 +155,8 @@ def setup(
         state, model_cfg = point.state, point.model_cfg
     if source is None:
         source = open_run_data(tcfg, task)  # before the model: classes may come from the data
+    if state is not None:
+        check_data_listing(state, source, point.path, allow_changes)
     if state is None:
         model_cfg = task.model_config(model_cfg)
     if info.is_main:
@@ -163,6 +166,7 @@ def setup(
                 "model": model_cfg.to_dict(),
                 "train": tcfg.to_dict(),
                 "world_size": info.world_size,
+                "data_listing": source.listing(),  # semmim ablate compares its runs' data
                 **(
                     {"task": task.name, "task_config": task.config()}
                     if task.name != "pretrain"
@@ -287,6 +291,7 @@ def setup(
         start_step=step,
         elapsed_before=elapsed_before,
         window=window,
+        data_listing=source.listing(),
     )
 
 
@@ -377,6 +382,7 @@ def _payload(
         "train_config": run.tcfg.to_dict(),
         "total_steps": run.total_steps,
         "world_size": run.info.world_size,
+        "data_listing": run.data_listing,  # what --resume checks the data against
         "skipped": run.skips.summary(),
         "skip_log": run.skips.state(),
         "elapsed_s": run.elapsed(),

@@ -72,13 +72,19 @@ def check_resume(
         log.warning("resuming with changes (allowed): %s", "; ".join(changed))
 
 
-def check_data_listing(state: dict[str, Any], source: Any, path: str, allow_changes: bool) -> None:
+def check_data_listing(
+    state: dict[str, Any],
+    now: dict[str, Any] | None,
+    source: Any,
+    path: str,
+    allow_changes: bool,
+) -> None:
     """Refuse (DataError) to resume ``path`` when the data now lists other pairs than the
     run's checkpoint recorded (``data_listing``: counts and a digest of every key and caption),
     unless ``allow_changes`` (logged). The same ``--data`` spec can list other pairs on another
     machine or install: an optional decoder missing (its images skipped), files added, removed
     or edited. Checkpoints without a listing, and streams, are not checked."""
-    saved, now = state.get("data_listing"), source.listing()
+    saved = state.get("data_listing")  # ``now``: source.listing(), the data as listed today
     if saved is None or now is None or saved == now:
         return
     if (saved["train_pairs"], saved["eval_pairs"]) != (now["train_pairs"], now["eval_pairs"]):

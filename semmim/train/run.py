@@ -155,8 +155,9 @@ def setup(
         state, model_cfg = point.state, point.model_cfg
     if source is None:
         source = open_run_data(tcfg, task)  # before the model: classes may come from the data
+    listing = source.listing()  # saved in config.json and every checkpoint
     if state is not None:
-        check_data_listing(state, source, point.path, allow_changes)
+        check_data_listing(state, listing, source, point.path, allow_changes)
     if state is None:
         model_cfg = task.model_config(model_cfg)
     if info.is_main:
@@ -166,7 +167,7 @@ def setup(
                 "model": model_cfg.to_dict(),
                 "train": tcfg.to_dict(),
                 "world_size": info.world_size,
-                "data_listing": source.listing(),  # semmim ablate compares its runs' data
+                "data_listing": listing,  # semmim ablate compares its runs' data
                 **(
                     {"task": task.name, "task_config": task.config()}
                     if task.name != "pretrain"
@@ -291,7 +292,7 @@ def setup(
         start_step=step,
         elapsed_before=elapsed_before,
         window=window,
-        data_listing=source.listing(),
+        data_listing=listing,
     )
 
 
